@@ -1,0 +1,240 @@
+"""Device, dtype and random streams: the one module that decides them.
+
+Every public function of daml that takes ``device=``, ``dtype=`` or ``seed=`` resolves them here, so
+the rules are the same everywhere:
+
+* ``device=None`` means the device of the input tensors when they are torch tensors, else the CPU.
+  ``"cuda"`` asks for the current CUDA device and fails clearly where there is none.
+* ``dtype=None`` means ``torch.float64`` on the CPU and ``torch.float32`` on CUDA (double precision is
+  slow on most GPUs); an explicit dtype always wins.
+* ``seed`` may be an ``int``, a :class:`numpy.random.SeedSequence`, a :class:`torch.Generator` (used
+  as it is, and advanced) or ``None`` (fresh entropy from the operating system, not reproducible).
+  Independent streams come from :meth:`numpy.random.SeedSequence.spawn`, never from global state.
+
+Same seed, same device, same result: bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import DeviceError, DtypeError, SeedError
+
+__all__ = [
+    "Seed",
+    "resolve_device",
+    "resolve_dtype",
+    "as_tensor",
+    "to_numpy",
+    "seed_sequence",
+    "generator",
+    "spawn",
+    "spawn_generators",
+    "seed_to_attr",
+]
+
+Seed = Union[int, np.random.SeedSequence, torch.Generator, None]
+
+_DTYPE_NAMES = {
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "single": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def resolve_device(device: str | torch.device | None = None, like: Any = None) -> torch.device:
+    """Turn ``device`` into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        ``None`` takes the device of ``like`` (a tensor or a sequence of tensors) and falls back to the
+        CPU.
+    like : torch.Tensor or sequence of them, optional
+        Inputs whose device is used when ``device`` is ``None``.
+
+    Raises
+    ------
+    DeviceError
+        For an unknown device string, a CUDA device where none is available, or inputs that sit on
+        different devices.
+    """
+    if device is None:
+        devices = {t.device for t in _tensors(like)}
+        if len(devices) > 1:
+            raise DeviceError(
+                "inputs", "tensors on one device", sorted(str(d) for d in devices),
+                hint="move them with .to(device) first",
+            )
+        return devices.pop() if devices else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError("device", "'cpu', 'cuda', 'cuda:N' or a torch.device", repr(device)) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device", "a device that exists on this machine", repr(device),
+                              hint="torch.cuda.is_available() is False here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError("device", f"a CUDA index below {torch.cuda.device_count()}", repr(device))
+    return dev
+
+
+def resolve_dtype(dtype: Any = None, device: torch.device | str | None = None) -> torch.dtype:
+    """Turn ``dtype`` into a floating :class:`torch.dtype`.
+
+    ``None`` gives float64 on the CPU and float32 on CUDA. Strings (``"float32"``), numpy dtypes and
+    torch dtypes are accepted.
+    """
+    if dtype is None:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return torch.float32 if dev.type == "cuda" else torch.float64
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    elif isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        out = _DTYPE_NAMES[dtype]
+    else:
+        try:
+            out = _DTYPE_NAMES[np.dtype(dtype).name]
+        except (TypeError, KeyError) as exc:
+            raise DtypeError("dtype", "a floating dtype such as 'float64' or torch.float32",
+                             repr(dtype)) from exc
+    if not out.is_floating_point:
+        raise DtypeError("dtype", "a floating dtype", repr(dtype))
+    return out
+
+
+def as_tensor(
+    x: Any,
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: Any = None,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Convert ``x`` (tensor, numpy array, xarray object, scalar, nested list) to a torch tensor.
+
+    Parameters
+    ----------
+    x : array-like
+        The input.
+    name : str
+        Argument name used in error messages.
+    device, dtype : optional
+        Resolved with :func:`resolve_device` / :func:`resolve_dtype`. With ``dtype=None`` a floating
+        input keeps its own precision and other inputs become the default floating dtype.
+    floating : bool
+        Require a real floating result (integers are converted, bool/complex/object refused).
+    """
+    if hasattr(x, "variable") and hasattr(x, "dims"):  # xarray DataArray / Variable
+        x = x.values
+    dev = resolve_device(device, like=x if isinstance(x, torch.Tensor) else None)
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise DtypeError(name, "a numeric array", f"an array of dtype object (shape {arr.shape})")
+        if arr.dtype.kind == "c":
+            raise DtypeError(name, "real values", f"dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.ndim else torch.tensor(arr[()])
+    if floating:
+        if t.dtype == torch.bool or t.is_complex():
+            raise DtypeError(name, "real floating values", f"dtype {t.dtype}")
+        if dtype is None and not t.is_floating_point():
+            dtype = resolve_dtype(None, dev)
+    target_dtype = resolve_dtype(dtype, dev) if dtype is not None else t.dtype
+    return t.to(device=dev, dtype=target_dtype)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Detach, move to the CPU and return a numpy array (the dtype is kept)."""
+    return t.detach().cpu().numpy()
+
+
+def seed_sequence(seed: Seed) -> np.random.SeedSequence:
+    """Turn any accepted ``seed`` into a :class:`numpy.random.SeedSequence`.
+
+    A :class:`torch.Generator` is advanced: four 32-bit words are drawn from it as entropy, so the
+    result depends on its current state.
+    """
+    if isinstance(seed, np.random.SeedSequence):
+        return seed
+    if isinstance(seed, torch.Generator):
+        words = torch.randint(0, 2**32, (4,), generator=seed, dtype=torch.int64, device=seed.device)
+        return np.random.SeedSequence([int(w) for w in words.cpu()])
+    if seed is None:
+        return np.random.SeedSequence()
+    if isinstance(seed, (bool, np.bool_)):
+        raise SeedError("seed", "an int, numpy SeedSequence, torch.Generator or None", repr(seed))
+    if isinstance(seed, (int, np.integer)):
+        if seed < 0:
+            raise SeedError("seed", "a non-negative int", seed)
+        return np.random.SeedSequence(int(seed))
+    raise SeedError("seed", "an int, numpy SeedSequence, torch.Generator or None", type(seed).__name__)
+
+
+def generator(seed: Seed, device: str | torch.device | None = None) -> torch.Generator:
+    """A :class:`torch.Generator` on ``device`` for ``seed``.
+
+    A generator given as ``seed`` is returned as it is (so successive calls continue its stream); it
+    must live on ``device``. Integers and seed sequences give a fresh generator whose 64-bit seed is
+    drawn from the sequence, so ``generator(0)`` and ``generator(SeedSequence(0))`` are the same stream.
+    """
+    dev = resolve_device(device)
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != dev.type:
+            raise DeviceError("seed", f"a torch.Generator on {dev}", f"one on {seed.device}")
+        return seed
+    ss = seed_sequence(seed)
+    state = ss.generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device=dev)
+    g.manual_seed((int(state[0]) << 32 | int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def spawn(seed: Seed, n: int) -> list[np.random.SeedSequence]:
+    """``n`` statistically independent child seed sequences of ``seed``."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise SeedError("n", "a non-negative int", repr(n))
+    return seed_sequence(seed).spawn(int(n))
+
+
+def spawn_generators(seed: Seed, n: int, device: str | torch.device | None = None) -> list[torch.Generator]:
+    """``n`` independent torch generators derived from ``seed`` (see :func:`spawn`)."""
+    return [generator(child, device) for child in spawn(seed, n)]
+
+
+def seed_to_attr(seed: Seed) -> str:
+    """A JSON-able string recording ``seed`` in a posterior's attrs.
+
+    Integers are written as themselves, seed sequences by entropy and spawn key; a generator only by
+    its initial seed (its current position cannot be recorded), and ``None`` as ``"none"``.
+    """
+    if seed is None:
+        return "none"
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return str(int(seed))
+    if isinstance(seed, np.random.SeedSequence):
+        return f"SeedSequence(entropy={seed.entropy}, spawn_key={tuple(seed.spawn_key)})"
+    if isinstance(seed, torch.Generator):
+        return f"torch.Generator(initial_seed={seed.initial_seed()}, advanced)"
+    raise SeedError("seed", "an int, numpy SeedSequence, torch.Generator or None", type(seed).__name__)
+
+
+def _tensors(like: Any) -> Sequence[torch.Tensor]:
+    if like is None:
+        return []
+    if isinstance(like, torch.Tensor):
+        return [like]
+    if isinstance(like, (list, tuple)):
+        return [t for t in like if isinstance(t, torch.Tensor)]
+    return []

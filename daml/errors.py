@@ -1,0 +1,112 @@
+"""Exception types of daml.
+
+Every error raised for bad input names the offending argument, what was expected and what was
+given, so that a message alone tells the user what to change::
+
+    >>> raise ShapeError("log_weight", "a 'member' dimension of size 24", "dims ('time',)")
+    Traceback (most recent call last):
+    ...
+    daml.errors.ShapeError: log_weight: expected a 'member' dimension of size 24, got dims ('time',)
+
+The types subclass the built-in ``ValueError`` / ``TypeError`` / ``RuntimeError`` they refine, so code
+that already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DamlError",
+    "InputError",
+    "ShapeError",
+    "NonFiniteError",
+    "DtypeError",
+    "DeviceError",
+    "SeedError",
+    "PosteriorError",
+    "DivergenceError",
+]
+
+
+class DamlError(Exception):
+    """Base class of every error daml raises on purpose."""
+
+
+class InputError(DamlError, ValueError):
+    """An argument has a value outside what the function accepts.
+
+    Parameters
+    ----------
+    argument : str
+        Name of the argument (as the user wrote it in the call).
+    expected : str
+        What would have been accepted.
+    got : object
+        What was given (formatted with ``str``).
+    hint : str, optional
+        One sentence on how to fix it.
+    """
+
+    def __init__(self, argument: str, expected: str, got: object, hint: str | None = None):
+        self.argument = argument
+        self.expected = expected
+        self.got = got
+        self.hint = hint
+        message = f"{argument}: expected {expected}, got {got}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep errors picklable (multiprocessing, pytest-xdist)
+        return (type(self), (self.argument, self.expected, self.got, self.hint))
+
+
+class ShapeError(InputError):
+    """Wrong shape, wrong or missing named dimension, or an empty dimension."""
+
+
+class NonFiniteError(InputError):
+    """NaN or infinite values where finite ones are required."""
+
+
+class DtypeError(InputError, TypeError):
+    """Wrong or mismatched dtype (also a ``TypeError``)."""
+
+
+class DeviceError(InputError):
+    """A device that does not exist here, or tensors on different devices."""
+
+
+class SeedError(InputError, TypeError):
+    """A ``seed`` argument of a type daml cannot turn into a random stream."""
+
+
+class PosteriorError(InputError):
+    """A Dataset that breaks the posterior invariants (see :func:`daml.posterior.validate`)."""
+
+
+class DivergenceError(DamlError, RuntimeError):
+    """An algorithm produced non-finite or exploding states.
+
+    Parameters
+    ----------
+    message : str
+        What diverged.
+    step : int, optional
+        The time step (index) where it was detected.
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        self.step = step
+        if step is not None:
+            message = f"{message} (at time step {step})"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_rebuild_divergence, (self.args[0], self.step))
+
+
+def _rebuild_divergence(message: str, step: int | None) -> DivergenceError:
+    err = DivergenceError.__new__(DivergenceError)
+    err.step = step
+    Exception.__init__(err, message)
+    return err
