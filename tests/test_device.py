@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from daml import _device
+from daml.errors import DeviceError, DtypeError, SeedError
+
+
+def test_default_dtype_is_float64_on_cpu():
+    assert _device.resolve_dtype() is torch.float64
+    assert _device.resolve_dtype(None, "cpu") is torch.float64
+
+
+@pytest.mark.parametrize("given, expected", [("float32", torch.float32), (np.float64, torch.float64),
+                                             (torch.float16, torch.float16), ("double", torch.float64)])
+def test_dtype_spellings(given, expected):
+    assert _device.resolve_dtype(given) is expected
+
+
+@pytest.mark.parametrize("bad", ["int32", torch.int64, "bogus", object])
+def test_bad_dtype_names_argument(bad):
+    with pytest.raises(DtypeError, match="dtype"):
+        _device.resolve_dtype(bad)
+
+
+def test_device_from_inputs_and_bad_devices():
+    assert _device.resolve_device(None, like=torch.zeros(2)).type == "cpu"
+    with pytest.raises(DeviceError, match="device"):
+        _device.resolve_device("tpu:7")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="device: expected a device that exists"):
+            _device.resolve_device("cuda")
+
+
+def test_int_seed_is_reproducible_and_matches_seed_sequence():
+    a = torch.rand(5, generator=_device.generator(3), dtype=torch.float64)
+    b = torch.rand(5, generator=_device.generator(3), dtype=torch.float64)
+    c = torch.rand(5, generator=_device.generator(np.random.SeedSequence(3)), dtype=torch.float64)
+    d = torch.rand(5, generator=_device.generator(4), dtype=torch.float64)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_generator_is_passed_through_and_advances():
+    g = torch.Generator().manual_seed(11)
+    assert _device.generator(g) is g
+    first = torch.rand(3, generator=_device.generator(g))
+    second = torch.rand(3, generator=_device.generator(g))
+    assert not torch.equal(first, second)
+
+
+def test_spawned_streams_are_distinct_and_reproducible():
+    gens = _device.spawn_generators(5, 4)
+    draws = torch.stack([torch.rand(8, generator=g, dtype=torch.float64) for g in gens])
+    again = torch.stack([torch.rand(8, generator=g, dtype=torch.float64) for g in _device.spawn_generators(5, 4)])
+    assert torch.equal(draws, again)
+    assert len({tuple(r.tolist()) for r in draws}) == 4
+    # children of a seed differ from the parent stream
+    parent = torch.rand(8, generator=_device.generator(5), dtype=torch.float64)
+    assert not any(torch.equal(parent, r) for r in draws)
+
+
+def test_seed_sequence_from_generator_depends_on_state():
+    g = torch.Generator().manual_seed(1)
+    s1 = _device.seed_sequence(g)
+    s2 = _device.seed_sequence(g)
+    assert s1.entropy != s2.entropy
+
+
+@pytest.mark.parametrize("bad", ["abc", 1.5, True, -1, [1, 2]])
+def test_bad_seed_names_argument(bad):
+    with pytest.raises(SeedError, match="seed"):
+        _device.generator(bad)
+
+
+def test_as_tensor_refuses_complex_and_object():
+    with pytest.raises(DtypeError, match="x: expected real values"):
+        _device.as_tensor(np.array([1j]), "x")
+    with pytest.raises(DtypeError, match="x: expected a numeric array"):
+        _device.as_tensor(np.array([object()]), "x")
+    t = _device.as_tensor(np.arange(3), "x")
+    assert t.dtype is torch.float64
+
+
+def test_seed_to_attr_forms():
+    assert _device.seed_to_attr(3) == "3"
+    assert _device.seed_to_attr(None) == "none"
+    assert "SeedSequence(entropy=3" in _device.seed_to_attr(np.random.SeedSequence(3))
+    assert "initial_seed=9" in _device.seed_to_attr(torch.Generator().manual_seed(9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_defaults_and_mixed_devices():
+    assert _device.resolve_dtype(None, "cuda") is torch.float32
+    with pytest.raises(DeviceError, match="inputs"):
+        _device.resolve_device(None, like=[torch.zeros(1), torch.zeros(1, device="cuda")])
