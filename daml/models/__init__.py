@@ -1,0 +1,103 @@
+"""Dynamical models and observation operators.
+
+A model is anything with ``state_size``, ``dt``, ``step(x)`` and ``noise_cov`` (the :class:`Model`
+protocol of :mod:`daml.models.base`); :class:`ODEModel` turns a tendency ``f(x)`` into RK4 steps.
+The models shipped here:
+
+============================= ==================== ==============================================
+class                          name (``MODELS``)    what
+============================= ==================== ==============================================
+:class:`Lorenz63`              ``lorenz63``         3-variable chaotic convection (Lorenz 1963)
+:class:`Lorenz96`              ``lorenz96``         ``n``-variable chaotic ring (Lorenz 1996)
+:class:`Kuramoto`              ``kuramoto``         ``n`` coupled phase oscillators (Kuramoto 1975)
+:class:`LinearDrag`            ``linear_drag``      particle with drag (Satorras et al. 2019)
+:class:`Identity`              ``identity``         random walk ``x_{k+1} = x_k + noise``
+:class:`LinearModel`                                any linear map or linear ODE
+============================= ==================== ==============================================
+
+:func:`make_model` builds one by name (``make_model("lorenz96", n=40)``), which is how experiment
+configuration files name their model; ``make_model(m.name, **m.config())`` rebuilds a model.
+Observation operators (:func:`observe_all` and friends) are in :mod:`daml.models.observations`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ..errors import DamlError, InputError
+from .base import Model, ODEModel, model_config, propagate, rk4_step, tangent_linear
+from .kuramoto import Kuramoto
+from .linear import Identity, LinearDrag, LinearModel
+from .lorenz import Lorenz63, Lorenz96
+from .observations import (
+    Observation,
+    observe_all,
+    observe_every,
+    observe_indices,
+    observe_linear,
+    observe_nonlinear,
+)
+
+__all__ = [
+    "Model",
+    "ODEModel",
+    "rk4_step",
+    "propagate",
+    "tangent_linear",
+    "model_config",
+    "Observation",
+    "observe_all",
+    "observe_every",
+    "observe_indices",
+    "observe_linear",
+    "observe_nonlinear",
+    "Lorenz63",
+    "Lorenz96",
+    "Kuramoto",
+    "LinearDrag",
+    "LinearModel",
+    "Identity",
+    "MODELS",
+    "make_model",
+]
+
+MODELS: dict[str, type] = {
+    "lorenz63": Lorenz63,
+    "lorenz96": Lorenz96,
+    "kuramoto": Kuramoto,
+    "linear_drag": LinearDrag,
+    "identity": Identity,
+}
+"""The models that configuration files can name, by their ``name``."""
+
+
+def make_model(name: str, **params: Any) -> Model:
+    """Build the model called ``name`` (a key of :data:`MODELS`) with keyword parameters.
+
+    Parameters
+    ----------
+    name : str
+        One of ``MODELS`` (``"lorenz63"``, ``"lorenz96"``, ``"kuramoto"``, ``"linear_drag"``,
+        ``"identity"``).
+    **params
+        The model's constructor arguments.
+
+    Raises
+    ------
+    InputError
+        For an unknown name (naming ``model`` and listing the choices) or parameters the model does
+        not take (naming the model and listing its parameters). The models' own validation errors
+        (e.g. ``n`` out of range) pass through unchanged.
+    """
+    cls = MODELS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise InputError("model", f"one of {sorted(MODELS)}", repr(name))
+    try:
+        return cls(**params)
+    except DamlError:
+        raise
+    except TypeError as exc:
+        signature = inspect.signature(cls.__init__)
+        accepted = [p for p in signature.parameters if p != "self"]
+        raise InputError(name, f"parameters among {accepted}", f"{sorted(params)} ({exc})") from exc

@@ -1,0 +1,203 @@
+"""The model protocol: what a dynamical model must offer to be simulated and assimilated.
+
+A model is any object with
+
+* ``state_size`` (int): the length ``n`` of the state vector, the **last** axis of every state tensor;
+* ``dt`` (float): the time step of one model step;
+* ``step(x)``: one deterministic step, a pure torch function of ``x`` with shape ``(..., n)``,
+  batched over all leading dims (members, experiments) and differentiable;
+* ``noise_cov`` (tensor ``(n, n)`` or ``None``): the covariance ``Q`` of additive Gaussian model noise
+  added after each step (``None``: a perfect model).
+
+Everything else (stochastic propagation, tangent-linear maps for the EKF, the name and configuration
+recorded in a posterior's attrs) is derived from these by the functions below, so a user model needs
+only the four attributes. :class:`ODEModel` is a convenient base: subclass it and write the tendency
+``f(x)`` of ``dx/dt = f(x)``; the step is one classical fourth-order Runge-Kutta step.
+
+Example: a user-defined model (a damped linear oscillator)::
+
+    import torch
+    from daml.models import ODEModel
+
+    class Oscillator(ODEModel):
+        def __init__(self, omega=1.0, damping=0.1, dt=0.05):
+            super().__init__(state_size=2, dt=dt)
+            self.omega, self.damping = omega, damping
+
+        def tendency(self, x):
+            pos, vel = x[..., 0], x[..., 1]
+            return torch.stack([vel, -self.omega**2 * pos - self.damping * vel], dim=-1)
+
+        def config(self):
+            return {"omega": self.omega, "damping": self.damping, "dt": self.dt}
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+from .. import _device
+from ..errors import InputError, ShapeError
+
+__all__ = [
+    "Model",
+    "ODEModel",
+    "rk4_step",
+    "propagate",
+    "tangent_linear",
+    "model_config",
+    "check_state",
+    "as_covariance",
+    "covariance_root",
+]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """The four attributes daml needs of a model (see the module docstring)."""
+
+    state_size: int
+    dt: float
+    noise_cov: torch.Tensor | None
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - protocol
+        ...
+
+
+def rk4_step(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
+    """One classical Runge-Kutta step of ``dx/dt = f(x)`` (autonomous), batched over leading dims."""
+    k1 = f(x)
+    k2 = f(x + (0.5 * dt) * k1)
+    k3 = f(x + (0.5 * dt) * k2)
+    k4 = f(x + dt * k3)
+    return x + (dt / 6.0) * (k1 + 2.0 * (k2 + k3) + k4)
+
+
+def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, allow_zero: bool = True) -> torch.Tensor:
+    """A symmetric positive-(semi)definite ``(n, n)`` matrix from a scalar variance, a vector of
+    variances or a full matrix; checked with a Cholesky factorisation (an eigenvalue check when
+    ``allow_zero`` and the matrix is singular)."""
+    t = _device.as_tensor(value, name, dtype=dtype, device=device)
+    if t.ndim == 0:
+        t = t * torch.eye(n, dtype=t.dtype, device=t.device)
+    elif t.ndim == 1:
+        if t.shape[0] != n:
+            raise ShapeError(name, f"{n} variances", f"{t.shape[0]}")
+        t = torch.diag(t)
+    if tuple(t.shape) != (n, n):
+        raise ShapeError(name, f"a scalar, {n} variances or an ({n}, {n}) matrix", f"shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise InputError(name, "finite entries", "NaN or infinite entries")
+    if not torch.allclose(t, t.T, rtol=1e-10, atol=1e-12 * float(t.abs().max().clamp_min(1e-300))):
+        raise InputError(name, "a symmetric matrix", "an asymmetric one")
+    _, info = torch.linalg.cholesky_ex(t)
+    if int(info) != 0:
+        eig_min = float(torch.linalg.eigvalsh(t).min())
+        if not (allow_zero and eig_min >= -1e-12 * float(t.abs().max())):
+            raise InputError(name, "a positive-definite covariance" if not allow_zero else
+                             "a positive-semidefinite covariance", f"smallest eigenvalue {eig_min:.3g}")
+    return t
+
+
+class ODEModel(abc.ABC):
+    """Base class for models given by an autonomous ODE ``dx/dt = f(x)``, stepped with RK4.
+
+    Parameters
+    ----------
+    state_size : int
+        Length of the state vector.
+    dt : float
+        RK4 step.
+    noise_cov : scalar, (n,) or (n, n), optional
+        Covariance ``Q`` of additive Gaussian noise per step.
+    """
+
+    name: str = "ode"
+
+    def __init__(self, state_size: int, dt: float, noise_cov: Any = None):
+        if not isinstance(state_size, int) or isinstance(state_size, bool) or state_size < 1:
+            raise InputError("state_size", "a positive int", repr(state_size))
+        if not isinstance(dt, (int, float)) or isinstance(dt, bool) or not dt > 0:
+            raise InputError("dt", "a positive time step", repr(dt))
+        self.state_size = state_size
+        self.dt = float(dt)
+        self.noise_cov = None if noise_cov is None else as_covariance(noise_cov, state_size, "noise_cov")
+
+    @abc.abstractmethod
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x)``: the time derivative, shape ``(..., n)``. Subclasses implement it."""
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One RK4 step of length ``dt``."""
+        return rk4_step(self.tendency, x, self.dt)
+
+    def config(self) -> dict:
+        """The parameters that define the model (recorded in posteriors' attrs)."""
+        return {"state_size": self.state_size, "dt": self.dt}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_state(model: Model, x: Any, name: str = "x", *, dtype=None, device=None) -> torch.Tensor:
+    """``x`` as a tensor whose last axis has the model's state size."""
+    t = _device.as_tensor(x, name, dtype=dtype, device=device)
+    if t.ndim == 0 or t.shape[-1] != model.state_size:
+        raise ShapeError(name, f"a last axis of length {model.state_size} (the state size)",
+                         f"shape {tuple(t.shape)}")
+    return t
+
+
+def propagate(model: Model, x: torch.Tensor, steps: int = 1, seed: _device.Seed = None) -> torch.Tensor:
+    """Apply ``steps`` model steps to ``x`` (..., n), adding ``N(0, Q)`` noise after each step if the
+    model has ``noise_cov``. ``seed`` is only used (and required to be reproducible) for noisy models."""
+    q = getattr(model, "noise_cov", None)
+    root = None if q is None else covariance_root(q.to(x))
+    g = None if q is None else _device.generator(seed, x.device)
+    for _ in range(steps):
+        x = model.step(x)
+        if root is not None:
+            x = x + torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device) @ root.T
+    return x
+
+
+def covariance_root(cov: torch.Tensor) -> torch.Tensor:
+    """A square root ``L`` with ``L L^T = cov``: the Cholesky factor, or ``V sqrt(max(E, 0))`` from an
+    eigendecomposition when ``cov`` is only semidefinite."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info.max()) == 0:
+        return chol
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
+
+
+def tangent_linear(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """Jacobian of one model step at ``x``: shape ``(..., n, n)`` for ``x`` of shape ``(..., n)``.
+
+    Computed by forward-mode automatic differentiation (``torch.func.jacfwd``), vectorised over the
+    leading dims; a model may provide its own ``tangent_linear(x)`` method, which is then used.
+    """
+    own = getattr(model, "tangent_linear", None)
+    if callable(own):
+        return own(x)
+    flat = x.reshape(-1, x.shape[-1])
+    jac = torch.func.vmap(torch.func.jacfwd(model.step))(flat)
+    return jac.reshape(*x.shape, x.shape[-1])
+
+
+def model_config(model: Model) -> dict:
+    """Name and configuration of a model, JSON-serialisable (for attrs)."""
+    cfg = model.config() if callable(getattr(model, "config", None)) else {}
+    return {"model": type(model).__name__, **{k: _jsonable(v) for k, v in cfg.items()}}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v

@@ -1,0 +1,218 @@
+"""Linear models: the closed-form test bed of every filter.
+
+For a linear model the Kalman filter is exact, so each ensemble or particle method can be checked
+against it (see the architecture notes on closed-form oracles). Three models live here.
+
+**LinearModel** is any linear map. With ``continuous=False`` the given matrix *is* the one-step map,
+``x_{k+1} = M x_k``. With ``continuous=True`` it is the generator ``A`` of ``dx/dt = A x`` and the step
+is one classical Runge-Kutta step of length ``h = dt``; for a linear ODE that step is exactly the
+degree-4 Taylor polynomial of the matrix exponential,
+
+.. math::
+
+    M = I + hA + \\frac{(hA)^2}{2} + \\frac{(hA)^3}{6} + \\frac{(hA)^4}{24}
+      \\approx e^{hA} \\quad (\\text{error } O(h^5)),
+
+which is what ``step_matrix`` holds, so that ``step(x) == x @ M.T`` up to rounding and the filters'
+Kalman oracle uses the very map the truth was stepped with.
+
+**Identity** is the random walk ``x_{k+1} = x_k + eta_k``, ``eta_k ~ N(0, Q)``. With ``Q = q`` and
+observations of every variable with variance ``R = r``, the Kalman filter's variances converge to the
+fixed point of the Riccati recursion ``P_f = P_a + q``, ``P_a = P_f r / (P_f + r)``; for ``q = 1``,
+``r = 2`` that is ``P_a = 1`` and ``P_f = 2``, the analytic check used in the filter tests.
+
+**LinearDrag** is the motion of a particle with drag, the linear experiment of Satorras, Akata and
+Welling (2019). Per spatial dimension the state is position ``p``, velocity ``v`` and acceleration
+``a``, with
+
+.. math::
+
+    \\dot p = v, \\qquad \\dot v = a - c\\, v, \\qquad \\dot a = -\\tau\\, v,
+
+where ``c`` is the drag coefficient and ``tau`` a restoring rate of the acceleration. The state
+vector stacks the blocks ``[p_1..p_d, v_1..v_d, a_1..a_d]`` (length ``3 d``), so that
+``A = [[0, I, 0], [0, -c I, I], [0, -tau I, 0]]`` (``matrix``). It is stepped with RK4 like every
+``ODEModel``, and since the system is linear its exact one-step map is ``step_matrix`` as above.
+
+References
+----------
+* V. G. Satorras, Z. Akata and M. Welling (2019), Combining generative and discriminative models for
+  hybrid inference. *Advances in Neural Information Processing Systems* 32 (NeurIPS).
+* R. E. Kalman (1960), A new approach to linear filtering and prediction problems. *J. Basic Eng.*
+  82, 35-45.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import _device
+from ..errors import InputError, ShapeError
+from .base import ODEModel
+from .lorenz import _compact_cov, _real
+
+__all__ = ["LinearModel", "Identity", "LinearDrag", "rk4_matrix"]
+
+
+def rk4_matrix(a: torch.Tensor, h: float) -> torch.Tensor:
+    """The exact one-step map of RK4 with step ``h`` on ``dx/dt = A x``:
+    ``sum_{k=0}^{4} (hA)^k / k!``, shape ``(n, n)``."""
+    ha = h * a
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    # Horner form of I + hA (I + hA/2 (I + hA/3 (I + hA/4)))
+    out = eye + ha / 4.0
+    out = eye + (ha @ out) / 3.0
+    out = eye + (ha @ out) / 2.0
+    return eye + ha @ out
+
+
+class LinearModel(ODEModel):
+    """A linear model: ``x_{k+1} = M x_k`` (``continuous=False``) or ``dx/dt = A x`` stepped with RK4.
+
+    Parameters
+    ----------
+    matrix : array (n, n)
+        ``M`` (discrete) or ``A`` (continuous).
+    dt : float
+        Time per model step (default 1). With ``continuous=True`` it is the RK4 step.
+    noise_cov : scalar, (n,) or (n, n), optional
+        Covariance ``Q`` of additive Gaussian model noise per step.
+    continuous : bool
+        Whether ``matrix`` is the generator ``A`` of an ODE rather than the step map ``M``.
+
+    Attributes
+    ----------
+    matrix : tensor (n, n)
+        The matrix as given (float64).
+    step_matrix : tensor (n, n)
+        The one-step map ``M`` (``matrix`` itself when discrete, the RK4 propagator when continuous).
+    """
+
+    name = "linear"
+
+    def __init__(self, matrix: Any, dt: float = 1.0, noise_cov: Any = None, continuous: bool = False):
+        m = _device.as_tensor(matrix, "matrix", dtype=torch.float64, device="cpu")
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+            raise ShapeError("matrix", "a non-empty square matrix (n, n)", f"shape {tuple(m.shape)}")
+        if not torch.isfinite(m).all():
+            raise InputError("matrix", "finite entries", "NaN or infinite entries")
+        if not isinstance(continuous, (bool, np.bool_)):
+            raise InputError("continuous", "True or False", repr(continuous))
+        super().__init__(state_size=int(m.shape[0]), dt=dt, noise_cov=noise_cov)
+        self.matrix = m
+        self.continuous = bool(continuous)
+        self.step_matrix = rk4_matrix(m, self.dt) if self.continuous else m
+
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` for a continuous model; a discrete map has no tendency."""
+        if not self.continuous:
+            raise InputError("continuous", "True for a model with a tendency dx/dt = A x",
+                             "False (a discrete map x -> M x)")
+        return x @ self.matrix.to(x).T
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ M.T`` for states ``(..., n)``."""
+        return x @ self.step_matrix.to(x).T
+
+    def tangent_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``M`` broadcast to ``(..., n, n)`` (a linear map is its own Jacobian)."""
+        n = self.state_size
+        return self.step_matrix.to(x).expand(*x.shape[:-1], n, n)
+
+    def config(self) -> dict:
+        """The constructor arguments (the matrix as nested lists)."""
+        return {"matrix": self.matrix.tolist(), "dt": self.dt, "noise_cov": _compact_cov(self.noise_cov),
+                "continuous": self.continuous}
+
+
+class Identity(LinearModel):
+    """The random walk ``x_{k+1} = x_k (+ noise)``: a :class:`LinearModel` with ``M = I``.
+
+    Parameters
+    ----------
+    n : int
+        State size.
+    noise_cov : scalar, (n,) or (n, n), optional
+        Covariance ``Q`` of the random-walk increments.
+    dt : float
+        Time per model step (default 1; it only labels the time axis).
+    """
+
+    name = "identity"
+
+    def __init__(self, n: int, noise_cov: Any = None, dt: float = 1.0):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError("n", "a positive int (the state size)", repr(n))
+        super().__init__(torch.eye(int(n), dtype=torch.float64), dt=dt, noise_cov=noise_cov, continuous=False)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself (a copy, so the caller may modify either)."""
+        return x.clone()
+
+    def config(self) -> dict:
+        """The constructor arguments."""
+        return {"n": self.state_size, "noise_cov": _compact_cov(self.noise_cov), "dt": self.dt}
+
+
+class LinearDrag(ODEModel):
+    """Particle motion with drag (Satorras, Akata & Welling 2019): ``p' = v``, ``v' = a - c v``,
+    ``a' = -tau v`` in each of ``dims`` spatial dimensions.
+
+    Parameters
+    ----------
+    dims : int
+        Number of spatial dimensions ``d`` (state size ``3 d``, layout ``[p, v, a]`` blocks).
+    drag : float
+        Drag coefficient ``c`` (default 0.1).
+    tau : float
+        Rate ``tau`` at which velocity feeds back on the acceleration (default 0.05).
+    dt : float
+        RK4 step per model step (default 0.1).
+    noise_cov : scalar, (3d,) or (3d, 3d), optional
+        Covariance ``Q`` of additive Gaussian model noise per step.
+
+    Attributes
+    ----------
+    matrix : tensor (3d, 3d)
+        The continuous-time generator ``A``.
+    step_matrix : tensor (3d, 3d)
+        The exact RK4 one-step map (see the module docstring).
+    """
+
+    name = "linear_drag"
+
+    def __init__(self, dims: int = 2, drag: float = 0.1, tau: float = 0.05, dt: float = 0.1, noise_cov: Any = None):
+        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
+            raise InputError("dims", "a positive int (spatial dimensions)", repr(dims))
+        self.dims = int(dims)
+        self.drag = _real(drag, "drag")
+        self.tau = _real(tau, "tau")
+        super().__init__(state_size=3 * self.dims, dt=dt, noise_cov=noise_cov)
+        d = self.dims
+        eye = torch.eye(d, dtype=torch.float64)
+        a = torch.zeros(3 * d, 3 * d, dtype=torch.float64)
+        a[:d, d:2 * d] = eye
+        a[d:2 * d, d:2 * d] = -self.drag * eye
+        a[d:2 * d, 2 * d:] = eye
+        a[2 * d:, d:2 * d] = -self.tau * eye
+        self.matrix = a
+        self.step_matrix = rk4_matrix(a, self.dt)
+
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        """``(v, a - c v, -tau v)`` for states ``(..., 3d)`` (elementwise, no matrix product)."""
+        d = self.dims
+        v, acc = x[..., d:2 * d], x[..., 2 * d:]
+        return torch.cat([v, acc - self.drag * v, -self.tau * v], dim=-1)
+
+    def tangent_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``step_matrix`` broadcast to ``(..., 3d, 3d)``."""
+        n = self.state_size
+        return self.step_matrix.to(x).expand(*x.shape[:-1], n, n)
+
+    def config(self) -> dict:
+        """The constructor arguments."""
+        return {"dims": self.dims, "drag": self.drag, "tau": self.tau, "dt": self.dt,
+                "noise_cov": _compact_cov(self.noise_cov)}

@@ -1,0 +1,171 @@
+"""Observation operators with Gaussian noise: ``y = h(x) + e``, ``e ~ N(0, R)``.
+
+An :class:`Observation` maps states ``(..., n)`` to observations ``(..., m)``. Linear operators carry
+their matrix ``H`` (shape ``(m, n)``); nonlinear ones a batched torch function ``h`` whose Jacobian
+(for the EKF) comes from automatic differentiation. The noise covariance ``R`` is a full
+symmetric positive-definite ``(m, m)`` matrix (a scalar or a vector of variances is expanded).
+
+Constructors:
+
+* :func:`observe_all` -- every state variable;
+* :func:`observe_every` -- every ``k``-th variable (from ``offset``);
+* :func:`observe_indices` -- an arbitrary list of variables;
+* :func:`observe_linear` -- any matrix ``H``;
+* :func:`observe_nonlinear` -- any callable ``h``.
+
+*When* to observe (every ``k`` model steps, at irregular steps) and *what is missing* (NaN entries)
+belong to the data, see :func:`daml.simulate`; the filters treat NaN entries of ``y`` as unobserved.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import _device
+from ..errors import InputError, ShapeError
+from .base import as_covariance
+
+__all__ = [
+    "Observation",
+    "observe_all",
+    "observe_every",
+    "observe_indices",
+    "observe_linear",
+    "observe_nonlinear",
+]
+
+
+class Observation:
+    """An observation operator and its noise covariance.
+
+    Parameters
+    ----------
+    state_size : int
+        ``n``, the length of the states it observes.
+    noise_cov : tensor (m, m)
+        ``R``, symmetric positive definite.
+    matrix : tensor (m, n), optional
+        ``H`` of a linear operator.
+    func : callable, optional
+        ``h(x)`` of a nonlinear operator, batched over leading dims: ``(..., n) -> (..., m)``.
+    description : str
+        A short text recorded in attrs.
+    """
+
+    def __init__(self, state_size: int, noise_cov: torch.Tensor, matrix: torch.Tensor | None = None,
+                 func: Callable[[torch.Tensor], torch.Tensor] | None = None, description: str = ""):
+        if (matrix is None) == (func is None):
+            raise InputError("matrix/func", "exactly one of a matrix H or a function h", "both or neither")
+        self.state_size = int(state_size)
+        self.noise_cov = noise_cov
+        self.size = int(noise_cov.shape[0])
+        self.matrix = matrix
+        self.func = func
+        self.description = description
+
+    @property
+    def linear(self) -> bool:
+        """Whether the operator is a matrix."""
+        return self.matrix is not None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``h(x)`` for states ``(..., n)``; returns ``(..., m)``."""
+        if x.shape[-1] != self.state_size:
+            raise ShapeError("x", f"a last axis of length {self.state_size}", f"shape {tuple(x.shape)}")
+        if self.matrix is not None:
+            return x @ self.matrix.to(x).T
+        return self.func(x)
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """``dh/dx`` at ``x`` (..., n): shape ``(..., m, n)`` (``H`` broadcast for linear operators)."""
+        if self.matrix is not None:
+            return self.matrix.to(x).expand(*x.shape[:-1], self.size, self.state_size)
+        flat = x.reshape(-1, x.shape[-1])
+        jac = torch.func.vmap(torch.func.jacfwd(self.func))(flat)
+        return jac.reshape(*x.shape[:-1], self.size, self.state_size)
+
+    def config(self) -> dict:
+        """JSON-able description (recorded in attrs)."""
+        return {"observation": self.description, "size": self.size, "linear": self.linear}
+
+    def __repr__(self) -> str:
+        return f"Observation({self.description}, m={self.size}, n={self.state_size})"
+
+
+def _noise(size: int, sd: float | None, cov: Any, dtype=None) -> torch.Tensor:
+    if cov is not None and sd is not None:
+        raise InputError("sd/cov", "one of sd or cov", "both")
+    if cov is None:
+        sd = 1.0 if sd is None else sd
+        if not isinstance(sd, (int, float)) or isinstance(sd, bool) or not sd > 0:
+            raise InputError("sd", "a positive standard deviation", repr(sd))
+        cov = float(sd) ** 2
+    return as_covariance(cov, size, "cov", dtype=dtype, allow_zero=False)
+
+
+def observe_indices(state_size: int, indices: Sequence[int], sd: float | None = None, cov: Any = None) -> Observation:
+    """Observe the variables ``indices`` of an ``n``-state directly.
+
+    Parameters
+    ----------
+    state_size : int
+        ``n``.
+    indices : sequence of int
+        Observed variables, each in ``[0, n)``.
+    sd : float, optional
+        Noise standard deviation (``R = sd^2 I``); default 1.
+    cov : scalar, (m,) or (m, m), optional
+        The noise covariance ``R`` instead of ``sd``.
+    """
+    idx = torch.as_tensor(list(indices), dtype=torch.int64)
+    if idx.numel() == 0:
+        raise ShapeError("indices", "at least one observed variable", "none")
+    if int(idx.min()) < 0 or int(idx.max()) >= state_size:
+        raise InputError("indices", f"variables in [0, {state_size})", idx.tolist())
+    h = torch.zeros(idx.numel(), state_size, dtype=torch.float64)
+    h[torch.arange(idx.numel()), idx] = 1.0
+    r = _noise(idx.numel(), sd, cov)
+    return Observation(state_size, r, matrix=h, description=f"indices {idx.tolist()}" if idx.numel() <= 8
+                       else f"{idx.numel()} of {state_size} variables")
+
+
+def observe_all(state_size: int, sd: float | None = None, cov: Any = None) -> Observation:
+    """Observe every variable: ``H = I``."""
+    obs = observe_indices(state_size, range(state_size), sd=sd, cov=cov)
+    obs.description = f"all {state_size} variables"
+    return obs
+
+
+def observe_every(state_size: int, k: int, sd: float | None = None, cov: Any = None, offset: int = 0) -> Observation:
+    """Observe every ``k``-th variable starting at ``offset``."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InputError("k", "a positive int", repr(k))
+    if not isinstance(offset, int) or not 0 <= offset < state_size:
+        raise InputError("offset", f"an int in [0, {state_size})", repr(offset))
+    obs = observe_indices(state_size, range(offset, state_size, k), sd=sd, cov=cov)
+    obs.description = f"every {k}th of {state_size} variables from {offset}"
+    return obs
+
+
+def observe_linear(matrix: Any, sd: float | None = None, cov: Any = None) -> Observation:
+    """Observe ``H x`` for any matrix ``H`` of shape ``(m, n)``."""
+    h = _device.as_tensor(matrix, "matrix")
+    if h.ndim != 2 or 0 in h.shape:
+        raise ShapeError("matrix", "a non-empty 2-d matrix (m, n)", f"shape {tuple(h.shape)}")
+    if not torch.isfinite(h).all():
+        raise InputError("matrix", "finite entries", "NaN or infinite entries")
+    return Observation(h.shape[1], _noise(h.shape[0], sd, cov), matrix=h, description=f"linear {tuple(h.shape)}")
+
+
+def observe_nonlinear(func: Callable[[torch.Tensor], torch.Tensor], state_size: int, size: int,
+                      sd: float | None = None, cov: Any = None, description: str = "nonlinear") -> Observation:
+    """Observe ``h(x)`` for a batched torch function ``h: (..., n) -> (..., size)``."""
+    if not callable(func):
+        raise InputError("func", "a callable h(x)", type(func).__name__)
+    probe = func(torch.zeros(2, state_size, dtype=torch.float64))
+    if tuple(probe.shape) != (2, size):
+        raise ShapeError("func", f"outputs of shape (..., {size}) for inputs (..., {state_size})",
+                         f"shape {tuple(probe.shape)} for input (2, {state_size})")
+    return Observation(state_size, _noise(size, sd, cov), func=func, description=description)

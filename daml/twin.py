@@ -1,0 +1,179 @@
+"""Twin experiments: a seeded truth and synthetic observations of it, as one xarray Dataset.
+
+:func:`simulate` integrates a model from a random initial state, observes the truth at the chosen
+model steps through an :class:`~daml.models.Observation` with Gaussian noise, optionally hides a
+random fraction of the entries (NaN), and returns everything a filter needs in one Dataset:
+
+============== ============================ =================================================
+variable        dims                          meaning
+============== ============================ =================================================
+``truth``       ``(*batch, time, variable)``  the true state at every model step
+``y``           ``(*batch, time, obs)``       observations; NaN where nothing is observed
+``prior_mean``  ``(variable,)``               mean of the initial distribution
+``prior_cov``   ``(variable, variable_)``     its covariance
+``H``           ``(obs, variable)``           the observation matrix (linear operators only)
+``R``           ``(obs, obs_)``               the observation-noise covariance
+============== ============================ =================================================
+
+Coordinates: ``time`` (model time ``k dt``), ``step`` (``k``), ``observed`` (bool: an observation
+time), ``variable`` and ``obs`` (indices). ``attrs`` record the model, the observation operator, the
+seed and the daml version. With ``experiments=E`` a leading dim ``experiment`` holds ``E`` independent
+truths and observation sets (the same model and operator), for batched filtering.
+
+The same seed gives the same Dataset bit for bit; the random streams for the initial state, the
+model noise, the observation noise and the missing entries are spawned independently from it, so
+changing, say, the fraction of missing entries leaves the truth unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import _device
+from ._version import __version__
+from .errors import InputError
+from .models.base import Model, as_covariance, check_state, covariance_root, model_config
+from .models.observations import Observation
+
+__all__ = ["simulate", "observation_steps"]
+
+
+def observation_steps(steps: int, every: int | None = 1, at: Sequence[int] | None = None) -> np.ndarray:
+    """Model steps (in ``1..steps``) at which observations are taken: every ``every`` steps, or the
+    steps listed in ``at`` (sorted, unique)."""
+    if at is not None:
+        if every not in (None, 1):
+            raise InputError("every/at", "one of every or at", "both")
+        idx = np.unique(np.asarray(list(at), dtype=np.int64))
+        if idx.size == 0 or idx.min() < 1 or idx.max() > steps:
+            raise InputError("at", f"steps in [1, {steps}]", list(idx))
+        return idx
+    if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
+        raise InputError("every", "a positive int (model steps between observations)", repr(every))
+    return np.arange(every, steps + 1, every, dtype=np.int64)
+
+
+def simulate(
+    model: Model,
+    steps: int,
+    observe: Observation,
+    *,
+    every: int | None = 1,
+    at: Sequence[int] | None = None,
+    x0: Any = None,
+    x0_cov: Any = 0.0,
+    missing: float = 0.0,
+    experiments: int | None = None,
+    seed: _device.Seed = None,
+    dtype: Any = None,
+) -> xr.Dataset:
+    """Simulate a truth and its observations.
+
+    Parameters
+    ----------
+    model : Model
+        The dynamics (see :mod:`daml.models.base`); its ``noise_cov`` perturbs the truth.
+    steps : int
+        Number of model steps after the initial state (the truth has ``steps + 1`` times).
+    observe : Observation
+        Observation operator and noise.
+    every : int
+        Observe every ``every`` model steps (steps ``every, 2 every, ...``).
+    at : sequence of int, optional
+        Irregular observation steps instead of ``every``.
+    x0 : array (n,), optional
+        Mean of the initial state (default zeros). The truth starts at ``x0 + L xi`` with
+        ``L L^T = x0_cov``; filters start from the same distribution by default.
+    x0_cov : scalar, (n,) or (n, n)
+        Covariance of the initial state (0: the truth starts at ``x0``).
+    missing : float in [0, 1)
+        Fraction of observation entries replaced by NaN at random.
+    experiments : int, optional
+        Number of independent twin experiments (leading dim ``experiment``).
+    seed : int, SeedSequence, torch.Generator or None
+        The random stream.
+    dtype : optional
+        Floating dtype (default float64).
+    """
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise InputError("steps", "a positive int", repr(steps))
+    if not isinstance(observe, Observation):
+        raise InputError("observe", "an Observation (see daml.models.observe_all)", type(observe).__name__)
+    if observe.state_size != model.state_size:
+        raise InputError("observe", f"an operator on states of size {model.state_size}",
+                         f"one on size {observe.state_size}")
+    if not isinstance(missing, (int, float)) or not 0 <= missing < 1:
+        raise InputError("missing", "a fraction in [0, 1)", repr(missing))
+    if experiments is not None and (not isinstance(experiments, int) or isinstance(experiments, bool) or experiments < 1):
+        raise InputError("experiments", "a positive int or None", repr(experiments))
+    dt = _device.resolve_dtype(dtype)
+    n, m = model.state_size, observe.size
+    obs_steps = observation_steps(int(steps), every, at)
+    mean = torch.zeros(n, dtype=dt) if x0 is None else check_state(model, x0, "x0", dtype=dt)
+    if mean.ndim != 1:
+        raise InputError("x0", f"a single state of shape ({n},)", f"shape {tuple(mean.shape)}")
+    cov = as_covariance(x0_cov, n, "x0_cov", dtype=dt)
+    batch = () if experiments is None else (experiments,)
+    g_init, g_model, g_obs, g_missing = _device.spawn_generators(seed, 4)
+
+    x = mean + torch.randn(*batch, n, generator=g_init, dtype=dt) @ covariance_root(cov).T
+    q = getattr(model, "noise_cov", None)
+    q_root = None if q is None else covariance_root(q.to(dt))
+    r_root = covariance_root(observe.noise_cov.to(dt))
+    truth = torch.empty(*batch, steps + 1, n, dtype=dt)
+    truth[..., 0, :] = x
+    with torch.no_grad():
+        for k in range(1, steps + 1):
+            x = model.step(x)
+            if q_root is not None:
+                x = x + torch.randn(x.shape, generator=g_model, dtype=dt) @ q_root.T
+            truth[..., k, :] = x
+        if not torch.isfinite(truth).all():
+            bad = int(torch.nonzero((~torch.isfinite(truth)).reshape(-1, steps + 1, n).any(-1).any(0))[0])
+            raise InputError("model", "a truth that stays finite", f"non-finite states from step {bad}",
+                             hint="reduce dt or check the initial state")
+        idx = torch.as_tensor(obs_steps)
+        clean = observe.apply(truth[..., idx, :])
+        noise = torch.randn(clean.shape, generator=g_obs, dtype=dt) @ r_root.T
+        y_obs = clean + noise
+        if missing > 0:
+            hide = torch.rand(y_obs.shape, generator=g_missing, dtype=dt) < missing
+            y_obs = torch.where(hide, torch.full((), float("nan"), dtype=dt), y_obs)
+    y = torch.full((*batch, steps + 1, m), float("nan"), dtype=dt)
+    y[..., idx, :] = y_obs
+    observed = np.zeros(steps + 1, dtype=bool)
+    observed[obs_steps] = True
+
+    bdims = ("experiment",) if batch else ()
+    coords = {
+        "time": np.arange(steps + 1) * model.dt,
+        "step": ("time", np.arange(steps + 1)),
+        "observed": ("time", observed),
+        "variable": np.arange(n),
+        "obs": np.arange(m),
+    }
+    if batch:
+        coords["experiment"] = np.arange(batch[0])
+    data = {
+        "truth": ((*bdims, "time", "variable"), truth.numpy()),
+        "y": ((*bdims, "time", "obs"), y.numpy()),
+        "prior_mean": (("variable",), mean.numpy()),
+        "prior_cov": (("variable", "variable_"), cov.numpy()),
+        "R": (("obs", "obs_"), observe.noise_cov.to(dt).numpy()),
+    }
+    if observe.linear:
+        data["H"] = (("obs", "variable"), observe.matrix.to(dt).numpy())
+    attrs = {
+        "model": json.dumps(model_config(model), sort_keys=True),
+        "observation": json.dumps(observe.config(), sort_keys=True),
+        "every": int(every) if at is None else -1,
+        "missing": float(missing),
+        "seed": _device.seed_to_attr(seed),
+        "daml_version": __version__,
+    }
+    return xr.Dataset(data, coords=coords, attrs=attrs)
