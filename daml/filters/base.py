@@ -1,0 +1,204 @@
+"""The filter protocol: every filter is a :class:`Filter` of four pure functions.
+
+A filter carries a state from one time to the next, in the style of blackjax and optax: pure
+functions over a NamedTuple state, composed rather than configured by flags. The one time loop,
+:func:`daml.filters.run`, drives any filter:
+
+``init(model, mean, cov, generator) -> state``
+    The initial state from the prior ``N(mean, cov)``; ``mean`` has shape ``(*batch, n)`` (any
+    leading batch dims: independent experiments), ``cov`` ``(n, n)``.
+``forecast(state, model, generator) -> state``
+    One model step (with model noise if the model has any).
+``analysis(state, y, operator, mask, generator) -> (state, info)``
+    Assimilate the observations ``y`` ``(*batch, m)`` through the
+    :class:`~daml.models.Observation` ``operator``. ``mask`` ``(*batch, m)`` is ``True`` where an
+    entry is observed; entries outside it (NaN in the data) must have no influence. ``info`` is a
+    dict of tensors of shape ``(*batch,)`` (for example the ESS), stored per analysis time.
+``members(state) -> (x, log_weight)``
+    The state as a weighted sample ``x`` ``(*batch, N, n)`` with normalised ``log_weight``
+    ``(*batch, N)``: what the posterior records. Gaussian filters return ``2n`` symmetric sigma
+    points ``mean +- sqrt(n) L e_i`` with equal weights, which reproduce the mean and covariance
+    exactly.
+
+Wrappers take a filter and return a filter: :func:`inflate` (multiplicative inflation of the
+analysis anomalies). Every filter constructor is registered by name in :data:`REGISTRY` (used by
+TOML configurations and by the contract test).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ..errors import InputError, ShapeError
+from ..models.base import Model, covariance_root, propagate
+
+__all__ = [
+    "Filter",
+    "EnsembleState",
+    "GaussianState",
+    "REGISTRY",
+    "register",
+    "make_filter",
+    "inflate",
+    "ensemble_init",
+    "ensemble_forecast",
+    "ensemble_members",
+    "gaussian_members",
+    "masked_observation",
+    "check_members",
+]
+
+
+class Filter(NamedTuple):
+    """A filter: a name, its configuration and four pure functions (see the module docstring)."""
+
+    name: str
+    config: dict
+    init: Callable[..., Any]
+    forecast: Callable[..., Any]
+    analysis: Callable[..., tuple[Any, dict]]
+    members: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+class EnsembleState(NamedTuple):
+    """A weighted ensemble: ``x`` ``(*batch, N, n)``, ``log_weight`` ``(*batch, N)`` (normalised)."""
+
+    x: torch.Tensor
+    log_weight: torch.Tensor
+
+
+class GaussianState(NamedTuple):
+    """A Gaussian: ``mean`` ``(*batch, n)``, ``cov`` ``(*batch, n, n)``."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+
+REGISTRY: dict[str, Callable[..., Filter]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Filter]], Callable[..., Filter]]:
+    """Decorator registering a filter constructor under ``name``."""
+
+    def deco(fn: Callable[..., Filter]) -> Callable[..., Filter]:
+        REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def make_filter(name: str, **params: Any) -> Filter:
+    """Build the registered filter ``name`` with ``params`` (``inflation=`` wraps it in :func:`inflate`)."""
+    if name not in REGISTRY:
+        raise InputError("method", f"one of {sorted(REGISTRY)}", repr(name))
+    inflation = params.pop("inflation", None)
+    try:
+        filt = REGISTRY[name](**params)
+    except TypeError as exc:
+        raise InputError(f"{name} parameters", "the constructor's keywords", sorted(params), hint=str(exc)) from exc
+    return filt if inflation is None else inflate(filt, inflation)
+
+
+def check_members(members: Any) -> int:
+    """Validate an ensemble size."""
+    if not isinstance(members, int) or isinstance(members, bool) or members < 2:
+        raise InputError("members", "an int >= 2", repr(members))
+    return members
+
+
+# -- ensembles ------------------------------------------------------------------------------------------
+
+def ensemble_init(members: int) -> Callable[..., EnsembleState]:
+    """``init`` drawing ``members`` equally weighted members from ``N(mean, cov)``."""
+
+    def init(model: Model, mean: torch.Tensor, cov: torch.Tensor, g: torch.Generator) -> EnsembleState:
+        root = covariance_root(cov.to(mean))
+        z = torch.randn(*mean.shape[:-1], members, mean.shape[-1], generator=g, dtype=mean.dtype, device=mean.device)
+        x = mean.unsqueeze(-2) + z @ root.T
+        lw = torch.full(x.shape[:-1], -math.log(members), dtype=mean.dtype, device=mean.device)
+        return EnsembleState(x, lw)
+
+    return init
+
+
+def ensemble_forecast(state: EnsembleState, model: Model, g: torch.Generator) -> EnsembleState:
+    """Propagate every member one model step (noise from ``model.noise_cov`` if any); weights unchanged."""
+    return EnsembleState(propagate(model, state.x, 1, seed=g), state.log_weight)
+
+
+def ensemble_members(state: EnsembleState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble as it is."""
+    return state.x, state.log_weight
+
+
+def gaussian_members(state: GaussianState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``2n`` sigma points ``mean +- sqrt(n) L e_i`` with equal weights: their weighted mean and
+    (plug-in) covariance are exactly ``mean`` and ``cov``."""
+    n = state.mean.shape[-1]
+    root = covariance_root(state.cov) * math.sqrt(n)          # (*batch, n, n), columns L e_i
+    pts = torch.cat([state.mean.unsqueeze(-2) + root.transpose(-1, -2),
+                     state.mean.unsqueeze(-2) - root.transpose(-1, -2)], dim=-2)
+    lw = torch.full(pts.shape[:-1], -math.log(2 * n), dtype=pts.dtype, device=pts.device)
+    return pts, lw
+
+
+# -- observations with missing entries ---------------------------------------------------------------
+
+def masked_observation(innovation: torch.Tensor, obs_anomalies: torch.Tensor, noise_cov: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Remove unobserved entries exactly, keeping shapes fixed for batching.
+
+    Parameters
+    ----------
+    innovation : (*batch, m)
+        ``y - h(x)`` (any value where unobserved).
+    obs_anomalies : (*batch, k, m)
+        Observation-space anomalies or rows of ``H^T`` (``k`` members or state variables).
+    noise_cov : (m, m)
+        ``R``.
+    mask : (*batch, m) bool
+        Observed entries.
+
+    Returns
+    -------
+    innovation, obs_anomalies, noise_cov
+        Zero in the unobserved entries, and ``R`` with unobserved rows and columns replaced by those
+        of the identity, shape ``(*batch, m, m)``. The Gaussian likelihood of the returned quantities
+        equals that of the observed sub-vector alone: the unobserved block is decoupled and carries
+        zero innovation and zero sensitivity.
+    """
+    zero = torch.zeros((), dtype=innovation.dtype, device=innovation.device)
+    innov = torch.where(mask, innovation, zero)          # where, not a product: NaN * 0 would stay NaN
+    anom = torch.where(mask.unsqueeze(-2), obs_anomalies, zero)
+    both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    eye = torch.eye(noise_cov.shape[-1], dtype=innovation.dtype, device=innovation.device)
+    r = torch.where(both, noise_cov.to(innovation), eye)
+    return innov, anom, r
+
+
+# -- wrappers ------------------------------------------------------------------------------------------
+
+def inflate(filt: Filter, factor: float) -> Filter:
+    """Multiplicative inflation of the analysis: anomalies about the weighted mean are scaled by
+    ``factor`` after each analysis (DAPPER's ``infl``), covariances by ``factor^2``.
+
+    Returns a new :class:`Filter` named ``"<name>"`` with ``config["inflation"] = factor``.
+    """
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        raise InputError("inflation", "a positive factor (1 = none, typically 1.01-1.1)", repr(factor))
+    factor = float(factor)
+
+    def analysis(state, y, operator, mask, g):
+        state, info = filt.analysis(state, y, operator, mask, g)
+        if isinstance(state, GaussianState):
+            return GaussianState(state.mean, state.cov * factor**2), info
+        if isinstance(state, EnsembleState):
+            w = torch.exp(state.log_weight).unsqueeze(-1)
+            mean = (w * state.x).sum(-2, keepdim=True)
+            return state._replace(x=mean + factor * (state.x - mean)), info
+        raise ShapeError("state", "an EnsembleState or GaussianState to inflate", type(state).__name__)
+
+    return filt._replace(config={**filt.config, "inflation": factor}, analysis=analysis)

@@ -1,0 +1,211 @@
+"""The one time loop: run any :class:`~daml.filters.Filter` over a twin experiment or real data.
+
+:func:`run` starts the filter from the prior recorded in the data (or given), steps the model
+forward, and at every observation time calls the filter's analysis with the observed entries (NaN
+entries are masked out; a time whose entries are all NaN still gets an analysis, which then changes
+nothing). It returns the analysis posterior at every observation time, in the posterior type of
+:mod:`daml.posterior`, and the forecast posterior just before each analysis when asked.
+
+Divergence is caught as it happens: non-finite states, or an ensemble spread beyond ``max_spread``,
+raise :class:`daml.errors.DivergenceError` with the model step; its ``partial`` attribute holds the
+posterior up to the last good analysis, so nothing computed is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time as _time
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .. import _device
+from ..errors import DivergenceError, InputError, ShapeError
+from ..models.base import Model, model_config
+from ..models.observations import Observation, observe_linear
+from ..posterior import from_members
+from .base import Filter
+
+__all__ = ["run", "RunResult", "operator_from_data"]
+
+
+class RunResult(NamedTuple):
+    """What :func:`run` returns."""
+
+    analysis: xr.Dataset
+    """Posterior after each analysis, dims ``(time, *batch, member, variable)``."""
+    forecast: xr.Dataset | None
+    """Posterior just before each analysis (``None`` unless ``forecast=True``)."""
+    seconds: float
+    """Wall time of the loop (model steps and analyses, without building the Datasets)."""
+
+
+def operator_from_data(data: xr.Dataset) -> Observation:
+    """The linear observation operator stored in a twin Dataset (variables ``H`` and ``R``)."""
+    if "H" not in data or "R" not in data:
+        raise InputError("operator", "an Observation (the data hold no linear operator H, R)", None)
+    return observe_linear(data["H"].values, cov=data["R"].values)
+
+
+def run(
+    filt: Filter,
+    model: Model,
+    data: xr.Dataset,
+    *,
+    operator: Observation | None = None,
+    seed: _device.Seed = None,
+    prior: tuple[Any, Any] | None = None,
+    forecast: bool = False,
+    progress: bool | None = None,
+    max_spread: float | None = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> RunResult:
+    """Run ``filt`` through the observations in ``data``.
+
+    Parameters
+    ----------
+    filt : Filter
+        Any registered or hand-made filter.
+    model : Model
+        The forecast model.
+    data : xarray.Dataset
+        As made by :func:`daml.simulate`: ``y`` ``(*batch, time, obs)`` with NaN where nothing is
+        observed, the coordinates ``time`` and ``observed``, and (by default) ``prior_mean``,
+        ``prior_cov``, ``H`` and ``R``.
+    operator : Observation, optional
+        The observation operator; default: the linear ``H``, ``R`` stored in ``data``.
+    seed : int, SeedSequence, torch.Generator or None
+        The filter's random stream (initial ensemble, model noise, perturbed observations).
+    prior : (mean, cov), optional
+        Initial distribution instead of ``data.prior_mean``, ``data.prior_cov``.
+    forecast : bool
+        Also return the forecast posterior at each analysis time.
+    progress : bool, optional
+        Show a progress bar (default: only on a terminal).
+    max_spread : float, optional
+        Ensemble spread (root-mean variance) beyond which the run counts as diverged. Default:
+        ``1000`` times the standard deviation of the observations.
+    dtype, device : optional
+        Where to compute (see :mod:`daml._device`).
+
+    Returns
+    -------
+    RunResult
+        ``analysis`` (and ``forecast``) posteriors; ``info`` entries of the filter become variables
+        ``(time, *batch)`` of the analysis Dataset.
+    """
+    if not isinstance(filt, Filter):
+        raise InputError("filt", "a daml.filters.Filter", type(filt).__name__)
+    if not isinstance(data, xr.Dataset) or "y" not in data or "time" not in data["y"].dims:
+        raise InputError("data", "a Dataset with observations y(..., time, obs)", type(data).__name__)
+    dev = _device.resolve_device(device)
+    dt = _device.resolve_dtype(dtype, dev)
+    op = operator if operator is not None else operator_from_data(data)
+    if op.state_size != model.state_size:
+        raise ShapeError("operator", f"an operator on states of size {model.state_size}", f"size {op.state_size}")
+    y_da = data["y"]
+    batch_dims = [d for d in y_da.dims if d not in ("time", "obs")]
+    y_da = y_da.transpose(*batch_dims, "time", "obs")
+    if y_da.sizes["obs"] != op.size:
+        raise ShapeError("data", f"observations of size {op.size} (the operator's)", f"size {y_da.sizes['obs']}")
+    y_all = torch.as_tensor(y_da.values, dtype=dt, device=dev)
+    observed = data["observed"].values if "observed" in data.coords else np.isfinite(y_da.values).any(
+        axis=tuple(range(len(batch_dims))) + (-1,))
+    n_times = y_da.sizes["time"]
+    batch_shape = tuple(y_da.sizes[d] for d in batch_dims)
+
+    if prior is None:
+        if "prior_mean" not in data or "prior_cov" not in data:
+            raise InputError("prior", "(mean, cov) (the data hold no prior_mean/prior_cov)", None)
+        prior = (data["prior_mean"].values, data["prior_cov"].values)
+    mean = torch.as_tensor(np.asarray(prior[0]), dtype=dt, device=dev)
+    cov = torch.as_tensor(np.asarray(prior[1]), dtype=dt, device=dev)
+    if mean.shape[-1] != model.state_size or tuple(cov.shape) != (model.state_size,) * 2:
+        raise ShapeError("prior", f"mean (..., {model.state_size}) and cov ({model.state_size}, {model.state_size})",
+                         f"shapes {tuple(mean.shape)}, {tuple(cov.shape)}")
+    mean = mean.expand(*batch_shape, model.state_size).clone()
+    if max_spread is None:
+        finite = y_da.values[np.isfinite(y_da.values)]
+        max_spread = 1000.0 * float(finite.std()) if finite.size > 1 else math.inf
+
+    g_init, g_run = _device.spawn_generators(seed, 2, device=dev)
+    state = filt.init(model, mean, cov, g_init)
+    rec_a: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rec_f: list[tuple[torch.Tensor, torch.Tensor]] = []
+    infos: list[dict] = []
+    times: list[int] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_times - 1, desc=filt.name, disable=(None if progress is None else not progress), leave=False)
+    t0 = _time.perf_counter()
+    try:
+        with torch.no_grad():
+            for k in range(1, n_times):
+                state = filt.forecast(state, model, g_run)
+                if observed[k]:
+                    if forecast:
+                        rec_f.append(_detach(filt.members(state)))
+                    y = y_all[..., k, :]
+                    mask = torch.isfinite(y)
+                    y = torch.where(mask, y, torch.zeros((), dtype=dt, device=dev))
+                    state, info = filt.analysis(state, y, op, mask, g_run)
+                    x, lw = _detach(filt.members(state))
+                    _check_divergence(x, lw, max_spread, k, filt.name)
+                    rec_a.append((x, lw))
+                    infos.append({key: v.detach().cpu() for key, v in info.items()})
+                    times.append(k)
+                bar.update(1)
+    except DivergenceError as err:
+        err.partial = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed) if rec_a else None
+        raise
+    finally:
+        bar.close()
+    seconds = _time.perf_counter() - t0
+    if not rec_a:
+        raise InputError("data", "at least one observation time after the initial time", "none")
+    post_a = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=seconds)
+    post_f = _build(rec_f, [], times, data, y_da, batch_dims, filt, model, op, seed, stage="forecast") if forecast else None
+    return RunResult(post_a, post_f, seconds)
+
+
+def _detach(pair):
+    return tuple(t.detach() for t in pair)
+
+
+def _check_divergence(x: torch.Tensor, lw: torch.Tensor, max_spread: float, step: int, name: str) -> None:
+    if not (torch.isfinite(x).all() and torch.isfinite(lw).all()):
+        raise DivergenceError(f"{name}: non-finite states or weights", step=step)
+    w = torch.exp(lw).unsqueeze(-1)
+    mean = (w * x).sum(-2, keepdim=True)
+    spread = torch.sqrt((w * (x - mean) ** 2).sum(-2).mean(-1))
+    worst = float(spread.max())
+    if worst > max_spread:
+        raise DivergenceError(f"{name}: ensemble spread {worst:.3g} exceeds max_spread {max_spread:.3g}", step=step)
+
+
+def _build(records, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=None, stage="analysis"):
+    x = torch.stack([r[0] for r in records]).cpu()         # (T, *batch, N, n)
+    lw = torch.stack([r[1] for r in records]).cpu()        # (T, *batch, N)
+    tcoord = data["time"].values[times]
+    coords = {"time": tcoord, "step": ("time", np.asarray(times))}
+    if "variable" in data.coords and data.sizes.get("variable") == x.shape[-1]:
+        coords["variable"] = data["variable"].values
+    for d in batch_dims:
+        if d in data.coords:
+            coords[d] = data[d].values
+    config = {"filter": filt.config, **model_config(model), **op.config(), "stage": stage}
+    attrs = {"stage": stage}
+    if seconds is not None:
+        attrs["seconds"] = float(seconds)
+        attrs["cycles_per_second"] = float(len(times) / seconds) if seconds > 0 else math.inf
+    post = from_members({"x": x}, lw, dims=("time", *batch_dims, "member", "variable"), coords=coords,
+                        method=filt.name, config=json.loads(json.dumps(config, default=str)), seed=seed, attrs=attrs)
+    if infos:
+        for key in infos[0]:
+            vals = torch.stack([i[key] for i in infos]).numpy()
+            post[key] = (("time", *batch_dims)[: vals.ndim], vals)
+    return post
