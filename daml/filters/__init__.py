@@ -1,0 +1,24 @@
+"""Filters: one protocol (:class:`Filter`), one time loop (:func:`run`), one file per family.
+
+>>> import daml
+>>> filt = daml.filters.make_filter("etkf", members=24, inflation=1.02)
+>>> result = daml.filters.run(filt, model, data, seed=1)       # result.analysis is a posterior
+"""
+
+from .base import (REGISTRY, EnsembleState, Filter, GaussianState, ensemble_forecast, ensemble_init,
+                   ensemble_members, gaussian_members, inflate, make_filter, masked_observation, register)
+from .run import RunResult, operator_from_data, run
+from .climatology import climatology, climatology_from_truth
+from . import kalman
+from .kalman import extended_kalman_filter, kalman_filter, kalman_smoother
+from . import enkf as _enkf_module, letkf as _letkf_module  # modules; the public names are the constructors
+from .enkf import enkf, etkf
+from .letkf import gaspari_cohn, letkf
+
+__all__ = [
+    "Filter", "EnsembleState", "GaussianState", "REGISTRY", "register", "make_filter", "inflate",
+    "ensemble_init", "ensemble_forecast", "ensemble_members", "gaussian_members", "masked_observation",
+    "run", "RunResult", "operator_from_data", "climatology", "climatology_from_truth",
+    "kalman_filter", "extended_kalman_filter", "kalman_smoother",
+    "enkf", "etkf", "letkf", "gaspari_cohn",
+]

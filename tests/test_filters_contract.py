@@ -1,0 +1,124 @@
+"""The contract every registered filter must keep (ARCHITECTURE invariant 5)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import daml
+from daml import filters, models
+
+N_STATE = 3
+
+PARAMS = {
+    "kf": {},
+    "ekf": {},
+    "enkf": {"members": 12},
+    "etkf": {"members": 12},
+    "letkf": {"members": 12, "radius": 2.0},
+    "climatology": {"mean": np.zeros(N_STATE), "cov": np.eye(N_STATE), "members": 12},
+}
+DETERMINISTIC = {"kf", "ekf", "etkf", "letkf", "climatology"}  # given the initial ensemble
+
+
+def test_every_registered_filter_is_covered():
+    assert set(filters.REGISTRY) == set(PARAMS), "add new filters to PARAMS"
+
+
+@pytest.fixture(scope="module")
+def problem():
+    m = np.array([[0.9, 0.2, 0.0], [-0.2, 0.9, 0.1], [0.0, 0.1, 0.8]])
+    model = models.LinearModel(m, noise_cov=0.1)
+    obs = models.observe_all(N_STATE, sd=0.5)
+    data = daml.simulate(model, 12, obs, every=2, x0=np.ones(N_STATE), x0_cov=1.0, missing=0.2,
+                         experiments=2, seed=4)
+    return model, obs, data
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_contract(name, problem):
+    model, obs, data = problem
+    filt = filters.make_filter(name, **PARAMS[name])
+    assert isinstance(filt, filters.Filter) and filt.name == name
+    res = filters.run(filt, model, data, seed=0, forecast=True, progress=False)
+    for post in (res.analysis, res.forecast):
+        daml.validate(post)
+        assert post["x"].dims == ("time", "experiment", "member", "variable")
+        assert post.sizes["time"] == int(data["observed"].sum())
+        np.testing.assert_allclose(np.exp(post["log_weight"]).sum("member"), 1.0, atol=1e-12)
+    assert res.analysis.attrs["method"] == name and res.seconds > 0
+    again = filters.run(filt, model, data, seed=0, progress=False)
+    xr.testing.assert_identical(res.analysis.drop_attrs(), again.analysis.drop_attrs())
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_masked_entries_have_no_influence(name, problem):
+    model, obs, _ = problem
+    filt = filters.make_filter(name, **PARAMS[name])
+    mean = torch.ones(2, N_STATE, dtype=torch.float64)
+    state = filt.init(model, mean, torch.eye(N_STATE, dtype=torch.float64), daml._device.generator(1))
+    y = torch.tensor([[0.3, -0.2, 0.9], [1.0, 0.5, -0.4]], dtype=torch.float64)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    y_other = torch.where(mask, y, torch.full_like(y, 1e6))
+    a, _ = filt.analysis(state, y, obs, mask, daml._device.generator(2))
+    b, _ = filt.analysis(state, y_other, obs, mask, daml._device.generator(2))
+    for ta, tb in zip(filt.members(a), filt.members(b)):
+        assert torch.equal(ta, tb)
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_batch_equals_each_experiment_alone(name, problem):
+    model, obs, data = problem
+    filt = filters.make_filter(name, **PARAMS[name])
+    mean = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    cov = torch.eye(N_STATE, dtype=torch.float64)
+    both = filt.init(model, mean, cov, daml._device.generator(3))
+    y = torch.tensor([[0.3, -0.2, 0.9], [1.0, 0.5, -0.4]], dtype=torch.float64)
+    mask = torch.ones(2, N_STATE, dtype=torch.bool)
+    out, _ = filt.analysis(both, y, obs, mask, daml._device.generator(4))
+    x_both, _ = filt.members(out)
+    for i in range(2):
+        one = type(both)(*(t[i:i + 1] for t in both))
+        o1, _ = filt.analysis(one, y[i:i + 1], obs, mask[i:i + 1], daml._device.generator(4))
+        torch.testing.assert_close(filt.members(o1)[0][0], x_both[i], rtol=0, atol=1e-12)
+
+
+def test_inflation_wrapper_scales_anomalies_only(problem):
+    model, obs, data = problem
+    base = filters.etkf(members=12)
+    wrapped = filters.inflate(base, 1.5)
+    state = base.init(model, torch.zeros(1, N_STATE, dtype=torch.float64), torch.eye(N_STATE, dtype=torch.float64),
+                      daml._device.generator(0))
+    y = torch.zeros(1, N_STATE, dtype=torch.float64)
+    mask = torch.ones(1, N_STATE, dtype=torch.bool)
+    a, _ = base.analysis(state, y, obs, mask, daml._device.generator(1))
+    b, _ = wrapped.analysis(state, y, obs, mask, daml._device.generator(1))
+    ma, mb = a.x.mean(-2), b.x.mean(-2)
+    torch.testing.assert_close(ma, mb, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.x - mb.unsqueeze(-2), 1.5 * (a.x - ma.unsqueeze(-2)), rtol=0, atol=1e-12)
+    assert wrapped.config["inflation"] == 1.5
+    with pytest.raises(daml.errors.InputError, match="inflation"):
+        filters.inflate(base, -1.0)
+
+
+def test_unknown_filter_and_bad_parameters():
+    with pytest.raises(daml.errors.InputError, match="method: expected one of"):
+        filters.make_filter("etfk")
+    with pytest.raises(daml.errors.InputError, match="etkf parameters"):
+        filters.make_filter("etkf", members=10, radius=3)
+
+
+def test_divergence_is_reported_with_the_step_and_partial_result(problem):
+    model, obs, data = problem
+    with pytest.raises(daml.errors.DivergenceError) as info:
+        filters.run(filters.etkf(members=12), model, data, seed=0, progress=False, max_spread=1e-6)
+    assert info.value.step == int(data["step"].values[data["observed"].values][0])
+    assert info.value.partial is None
+
+
+def test_wrong_observation_size_raises(problem):
+    model, _, data = problem
+    with pytest.raises(daml.errors.ShapeError, match="operator"):
+        filters.run(filters.etkf(members=12), model, data, operator=models.observe_all(4), progress=False)
