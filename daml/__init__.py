@@ -7,14 +7,22 @@ The public API is small: build or load a posterior, then diagnose, resample and 
 >>> post.daml.ess(); post.daml.mean(); post.daml.resample(seed=0)
 >>> daml.diagnostics.crps(post, truth)
 
+Twin experiments and filters:
+
+>>> model = daml.models.Lorenz96(n=40, forcing=8.0, dt=0.05)
+>>> data = daml.simulate(model, 1000, daml.models.observe_all(40, sd=1.0), x0=x0, x0_cov=0.001, seed=0)
+>>> result = daml.filters.run(daml.filters.make_filter("etkf", members=24, inflation=1.02), model, data, seed=1)
+>>> daml.diagnostics.rmse(result.analysis, data["truth"])
+
 Modules: :mod:`daml.posterior`, :mod:`daml.diagnostics`, :mod:`daml.resampling`, :mod:`daml.io`,
-:mod:`daml.errors`.
+:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`.
 """
 
 from ._version import __version__
-from . import errors, posterior, resampling, diagnostics, io
+from . import errors, posterior, resampling, diagnostics, io, models, filters
 from .posterior import from_members, validate
 from .io import open_posterior, to_netcdf, to_arviz
+from .twin import simulate
 
 __all__ = [
     "__version__",
@@ -23,6 +31,9 @@ __all__ = [
     "resampling",
     "diagnostics",
     "io",
+    "models",
+    "filters",
+    "simulate",
     "from_members",
     "validate",
     "open_posterior",

@@ -259,6 +259,13 @@ def _truth(truth: Any, x: xr.DataArray, var: str | None) -> xr.DataArray:
     extra = [d for d in truth.dims if d not in x.dims]
     if extra:
         raise ShapeError("truth", f"dims among {tuple(d for d in x.dims if d != MEMBER)}", f"dims {truth.dims}")
+    for d in truth.dims:  # a truth on a finer index (every model step) is sampled at the posterior's labels
+        if d in truth.indexes and d in x.indexes and not truth.indexes[d].equals(x.indexes[d]):
+            try:
+                truth = truth.sel({d: x.indexes[d]})
+            except KeyError as exc:
+                raise ShapeError("truth", f"every {d!r} label of the posterior", "some missing",
+                                 hint=str(exc)[:200]) from exc
     sizes = {d: (truth.sizes[d], x.sizes[d]) for d in truth.dims if truth.sizes[d] != x.sizes[d]}
     if sizes:
         raise ShapeError("truth", "the posterior's dimension sizes", f"(truth, posterior) sizes {sizes}")
@@ -373,12 +380,14 @@ def rmse(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | None = N
         A posterior.
     truth : xarray.DataArray or Dataset
         The true state, on the dims of the member variable without ``member`` (or a subset that
-        broadcasts); coordinates must match exactly.
+        broadcasts). Coordinates must match exactly, except that a truth indexed more finely (every
+        model step, say) is sampled at the posterior's labels; a missing label raises.
     var : str, optional
         The member variable (needed when the posterior has several).
     dim : str or sequence of str, optional
-        Dims averaged inside the root. Default: every dim except ``time``, so a filter's posterior
-        gives an RMSE time series.
+        Dims averaged inside the root. Default: the state dims, i.e. every dim except ``time`` and
+        the batch dims of the weights (such as ``experiment``), so a filter's posterior gives an RMSE
+        time series per experiment (DAPPER's spatial RMS).
 
     Returns
     -------
@@ -388,7 +397,7 @@ def rmse(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | None = N
     x, w = _pick(post, var)
     y = _truth(truth, x, var)
     err2 = (x.weighted(w).mean(MEMBER) - y) ** 2
-    return np.sqrt(err2.mean(_reduce_dims(err2, dim, (TIME,)))).rename("rmse")
+    return np.sqrt(err2.mean(_reduce_dims(err2, dim, (TIME, *w.dims)))).rename("rmse")
 
 
 def _unbiased_var(x: xr.DataArray, w: xr.DataArray) -> xr.DataArray:
@@ -403,11 +412,11 @@ def spread(post: xr.Dataset, var: str | None = None, dim: str | Sequence[str] | 
     """Ensemble spread: ``sqrt(mean_dim(s^2))`` with ``s^2`` the unbiased weighted variance.
 
     ``s^2 = sum_i w_i (x_i - mean)^2 / (1 - sum_i w_i^2)``, which is the usual ``N - 1`` variance for
-    equal weights (DAPPER's ``rmv``). ``dim`` as in :func:`rmse` (default: all but ``time``).
+    equal weights (DAPPER's ``rmv``). ``dim`` as in :func:`rmse` (default: the state dims).
     """
     x, w = _pick(post, var)
     v = _unbiased_var(x, w)
-    return np.sqrt(v.mean(_reduce_dims(v, dim, (TIME,)))).rename("spread")
+    return np.sqrt(v.mean(_reduce_dims(v, dim, (TIME, *w.dims)))).rename("spread")
 
 
 def crps(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | None = None,

@@ -95,6 +95,10 @@ class DivergenceError(DamlError, RuntimeError):
         The time step (index) where it was detected.
     """
 
+    partial = None
+    """What was computed before the divergence (for :func:`daml.filters.run`: the analysis posterior
+    up to the last good step), or ``None``."""
+
     def __init__(self, message: str, step: int | None = None):
         self.step = step
         if step is not None:

@@ -12,6 +12,10 @@ import torch
 
 import daml
 
+# Tests check correctness, not speed. One intra-op thread keeps the many small matrix products of the
+# filters from stalling when the 2-core CI machine is shared (torch's thread pool then spins).
+torch.set_num_threads(1)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

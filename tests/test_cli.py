@@ -3,8 +3,8 @@ import pytest
 from daml import cli
 
 
-def test_daml_run_self_check_passes_and_writes_the_posterior(tmp_path, capsys):
-    assert cli.main(["run", "--out", str(tmp_path)]) == 0
+def test_daml_check_passes_and_writes_the_posterior(tmp_path, capsys):
+    assert cli.main(["check", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out and "FAIL" not in out
     assert (tmp_path / "selfcheck.nc").is_file()
@@ -25,3 +25,68 @@ def test_self_check_rows_are_real_comparisons(tmp_path):
 def test_info_on_a_missing_file_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="path"):
         cli.main(["info", str(tmp_path / "nope.nc")])
+
+
+TINY = """
+[experiment]
+name = "tiny"
+steps = 40
+experiments = 2
+seed = 1
+[model]
+name = "lorenz96"
+n = 10
+[observations]
+kind = "every"
+k = 2
+every = 2
+[prior]
+x0 = "default"
+cov = 1.0
+[[methods]]
+name = "climatology"
+members = 20
+[[methods]]
+name = "etkf"
+members = 8
+inflation = 1.05
+"""
+
+
+def test_daml_run_with_a_toml_file_writes_table_posteriors_and_figure(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "rmse.a" in text and "climatology" in text and "etkf(members=8, inflation=1.05)" in text
+    names = {p.name for p in out.iterdir()}
+    assert {"tiny_climatology.nc", "tiny_etkf.nc", "tiny_scores.json", "tiny.png"} <= names
+    import daml
+
+    post = daml.open_posterior(out / "tiny_etkf.nc")
+    assert post.sizes["experiment"] == 2 and post.attrs["method"] == "etkf"
+
+
+@pytest.mark.parametrize("bad, key", [
+    ("[model]\nname = 'lorenz95'\n[[methods]]\nname = 'etkf'\n", "model.name"),
+    ("[model]\nname = 'lorenz96'\n[[methods]]\nname = 'etfk'\n", "methods[0].name"),
+    ("[model]\nname = 'lorenz96'\n[observations]\nsdd = 1\n[[methods]]\nname = 'etkf'\n", "observations.sdd"),
+    ("[modle]\nname = 'lorenz96'\n", "modle"),
+    ("[experiment]\nsteps = -3\n[model]\nname = 'lorenz96'\n[[methods]]\nname = 'etkf'\n", "experiment.steps"),
+])
+def test_bad_configs_name_the_key(tmp_path, bad, key):
+    from daml import experiment
+    from daml.errors import InputError
+
+    with pytest.raises(InputError, match=f"config key '?{key.replace('[', '.').replace(']', '.')}"):
+        experiment.load_config(bad)
+
+
+def test_bad_inflation_and_observation_size_in_config():
+    from daml import experiment
+    from daml.errors import InputError
+
+    exp = experiment.load_config(TINY.replace("inflation = 1.05", "inflation = -1.0"))
+    with pytest.raises(InputError, match="inflation"):
+        experiment.run_experiment(exp, progress=False)

@@ -182,8 +182,10 @@ def test_score_bad_input(ens):
     nan_truth[0, 0] = np.nan
     with pytest.raises(NonFiniteError, match="truth: expected finite values"):
         dg.crps(post, nan_truth)
-    with pytest.raises(ShapeError, match="truth: expected coordinates equal"):
+    with pytest.raises(ShapeError, match="truth: expected every 'time' label"):
         dg.crps(post, truth.assign_coords(time=np.arange(5) + 1))
+    finer = xr.concat([truth, truth.assign_coords(time=np.arange(5) + 0.5)], "time").sortby("time")
+    np.testing.assert_array_equal(dg.crps(post, finer).values, dg.crps(post, truth).values)
     with pytest.raises(ShapeError, match="truth: expected the posterior's dimension sizes"):
         dg.rmse(post, truth.isel(time=slice(0, 3)).drop_vars("time"))
     with pytest.raises(ShapeError, match="truth: expected no 'member' dimension"):
@@ -208,6 +210,19 @@ def test_rmse_and_spread_match_numpy(ens):
     np.testing.assert_allclose(dg.spread(post).values, np.sqrt(var.mean(1)), rtol=1e-12)
     np.testing.assert_allclose(float(dg.rmse(post, truth, dim=["time", "variable"])),
                                np.sqrt(((mean - y) ** 2).mean()), rtol=1e-12)
+
+
+def test_rmse_keeps_batch_dims_of_the_weights(rng):
+    x = rng.normal(size=(4, 2, 30, 5))          # (time, experiment, member, variable)
+    post = _post(x, rng.normal(size=(4, 2, 30)), dims=("time", "experiment", "member", "variable"))
+    truth = xr.DataArray(rng.normal(size=(2, 4, 5)), dims=("experiment", "time", "variable"))
+    r = dg.rmse(post, truth)
+    assert set(r.dims) == {"time", "experiment"}
+    for e in range(2):
+        one = _post(x[:, e], post["log_weight"].values[:, e], dims=("time", "member", "variable"))
+        np.testing.assert_allclose(r.isel(experiment=e).values,
+                                   dg.rmse(one, truth.isel(experiment=e)).values, rtol=1e-12)
+    assert set(dg.spread(post).dims) == {"time", "experiment"}
 
 
 # -- PIT, rank histogram, spread-skill ------------------------------------------------------------------

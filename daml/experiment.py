@@ -1,0 +1,349 @@
+"""Experiments written as TOML: a twin experiment and a list of methods, compared on the same truths.
+
+An experiment file has four tables and a list of methods::
+
+    [experiment]
+    name = "lorenz96_sakov2008"
+    steps = 1000          # model steps
+    burn_in = 20.0        # model time excluded from the time averages
+    experiments = 3       # independent truths, run as one batch
+    seed = 3000
+
+    [model]
+    name = "lorenz96"     # a key of daml.models.MODELS; other keys are its parameters
+    n = 40
+    forcing = 8.0
+    dt = 0.05
+
+    [observations]
+    kind = "all"          # "all", "every" (with k, offset) or "indices" (with indices)
+    sd = 1.0              # or cov = (a variance, a list of variances or a matrix)
+    every = 1             # model steps between observations
+    missing = 0.0         # fraction of entries hidden (NaN)
+
+    [prior]
+    x0 = "default"        # the model's default_x0(), or a list
+    cov = 0.001
+    spinup = 0            # model steps to integrate the prior mean before starting
+
+    [[methods]]
+    name = "etkf"         # a key of daml.filters.REGISTRY; other keys are its parameters
+    members = 24
+    inflation = 1.02
+
+Scores (DAPPER's conventions, :mod:`daml.diagnostics`): ``rmse.a`` is the time average, over analysis
+times after ``burn_in``, of the spatial RMS error of the weighted mean; ``rmv.a`` the same for the
+spread; ``crps`` the mean CRPS over those times and all variables. Each is computed per experiment
+and the median over experiments is reported with the number of experiments. Every method sees the
+same truths and observations (common random numbers). Unknown keys are refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import _device, diagnostics, io
+from .errors import DivergenceError, InputError
+from .filters import REGISTRY, make_filter, run
+from .filters.climatology import climatology_from_truth
+from .models import MODELS, make_model, observe_all, observe_every, observe_indices
+from .twin import simulate
+
+__all__ = ["DEFAULT_CONFIG", "Experiment", "load_config", "run_experiment", "Score"]
+
+DEFAULT_CONFIG = """
+# Lorenz-96, the Sakov & Oke (2008) twin experiment as in DAPPER's mods/Lorenz96/sakov2008.py:
+# 40 variables, F = 8, dt = 0.05, every variable observed every step with R = I. 1000 cycles with a
+# burn-in of 20 time units, three independent truths. Expected rmse.a (DAPPER): Climatology 3.6,
+# EnKF (N=40, infl 1.06) 0.22, ETKF (N=24, infl 1.02) 0.18, LETKF (N=7, loc 4, infl 1.04) 0.22.
+[experiment]
+name = "lorenz96_sakov2008"
+steps = 1000
+burn_in = 20.0
+experiments = 3
+seed = 3000
+
+[model]
+name = "lorenz96"
+n = 40
+forcing = 8.0
+dt = 0.05
+
+[observations]
+kind = "all"
+sd = 1.0
+every = 1
+
+[prior]
+x0 = "default"
+cov = 0.001
+spinup = 0
+
+[[methods]]
+name = "climatology"
+
+[[methods]]
+name = "enkf"
+members = 40
+inflation = 1.06
+
+[[methods]]
+name = "etkf"
+members = 24
+inflation = 1.02
+rotate = true
+
+[[methods]]
+name = "letkf"
+members = 7
+radius = 4.0
+inflation = 1.04
+rotate = true
+"""
+
+_SECTIONS = {
+    "experiment": {"name", "steps", "burn_in", "experiments", "seed"},
+    "model": None,          # free: the model's parameters
+    "observations": {"kind", "sd", "cov", "every", "k", "offset", "indices", "missing"},
+    "prior": {"x0", "cov", "spinup"},
+    "methods": None,
+}
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment (see the module docstring)."""
+
+    name: str
+    steps: int
+    burn_in: float
+    experiments: int
+    seed: int
+    model: dict
+    observations: dict
+    prior: dict
+    methods: list[dict] = field(default_factory=list)
+
+
+def load_config(source: str | Path | None = None) -> Experiment:
+    """Parse and check an experiment: a path to a TOML file, TOML text, or ``None`` for the default."""
+    if source is None:
+        text, where = DEFAULT_CONFIG, "the default experiment"
+    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith(".toml")):
+        p = Path(source)
+        if not p.is_file():
+            raise FileNotFoundError(f"config: expected an existing TOML file, got {str(p)!r}")
+        text, where = p.read_text(), str(p)
+    else:
+        text, where = str(source), "the given text"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError("config", "valid TOML", f"an error in {where}", hint=str(exc)) from exc
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise InputError(f"config key {key!r}", f"one of {sorted(_SECTIONS)}", key)
+        allowed = _SECTIONS[key]
+        if allowed is not None:
+            for sub in value:
+                if sub not in allowed:
+                    raise InputError(f"config key '{key}.{sub}'", f"one of {sorted(allowed)}", sub)
+    exp = raw.get("experiment", {})
+    model = dict(raw.get("model", {}))
+    if "name" not in model:
+        raise InputError("config key 'model.name'", f"one of {sorted(MODELS)}", None)
+    if model["name"] not in MODELS:
+        raise InputError("config key 'model.name'", f"one of {sorted(MODELS)}", repr(model["name"]))
+    methods = raw.get("methods", [])
+    if not methods:
+        raise InputError("config key 'methods'", "at least one [[methods]] entry", "none")
+    for i, m in enumerate(methods):
+        if "name" not in m or m["name"] not in REGISTRY:
+            raise InputError(f"config key 'methods[{i}].name'", f"one of {sorted(REGISTRY)}", repr(m.get("name")))
+    out = Experiment(
+        name=str(exp.get("name", "experiment")),
+        steps=_int(exp.get("steps", 1000), "experiment.steps"),
+        burn_in=float(exp.get("burn_in", 0.0)),
+        experiments=_int(exp.get("experiments", 1), "experiment.experiments"),
+        seed=_int(exp.get("seed", 0), "experiment.seed", minimum=0),
+        model=model,
+        observations=dict(raw.get("observations", {"kind": "all"})),
+        prior=dict(raw.get("prior", {})),
+        methods=[dict(m) for m in methods],
+    )
+    if out.burn_in < 0:
+        raise InputError("config key 'experiment.burn_in'", "a non-negative time", out.burn_in)
+    return out
+
+
+def _int(value: Any, key: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InputError(f"config key '{key}'", f"an int >= {minimum}", repr(value))
+    return value
+
+
+def _observation(cfg: dict, n: int):
+    kind = cfg.get("kind", "all")
+    noise = {"cov": cfg["cov"]} if "cov" in cfg else {"sd": cfg.get("sd", 1.0)}
+    if kind == "all":
+        return observe_all(n, **noise)
+    if kind == "every":
+        return observe_every(n, cfg.get("k", 2), offset=cfg.get("offset", 0), **noise)
+    if kind == "indices":
+        return observe_indices(n, cfg.get("indices", []), **noise)
+    raise InputError("config key 'observations.kind'", "'all', 'every' or 'indices'", repr(kind))
+
+
+def build_data(exp: Experiment):
+    """The model, the observation operator and the twin Dataset of an experiment."""
+    params = {k: v for k, v in exp.model.items() if k != "name"}
+    model = make_model(exp.model["name"], **params)
+    op = _observation(exp.observations, model.state_size)
+    x0 = exp.prior.get("x0", "default")
+    if isinstance(x0, str):
+        if x0 != "default":
+            raise InputError("config key 'prior.x0'", "'default' or a list of numbers", repr(x0))
+        x0 = model.default_x0() if hasattr(model, "default_x0") else torch.zeros(model.state_size)
+    x0 = torch.as_tensor(x0, dtype=torch.float64)
+    spinup = _int(exp.prior.get("spinup", 0), "prior.spinup", minimum=0)
+    with torch.no_grad():
+        for _ in range(spinup):
+            x0 = model.step(x0)
+    data = simulate(model, exp.steps, op, every=exp.observations.get("every", 1), x0=x0,
+                    x0_cov=exp.prior.get("cov", 0.0), missing=exp.observations.get("missing", 0.0),
+                    experiments=exp.experiments, seed=exp.seed)
+    return model, op, data
+
+
+@dataclass
+class Score:
+    """Scores of one method: medians over experiments (``nan`` where it diverged)."""
+
+    method: str
+    label: str
+    rmse_a: float
+    rmv_a: float
+    crps: float
+    cycles_per_second: float
+    diverged: str = ""
+    posterior: xr.Dataset | None = None
+    rmse_t: xr.DataArray | None = None
+
+
+def _label(m: dict) -> str:
+    extras = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+    return f"{m['name']}({extras})" if extras else m["name"]
+
+
+def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Dataset, list[Score]]:
+    """Run every method of ``exp`` on the same twin data; return the data and the scores."""
+    model, op, data = build_data(exp)
+    after = data["time"] > exp.burn_in
+    scores = []
+    clim = None
+    for i, m in enumerate(exp.methods):
+        params = {k: v for k, v in m.items() if k != "name"}
+        if m["name"] == "climatology":
+            clim = clim or climatology_from_truth(data["truth"].values)
+            params = {"mean": clim[0], "cov": clim[1], **params}
+        try:
+            filt = make_filter(m["name"], **params)
+            res = run(filt, model, data, operator=op, seed=_device.spawn(exp.seed, len(exp.methods))[i],
+                      progress=progress)
+        except DivergenceError as err:
+            scores.append(Score(m["name"], _label(m), math.nan, math.nan, math.nan, math.nan,
+                                diverged=f"step {err.step}"))
+            continue
+        post = res.analysis
+        keep = post.sel(time=post["time"] > exp.burn_in) if bool(after.any()) else post
+        truth = data["truth"]
+        r = diagnostics.rmse(keep, truth)           # (time, experiment)
+        s = diagnostics.spread(keep)
+        c = diagnostics.crps(keep, truth)
+        per_exp = [d for d in r.dims if d != "time"]
+        scores.append(Score(
+            m["name"], _label(m),
+            rmse_a=float(r.mean("time").median() if per_exp else r.mean("time")),
+            rmv_a=float(s.mean("time").median() if per_exp else s.mean("time")),
+            crps=float(c.mean([d for d in c.dims if d not in per_exp]).median()),
+            cycles_per_second=float(post.attrs["cycles_per_second"]),
+            posterior=post, rmse_t=diagnostics.rmse(post, truth),
+        ))
+    return data, scores
+
+
+def format_table(exp: Experiment, scores: list[Score]) -> str:
+    """The comparison as a text table."""
+    width = max(len(s.label) for s in scores)
+    lines = [f"{exp.name}: {exp.experiments} experiment(s), {exp.steps} model steps, burn-in {exp.burn_in} "
+             f"(medians over experiments)",
+             f"{'method':<{width}}  {'rmse.a':>7}  {'rmv.a':>7}  {'crps':>7}  {'cycles/s':>9}"]
+    for s in scores:
+        if s.diverged:
+            lines.append(f"{s.label:<{width}}  diverged at {s.diverged}")
+        else:
+            lines.append(f"{s.label:<{width}}  {s.rmse_a:>7.3f}  {s.rmv_a:>7.3f}  {s.crps:>7.3f}  "
+                         f"{s.cycles_per_second:>9.0f}")
+    return "\n".join(lines)
+
+
+def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -> list[Path]:
+    """Posteriors (netCDF), the score table (JSON) and a figure (PNG, if matplotlib is installed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for s in scores:
+        if s.posterior is not None:
+            path = out / f"{exp.name}_{s.method}.nc"
+            io.to_netcdf(s.posterior, path)
+            written.append(path)
+    table = [{"method": s.label, "rmse_a": s.rmse_a, "rmv_a": s.rmv_a, "crps": s.crps,
+              "cycles_per_second": s.cycles_per_second, "diverged": s.diverged} for s in scores]
+    with io.atomic_write_path(out / f"{exp.name}_scores.json", suffix=".json") as tmp:
+        tmp.write_text(json.dumps({"experiment": exp.name, "scores": table}, indent=2, allow_nan=True))
+    written.append(out / f"{exp.name}_scores.json")
+    fig_path = _figure(exp, data, scores, out)
+    if fig_path is not None:
+        written.append(fig_path)
+    return written
+
+
+def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [s for s in scores if s.posterior is not None]
+    fig, axes = plt.subplots(1, 1 + len(ok), figsize=(4.5 + 3.2 * len(ok), 3.6), squeeze=False)
+    ax = axes[0, 0]
+    for s in ok:
+        r = s.rmse_t
+        r = r.median([d for d in r.dims if d != "time"]) if r.ndim > 1 else r
+        ax.plot(r["time"], r, lw=0.8, label=s.method)
+    ax.set(yscale="log", xlabel="time", ylabel="RMSE of the mean", title="analysis RMSE")
+    ax.axvline(exp.burn_in, color="k", lw=0.6, ls=":")
+    ax.legend(fontsize=7)
+    for ax, s in zip(axes[0, 1:], ok):
+        post = s.posterior.sel(time=s.posterior["time"] > exp.burn_in)
+        post = post.isel(time=slice(None, None, 5))       # thin: consecutive analyses are correlated
+        hist = diagnostics.rank_histogram(post, data["truth"], bins=min(post.sizes["member"] + 1, 25))
+        ax.bar(hist["rank"], hist / hist.sum() * hist.sizes["rank"], width=1.0, color="C0")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(title=f"{s.method}: rank histogram", xlabel="rank (weighted PIT bin)", ylabel="density")
+    fig.tight_layout()
+    path = out / f"{exp.name}.png"
+    with io.atomic_write_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

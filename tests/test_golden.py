@@ -1,0 +1,37 @@
+"""Golden tables: short seeded reproductions of published configurations with their expected scores.
+
+Reference values (DAPPER's listed ``rmse.a``, re-run to +-0.02 on the median of 3 seeds, see
+../shared/reference/da.md sections 3.2, 3.3, 3.5). daml runs the same configurations with 3
+independent truths in one batch (identical truths for all methods) and compares the median.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from daml import experiment
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _scores(name):
+    exp = experiment.load_config(EXAMPLES / name)
+    _, scores = experiment.run_experiment(exp, progress=False)
+    return {s.method: s for s in scores}
+
+
+def test_lorenz96_sakov2008():
+    s = _scores("lorenz96_sakov2008.toml")
+    assert not any(v.diverged for v in s.values())
+    assert s["climatology"].rmse_a == pytest.approx(3.6, abs=0.2)
+    assert s["etkf"].rmse_a == pytest.approx(0.18, abs=0.03)
+    assert s["enkf"].rmse_a == pytest.approx(0.22, abs=0.03)
+    assert s["letkf"].rmse_a == pytest.approx(0.22, abs=0.03)
+    for name in ("etkf", "enkf", "letkf"):   # a calibrated filter's spread is close to its error
+        assert 0.7 < s[name].rmv_a / s[name].rmse_a < 1.4
+
+
+def test_lorenz63_sakov2012():
+    s = _scores("lorenz63_sakov2012.toml")
+    assert s["climatology"].rmse_a == pytest.approx(7.6, abs=0.3)
+    assert s["etkf"].rmse_a == pytest.approx(0.60, abs=0.05)
