@@ -99,10 +99,11 @@ def self_check(out: Path, seed: int = 0, n: int = 20_000) -> list[tuple[str, flo
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import experiment
 
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     exp = experiment.load_config(args.config)
     print(f"daml {__version__}: {exp.name} ({'default experiment' if args.config is None else args.config}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     data, scores = experiment.run_experiment(exp, progress=args.progress)
     print(experiment.format_table(exp, scores))
     written = experiment.write_outputs(exp, data, scores, Path(args.out))
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="daml-output", help="output folder (default: %(default)s)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: on a terminal only)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="torch intra-op threads (default: %(default)s; the filters' matrices are small, and "
+                          "several threads only add synchronisation, which stalls badly on a busy machine)")
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check", help="the library self-check against closed forms")
     check.add_argument("--out", default="daml-output", help="output folder (default: %(default)s)")

@@ -337,7 +337,7 @@ def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -
     for ax, s in zip(axes[0, 1:], ok):
         post = s.posterior.sel(time=s.posterior["time"] > exp.burn_in)
         post = post.isel(time=slice(None, None, 5))       # thin: consecutive analyses are correlated
-        hist = diagnostics.rank_histogram(post, data["truth"], bins=min(post.sizes["member"] + 1, 25))
+        hist = diagnostics.rank_histogram(post, data["truth"])   # N + 1 bins: no aliasing of equal weights
         ax.bar(hist["rank"], hist / hist.sum() * hist.sizes["rank"], width=1.0, color="C0")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set(title=f"{s.method}: rank histogram", xlabel="rank (weighted PIT bin)", ylabel="density")
