@@ -60,7 +60,6 @@ def self_check(out: Path, seed: int = 0, n: int = 20_000) -> list[tuple[str, flo
     def at_most(name, value, bound):
         rows.append((name, float(value), "<=", float(bound), 0.0, bool(value <= bound)))
 
-    w = post.daml.weights.values
     n_eff = float(post.daml.ess())
     # large-N limit of Kish's ESS for prior-to-posterior importance sampling: N / E_q[w^2] with, per
     # component, E_q[w^2] = E_q[L^2] / E_q[L]^2 = (1 + s2) / sqrt(s2 (2 + s2)) exp(y^2 / ((1 + s2)(2 + s2)))

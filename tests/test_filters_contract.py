@@ -1,6 +1,5 @@
 """The contract every registered filter must keep (ARCHITECTURE invariant 5)."""
 
-import math
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import pytest
 import xarray as xr
 
 import daml
-from daml import io
 from daml.errors import InputError, PosteriorError
 
 

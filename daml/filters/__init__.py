@@ -9,9 +9,9 @@ from .base import (REGISTRY, EnsembleState, Filter, GaussianState, ensemble_fore
                    ensemble_members, gaussian_members, inflate, make_filter, masked_observation, register)
 from .run import RunResult, operator_from_data, run
 from .climatology import climatology, climatology_from_truth
-from . import kalman
+from . import kalman  # noqa: F401  (the module, for daml.filters.kalman.*)
 from .kalman import extended_kalman_filter, kalman_filter, kalman_smoother
-from . import enkf as _enkf_module, letkf as _letkf_module  # modules; the public names are the constructors
+from . import enkf as _enkf_module, letkf as _letkf_module  # noqa: F401  (the public names are the constructors)
 from .enkf import enkf, etkf
 from .letkf import gaspari_cohn, letkf
 

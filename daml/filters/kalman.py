@@ -81,7 +81,6 @@ import json
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import xarray as xr
 
@@ -320,44 +319,20 @@ def kalman_smoother(
     InputError, ShapeError
         Naming ``data``, ``model``, ``operator`` or ``prior``.
     """
-    from .run import operator_from_data
+    from .run import prepare_data
 
-    if not isinstance(data, xr.Dataset) or "y" not in data or "time" not in data["y"].dims \
-            or "obs" not in data["y"].dims:
-        raise InputError("data", "a Dataset with observations y(..., time, obs)", type(data).__name__)
-    dev = _device.resolve_device(device)
-    dt = _device.resolve_dtype(dtype, dev)
-    op = operator if operator is not None else operator_from_data(data)
+    if operator is not None:
+        _check_linear_operator(operator)
+    p = prepare_data(model, data, operator, prior, dtype, device)
+    op, y_da, y_all, observed, batch_dims = p.operator, p.y_da, p.y, p.observed, p.batch_dims
     _check_linear_operator(op)
-    n = model.state_size
-    if op.state_size != n:
-        raise ShapeError("operator", f"an operator on states of size {n}", f"size {op.state_size}")
-    y_da = data["y"]
-    batch_dims = [str(d) for d in y_da.dims if d not in ("time", "obs")]
-    y_da = y_da.transpose(*batch_dims, "time", "obs")
-    if y_da.sizes["obs"] != op.size:
-        raise ShapeError("data", f"observations of size {op.size} (the operator's)", f"size {y_da.sizes['obs']}")
-    batch_shape = tuple(y_da.sizes[d] for d in batch_dims)
+    dt, dev, n = p.dtype, p.device, model.state_size
+    batch_shape = tuple(p.mean.shape[:-1])
     n_times = y_da.sizes["time"]
-    y_all = torch.as_tensor(y_da.values, dtype=dt, device=dev)
-    observed = data["observed"].values if "observed" in data.coords else np.isfinite(y_da.values).any(
-        axis=tuple(range(len(batch_dims))) + (-1,))
-
-    if prior is None:
-        if "prior_mean" not in data or "prior_cov" not in data:
-            raise InputError("prior", "(mean, cov) (the data hold no prior_mean/prior_cov)", None)
-        prior = (data["prior_mean"].values, data["prior_cov"].values)
-    mean0 = torch.as_tensor(np.asarray(prior[0]), dtype=dt, device=dev)
-    cov0 = torch.as_tensor(np.asarray(prior[1]), dtype=dt, device=dev)
-    if mean0.ndim == 0 or mean0.shape[-1] != n or tuple(cov0.shape) != (n, n):
-        raise ShapeError("prior", f"mean (..., {n}) and cov ({n}, {n})",
-                         f"shapes {tuple(mean0.shape)}, {tuple(cov0.shape)}")
-    mean0 = mean0.expand(*batch_shape, n)
+    mean0, cov0 = p.mean, p.cov
 
     filt = kalman_filter()
     mat = _step_matrix(model, mean0)
-    h = op.matrix.to(mean0)
-    r = op.noise_cov.to(mean0)
     zero = torch.zeros((), dtype=dt, device=dev)
     loglik = torch.zeros(batch_shape, dtype=dt, device=dev)
 

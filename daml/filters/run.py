@@ -29,7 +29,7 @@ from ..models.observations import Observation, observe_linear
 from ..posterior import from_members
 from .base import Filter
 
-__all__ = ["run", "RunResult", "operator_from_data"]
+__all__ = ["run", "RunResult", "operator_from_data", "prepare_data", "PreparedData"]
 
 
 class RunResult(NamedTuple):
@@ -48,6 +48,59 @@ def operator_from_data(data: xr.Dataset) -> Observation:
     if "H" not in data or "R" not in data:
         raise InputError("operator", "an Observation (the data hold no linear operator H, R)", None)
     return observe_linear(data["H"].values, cov=data["R"].values)
+
+
+class PreparedData(NamedTuple):
+    """Observations and prior of a twin Dataset as tensors (see :func:`prepare_data`)."""
+
+    operator: Observation
+    y_da: xr.DataArray
+    """``y`` transposed to ``(*batch, time, obs)``."""
+    y: torch.Tensor
+    observed: np.ndarray
+    """Bool per time: an observation time."""
+    batch_dims: list
+    mean: torch.Tensor
+    """Prior mean broadcast to ``(*batch, n)``."""
+    cov: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+
+
+def prepare_data(model: Model, data: xr.Dataset, operator: Observation | None, prior: tuple[Any, Any] | None,
+                 dtype: Any = None, device: Any = None) -> PreparedData:
+    """Check a twin Dataset against a model and operator; return its observations and prior as tensors.
+
+    Shared by :func:`run` and :func:`daml.filters.kalman_smoother`.
+    """
+    if not isinstance(data, xr.Dataset) or "y" not in data or "time" not in data["y"].dims \
+            or "obs" not in data["y"].dims:
+        raise InputError("data", "a Dataset with observations y(..., time, obs)", type(data).__name__)
+    dev = _device.resolve_device(device)
+    dt = _device.resolve_dtype(dtype, dev)
+    op = operator if operator is not None else operator_from_data(data)
+    n = model.state_size
+    if op.state_size != n:
+        raise ShapeError("operator", f"an operator on states of size {n}", f"size {op.state_size}")
+    y_da = data["y"]
+    batch_dims = [str(d) for d in y_da.dims if d not in ("time", "obs")]
+    y_da = y_da.transpose(*batch_dims, "time", "obs")
+    if y_da.sizes["obs"] != op.size:
+        raise ShapeError("data", f"observations of size {op.size} (the operator's)", f"size {y_da.sizes['obs']}")
+    y_all = torch.as_tensor(y_da.values, dtype=dt, device=dev)
+    observed = data["observed"].values if "observed" in data.coords else np.isfinite(y_da.values).any(
+        axis=tuple(range(len(batch_dims))) + (-1,))
+    if prior is None:
+        if "prior_mean" not in data or "prior_cov" not in data:
+            raise InputError("prior", "(mean, cov) (the data hold no prior_mean/prior_cov)", None)
+        prior = (data["prior_mean"].values, data["prior_cov"].values)
+    mean = torch.as_tensor(np.asarray(prior[0]), dtype=dt, device=dev)
+    cov = torch.as_tensor(np.asarray(prior[1]), dtype=dt, device=dev)
+    if mean.ndim == 0 or mean.shape[-1] != n or tuple(cov.shape) != (n, n):
+        raise ShapeError("prior", f"mean (..., {n}) and cov ({n}, {n})",
+                         f"shapes {tuple(mean.shape)}, {tuple(cov.shape)}")
+    batch_shape = tuple(y_da.sizes[d] for d in batch_dims)
+    return PreparedData(op, y_da, y_all, observed, batch_dims, mean.expand(*batch_shape, n), cov, dt, dev)
 
 
 def run(
@@ -100,34 +153,9 @@ def run(
     """
     if not isinstance(filt, Filter):
         raise InputError("filt", "a daml.filters.Filter", type(filt).__name__)
-    if not isinstance(data, xr.Dataset) or "y" not in data or "time" not in data["y"].dims:
-        raise InputError("data", "a Dataset with observations y(..., time, obs)", type(data).__name__)
-    dev = _device.resolve_device(device)
-    dt = _device.resolve_dtype(dtype, dev)
-    op = operator if operator is not None else operator_from_data(data)
-    if op.state_size != model.state_size:
-        raise ShapeError("operator", f"an operator on states of size {model.state_size}", f"size {op.state_size}")
-    y_da = data["y"]
-    batch_dims = [d for d in y_da.dims if d not in ("time", "obs")]
-    y_da = y_da.transpose(*batch_dims, "time", "obs")
-    if y_da.sizes["obs"] != op.size:
-        raise ShapeError("data", f"observations of size {op.size} (the operator's)", f"size {y_da.sizes['obs']}")
-    y_all = torch.as_tensor(y_da.values, dtype=dt, device=dev)
-    observed = data["observed"].values if "observed" in data.coords else np.isfinite(y_da.values).any(
-        axis=tuple(range(len(batch_dims))) + (-1,))
-    n_times = y_da.sizes["time"]
-    batch_shape = tuple(y_da.sizes[d] for d in batch_dims)
-
-    if prior is None:
-        if "prior_mean" not in data or "prior_cov" not in data:
-            raise InputError("prior", "(mean, cov) (the data hold no prior_mean/prior_cov)", None)
-        prior = (data["prior_mean"].values, data["prior_cov"].values)
-    mean = torch.as_tensor(np.asarray(prior[0]), dtype=dt, device=dev)
-    cov = torch.as_tensor(np.asarray(prior[1]), dtype=dt, device=dev)
-    if mean.shape[-1] != model.state_size or tuple(cov.shape) != (model.state_size,) * 2:
-        raise ShapeError("prior", f"mean (..., {model.state_size}) and cov ({model.state_size}, {model.state_size})",
-                         f"shapes {tuple(mean.shape)}, {tuple(cov.shape)}")
-    mean = mean.expand(*batch_shape, model.state_size).clone()
+    p = prepare_data(model, data, operator, prior, dtype, device)
+    op, y_da, y_all, observed, batch_dims = p.operator, p.y_da, p.y, p.observed, p.batch_dims
+    mean, cov, dt, dev, n_times = p.mean.clone(), p.cov, p.dtype, p.device, p.y_da.sizes["time"]
     if max_spread is None:
         finite = y_da.values[np.isfinite(y_da.values)]
         max_spread = 1000.0 * float(finite.std()) if finite.size > 1 else math.inf
