@@ -51,7 +51,7 @@ import xarray as xr
 
 from . import _device
 from .errors import InputError, NonFiniteError, ShapeError
-from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate
+from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate, weighted_var
 
 __all__ = [
     "TIME",
@@ -400,14 +400,6 @@ def rmse(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | None = N
     return np.sqrt(err2.mean(_reduce_dims(err2, dim, (TIME, *w.dims)))).rename("rmse")
 
 
-def _unbiased_var(x: xr.DataArray, w: xr.DataArray) -> xr.DataArray:
-    w2 = (w * w).sum(MEMBER)
-    if float(w2.max()) >= 1.0 - 1e-12:
-        raise InputError("post", "weights spread over at least two members", "all weight on one member",
-                         hint="the unbiased spread is undefined for ESS = 1")
-    return x.weighted(w).var(MEMBER) / (1.0 - w2)
-
-
 def spread(post: xr.Dataset, var: str | None = None, dim: str | Sequence[str] | None = None) -> xr.DataArray:
     """Ensemble spread: ``sqrt(mean_dim(s^2))`` with ``s^2`` the unbiased weighted variance.
 
@@ -415,7 +407,7 @@ def spread(post: xr.Dataset, var: str | None = None, dim: str | Sequence[str] | 
     equal weights (DAPPER's ``rmv``). ``dim`` as in :func:`rmse` (default: the state dims).
     """
     x, w = _pick(post, var)
-    v = _unbiased_var(x, w)
+    v = weighted_var(x, w, ddof=1, argument="post")
     return np.sqrt(v.mean(_reduce_dims(v, dim, (TIME, *w.dims)))).rename("spread")
 
 
@@ -576,7 +568,7 @@ def spread_skill(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | 
     """
     x, w = _pick(post, var)
     y = _truth(truth, x, var)
-    s2 = _unbiased_var(x, w)
+    s2 = weighted_var(x, w, ddof=1, argument="post")
     n_eff = 1.0 / (w * w).sum(MEMBER)
     err2 = (x.weighted(w).mean(MEMBER) - y) ** 2
     s2, err2 = xr.broadcast((1.0 + 1.0 / n_eff) * s2, err2)

@@ -24,6 +24,8 @@ __all__ = [
     "SeedError",
     "PosteriorError",
     "DivergenceError",
+    "check_int",
+    "check_real",
 ]
 
 
@@ -114,3 +116,24 @@ def _rebuild_divergence(message: str, step: int | None) -> DivergenceError:
     err.step = step
     Exception.__init__(err, message)
     return err
+
+
+def check_int(value: object, name: str, minimum: int = 1, expected: str | None = None) -> int:
+    """``value`` as an ``int`` ``>= minimum`` (bools refused), else an :class:`InputError` naming ``name``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InputError(name, expected or f"an int >= {minimum}", repr(value))
+    return int(value)
+
+
+def check_real(value: object, name: str, positive: bool = False, expected: str | None = None) -> float:
+    """``value`` as a finite ``float`` (strictly positive if asked), else an :class:`InputError` naming ``name``."""
+    import math
+    import numbers
+
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or (positive and not value > 0):
+        raise InputError(name, expected or ("a positive real number" if positive else "a finite real number"),
+                         repr(value))
+    return float(value)

@@ -51,7 +51,7 @@ import torch
 import xarray as xr
 
 from . import _device, diagnostics, io
-from .errors import DivergenceError, InputError
+from .errors import DivergenceError, InputError, check_int
 from .filters import REGISTRY, make_filter, run
 from .filters.climatology import climatology_from_truth
 from .models import MODELS, make_model, observe_all, observe_every, observe_indices
@@ -185,9 +185,7 @@ def load_config(source: str | Path | None = None) -> Experiment:
 
 
 def _int(value: Any, key: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InputError(f"config key '{key}'", f"an int >= {minimum}", repr(value))
-    return value
+    return check_int(value, f"config key '{key}'", minimum)
 
 
 def _observation(cfg: dict, n: int):
@@ -249,15 +247,15 @@ def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Da
     after = data["time"] > exp.burn_in
     scores = []
     clim = None
-    for i, m in enumerate(exp.methods):
+    seeds = _device.spawn(exp.seed, len(exp.methods))       # one independent stream per method
+    for m, method_seed in zip(exp.methods, seeds):
         params = {k: v for k, v in m.items() if k != "name"}
         if m["name"] == "climatology":
             clim = clim or climatology_from_truth(data["truth"].values)
             params = {"mean": clim[0], "cov": clim[1], **params}
         try:
             filt = make_filter(m["name"], **params)
-            res = run(filt, model, data, operator=op, seed=_device.spawn(exp.seed, len(exp.methods))[i],
-                      progress=progress)
+            res = run(filt, model, data, operator=op, seed=method_seed, progress=progress)
         except DivergenceError as err:
             scores.append(Score(m["name"], _label(m), math.nan, math.nan, math.nan, math.nan,
                                 diverged=f"step {err.step}"))

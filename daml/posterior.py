@@ -62,6 +62,7 @@ __all__ = [
     "validate",
     "member_vars",
     "normalise_log_weight",
+    "weighted_var",
     "PosteriorAccessor",
 ]
 
@@ -246,6 +247,26 @@ def _method_attrs(method: str, config: Mapping[str, Any] | None, seed: _device.S
     }
 
 
+def weighted_var(x: xr.DataArray | xr.Dataset, weights: xr.DataArray, ddof: int = 0,
+                 argument: str = "ddof") -> xr.DataArray | xr.Dataset:
+    """Weighted variance over ``member`` through xarray's ``weighted``.
+
+    ``ddof=0``: ``sum_i w_i (x_i - mean)^2``. ``ddof=1``: divided by ``1 - sum_i w_i^2``, unbiased for
+    reliability weights (the ``N - 1`` denominator for equal weights); undefined, and refused naming
+    ``argument``, when one member holds all the weight.
+    """
+    if ddof not in (0, 1):
+        raise InputError("ddof", "0 or 1", repr(ddof))
+    v = x.weighted(weights).var(MEMBER)
+    if ddof == 1:
+        w2 = (weights**2).sum(MEMBER)
+        if float(w2.max()) >= 1.0 - 1e-12:
+            raise InputError(argument, "weights spread over at least two members for an unbiased variance",
+                             "all weight on one member (ESS = 1)")
+        v = v / (1.0 - w2)
+    return v
+
+
 def member_vars(ds: xr.Dataset) -> list[str]:
     """Names of the data variables that have a ``member`` dimension (``log_weight`` excluded)."""
     return [str(k) for k, v in ds.data_vars.items() if MEMBER in v.dims and k != LOG_WEIGHT]
@@ -365,15 +386,7 @@ class PosteriorAccessor:
             reliability weights, divided by ``1 - sum_i w_i^2``; with equal weights this is the
             usual ``N - 1`` denominator.
         """
-        if ddof not in (0, 1):
-            raise InputError("ddof", "0 or 1", repr(ddof))
-        v = self._weighted().var(MEMBER)
-        if ddof == 1:
-            w2 = (self.weights**2).sum(MEMBER)
-            if float(w2.max()) >= 1.0:
-                raise InputError("ddof", "0 for a posterior with all weight on one member", "1")
-            v = v / (1.0 - w2)
-        return v
+        return weighted_var(self.members, self.weights, ddof)
 
     def std(self, ddof: int = 0) -> xr.Dataset:
         """Weighted standard deviation over ``member`` (see :meth:`var` for ``ddof``)."""

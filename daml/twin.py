@@ -36,8 +36,8 @@ import xarray as xr
 
 from . import _device
 from ._version import __version__
-from .errors import InputError
-from .models.base import Model, as_covariance, check_state, covariance_root, model_config
+from .errors import InputError, check_int
+from .models.base import Model, as_covariance, check_state, covariance_root, model_config, propagate
 from .models.observations import Observation
 
 __all__ = ["simulate", "observation_steps"]
@@ -53,8 +53,7 @@ def observation_steps(steps: int, every: int | None = 1, at: Sequence[int] | Non
         if idx.size == 0 or idx.min() < 1 or idx.max() > steps:
             raise InputError("at", f"steps in [1, {steps}]", list(idx))
         return idx
-    if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
-        raise InputError("every", "a positive int (model steps between observations)", repr(every))
+    every = check_int(every, "every", expected="a positive int (model steps between observations)")
     return np.arange(every, steps + 1, every, dtype=np.int64)
 
 
@@ -100,8 +99,7 @@ def simulate(
     dtype : optional
         Floating dtype (default float64).
     """
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise InputError("steps", "a positive int", repr(steps))
+    steps = check_int(steps, "steps", expected="a positive int")
     if not isinstance(observe, Observation):
         raise InputError("observe", "an Observation (see daml.models.observe_all)", type(observe).__name__)
     if observe.state_size != model.state_size:
@@ -109,8 +107,8 @@ def simulate(
                          f"one on size {observe.state_size}")
     if not isinstance(missing, (int, float)) or not 0 <= missing < 1:
         raise InputError("missing", "a fraction in [0, 1)", repr(missing))
-    if experiments is not None and (not isinstance(experiments, int) or isinstance(experiments, bool) or experiments < 1):
-        raise InputError("experiments", "a positive int or None", repr(experiments))
+    if experiments is not None:
+        experiments = check_int(experiments, "experiments", expected="a positive int or None")
     dt = _device.resolve_dtype(dtype)
     n, m = model.state_size, observe.size
     obs_steps = observation_steps(int(steps), every, at)
@@ -122,16 +120,12 @@ def simulate(
     g_init, g_model, g_obs, g_missing = _device.spawn_generators(seed, 4)
 
     x = mean + torch.randn(*batch, n, generator=g_init, dtype=dt) @ covariance_root(cov).T
-    q = getattr(model, "noise_cov", None)
-    q_root = None if q is None else covariance_root(q.to(dt))
     r_root = covariance_root(observe.noise_cov.to(dt))
     truth = torch.empty(*batch, steps + 1, n, dtype=dt)
     truth[..., 0, :] = x
     with torch.no_grad():
         for k in range(1, steps + 1):
-            x = model.step(x)
-            if q_root is not None:
-                x = x + torch.randn(x.shape, generator=g_model, dtype=dt) @ q_root.T
+            x = propagate(model, x, 1, seed=g_model)
             truth[..., k, :] = x
         if not torch.isfinite(truth).all():
             bad = int(torch.nonzero((~torch.isfinite(truth)).reshape(-1, steps + 1, n).any(-1).any(0))[0])

@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..errors import InputError, ShapeError
+from ..errors import InputError, ShapeError, check_int, check_real
 from ..models.base import Model, covariance_root, propagate
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "ensemble_init",
     "ensemble_forecast",
     "ensemble_members",
+    "weighted_mean",
     "gaussian_members",
     "masked_observation",
     "check_members",
@@ -104,9 +105,7 @@ def make_filter(name: str, **params: Any) -> Filter:
 
 def check_members(members: Any) -> int:
     """Validate an ensemble size."""
-    if not isinstance(members, int) or isinstance(members, bool) or members < 2:
-        raise InputError("members", "an int >= 2", repr(members))
-    return members
+    return check_int(members, "members", 2)
 
 
 # -- ensembles ------------------------------------------------------------------------------------------
@@ -127,6 +126,11 @@ def ensemble_init(members: int) -> Callable[..., EnsembleState]:
 def ensemble_forecast(state: EnsembleState, model: Model, g: torch.Generator) -> EnsembleState:
     """Propagate every member one model step (noise from ``model.noise_cov`` if any); weights unchanged."""
     return EnsembleState(propagate(model, state.x, 1, seed=g), state.log_weight)
+
+
+def weighted_mean(x: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean ``(*batch, 1, n)`` of members ``x`` ``(*batch, N, n)`` with normalised log-weights."""
+    return (torch.exp(log_weight).unsqueeze(-1) * x).sum(-2, keepdim=True)
 
 
 def ensemble_members(state: EnsembleState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,17 +191,14 @@ def inflate(filt: Filter, factor: float) -> Filter:
 
     Returns a new :class:`Filter` named ``"<name>"`` with ``config["inflation"] = factor``.
     """
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
-        raise InputError("inflation", "a positive factor (1 = none, typically 1.01-1.1)", repr(factor))
-    factor = float(factor)
+    factor = check_real(factor, "inflation", positive=True, expected="a positive factor (1 = none, typically 1.01-1.1)")
 
     def analysis(state, y, operator, mask, g):
         state, info = filt.analysis(state, y, operator, mask, g)
         if isinstance(state, GaussianState):
             return GaussianState(state.mean, state.cov * factor**2), info
         if isinstance(state, EnsembleState):
-            w = torch.exp(state.log_weight).unsqueeze(-1)
-            mean = (w * state.x).sum(-2, keepdim=True)
+            mean = weighted_mean(state.x, state.log_weight)
             return state._replace(x=mean + factor * (state.x - mean)), info
         raise ShapeError("state", "an EnsembleState or GaussianState to inflate", type(state).__name__)
 

@@ -67,7 +67,8 @@ from ..errors import InputError, ShapeError
 from ..models.observations import Observation
 from .base import (EnsembleState, Filter, check_members, ensemble_forecast, ensemble_init, ensemble_members,
                    register)
-from .enkf import _check_rotate, _ensemble_anomalies, _is_diagonal, _mean_preserving_rotation, _spread
+from .enkf import (_check_rotate, _ensemble_anomalies, _is_diagonal, _mean_preserving_rotation, _spread,
+                   _sqrt_transform)
 
 __all__ = ["letkf", "gaspari_cohn", "HALF_WIDTH_PER_RADIUS"]
 
@@ -218,17 +219,16 @@ def letkf(members: int, radius: float, positions: Any = None, domain: float | No
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator) -> tuple[EnsembleState, dict]:
         x = state.x
-        a = float(n_mem - 1)
         xm, anom, hm, yanom = _ensemble_anomalies(x, operator)
-        local = local_precision(operator, x) * mask.to(x).unsqueeze(-2)            # (*b, n, m)
+        # Grid point j is an ETKF whose observations are whitened by sqrt(rho_jk / r_k): the same
+        # transform as etkf's, batched over the n grid points.
+        root = (local_precision(operator, x) * mask.to(x).unsqueeze(-2)).sqrt()    # (*b, n, m)
         d = torch.where(mask, y - hm.squeeze(-2), 0.0)                              # (*b, m)
-        y_loc = yanom.unsqueeze(-3) * local.unsqueeze(-2)                           # (*b, n, N, m)
-        eye = torch.eye(n_mem, dtype=x.dtype, device=x.device)
-        lam, vec = torch.linalg.eigh(a * eye + y_loc @ yanom.unsqueeze(-3).mT)     # C_j, (*b, n, N, N)
-        w = vec @ ((vec.mT @ (y_loc @ d[..., None, :, None])) / lam.unsqueeze(-1))  # (*b, n, N, 1)
+        yw = yanom.unsqueeze(-3) * root.unsqueeze(-2)                               # (*b, n, N, m)
+        dw = d.unsqueeze(-2) * root                                                 # (*b, n, m)
         cols = anom.mT.unsqueeze(-1)                                                # a_j, (*b, n, N, 1)
-        increment = (w * cols).sum(-2).mT                                           # (*b, 1, n)
-        t_cols = math.sqrt(a) * (vec @ (lam.rsqrt().unsqueeze(-1) * (vec.mT @ cols)))
+        inc_cols, t_cols = _sqrt_transform(cols, yw, dw)                            # (*b, n, 1, 1), (*b, n, N, 1)
+        increment = inc_cols.squeeze(-1).mT                                         # (*b, 1, n)
         t_anom = t_cols.squeeze(-1).mT                                              # (*b, N, n)
         if rot:
             t_anom = _mean_preserving_rotation(t_anom, g)

@@ -27,7 +27,7 @@ from ..errors import DivergenceError, InputError, ShapeError
 from ..models.base import Model, model_config
 from ..models.observations import Observation, observe_linear
 from ..posterior import from_members
-from .base import Filter
+from .base import Filter, weighted_mean
 
 __all__ = ["run", "RunResult", "operator_from_data", "prepare_data", "PreparedData"]
 
@@ -207,9 +207,7 @@ def _detach(pair):
 def _check_divergence(x: torch.Tensor, lw: torch.Tensor, max_spread: float, step: int, name: str) -> None:
     if not (torch.isfinite(x).all() and torch.isfinite(lw).all()):
         raise DivergenceError(f"{name}: non-finite states or weights", step=step)
-    w = torch.exp(lw).unsqueeze(-1)
-    mean = (w * x).sum(-2, keepdim=True)
-    spread = torch.sqrt((w * (x - mean) ** 2).sum(-2).mean(-1))
+    spread = torch.sqrt(weighted_mean((x - weighted_mean(x, lw)) ** 2, lw).squeeze(-2).mean(-1))
     worst = float(spread.max())
     if worst > max_spread:
         raise DivergenceError(f"{name}: ensemble spread {worst:.3g} exceeds max_spread {max_spread:.3g}", step=step)

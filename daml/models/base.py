@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError
+from ..errors import InputError, ShapeError, check_int, check_real
 
 __all__ = [
     "Model",
@@ -52,6 +52,7 @@ __all__ = [
     "check_state",
     "as_covariance",
     "covariance_root",
+    "batched_jacobian",
 ]
 
 
@@ -118,12 +119,8 @@ class ODEModel(abc.ABC):
     name: str = "ode"
 
     def __init__(self, state_size: int, dt: float, noise_cov: Any = None):
-        if not isinstance(state_size, int) or isinstance(state_size, bool) or state_size < 1:
-            raise InputError("state_size", "a positive int", repr(state_size))
-        if not isinstance(dt, (int, float)) or isinstance(dt, bool) or not dt > 0:
-            raise InputError("dt", "a positive time step", repr(dt))
-        self.state_size = state_size
-        self.dt = float(dt)
+        self.state_size = check_int(state_size, "state_size", expected="a positive int")
+        self.dt = check_real(dt, "dt", positive=True, expected="a positive time step")
         self.noise_cov = None if noise_cov is None else as_covariance(noise_cov, state_size, "noise_cov")
 
     @abc.abstractmethod
@@ -184,15 +181,34 @@ def tangent_linear(model: Model, x: torch.Tensor) -> torch.Tensor:
     own = getattr(model, "tangent_linear", None)
     if callable(own):
         return own(x)
+    return batched_jacobian(model.step, x)
+
+
+def batched_jacobian(func: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Jacobian of a function of the last axis, ``(..., n) -> (..., m)``, at every ``x`` ``(..., n)``:
+    shape ``(..., m, n)``, by forward-mode automatic differentiation vectorised over the leading dims."""
     flat = x.reshape(-1, x.shape[-1])
-    jac = torch.func.vmap(torch.func.jacfwd(model.step))(flat)
-    return jac.reshape(*x.shape, x.shape[-1])
+    jac = torch.func.vmap(torch.func.jacfwd(func))(flat)
+    return jac.reshape(*x.shape[:-1], *jac.shape[1:])
 
 
 def model_config(model: Model) -> dict:
     """Name and configuration of a model, JSON-serialisable (for attrs)."""
     cfg = model.config() if callable(getattr(model, "config", None)) else {}
     return {"model": type(model).__name__, **{k: _jsonable(v) for k, v in cfg.items()}}
+
+
+def _compact_cov(q: torch.Tensor | None) -> Any:
+    """A JSON-able form of a noise covariance: ``None``, a scalar (``q I``), a vector of variances
+    (diagonal) or the full matrix as nested lists. ``as_covariance`` reads each form back."""
+    if q is None:
+        return None
+    diag = torch.diagonal(q)
+    if torch.equal(q, torch.diag(diag)):
+        if torch.all(diag == diag[0]):
+            return float(diag[0])
+        return diag.tolist()
+    return q.tolist()
 
 
 def _jsonable(v: Any) -> Any:

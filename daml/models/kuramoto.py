@@ -39,13 +39,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError
-from .base import ODEModel
-from .lorenz import _compact_cov, _real
+from ..errors import InputError, ShapeError, check_int, check_real
+from .base import ODEModel, _compact_cov
 
 __all__ = ["Kuramoto", "order_parameter"]
 
@@ -93,10 +91,8 @@ class Kuramoto(ODEModel):
 
     def __init__(self, n: int, coupling: float, omega: Any = None, dt: float = 0.01, noise_cov: Any = None,
                  seed: _device.Seed = None):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
-            raise InputError("n", "an int >= 2 (the number of oscillators)", repr(n))
-        n = int(n)
-        self.coupling = _real(coupling, "coupling")
+        n = check_int(n, "n", 2, "an int >= 2 (the number of oscillators)")
+        self.coupling = check_real(coupling, "coupling")
         if omega is None:
             g = _device.generator(seed, "cpu")
             w = torch.randn(n, generator=g, dtype=torch.float64)

@@ -50,9 +50,8 @@ import numpy as np
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError
-from .base import ODEModel
-from .lorenz import _compact_cov, _real
+from ..errors import InputError, ShapeError, check_int, check_real
+from .base import ODEModel, _compact_cov, rk4_step
 
 __all__ = ["LinearModel", "Identity", "LinearDrag", "rk4_matrix"]
 
@@ -144,9 +143,8 @@ class Identity(LinearModel):
     name = "identity"
 
     def __init__(self, n: int, noise_cov: Any = None, dt: float = 1.0):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InputError("n", "a positive int (the state size)", repr(n))
-        super().__init__(torch.eye(int(n), dtype=torch.float64), dt=dt, noise_cov=noise_cov, continuous=False)
+        n = check_int(n, "n", 1, "a positive int (the state size)")
+        super().__init__(torch.eye(n, dtype=torch.float64), dt=dt, noise_cov=noise_cov, continuous=False)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` itself (a copy, so the caller may modify either)."""
@@ -157,9 +155,12 @@ class Identity(LinearModel):
         return {"n": self.state_size, "noise_cov": _compact_cov(self.noise_cov), "dt": self.dt}
 
 
-class LinearDrag(ODEModel):
+class LinearDrag(LinearModel):
     """Particle motion with drag (Satorras, Akata & Welling 2019): ``p' = v``, ``v' = a - c v``,
     ``a' = -tau v`` in each of ``dims`` spatial dimensions.
+
+    A :class:`LinearModel` with ``continuous=True`` (the generator ``A`` below, its RK4 propagator
+    ``step_matrix`` and tangent-linear map), stepped with RK4 on the elementwise tendency.
 
     Parameters
     ----------
@@ -185,32 +186,28 @@ class LinearDrag(ODEModel):
     name = "linear_drag"
 
     def __init__(self, dims: int = 2, drag: float = 0.1, tau: float = 0.05, dt: float = 0.1, noise_cov: Any = None):
-        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
-            raise InputError("dims", "a positive int (spatial dimensions)", repr(dims))
-        self.dims = int(dims)
-        self.drag = _real(drag, "drag")
-        self.tau = _real(tau, "tau")
-        super().__init__(state_size=3 * self.dims, dt=dt, noise_cov=noise_cov)
-        d = self.dims
+        d = check_int(dims, "dims", expected="a positive int (spatial dimensions)")
+        self.dims = d
+        self.drag = check_real(drag, "drag")
+        self.tau = check_real(tau, "tau")
         eye = torch.eye(d, dtype=torch.float64)
         a = torch.zeros(3 * d, 3 * d, dtype=torch.float64)
         a[:d, d:2 * d] = eye
         a[d:2 * d, d:2 * d] = -self.drag * eye
         a[d:2 * d, 2 * d:] = eye
         a[2 * d:, d:2 * d] = -self.tau * eye
-        self.matrix = a
-        self.step_matrix = rk4_matrix(a, self.dt)
+        super().__init__(a, dt=dt, noise_cov=noise_cov, continuous=True)
 
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
-        """``(v, a - c v, -tau v)`` for states ``(..., 3d)`` (elementwise, no matrix product)."""
+        """``(v, a - c v, -tau v)`` for states ``(..., 3d)``, elementwise (no matrix product)."""
         d = self.dims
         v, acc = x[..., d:2 * d], x[..., 2 * d:]
         return torch.cat([v, acc - self.drag * v, -self.tau * v], dim=-1)
 
-    def tangent_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``step_matrix`` broadcast to ``(..., 3d, 3d)``."""
-        n = self.state_size
-        return self.step_matrix.to(x).expand(*x.shape[:-1], n, n)
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One RK4 step of the elementwise tendency: equal to ``x @ step_matrix.T`` up to rounding, and
+        exactly the same for a batch as row by row (a batched matrix product is not)."""
+        return rk4_step(self.tendency, x, self.dt)
 
     def config(self) -> dict:
         """The constructor arguments."""

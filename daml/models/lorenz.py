@@ -43,38 +43,15 @@ References
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from .. import _device
-from ..errors import InputError
-from .base import ODEModel
+from ..errors import check_int, check_real
+from .base import ODEModel, _compact_cov
 
 __all__ = ["Lorenz63", "Lorenz96"]
-
-
-def _real(value: Any, name: str, *, positive: bool = False) -> float:
-    """``value`` as a finite float (strictly positive if asked), else an InputError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(name, "a finite real number", repr(value))
-    if positive and not value > 0:
-        raise InputError(name, "a positive real number", repr(value))
-    return float(value)
-
-
-def _compact_cov(q: torch.Tensor | None) -> Any:
-    """A JSON-able form of a noise covariance: ``None``, a scalar (``q I``), a vector of variances
-    (diagonal) or the full matrix as nested lists. ``as_covariance`` reads each form back."""
-    if q is None:
-        return None
-    diag = torch.diagonal(q)
-    if torch.equal(q, torch.diag(diag)):
-        if torch.all(diag == diag[0]):
-            return float(diag[0])
-        return diag.tolist()
-    return q.tolist()
 
 
 class Lorenz63(ODEModel):
@@ -100,9 +77,9 @@ class Lorenz63(ODEModel):
 
     def __init__(self, sigma: float = 10.0, rho: float = 28.0, beta: float = 8.0 / 3.0, dt: float = 0.01,
                  noise_cov: Any = None):
-        self.sigma = _real(sigma, "sigma")
-        self.rho = _real(rho, "rho")
-        self.beta = _real(beta, "beta")
+        self.sigma = check_real(sigma, "sigma")
+        self.rho = check_real(rho, "rho")
+        self.beta = check_real(beta, "beta")
         super().__init__(state_size=3, dt=dt, noise_cov=noise_cov)
 
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,10 +119,8 @@ class Lorenz96(ODEModel):
     name = "lorenz96"
 
     def __init__(self, n: int = 40, forcing: float = 8.0, dt: float = 0.05, noise_cov: Any = None):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 4:
-            raise InputError("n", "an int >= 4 (the ring needs neighbours i-2, i-1, i+1 distinct from i)",
-                             repr(n))
-        self.forcing = _real(forcing, "forcing")
+        n = check_int(n, "n", 4, "an int >= 4 (the ring needs neighbours i-2, i-1, i+1 distinct from i)")
+        self.forcing = check_real(forcing, "forcing")
         super().__init__(state_size=n, dt=dt, noise_cov=noise_cov)
 
     @property

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError
-from .base import as_covariance
+from ..errors import InputError, ShapeError, check_int, check_real
+from .base import as_covariance, batched_jacobian
 
 __all__ = [
     "Observation",
@@ -82,9 +82,7 @@ class Observation:
         """``dh/dx`` at ``x`` (..., n): shape ``(..., m, n)`` (``H`` broadcast for linear operators)."""
         if self.matrix is not None:
             return self.matrix.to(x).expand(*x.shape[:-1], self.size, self.state_size)
-        flat = x.reshape(-1, x.shape[-1])
-        jac = torch.func.vmap(torch.func.jacfwd(self.func))(flat)
-        return jac.reshape(*x.shape[:-1], self.size, self.state_size)
+        return batched_jacobian(self.func, x)
 
     def config(self) -> dict:
         """JSON-able description (recorded in attrs)."""
@@ -98,10 +96,8 @@ def _noise(size: int, sd: float | None, cov: Any, dtype=None) -> torch.Tensor:
     if cov is not None and sd is not None:
         raise InputError("sd/cov", "one of sd or cov", "both")
     if cov is None:
-        sd = 1.0 if sd is None else sd
-        if not isinstance(sd, (int, float)) or isinstance(sd, bool) or not sd > 0:
-            raise InputError("sd", "a positive standard deviation", repr(sd))
-        cov = float(sd) ** 2
+        sd = check_real(1.0 if sd is None else sd, "sd", positive=True, expected="a positive standard deviation")
+        cov = sd**2
     return as_covariance(cov, size, "cov", dtype=dtype, allow_zero=False)
 
 
@@ -140,8 +136,7 @@ def observe_all(state_size: int, sd: float | None = None, cov: Any = None) -> Ob
 
 def observe_every(state_size: int, k: int, sd: float | None = None, cov: Any = None, offset: int = 0) -> Observation:
     """Observe every ``k``-th variable starting at ``offset``."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InputError("k", "a positive int", repr(k))
+    k = check_int(k, "k", expected="a positive int")
     if not isinstance(offset, int) or not 0 <= offset < state_size:
         raise InputError("offset", f"an int in [0, {state_size})", repr(offset))
     obs = observe_indices(state_size, range(offset, state_size, k), sd=sd, cov=cov)
