@@ -18,6 +18,11 @@ PARAMS = {
     "etkf": {"members": 12},
     "letkf": {"members": 12, "radius": 2.0},
     "climatology": {"mean": np.zeros(N_STATE), "cov": np.eye(N_STATE), "members": 12},
+    "bootstrap": {"members": 30, "jitter": 0.5},
+    "optimal": {"members": 30},
+    "auxiliary": {"members": 30},
+    "ewpf": {"members": 12},
+    "iewpf": {"members": 12, "keep": 0.8},
 }
 DETERMINISTIC = {"kf", "ekf", "etkf", "letkf", "climatology"}  # given the initial ensemble
 

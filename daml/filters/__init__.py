@@ -6,7 +6,8 @@
 """
 
 from .base import (REGISTRY, EnsembleState, Filter, GaussianState, ensemble_forecast, ensemble_init,
-                   ensemble_members, gaussian_members, inflate, make_filter, masked_observation, register)
+                   ensemble_members, gaussian_members, inflate, make_filter, masked_observation, register,
+                   Upcoming, gaussian_loglik)
 from .run import RunResult, operator_from_data, run
 from .climatology import climatology, climatology_from_truth
 from . import kalman  # noqa: F401  (the module, for daml.filters.kalman.*)
@@ -14,6 +15,9 @@ from .kalman import extended_kalman_filter, kalman_filter, kalman_smoother
 from . import enkf as _enkf_module, letkf as _letkf_module  # noqa: F401  (the public names are the constructors)
 from .enkf import enkf, etkf
 from .letkf import gaspari_cohn, letkf
+from . import particle as _particle_module, ewpf as _ewpf_module  # noqa: F401
+from .particle import auxiliary, bootstrap, optimal
+from .ewpf import equivalent_weights_step, ewpf, iewpf
 
 __all__ = [
     "Filter", "EnsembleState", "GaussianState", "REGISTRY", "register", "make_filter", "inflate",
@@ -21,4 +25,5 @@ __all__ = [
     "run", "RunResult", "operator_from_data", "climatology", "climatology_from_truth",
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
+    "bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming",
 ]

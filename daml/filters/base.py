@@ -8,7 +8,10 @@ functions over a NamedTuple state, composed rather than configured by flags. The
     The initial state from the prior ``N(mean, cov)``; ``mean`` has shape ``(*batch, n)`` (any
     leading batch dims: independent experiments), ``cov`` ``(n, n)``.
 ``forecast(state, model, generator) -> state``
-    One model step (with model noise if the model has any).
+    One model step (with model noise if the model has any). A filter whose ``lookahead`` is ``True``
+    is called as ``forecast(state, model, generator, upcoming)`` with an :class:`Upcoming` (the next
+    observation and how many model steps away it is, or ``None`` after the last one): proposal
+    particle filters nudge toward it and leave the step that lands on it to the analysis.
 ``analysis(state, y, operator, mask, generator) -> (state, info)``
     Assimilate the observations ``y`` ``(*batch, m)`` through the
     :class:`~daml.models.Observation` ``operator``. ``mask`` ``(*batch, m)`` is ``True`` where an
@@ -50,6 +53,8 @@ __all__ = [
     "gaussian_members",
     "masked_observation",
     "check_members",
+    "Upcoming",
+    "gaussian_loglik",
 ]
 
 
@@ -62,6 +67,23 @@ class Filter(NamedTuple):
     forecast: Callable[..., Any]
     analysis: Callable[..., tuple[Any, dict]]
     members: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    lookahead: bool = False
+    """Whether ``forecast`` takes a fourth argument, the :class:`Upcoming` observation."""
+
+
+class Upcoming(NamedTuple):
+    """The next observation, as seen by a ``lookahead`` filter's ``forecast``.
+
+    ``steps`` counts the model steps from the current state to the observation time (``1``: the step
+    about to be taken lands on it); ``interval`` is the number of model steps between the previous
+    observation time (or the start) and this one.
+    """
+
+    y: torch.Tensor
+    mask: torch.Tensor
+    operator: Any
+    steps: int
+    interval: int
 
 
 class EnsembleState(NamedTuple):
@@ -181,6 +203,33 @@ def masked_observation(innovation: torch.Tensor, obs_anomalies: torch.Tensor, no
     eye = torch.eye(noise_cov.shape[-1], dtype=innovation.dtype, device=innovation.device)
     r = torch.where(both, noise_cov.to(innovation), eye)
     return innov, anom, r
+
+
+def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log N(d; 0, C)`` of the observed entries of innovations ``d`` ``(*batch, k, m)``.
+
+    ``noise_cov`` ``C`` is ``(m, m)`` or ``(*batch, m, m)`` (or per member, ``(*batch, k, m, m)``);
+    ``mask`` ``(*batch, m)`` selects the observed entries. Unobserved entries are removed exactly (see
+    :func:`masked_observation`): the result is the log-density of the observed sub-vector, with its
+    normalising constant, so it can be summed into a log-evidence. Returns ``(*batch, k)``.
+    """
+    zero = torch.zeros((), dtype=innovation.dtype, device=innovation.device)
+    d = torch.where(mask.unsqueeze(-2), innovation, zero)
+    both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
+    c = noise_cov.to(d)
+    c = torch.where(both if c.ndim <= d.ndim else both.unsqueeze(-3), c, eye)
+    chol = torch.linalg.cholesky(c)
+    per_member = chol.ndim == d.ndim + 1
+    if per_member:
+        white = torch.linalg.solve_triangular(chol, d.unsqueeze(-1), upper=False).squeeze(-1)
+    else:
+        white = torch.linalg.solve_triangular(chol, d.transpose(-1, -2), upper=False).transpose(-1, -2)
+    logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    if not per_member:
+        logdet = logdet.unsqueeze(-1)
+    m_obs = mask.sum(-1, keepdim=True).to(d.dtype)
+    return -0.5 * (white**2).sum(-1) - logdet - 0.5 * m_obs * math.log(2 * math.pi)
 
 
 # -- wrappers ------------------------------------------------------------------------------------------

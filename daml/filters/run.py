@@ -27,7 +27,7 @@ from ..errors import DivergenceError, InputError, ShapeError
 from ..models.base import Model, model_config
 from ..models.observations import Observation, observe_linear
 from ..posterior import from_members
-from .base import Filter, weighted_mean
+from .base import Filter, Upcoming, weighted_mean
 
 __all__ = ["run", "RunResult", "operator_from_data", "prepare_data", "PreparedData"]
 
@@ -172,15 +172,30 @@ def run(
     t0 = _time.perf_counter()
     try:
         with torch.no_grad():
+            upcoming, k_next, k_prev = None, -1, 0
             for k in range(1, n_times):
-                state = filt.forecast(state, model, g_run)
+                if filt.lookahead:
+                    if k > k_next:                     # find the next observation time
+                        k_next = next((j for j in range(k, n_times) if observed[j]), n_times)
+                        upcoming = None if k_next == n_times else _upcoming(y_all, k_next, op, dt, dev, k_next - k_prev)
+                    if upcoming is not None:
+                        upcoming = upcoming._replace(steps=k_next - k + 1)
+                    state = filt.forecast(state, model, g_run, upcoming)
+                else:
+                    state = filt.forecast(state, model, g_run)
                 if observed[k]:
+                    k_prev = k
                     if forecast:
                         rec_f.append(_detach(filt.members(state)))
                     y = y_all[..., k, :]
                     mask = torch.isfinite(y)
                     y = torch.where(mask, y, torch.zeros((), dtype=dt, device=dev))
-                    state, info = filt.analysis(state, y, op, mask, g_run)
+                    try:
+                        state, info = filt.analysis(state, y, op, mask, g_run)
+                    except DivergenceError as err:
+                        if err.step is not None:
+                            raise
+                        raise DivergenceError(str(err), step=k) from err
                     x, lw = _detach(filt.members(state))
                     _check_divergence(x, lw, max_spread, k, filt.name)
                     rec_a.append((x, lw))
@@ -198,6 +213,12 @@ def run(
     post_a = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=seconds)
     post_f = _build(rec_f, [], times, data, y_da, batch_dims, filt, model, op, seed, stage="forecast") if forecast else None
     return RunResult(post_a, post_f, seconds)
+
+
+def _upcoming(y_all, k, op, dt, dev, interval):
+    y = y_all[..., k, :]
+    mask = torch.isfinite(y)
+    return Upcoming(torch.where(mask, y, torch.zeros((), dtype=dt, device=dev)), mask, op, 1, interval)
 
 
 def _detach(pair):

@@ -1,0 +1,457 @@
+"""Particle filters: bootstrap, auxiliary and optimal-proposal.
+
+A particle filter carries a weighted sample ``{x_i, w_i}`` of the filtering distribution. Between
+observations the particles follow the model; at an observation time each weight is multiplied by
+``p(y | x_i) p(x_i | x_i^-) / q(x_i | x_i^-, y)``, the target over the proposal that drew the particle,
+and the weights are renormalised. All weights are kept as logarithms, so nothing underflows until the
+very last ``exp``. When one weight takes almost everything (the effective sample size
+``ESS = 1 / sum w_i^2`` drops), the sample is resampled: each particle is replaced by ``n_i`` copies
+with ``E[n_i] = N w_i`` (the schemes of :mod:`daml.resampling`) and the weights become ``1/N``.
+
+The three filters here differ in the proposal ``q`` of the last model step before an observation:
+
+``bootstrap`` (Gordon et al. 1993)
+    ``q`` is the model itself, so the weight is the likelihood ``p(y | x_i)``. Simple and general (any
+    model, any observation operator) but the weights degenerate as the number of independent
+    observations grows: the ESS collapses roughly like ``exp(-c m)`` (Snyder et al. 2008). Options:
+    adaptive resampling below ``threshold * N`` and regularisation ``jitter`` (DAPPER's ``reg``):
+    resampled copies of one particle get Gaussian noise with covariance
+    ``(jitter * N^(-1/(n+4)))^2`` times the weighted ensemble covariance (Scott's bandwidth), so
+    they do not stay identical under a perfect model.
+``optimal`` (Doucet et al. 2000)
+    For Gaussian model noise ``N(0, Q)`` and linear Gaussian observations, the last step draws from
+    ``p(x | x_i^-, y) = N(f_i + K (y - H f_i), P)`` with ``f_i = M(x_i^-)``, ``K = Q H^T S^-1``,
+    ``S = H Q H^T + R``, ``P = Q - K H Q``; the weight ``N(y; H f_i, S)`` does not depend on the draw,
+    so its variance is the smallest possible for a one-step proposal. For a nonlinear ``h`` the
+    proposal uses ``h`` linearised at ``f_i`` (a Gaussian approximation) and the weights are the exact
+    ratio ``p(y | x) N(x; f_i, Q) / N(x; mean_i, P_i)``, so the filter stays consistent.
+``auxiliary`` (Pitt & Shephard 1999; improved weights of Elvira et al. 2019)
+    Looks ahead before moving: ancestors are drawn with first-stage weights ``lambda_i`` proportional
+    to ``w_i`` times the predictive likelihood ``N(y; h(f_i), H Q H^T + R)``, moved with the model
+    noise, and weighted by the target over the mixture proposal,
+    ``p(y | x) sum_j w_j N(x; f_j, Q) / sum_j lambda_j N(x; f_j, Q)`` (the multiple-importance-sampling
+    form, ``O(N^2)`` kernel evaluations, batched). ``improved=True`` replaces the first-stage weights by
+    ``lambda_i ~ p(y | f_i) sum_j w_j N(f_i; f_j, Q) / sum_j N(f_i; f_j, Q)``, which matches the
+    proposal mixture to the target at the predicted points when the kernels overlap.
+
+When several model steps separate two observations, the earlier steps follow the model with its
+noise (weights unchanged) and only the last step uses the proposal. Every analysis reports the
+``ess`` (after reweighting, before resampling), whether it ``resampled``, and ``log_evidence``, the
+estimate of ``log p(y_t | y_1:t-1)``: the sum over times estimates the log marginal likelihood, and
+its exponential is unbiased (Del Moral 2004), which the tests check against the Kalman filter.
+
+Model noise: the proposal filters need ``Q``. It is the model's ``noise_cov`` unless the filter is
+given ``model_noise`` (a scalar variance, a vector of variances or a matrix), which then replaces it
+for the filter's own propagation (for example to assimilate with a perfect model, whose truth has no
+noise, as DAPPER's ``OptPF`` does with ``Qs``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from .. import resampling as _resampling
+from ..errors import DivergenceError, InputError, check_real
+from ..models.base import Model, as_covariance, covariance_root
+from ..models.observations import Observation
+from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, ensemble_members,
+                   gaussian_loglik, register, weighted_mean)
+
+__all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
+
+
+# -- shared pieces -------------------------------------------------------------------------------------
+
+class NoiseModel:
+    """The filter's model-noise covariance ``Q``: given, or the model's ``noise_cov`` (resolved at
+    ``init``). Holds ``Q`` and a square root ``L`` (``L L^T = Q``)."""
+
+    def __init__(self, model_noise: Any, who: str, required: bool):
+        self.given = model_noise
+        self.who = who
+        self.required = required
+        self.q: torch.Tensor | None = None
+        self.root: torch.Tensor | None = None
+        if model_noise is not None:
+            check = as_covariance(model_noise, 1, "model_noise") if _is_scalar(model_noise) else None
+            if check is not None and not float(check) > 0:
+                raise InputError("model_noise", "a positive variance or a positive-definite covariance",
+                                 repr(model_noise))
+
+    def resolve(self, model: Model) -> None:
+        n = model.state_size
+        q = self.given if self.given is not None else getattr(model, "noise_cov", None)
+        if q is not None:
+            q = as_covariance(q, n, "model_noise", allow_zero=not self.required)
+        if q is None and self.required:
+            raise InputError("model_noise", f"a model-noise covariance Q for {self.who} (the model is perfect)",
+                             None, hint="pass model_noise=<variance or (n, n) matrix>")
+        self.q = q
+        self.root = None if q is None else covariance_root(q)
+
+    def get(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.q is None:
+            return None, None
+        return self.q.to(like), self.root.to(like)
+
+    def config(self) -> Any:
+        if self.given is None:
+            return "model"
+        t = torch.as_tensor(self.given)
+        return float(t) if t.ndim == 0 else t.tolist()
+
+
+def _is_scalar(value: Any) -> bool:
+    try:
+        return torch.as_tensor(value).ndim == 0
+    except Exception:  # noqa: BLE001 - as_covariance reports it properly later
+        return False
+
+
+def log_normalise(log_weight: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise log-weights over the last axis; return them and the log of the normalising sum.
+
+    Raises :class:`DivergenceError` (without a step: :func:`daml.filters.run` adds it) when the sum is
+    zero or not finite, that is when every weight underflowed to zero or a likelihood was NaN.
+    """
+    log_z = torch.logsumexp(log_weight, dim=-1)
+    if not bool(torch.isfinite(log_z).all()):
+        bad = int((~torch.isfinite(log_z)).sum())
+        raise DivergenceError(f"{what}: every particle weight is zero or not finite in {bad} of "
+                              f"{log_z.numel()} experiments (the observations are impossible under "
+                              f"every particle, or the likelihood returned NaN)")
+    return log_weight - log_z.unsqueeze(-1), log_z
+
+
+def kish_ess(log_weight: torch.Tensor) -> torch.Tensor:
+    """``1 / sum w^2`` for normalised log-weights ``(..., N)``."""
+    return torch.exp(-torch.logsumexp(2.0 * log_weight, dim=-1))
+
+
+def check_threshold(threshold: Any) -> float:
+    t = check_real(threshold, "threshold", expected="a fraction in [0, 1] of N below which the ESS triggers resampling")
+    if not 0.0 <= t <= 1.0:
+        raise InputError("threshold", "a fraction in [0, 1] of N", repr(threshold))
+    return t
+
+
+def check_resampling(method: Any) -> str:
+    if method not in _resampling.METHODS:
+        raise InputError("resampling", f"one of {sorted(_resampling.METHODS)}", repr(method))
+    return method
+
+
+def check_jitter(jitter: Any) -> float:
+    j = check_real(jitter, "jitter", expected="a non-negative bandwidth factor (0: none)")
+    if j < 0:
+        raise InputError("jitter", "a non-negative bandwidth factor (0: none)", repr(jitter))
+    return j
+
+
+def gather_members(x: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """``x[..., ancestors[..., j], :]``: members ``(*batch, N, n)`` picked by ``(*batch, N)`` indices."""
+    return torch.gather(x, -2, ancestors.unsqueeze(-1).expand(*ancestors.shape, x.shape[-1]))
+
+
+def duplicates(ancestors: torch.Tensor) -> torch.Tensor:
+    """``True`` for every copy of an ancestor except its first occurrence, shape of ``ancestors``."""
+    order = torch.argsort(ancestors, dim=-1, stable=True)
+    sorted_anc = torch.gather(ancestors, -1, order)
+    repeat = torch.zeros_like(sorted_anc, dtype=torch.bool)
+    repeat[..., 1:] = sorted_anc[..., 1:] == sorted_anc[..., :-1]
+    out = torch.zeros_like(repeat)
+    return out.scatter(-1, order, repeat)
+
+
+def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor, method: str, jitter: float,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Resample the experiments where ``flag`` ``(*batch,)`` holds; others are left alone.
+
+    Returns the members, log-weights (``-log N`` where resampled) and the ancestors (identity where
+    not resampled). With ``jitter > 0`` the duplicated copies get regularisation noise scaled by
+    Scott's bandwidth times the weighted covariance before resampling (DAPPER's ``reg``).
+    """
+    n_members, n = x.shape[-2], x.shape[-1]
+    identity = torch.arange(n_members, device=x.device).expand(log_weight.shape)
+    if not bool(flag.any()):
+        return x, log_weight, identity
+    w = torch.exp(log_weight)
+    anc = _resampling.resample(w, method=method, seed=g)
+    anc = torch.where(flag.unsqueeze(-1), anc, identity)
+    new_x = gather_members(x, anc)
+    if jitter > 0:
+        mean = weighted_mean(x, log_weight)
+        a = (x - mean) * w.sqrt().unsqueeze(-1)
+        cov = a.transpose(-1, -2) @ a
+        cov = 0.5 * (cov + cov.transpose(-1, -2))
+        root = covariance_root(cov) * (jitter * n_members ** (-1.0 / (n + 4)))
+        eps = torch.randn(new_x.shape, generator=g, dtype=x.dtype, device=x.device) @ root.transpose(-1, -2)
+        dup = duplicates(anc) & flag.unsqueeze(-1)
+        new_x = new_x + torch.where(dup.unsqueeze(-1), eps, torch.zeros((), dtype=x.dtype, device=x.device))
+    uniform = torch.full_like(log_weight, -math.log(n_members))
+    return new_x, torch.where(flag.unsqueeze(-1), uniform, log_weight), anc
+
+
+def masked_linear(operator: Observation, mask: torch.Tensor, like: torch.Tensor,
+                  at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H`` with unobserved rows zeroed, ``(*batch, m, n)`` (``(*batch, N, m, n)`` for a nonlinear
+    operator linearised at ``at``), and ``R`` with the identity in the unobserved block."""
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    if operator.linear:
+        h = torch.where(mask.unsqueeze(-1), operator.matrix.to(like), zero)
+    else:
+        h = torch.where(mask.unsqueeze(-2).unsqueeze(-1), operator.jacobian(at), zero)
+    both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    eye = torch.eye(mask.shape[-1], dtype=like.dtype, device=like.device)
+    r = torch.where(both, operator.noise_cov.to(like), eye)
+    return h, r
+
+
+class GaussianStep(NamedTuple):
+    """The Gaussian algebra of one proposal step from forecasts ``f`` (see :func:`gaussian_step`)."""
+
+    innovation: torch.Tensor   # d = y - h(f), zero where unobserved        (*batch, N, m)
+    gain_d: torch.Tensor       # K d = Q H^T S^-1 d                          (*batch, N, n)
+    s_inv_d: torch.Tensor      # S^-1 d                                       (*batch, N, m)
+    chol_s: torch.Tensor       # Cholesky factor of S                         (*batch[, N], m, m)
+    cov: torch.Tensor          # P = Q - K H Q                                (*batch[, N], n, n)
+    h: torch.Tensor            # masked H                                     (*batch[, N], m, n)
+    r: torch.Tensor            # masked R                                     (*batch, m, m)
+
+
+def gaussian_step(f: torch.Tensor, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
+                  q: torch.Tensor) -> GaussianStep:
+    """Posterior of one step ``x ~ N(f, Q)`` given ``y = h(x) + N(0, R)``, ``h`` linear or linearised
+    at ``f``; batched over experiments and members (``S``, ``P`` are shared by the members of an
+    experiment when ``h`` is linear)."""
+    h, r = masked_linear(operator, mask, f, at=f)
+    zero = torch.zeros((), dtype=f.dtype, device=f.device)
+    d = torch.where(mask.unsqueeze(-2), y.unsqueeze(-2) - operator.apply(f), zero)
+    hq = h @ q                                                     # (.., m, n)
+    s = hq @ h.transpose(-1, -2) + (r if h.ndim == r.ndim else r.unsqueeze(-3))
+    chol = torch.linalg.cholesky(0.5 * (s + s.transpose(-1, -2)))
+    if h.ndim == f.ndim:                                           # shared S: solve all members at once
+        s_inv_d = torch.cholesky_solve(d.transpose(-1, -2), chol).transpose(-1, -2)
+        gain_d = s_inv_d @ hq
+        k_hq = hq.transpose(-1, -2) @ torch.cholesky_solve(hq, chol)
+    else:                                                          # one S per member
+        s_inv_d = torch.cholesky_solve(d.unsqueeze(-1), chol).squeeze(-1)
+        gain_d = (s_inv_d.unsqueeze(-2) @ hq).squeeze(-2)
+        k_hq = hq.transpose(-1, -2) @ torch.cholesky_solve(hq, chol)
+    p = q - k_hq
+    return GaussianStep(d, gain_d, s_inv_d, chol, 0.5 * (p + p.transpose(-1, -2)), h, r)
+
+
+def apply_root(eps: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``L eps`` for members ``eps`` ``(*batch, N, n)`` and roots ``L`` shared per experiment
+    ``(*batch, n, n)`` or one per member ``(*batch, N, n, n)``."""
+    if root.ndim == eps.ndim:
+        return eps @ root.transpose(-1, -2)
+    return (root @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``log N(x; mean, L L^T)`` over the last axis, ``L`` lower triangular and invertible."""
+    if root.ndim == x.ndim:                                   # one root per experiment, (*batch, n, n)
+        z = torch.linalg.solve_triangular(root, (x - mean).transpose(-1, -2), upper=False).transpose(-1, -2)
+        logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1, keepdim=True)
+        return -0.5 * (z**2).sum(-1) - logdet - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    z = torch.linalg.solve_triangular(root, (x - mean).unsqueeze(-1), upper=False).squeeze(-1)
+    logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (z**2).sum(-1) - logdet - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+
+
+def pairwise_log_kernel(x: torch.Tensor, centres: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``log N(x_m; c_j, L L^T)`` for every pair: ``(*batch, M, J)``, through one matrix product
+    (``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b`` in whitened coordinates), never an ``(M, J, n)`` tensor."""
+    zx = torch.linalg.solve_triangular(root, x.transpose(-1, -2), upper=False).transpose(-1, -2)
+    zc = torch.linalg.solve_triangular(root, centres.transpose(-1, -2), upper=False).transpose(-1, -2)
+    sq = ((zx**2).sum(-1).unsqueeze(-1) + (zc**2).sum(-1).unsqueeze(-2)
+          - 2.0 * zx @ zc.transpose(-1, -2)).clamp_min(0.0)
+    logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * sq - logdet - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+
+
+def model_noise_step(model: Model, noise: NoiseModel) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """One model step with the filter's noise ``Q`` (none if ``Q`` is ``None``)."""
+
+    def step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        f = model.step(x)
+        _, root = noise.get(f)
+        if root is None:
+            return f
+        return f + torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device) @ root.transpose(-1, -2)
+
+    return step
+
+
+def deferred_forecast(noise: NoiseModel) -> Callable[..., EnsembleState]:
+    """``forecast`` of a proposal filter: the model with noise ``Q``, except on the step that lands on
+    an observation, which is left deterministic (``f = M(x)``) for the analysis to complete."""
+
+    def forecast(state: EnsembleState, model: Model, g: torch.Generator, upcoming: Upcoming | None = None):
+        if upcoming is not None and upcoming.steps == 1:
+            return EnsembleState(model.step(state.x), state.log_weight)
+        return EnsembleState(model_noise_step(model, noise)(state.x, g), state.log_weight)
+
+    return forecast
+
+
+def _init_with(noise: NoiseModel, members: int):
+    base = ensemble_init(members)
+
+    def init(model, mean, cov, g):
+        noise.resolve(model)
+        return base(model, mean, cov, g)
+
+    return init
+
+
+# -- bootstrap ------------------------------------------------------------------------------------------
+
+@register("bootstrap")
+def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systematic", jitter: float = 0.0,
+              model_noise: Any = None) -> Filter:
+    """Bootstrap particle filter (sequential importance resampling with the model as proposal).
+
+    Parameters
+    ----------
+    members : int
+        Number of particles ``N`` (at least 2).
+    threshold : float in [0, 1]
+        Resample when ``ESS <= threshold * N`` (DAPPER's ``NER``); ``1``: at every analysis, ``0``:
+        never (plain sequential importance sampling).
+    resampling : str
+        ``"systematic"`` (default), ``"stratified"``, ``"residual"`` or ``"multinomial"``.
+    jitter : float
+        Regularisation of resampled copies (DAPPER's ``reg``), ``0``: none.
+    model_noise : scalar, (n,) or (n, n), optional
+        ``Q`` for the filter's propagation instead of the model's ``noise_cov``.
+    """
+    members = check_members(members)
+    threshold = check_threshold(threshold)
+    resampling = check_resampling(resampling)
+    jitter = check_jitter(jitter)
+    noise = NoiseModel(model_noise, "bootstrap", required=False)
+
+    def forecast(state: EnsembleState, model: Model, g: torch.Generator) -> EnsembleState:
+        if noise.given is not None and noise.q is None:
+            noise.resolve(model)
+        if noise.given is None:
+            from ..models.base import propagate
+            return EnsembleState(propagate(model, state.x, 1, seed=g), state.log_weight)
+        return EnsembleState(model_noise_step(model, noise)(state.x, g), state.log_weight)
+
+    def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
+                 g: torch.Generator):
+        x, lw = state
+        ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
+        lw, log_z = log_normalise(lw + torch.nan_to_num(ll, nan=-math.inf), "bootstrap")
+        ess = kish_ess(lw)
+        flag = ess <= threshold * members
+        x, lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
+        return EnsembleState(x, lw), {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z}
+
+    config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
+              "model_noise": noise.config()}
+    return Filter("bootstrap", config, _init_with(noise, members), forecast, analysis, ensemble_members)
+
+
+# -- optimal proposal -----------------------------------------------------------------------------------
+
+@register("optimal")
+def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic", jitter: float = 0.0,
+            model_noise: Any = None) -> Filter:
+    """Particle filter with the optimal proposal ``p(x_t | x_t-1, y_t)`` for Gaussian model noise.
+
+    Exact for linear Gaussian observations; for a nonlinear ``h`` the proposal is Gaussian around
+    ``h`` linearised at each forecast and the weights are the exact importance ratio. Parameters as
+    :func:`bootstrap`; ``Q`` (``model_noise`` or the model's ``noise_cov``) must be positive definite.
+    """
+    members = check_members(members)
+    threshold = check_threshold(threshold)
+    resampling = check_resampling(resampling)
+    jitter = check_jitter(jitter)
+    noise = NoiseModel(model_noise, "the optimal-proposal particle filter", required=True)
+
+    def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
+                 g: torch.Generator):
+        f, lw = state
+        q, q_root = noise.get(f)
+        step = gaussian_step(f, y, operator, mask, q)
+        mean = f + step.gain_d
+        root = torch.linalg.cholesky(step.cov)
+        x = mean + apply_root(torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device), root)
+        if operator.linear:
+            s = step.chol_s @ step.chol_s.transpose(-1, -2)
+            inc = gaussian_loglik(step.innovation, s, mask)
+        else:
+            inc = (gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
+                   + gaussian_log_density(x, f, q_root) - gaussian_log_density(x, mean, root))
+        lw, log_z = log_normalise(lw + torch.nan_to_num(inc, nan=-math.inf), "optimal")
+        ess = kish_ess(lw)
+        flag = ess <= threshold * members
+        x, lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
+        return EnsembleState(x, lw), {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z}
+
+    config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
+              "model_noise": noise.config()}
+    return Filter("optimal", config, _init_with(noise, members), deferred_forecast(noise), analysis,
+                  ensemble_members, lookahead=True)
+
+
+# -- auxiliary ------------------------------------------------------------------------------------------
+
+@register("auxiliary")
+def auxiliary(members: int, improved: bool = True, resampling: str = "systematic", model_noise: Any = None) -> Filter:
+    """Auxiliary particle filter with multiple-importance-sampling weights (see the module docstring).
+
+    Parameters
+    ----------
+    members : int
+        Number of particles.
+    improved : bool
+        First-stage weights of the improved APF (Elvira et al. 2019) instead of Pitt & Shephard's.
+    resampling : str
+        Scheme for the first-stage (ancestor) draw.
+    model_noise : optional
+        ``Q``; must be positive definite (the second-stage weights evaluate ``N(x; f_j, Q)``).
+    """
+    members = check_members(members)
+    if not isinstance(improved, bool):
+        raise InputError("improved", "True or False", repr(improved))
+    resampling = check_resampling(resampling)
+    noise = NoiseModel(model_noise, "the auxiliary particle filter", required=True)
+
+    def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
+                 g: torch.Generator):
+        f, lw = state
+        q, q_root = noise.get(f)
+        q_chol = torch.linalg.cholesky(q)
+        h, r = masked_linear(operator, mask, f, at=f)
+        s = h @ q @ h.transpose(-1, -2) + (r if h.ndim == r.ndim else r.unsqueeze(-3))
+        look = gaussian_loglik(y.unsqueeze(-2) - operator.apply(f), s, mask)        # log p^(y | f_i)
+        if improved:
+            kern = pairwise_log_kernel(f, f, q_chol)                                  # (.., i, j)
+            log_lam = look + torch.logsumexp(lw.unsqueeze(-2) + kern, -1) - torch.logsumexp(kern, -1)
+        else:
+            log_lam = lw + look
+        log_lam, _ = log_normalise(torch.nan_to_num(log_lam, nan=-math.inf), "auxiliary (first stage)")
+        anc = _resampling.resample(torch.exp(log_lam), method=resampling, seed=g)
+        mean = gather_members(f, anc)
+        x = mean + torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device) @ q_root.transpose(-1, -2)
+        kern_x = pairwise_log_kernel(x, f, q_chol)                                    # (.., m, j)
+        ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
+        log_w = (ll + torch.logsumexp(lw.unsqueeze(-2) + kern_x, -1)
+                 - torch.logsumexp(log_lam.unsqueeze(-2) + kern_x, -1))
+        new_lw, log_z = log_normalise(torch.nan_to_num(log_w, nan=-math.inf), "auxiliary")
+        n = float(members)
+        return EnsembleState(x, new_lw), {"ess": kish_ess(new_lw), "resampled": torch.ones_like(log_z),
+                                          "loglik": log_z - math.log(n)}
+
+    config = {"members": members, "improved": improved, "resampling": resampling, "model_noise": noise.config()}
+    return Filter("auxiliary", config, _init_with(noise, members), deferred_forecast(noise), analysis,
+                  ensemble_members, lookahead=True)
