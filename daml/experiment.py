@@ -63,7 +63,9 @@ DEFAULT_CONFIG = """
 # Lorenz-96, the Sakov & Oke (2008) twin experiment as in DAPPER's mods/Lorenz96/sakov2008.py:
 # 40 variables, F = 8, dt = 0.05, every variable observed every step with R = I. 1000 cycles with a
 # burn-in of 20 time units, three independent truths. Expected rmse.a (DAPPER): Climatology 3.6,
-# EnKF (N=40, infl 1.06) 0.22, ETKF (N=24, infl 1.02) 0.18, LETKF (N=7, loc 4, infl 1.04) 0.22.
+# EnKF (N=40, infl 1.06) 0.22, ETKF (N=24, infl 1.02) 0.18, LETKF (N=7, loc 4, infl 1.04) 0.22,
+# bootstrap PF (N=3000, NER 0.5, reg 0.7) 0.26. The equivalent-weights PF (N=24) needs a model-noise
+# covariance for its proposal: a periodic Gaussian-shaped Q of variance 1 and length 1 grid point.
 [experiment]
 name = "lorenz96_sakov2008"
 steps = 1000
@@ -107,6 +109,18 @@ members = 7
 radius = 4.0
 inflation = 1.04
 rotate = true
+
+[[methods]]
+name = "bootstrap"
+members = 1000
+threshold = 0.5
+jitter = 0.7
+
+[[methods]]
+name = "ewpf"
+members = 24
+keep = 0.5
+model_noise = {variance = 1.0, length = 1.0}
 """
 
 _SECTIONS = {

@@ -32,6 +32,19 @@ def test_lorenz96_sakov2008():
 
 
 def test_lorenz63_sakov2012():
-    s = _scores("lorenz63_sakov2012.toml")
+    s = _scores("lorenz63_sakov2012.toml")      # (one method per name)
     assert s["climatology"].rmse_a == pytest.approx(7.6, abs=0.3)
     assert s["etkf"].rmse_a == pytest.approx(0.60, abs=0.05)
+    assert s["bootstrap"].rmse_a == pytest.approx(0.38, abs=0.05)      # PartFilt N=100 reg 2.4 NER 0.3
+
+
+def test_lorenz96_bocquet2010_particle_filters():
+    # DAPPER's listed values (PartFilt N=100 / 800: 0.43 / 0.29); daml's medians are 0.46 / 0.31
+    exp = experiment.load_config(EXAMPLES / "lorenz96_bocquet2010.toml")
+    _, scores = experiment.run_experiment(exp, progress=False)
+    boot = {s.posterior.attrs["config"]["filter"]["members"]: s for s in scores if s.method == "bootstrap"}
+    assert boot[100].rmse_a == pytest.approx(0.43, abs=0.05)
+    assert boot[800].rmse_a == pytest.approx(0.29, abs=0.05)
+    assert boot[800].rmse_a < boot[100].rmse_a
+    for s in scores:                     # no run lost the truth (climatology is ~3.6 here)
+        assert not s.diverged and s.rmse_a < 1.5

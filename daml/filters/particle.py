@@ -41,7 +41,9 @@ estimate of ``log p(y_t | y_1:t-1)``: the sum over times estimates the log margi
 its exponential is unbiased (Del Moral 2004), which the tests check against the Kalman filter.
 
 Model noise: the proposal filters need ``Q``. It is the model's ``noise_cov`` unless the filter is
-given ``model_noise`` (a scalar variance, a vector of variances or a matrix), which then replaces it
+given ``model_noise`` (a scalar variance, a vector of variances, a matrix, or a mapping
+``{"variance": v, "length": L}`` for :func:`daml.models.periodic_covariance`, which TOML files can
+write as ``model_noise = {variance = 0.5, length = 2.0}``), which then replaces it
 for the filter's own propagation (for example to assimilate with a perfect model, whose truth has no
 noise, as DAPPER's ``OptPF`` does with ``Qs``).
 """
@@ -55,7 +57,7 @@ import torch
 
 from .. import resampling as _resampling
 from ..errors import DivergenceError, InputError, check_real
-from ..models.base import Model, as_covariance, covariance_root
+from ..models.base import Model, as_covariance, covariance_root, periodic_covariance
 from ..models.observations import Observation
 from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, ensemble_members,
                    gaussian_loglik, register, weighted_mean)
@@ -75,7 +77,13 @@ class NoiseModel:
         self.required = required
         self.q: torch.Tensor | None = None
         self.root: torch.Tensor | None = None
-        if model_noise is not None:
+        if isinstance(model_noise, dict):
+            unknown = set(model_noise) - {"variance", "length"}
+            if unknown or "variance" not in model_noise:
+                raise InputError("model_noise", "a mapping {variance, length} (a periodic covariance)",
+                                 repr(model_noise))
+            periodic_covariance(2, model_noise["variance"], model_noise.get("length", 0.0))   # validates
+        elif model_noise is not None:
             check = as_covariance(model_noise, 1, "model_noise") if _is_scalar(model_noise) else None
             if check is not None and not float(check) > 0:
                 raise InputError("model_noise", "a positive variance or a positive-definite covariance",
@@ -84,6 +92,8 @@ class NoiseModel:
     def resolve(self, model: Model) -> None:
         n = model.state_size
         q = self.given if self.given is not None else getattr(model, "noise_cov", None)
+        if isinstance(q, dict):
+            q = periodic_covariance(n, q["variance"], q.get("length", 0.0))
         if q is not None:
             q = as_covariance(q, n, "model_noise", allow_zero=not self.required)
         if q is None and self.required:
@@ -100,6 +110,8 @@ class NoiseModel:
     def config(self) -> Any:
         if self.given is None:
             return "model"
+        if isinstance(self.given, dict):
+            return dict(self.given)
         t = torch.as_tensor(self.given)
         return float(t) if t.ndim == 0 else t.tolist()
 
@@ -157,13 +169,10 @@ def gather_members(x: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
 
 
 def duplicates(ancestors: torch.Tensor) -> torch.Tensor:
-    """``True`` for every copy of an ancestor except its first occurrence, shape of ``ancestors``."""
-    order = torch.argsort(ancestors, dim=-1, stable=True)
-    sorted_anc = torch.gather(ancestors, -1, order)
-    repeat = torch.zeros_like(sorted_anc, dtype=torch.bool)
-    repeat[..., 1:] = sorted_anc[..., 1:] == sorted_anc[..., :-1]
-    out = torch.zeros_like(repeat)
-    return out.scatter(-1, order, repeat)
+    """``True`` for every particle whose ancestor was drawn more than once (all its copies, as in
+    DAPPER's ``reg``); particles drawn once are left alone. Shape of ``ancestors``."""
+    counts = torch.zeros_like(ancestors).scatter_add_(-1, ancestors, torch.ones_like(ancestors))
+    return torch.gather(counts, -1, ancestors) > 1
 
 
 def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor, method: str, jitter: float,
@@ -183,14 +192,21 @@ def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor
     anc = torch.where(flag.unsqueeze(-1), anc, identity)
     new_x = gather_members(x, anc)
     if jitter > 0:
-        mean = weighted_mean(x, log_weight)
-        a = (x - mean) * w.sqrt().unsqueeze(-1)
+        # the weighted covariance with the unbiased normalisation 1 / (1 - sum w^2); where one weight
+        # has it all (no spread to measure), the unweighted one
+        sum_sq = (w**2).sum(-1, keepdim=True)
+        degenerate = sum_sq > 1.0 - 1e-10
+        w_cov = torch.where(degenerate, torch.full_like(w, 1.0 / n_members), w)
+        w_cov = w_cov / (1.0 - torch.where(degenerate, torch.full_like(sum_sq, 1.0 / n_members), sum_sq))
+        mean = (w_cov.unsqueeze(-1) * x).sum(-2, keepdim=True) / w_cov.sum(-1, keepdim=True).unsqueeze(-1)
+        a = (x - mean) * w_cov.sqrt().unsqueeze(-1)
         cov = a.transpose(-1, -2) @ a
         cov = 0.5 * (cov + cov.transpose(-1, -2))
         root = covariance_root(cov) * (jitter * n_members ** (-1.0 / (n + 4)))
-        eps = torch.randn(new_x.shape, generator=g, dtype=x.dtype, device=x.device) @ root.transpose(-1, -2)
         dup = duplicates(anc) & flag.unsqueeze(-1)
-        new_x = new_x + torch.where(dup.unsqueeze(-1), eps, torch.zeros((), dtype=x.dtype, device=x.device))
+        eps = torch.zeros_like(new_x)                 # draw only for the duplicates
+        eps[dup] = torch.randn(int(dup.sum()), n, generator=g, dtype=x.dtype, device=x.device)
+        new_x = new_x + eps @ root.transpose(-1, -2)
     uniform = torch.full_like(log_weight, -math.log(n_members))
     return new_x, torch.where(flag.unsqueeze(-1), uniform, log_weight), anc
 

@@ -26,7 +26,7 @@ import inspect
 from typing import Any
 
 from ..errors import DamlError, InputError
-from .base import Model, ODEModel, model_config, propagate, rk4_step, tangent_linear
+from .base import Model, ODEModel, model_config, periodic_covariance, propagate, rk4_step, tangent_linear
 from .kuramoto import Kuramoto
 from .linear import Identity, LinearDrag, LinearModel
 from .lorenz import Lorenz63, Lorenz96
@@ -46,6 +46,7 @@ __all__ = [
     "propagate",
     "tangent_linear",
     "model_config",
+    "periodic_covariance",
     "Observation",
     "observe_all",
     "observe_every",

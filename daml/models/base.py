@@ -53,6 +53,7 @@ __all__ = [
     "as_covariance",
     "covariance_root",
     "batched_jacobian",
+    "periodic_covariance",
 ]
 
 
@@ -160,6 +161,26 @@ def propagate(model: Model, x: torch.Tensor, steps: int = 1, seed: _device.Seed 
         if root is not None:
             x = x + torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device) @ root.T
     return x
+
+
+def periodic_covariance(n: int, variance: float, length: float = 0.0, *, dtype=None, device=None) -> torch.Tensor:
+    """``variance * exp(-dist(i, j)^2 / (2 length^2))`` on a ring of ``n`` points (``dist`` the periodic
+    grid distance): a smooth, spatially correlated covariance for models on a periodic 1-d grid
+    (Lorenz-96, Kuramoto). ``length = 0`` gives ``variance * I``. A small diagonal (``1e-9`` of the
+    variance) keeps long length scales numerically positive definite."""
+    n = check_int(n, "n", expected="a positive int")
+    variance = check_real(variance, "variance", positive=True, expected="a positive variance")
+    length = check_real(length, "length", expected="a non-negative correlation length (grid points)")
+    if length < 0:
+        raise InputError("length", "a non-negative correlation length (grid points)", repr(length))
+    dt = _device.resolve_dtype(dtype, _device.resolve_device(device))
+    i = torch.arange(n, dtype=dt, device=_device.resolve_device(device))
+    dist = (i.unsqueeze(0) - i.unsqueeze(1)).abs()
+    dist = torch.minimum(dist, n - dist)
+    if length == 0:
+        return variance * torch.eye(n, dtype=dt, device=i.device)
+    cov = torch.exp(-0.5 * (dist / length) ** 2)
+    return variance * (cov + 1e-9 * torch.eye(n, dtype=dt, device=i.device))
 
 
 def covariance_root(cov: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,279 @@
+"""Benchmark: particle filters and equal-weight particle filters on Lorenz-96.
+
+Three parts, one invocation:
+
+A. **Accuracy, L96-40 half observed** (DAPPER's ``mods/Lorenz96/bocquet2010_m40.py``): 40 variables,
+   F = 8, dt = 0.05, every other variable observed every step with R = 2.25 I, perfect model, X0 ~
+   N(e_1, 0.001 I), ``--cycles`` analyses (1000), burn-in 20 time units, 3 independent truths in one
+   batch (identical for every method). Bootstrap PF with N = 20, 100, 3000 (NER 0.5, reg 0.7 as
+   DAPPER's best sakov2008 tuning), EWPF and IEWPF with N = 20 and 40, ETKF N = 24 (inflation 1.04,
+   rotation). The equal-weight filters need a model-noise covariance for their proposal: a periodic
+   Gaussian-shaped ``Q`` (``daml.models.periodic_covariance``), variance 1.0 (EWPF) / 0.3 (IEWPF),
+   correlation length 1 grid point, keep fraction 0.5, chosen on a short separate run (seed 3000,
+   600 cycles). Reported: median over truths of rmse.a, rmv.a, CRPS, the mean ESS/N, and the
+   chi-square flatness p-value of the rank histogram (pooled over the observed variables and times
+   after burn-in). DAPPER's listed values for the same setup: PartFilt N=3000 1.01, EnKF_N N=24 0.58.
+B. **Scale, L96-1000** (DAPPER's ``pinheiro2019.py``, shortened): 1000 variables, F = 8.17, dt = 0.01,
+   every 4th variable observed every 10 steps with R = 0.01 I, model noise Q = 0.025 I per step in the
+   truth and the filters; ``--scale-steps`` model steps (1000, i.e. 100 analyses), one truth. IEWPF and
+   EWPF with 30 particles (Q as the model's), LETKF N = 30 (radius 4, inflation 1.05), bootstrap N = 30.
+C. **Speed against DAPPER**: the bootstrap PF on DAPPER's ``sakov2008`` (40 variables, all observed,
+   R = I), N = 1000, NER 0.5, reg 0.7, ``--speed-cycles`` cycles (200) on 3 seeds: DAPPER's
+   ``PartFilt`` (subprocess in DAPPER's own environment, default statistics, 1 BLAS thread as it ships)
+   against ``daml.filters.bootstrap`` on one torch thread, single experiment and 16 experiments in
+   one batched call. Throughput in particle-steps per second (N x model steps / wall seconds of the
+   filter loop). Median over seeds.
+
+Usage (from the repository root)::
+
+    python benchmarks/particle_filters.py --dapper-python /tmp/dapper-venv/bin/python
+    python benchmarks/particle_filters.py --quick        # smoke test, writes only the -quick JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _report  # noqa: E402
+
+import daml  # noqa: E402
+from daml import diagnostics, filters, models  # noqa: E402
+
+DAPPER_SCRIPT = HERE / "_dapper_l96.py"
+DEFAULT_DAPPER_PYTHON = "/tmp/dapper-venv/bin/python"
+
+EWPF_Q = {"variance": 1.0, "length": 1.0}
+IEWPF_Q = {"variance": 0.3, "length": 1.0}
+
+
+def accuracy_methods(quick: bool) -> list[tuple[str, dict]]:
+    boots = [20, 100] if quick else [20, 100, 3000]
+    out = [("bootstrap", {"members": n, "threshold": 0.5, "jitter": 0.7}) for n in boots]
+    for n in (20, 40):
+        out.append(("ewpf", {"members": n, "keep": 0.5, "model_noise": EWPF_Q}))
+        out.append(("iewpf", {"members": n, "keep": 0.5, "model_noise": IEWPF_Q}))
+    out.append(("etkf", {"members": 24, "inflation": 1.04, "rotate": True}))
+    return out
+
+
+def label(name: str, params: dict) -> str:
+    return f"{name} N={params['members']}"
+
+
+def score(post, truth, burn_in: float, obs_vars: np.ndarray, chunk: int = 50) -> dict[str, float]:
+    """rmse.a, rmv.a, CRPS, ESS/N and the rank-histogram flatness p-value. CRPS and ranks are computed
+    in chunks of ``chunk`` times (with 3000 members, all times at once would need tens of GB)."""
+    keep = post.sel(time=post["time"] > burn_in)
+    r = diagnostics.rmse(keep, truth).mean("time")
+    s = diagnostics.spread(keep).mean("time")
+    crps_parts, hist = [], None
+    for start in range(0, keep.sizes["time"], chunk):
+        part = keep.isel(time=slice(start, start + chunk))
+        c = diagnostics.crps(part, truth)
+        crps_parts.append(c.sum([d for d in c.dims if d != "experiment"]))
+        h = diagnostics.rank_histogram(part.isel(variable=obs_vars), truth)
+        h = h.sum([d for d in h.dims if d != "rank"])
+        hist = h if hist is None else hist + h
+    n_cells = keep.sizes["time"] * keep.sizes["variable"]
+    crps = sum(crps_parts) / n_cells
+    flat = diagnostics.rank_histogram_flatness(hist)
+    ess = float((keep["ess"] / keep.sizes["member"]).mean()) if "ess" in keep else 1.0
+    return {"rmse_a": float(r.median()), "rmv_a": float(s.median()), "crps": float(crps.median()),
+            "ess_frac": ess, "rank_p": float(flat.pvalue), "rank_counts": hist.values.tolist()}
+
+
+def part_a(cycles: int, quick: bool) -> dict[str, Any]:
+    n = 40
+    model = models.Lorenz96(n=n, forcing=8.0, dt=0.05)
+    op = models.observe_every(n, 2, cov=2.25)
+    data = daml.simulate(model, cycles, op, every=1, x0=model.default_x0(), x0_cov=0.001,
+                         experiments=3, seed=3000)
+    burn_in = min(20.0, 0.5 * cycles * 0.05)
+    rows = []
+    for i, (name, params) in enumerate(accuracy_methods(quick)):
+        filt = filters.make_filter(name, **params)
+        t0 = time.perf_counter()
+        try:
+            res = filters.run(filt, model, data, seed=100 + i, progress=False)
+        except daml.errors.DivergenceError as err:
+            rows.append({"method": label(name, params), "params": _jsonable(params), "diverged": str(err)})
+            continue
+        row = {"method": label(name, params), "params": _jsonable(params), "seconds": res.seconds,
+               "total_seconds": time.perf_counter() - t0,
+               **score(res.analysis, data["truth"], burn_in, np.arange(0, n, 2))}
+        rows.append(row)
+        print(f"A {row['method']:>16}: rmse.a {row['rmse_a']:.3f} rmv.a {row['rmv_a']:.3f} "
+              f"ESS/N {row['ess_frac']:.2f} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    return {"cycles": cycles, "burn_in": burn_in, "experiments": 3, "rows": rows}
+
+
+def part_b(steps: int) -> dict[str, Any]:
+    n = 1000
+    model = models.Lorenz96(n=n, forcing=8.17, dt=0.01, noise_cov=0.025)
+    op = models.observe_every(n, 4, cov=0.01)
+    x0 = model.default_x0()
+    with torch.no_grad():                                     # start on the attractor
+        x0 = daml.models.propagate(models.Lorenz96(n=n, forcing=8.17, dt=0.01), x0.unsqueeze(0), 500)[0]
+    data = daml.simulate(model, steps, op, every=10, x0=x0, x0_cov=0.1, seed=2019)
+    burn_in = 0.25 * steps * 0.01
+    methods = [("iewpf", {"members": 30, "keep": 0.5}), ("ewpf", {"members": 30, "keep": 0.5}),
+               ("letkf", {"members": 30, "radius": 4.0, "inflation": 1.05}), ("bootstrap", {"members": 30})]
+    rows = []
+    for i, (name, params) in enumerate(methods):
+        t0 = time.perf_counter()
+        try:
+            res = filters.run(filters.make_filter(name, **params), model, data, seed=200 + i, progress=False)
+        except daml.errors.DivergenceError as err:
+            rows.append({"method": label(name, params), "diverged": str(err)})
+            continue
+        row = {"method": label(name, params), "params": params, "seconds": res.seconds,
+               "total_seconds": time.perf_counter() - t0,
+               "seconds_per_cycle": res.seconds / res.analysis.sizes["time"],
+               **score(res.analysis, data["truth"], burn_in, np.arange(0, n, 4))}
+        rows.append(row)
+        print(f"B {row['method']:>16}: rmse.a {row['rmse_a']:.3f} rmv.a {row['rmv_a']:.3f} "
+              f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    return {"steps": steps, "burn_in": burn_in, "rows": rows}
+
+
+def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
+    n, members = 40, 1000
+    model = models.Lorenz96(n=n, forcing=8.0, dt=0.05)
+    op = models.observe_all(n, sd=1.0)
+    filt = filters.bootstrap(members=members, threshold=0.5, jitter=0.7)
+    out: dict[str, Any] = {"cycles": cycles, "members": members, "seeds": seeds}
+    single, batched = [], []
+    rmse = []
+    for seed in seeds:
+        data = daml.simulate(model, cycles, op, x0=model.default_x0(), x0_cov=0.001, seed=seed)
+        res = filters.run(filt, model, data, seed=seed + 1, progress=False)
+        single.append(members * cycles / res.seconds)
+        rmse.append(float(diagnostics.rmse(res.analysis.sel(time=res.analysis["time"] > min(20.0, cycles * 0.025)),
+                                           data["truth"]).mean()))
+        data16 = daml.simulate(model, cycles, op, x0=model.default_x0(), x0_cov=0.001, experiments=16, seed=seed)
+        res16 = filters.run(filt, model, data16, seed=seed + 1, progress=False)
+        batched.append(16 * members * cycles / res16.seconds)
+    out["daml_single"] = statistics.median(single)
+    out["daml_batched16"] = statistics.median(batched)
+    out["daml_rmse_a"] = statistics.median(rmse)
+    if dapper:
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+        cmd = [dapper, str(DAPPER_SCRIPT.relative_to(_report.ROOT)), "--cycles", str(cycles), "--methods", "pf",
+               "--seeds", *map(str, seeds)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(_report.ROOT))
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        raw = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        steps = raw["model_steps"]
+        out["dapper"] = {"version": raw["dapper_version"], "command": " ".join(cmd),
+                         "rate": statistics.median(members * steps / r["wall_s"] for r in raw["runs"]),
+                         "rmse_a": statistics.median(r["rmse_a"] for r in raw["runs"])}
+        out["ratio_single"] = out["daml_single"] / out["dapper"]["rate"]
+        out["ratio_batched16"] = out["daml_batched16"] / out["dapper"]["rate"]
+        print(f"C dapper {out['dapper']['rate']:.3g} particle-steps/s, daml {out['daml_single']:.3g} "
+              f"(x{out['ratio_single']:.1f}), batched {out['daml_batched16']:.3g} (x{out['ratio_batched16']:.1f})",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def _jsonable(params: dict) -> dict:
+    return json.loads(json.dumps(params, default=str))
+
+
+def _f(x: Any, d: int = 3) -> str:
+    return "–" if x is None else f"{x:.{d}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    a, b, c = res["a"], res["b"], res["c"]
+    lines = [
+        "### Particle filters and equal-weight particle filters (issue 4)",
+        "",
+        _report.machine_line(res["machine"]),
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"**A. L96-40, every other variable observed, R = 2.25 I** (`bocquet2010_m40`), {a['cycles']} cycles, "
+        f"burn-in {a['burn_in']:g}, median over {a['experiments']} truths (identical for all methods). "
+        "Rank p: chi-square flatness p-value of the pooled rank histogram of the observed variables "
+        "(small = not flat). DAPPER lists PartFilt N=3000 1.01 and EnKF_N N=24 0.58 here.",
+        "",
+        "| method | rmse.a | rmv.a | rmv/rmse | CRPS | ESS/N | rank p | filter s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in a["rows"]:
+        if "diverged" in r:
+            lines.append(f"| {r['method']} | diverged | | | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {_f(r['rmse_a'])} | {_f(r['rmv_a'])} | {_f(r['rmv_a'] / r['rmse_a'], 2)} | "
+                     f"{_f(r['crps'])} | {_f(r['ess_frac'], 2)} | {r['rank_p']:.2g} | {r['seconds']:.1f} |")
+    lines += ["", f"**B. L96-1000** (`pinheiro2019`, shortened to {b['steps']} model steps = "
+              f"{b['steps'] // 10} analyses, one truth, burn-in {b['burn_in']:g}).", "",
+              "| method | rmse.a | rmv.a | s per analysis cycle |", "|---|---|---|---|"]
+    for r in b["rows"]:
+        if "diverged" in r:
+            lines.append(f"| {r['method']} | diverged | | |")
+            continue
+        lines.append(f"| {r['method']} | {_f(r['rmse_a'])} | {_f(r['rmv_a'])} | {r['seconds_per_cycle']:.3f} |")
+    lines += ["", f"**C. Bootstrap PF speed**, L96-40 `sakov2008`, N = {c['members']}, {c['cycles']} cycles, "
+              f"median of {len(c['seeds'])} seeds, particle-steps per second of wall time (filter loop).", "",
+              "| run | particle-steps/s | ratio to DAPPER | rmse.a |", "|---|---|---|---|"]
+    if "dapper" in c:
+        lines.append(f"| DAPPER {c['dapper']['version']} `PartFilt(N=1000, NER=0.5, reg=0.7)` | "
+                     f"{c['dapper']['rate']:.3g} | 1 | {_f(c['dapper']['rmse_a'])} |")
+    ratio = lambda k: f"{c[k]:.1f}" if k in c else "–"  # noqa: E731
+    lines.append(f"| daml bootstrap, 1 experiment, 1 thread | {c['daml_single']:.3g} | {ratio('ratio_single')} | "
+                 f"{_f(c['daml_rmse_a'])} |")
+    lines.append(f"| daml bootstrap, 16 experiments batched, 1 thread | {c['daml_batched16']:.3g} | "
+                 f"{ratio('ratio_batched16')} | |")
+    if "dapper" not in c:
+        lines.append("")
+        lines.append("DAPPER was not available for this run; its rows are left out.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=1000)
+    parser.add_argument("--scale-steps", type=int, default=1000)
+    parser.add_argument("--speed-cycles", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3000, 3001, 3002])
+    parser.add_argument("--dapper-python", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="abc")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.cycles, args.scale_steps, args.speed_cycles, args.seeds = 100, 200, 30, [3000]
+    dapper = next((p for p in (args.dapper_python, os.environ.get("DAPPER_PYTHON"), DEFAULT_DAPPER_PYTHON)
+                   if p and Path(p).exists()), None)
+    res: dict[str, Any] = {"machine": _report.machine_info(), "command": _report.command_line()}
+    res["a"] = part_a(args.cycles, args.quick) if "a" in args.parts else {"rows": [], "cycles": 0, "burn_in": 0,
+                                                                           "experiments": 0}
+    res["b"] = part_b(args.scale_steps) if "b" in args.parts else {"rows": [], "steps": 0, "burn_in": 0}
+    res["c"] = part_c(args.speed_cycles, args.seeds, dapper) if "c" in args.parts else {
+        "members": 0, "cycles": 0, "seeds": [], "daml_single": 0.0, "daml_batched16": 0.0, "daml_rmse_a": None}
+    name = "particle_filters-quick" if args.quick else "particle_filters"
+    _report.write_json(name, res)
+    if not args.quick:
+        _report.write_section("particle_filters", markdown(res))
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
