@@ -5,6 +5,7 @@ Reference values (DAPPER's listed ``rmse.a``, re-run to +-0.02 on the median of 
 independent truths in one batch (identical truths for all methods) and compares the median.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_lorenz96_bocquet2010_particle_filters():
     # DAPPER's listed values (PartFilt N=100 / 800: 0.43 / 0.29); daml's medians are 0.46 / 0.31
     exp = experiment.load_config(EXAMPLES / "lorenz96_bocquet2010.toml")
     _, scores = experiment.run_experiment(exp, progress=False)
-    boot = {s.posterior.attrs["config"]["filter"]["members"]: s for s in scores if s.method == "bootstrap"}
+    boot = {json.loads(s.posterior.attrs["config"])["filter"]["members"]: s for s in scores if s.method == "bootstrap"}
     assert boot[100].rmse_a == pytest.approx(0.43, abs=0.05)
     assert boot[800].rmse_a == pytest.approx(0.29, abs=0.05)
     assert boot[800].rmse_a < boot[100].rmse_a

@@ -350,3 +350,15 @@ def test_far_observations_do_not_underflow():
     post = filters.run(filters.bootstrap(members=50), model, data, progress=False).analysis
     daml.validate(post)
     assert np.isfinite(post["log_weight"]).all() and np.isfinite(post["x"]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, params", [("bootstrap", {"members": 64, "jitter": 0.5}), ("optimal", {"members": 64}),
+                                          ("auxiliary", {"members": 64}), ("ewpf", {"members": 16}),
+                                          ("iewpf", {"members": 16, "keep": 0.8})])
+def test_particle_filters_run_on_cuda(name, params, linear_problem):
+    model, one, _ = linear_problem
+    post = filters.run(filters.make_filter(name, **params), model, one, seed=0, progress=False, device="cuda").analysis
+    daml.validate(post)
+    assert np.isfinite(post["x"]).all()

@@ -25,5 +25,5 @@ __all__ = [
     "run", "RunResult", "operator_from_data", "climatology", "climatology_from_truth",
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
-    "bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming",
+    "bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",
 ]

@@ -70,7 +70,7 @@ from ..models.base import Model
 from ..models.observations import Observation
 from .base import EnsembleState, Filter, Upcoming, check_members, ensemble_members, register
 from .particle import (NoiseModel, _init_with, check_resampling, check_threshold, resample_where, gather_members, gaussian_step, kish_ess,
-                       log_normalise, masked_linear, model_noise_step)
+                       log_normalise, masked_linear)
 
 __all__ = ["ewpf", "iewpf", "equivalent_weights_step", "EWStep", "mixture_log_density", "tail_map"]
 

@@ -60,7 +60,7 @@ from ..errors import DivergenceError, InputError, check_real
 from ..models.base import Model, as_covariance, covariance_root, periodic_covariance
 from ..models.observations import Observation
 from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, ensemble_members,
-                   gaussian_loglik, register, weighted_mean)
+                   gaussian_loglik, register)
 
 __all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
 
@@ -209,6 +209,17 @@ def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor
         new_x = new_x + eps @ root.transpose(-1, -2)
     uniform = torch.full_like(log_weight, -math.log(n_members))
     return new_x, torch.where(flag.unsqueeze(-1), uniform, log_weight), anc
+
+
+def reweight_and_resample(x: torch.Tensor, log_weight: torch.Tensor, increment: torch.Tensor, who: str,
+                          threshold: float, resampling: str, jitter: float, g: torch.Generator):
+    """Add the log-weight ``increment`` (NaN counts as impossible), renormalise, resample where
+    ``ESS <= threshold * N``; return the state and the ``info`` of a particle-filter analysis."""
+    lw, log_z = log_normalise(log_weight + torch.nan_to_num(increment, nan=-math.inf), who)
+    ess = kish_ess(lw)
+    flag = ess <= threshold * x.shape[-2]
+    x, lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
+    return EnsembleState(x, lw), {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z}
 
 
 def masked_linear(operator: Observation, mask: torch.Tensor, like: torch.Tensor,
@@ -365,11 +376,7 @@ def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systemati
                  g: torch.Generator):
         x, lw = state
         ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
-        lw, log_z = log_normalise(lw + torch.nan_to_num(ll, nan=-math.inf), "bootstrap")
-        ess = kish_ess(lw)
-        flag = ess <= threshold * members
-        x, lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
-        return EnsembleState(x, lw), {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z}
+        return reweight_and_resample(x, lw, ll, "bootstrap", threshold, resampling, jitter, g)
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
               "model_noise": noise.config()}
@@ -407,11 +414,7 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
         else:
             inc = (gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
                    + gaussian_log_density(x, f, q_root) - gaussian_log_density(x, mean, root))
-        lw, log_z = log_normalise(lw + torch.nan_to_num(inc, nan=-math.inf), "optimal")
-        ess = kish_ess(lw)
-        flag = ess <= threshold * members
-        x, lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
-        return EnsembleState(x, lw), {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z}
+        return reweight_and_resample(x, lw, inc, "optimal", threshold, resampling, jitter, g)
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
               "model_noise": noise.config()}
