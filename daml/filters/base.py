@@ -55,6 +55,8 @@ __all__ = [
     "check_members",
     "Upcoming",
     "gaussian_loglik",
+    "gaussian_logpdf_chol",
+    "masked_logpdf_chol",
 ]
 
 
@@ -232,17 +234,28 @@ def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: tor
     eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
     c = noise_cov.to(d)
     c = torch.where(both if c.ndim <= d.ndim else both.unsqueeze(-3), c, eye)
-    chol = torch.linalg.cholesky(c)
-    per_member = chol.ndim == d.ndim + 1
-    if per_member:
+    return masked_logpdf_chol(d, torch.linalg.cholesky(c), mask)
+
+
+def gaussian_logpdf_chol(d: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """``log N(d; 0, L L^T)`` for ``d`` ``(*batch, k, m)`` and a lower-triangular ``L`` shared by the
+    ``k`` rows (``(*batch, m, m)`` or any broadcastable shape with fewer dims) or one per row
+    (``(*batch, k, m, m)``). Returns ``(*batch, k)``."""
+    if chol.ndim == d.ndim + 1:                                       # one factor per row
         white = torch.linalg.solve_triangular(chol, d.unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     else:
         white = torch.linalg.solve_triangular(chol, d.transpose(-1, -2), upper=False).transpose(-1, -2)
-    logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    if not per_member:
-        logdet = logdet.unsqueeze(-1)
-    m_obs = mask.sum(-1, keepdim=True).to(d.dtype)
-    return -0.5 * (white**2).sum(-1) - logdet - 0.5 * m_obs * math.log(2 * math.pi)
+        logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1).unsqueeze(-1)
+    return -0.5 * (white**2).sum(-1) - logdet - 0.5 * d.shape[-1] * math.log(2 * math.pi)
+
+
+def masked_logpdf_chol(d: torch.Tensor, chol: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`gaussian_logpdf_chol` of innovations already masked by :func:`masked_observation`
+    (zero where unobserved, identity block in the covariance): the log-density of the observed
+    entries alone, so the ``2 pi`` constant counts only those."""
+    unobserved = (~mask).sum(-1, keepdim=True).to(d.dtype)
+    return gaussian_logpdf_chol(d, chol) + 0.5 * unobserved * math.log(2 * math.pi)
 
 
 # -- wrappers ------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ from ..errors import InputError, check_real
 from ..models.base import Model
 from ..models.observations import Observation
 from .base import EnsembleState, Filter, Upcoming, check_members, ensemble_members, register
-from .particle import (NoiseModel, _init_with, check_resampling, check_threshold, resample_where, gather_members, gaussian_step, kish_ess,
+from .particle import (NoiseModel, _init_with, deferred_forecast, check_resampling, check_threshold, resample_where, gather_members, gaussian_step, kish_ess,
                        log_normalise, masked_linear)
 
 __all__ = ["ewpf", "iewpf", "equivalent_weights_step", "EWStep", "mixture_log_density", "tail_map"]
@@ -88,6 +88,14 @@ def _check_nudging(nudging: Any) -> float:
                                "typically 0.05-1)")
 
 
+def keep_cut(best: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep``-quantile of ``-log`` weights ``best`` ``(*batch, N)`` (the ``ceil(keep N)``-th
+    smallest) and which particles are at or below it (to rounding)."""
+    k = max(1, math.ceil(keep * best.shape[-1] - 1e-9))
+    cut = torch.kthvalue(best, k, dim=-1).values
+    return cut, best <= (cut + 1e-12 * cut.abs().clamp_min(1.0)).unsqueeze(-1)
+
+
 def _require_linear(operator: Observation, who: str) -> None:
     if not operator.linear:
         raise InputError("operator", f"a linear observation operator for {who}", operator.description or "nonlinear")
@@ -96,15 +104,13 @@ def _require_linear(operator: Observation, who: str) -> None:
 def nudged_forecast(noise: NoiseModel, nudging: float, who: str):
     """``forecast`` with relaxation toward the next observation (see the module docstring)."""
 
+    plain = deferred_forecast(noise)
+
     def forecast(state: EnsembleState, model: Model, g: torch.Generator, upcoming: Upcoming | None = None):
-        f = model.step(state.x)
-        if upcoming is None:                                   # after the last observation: the model
-            q, root = noise.get(f)
-            eps = torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device)
-            return EnsembleState(f + eps @ root.transpose(-1, -2), state.log_weight)
-        if upcoming.steps == 1:                                # the analysis completes this step
-            return EnsembleState(f, state.log_weight)
+        if upcoming is None or upcoming.steps == 1:            # no observation ahead, or the analysis's step
+            return plain(state, model, g, upcoming)
         _require_linear(upcoming.operator, who)
+        f = model.step(state.x)
         q, root = noise.get(f)
         tau = nudging * (upcoming.interval - upcoming.steps + 1) / upcoming.interval
         h, r = masked_linear(upcoming.operator, upcoming.mask, f)
@@ -154,12 +160,8 @@ def equivalent_weights_step(f: torch.Tensor, log_weight: torch.Tensor, y: torch.
     d_s_d = (d * u).sum(-1)
     a = ((d * r_inv_d).sum(-1) - d_s_d).clamp_min(0.0)
     best = -log_weight + 0.5 * d_s_d
-    n_members = f.shape[-2]
-    k = max(1, math.ceil(keep * n_members - 1e-9))
-    target = torch.kthvalue(best, k, dim=-1).values
+    target, kept = keep_cut(best, keep)
     delta = target.unsqueeze(-1) - best
-    scale = 1e-12 * target.abs().clamp_min(1.0).unsqueeze(-1)
-    kept = delta >= -scale
     movable = kept & (a > 0)
     alpha = torch.where(movable, 1.0 - torch.sqrt(2.0 * delta.clamp_min(0.0) / torch.where(movable, a, 1.0)),
                         torch.ones_like(a))
@@ -334,9 +336,7 @@ def iewpf(members: int, keep: float = 1.0, nudging: float = 0.5, beta: float = 1
         q, _ = noise.get(f)
         st = gaussian_step(f, y, operator, mask, q)
         best = -lw + 0.5 * (st.innovation * st.s_inv_d).sum(-1)
-        k = max(1, math.ceil(keep * members - 1e-9))
-        cut = torch.kthvalue(best, k, dim=-1).values
-        kept = best <= cut.unsqueeze(-1)
+        _, kept = keep_cut(best, keep)
         flag = ~kept.all(-1)
         anc = torch.arange(members, device=f.device).expand(lw.shape)
         if bool(flag.any()):

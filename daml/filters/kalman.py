@@ -78,7 +78,6 @@ S. Särkkä (2013). Bayesian Filtering and Smoothing. Cambridge University Press
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import torch
@@ -89,7 +88,7 @@ from ..errors import DivergenceError, InputError, ShapeError
 from ..models.base import Model, model_config, tangent_linear
 from ..models.observations import Observation
 from ..posterior import from_members, validate
-from .base import Filter, GaussianState, gaussian_members, masked_observation, register
+from .base import Filter, GaussianState, gaussian_members, masked_logpdf_chol, masked_observation, register
 
 __all__ = ["kalman_filter", "extended_kalman_filter", "kalman_smoother"]
 
@@ -179,10 +178,8 @@ def _linear_update(mean: torch.Tensor, cov: torch.Tensor, innovation: torch.Tens
     a = eye - gain @ ht.transpose(-1, -2)
     new_cov = _sym(a @ cov @ a.transpose(-1, -2) + gain @ r @ gain.transpose(-1, -2))
     # log N(d; 0, S) over the observed entries: the identity block adds 0 to both terms.
-    white = torch.linalg.solve_triangular(chol, d.unsqueeze(-1), upper=False).squeeze(-1)
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    loglik = masked_logpdf_chol(d.unsqueeze(-2), chol, mask).squeeze(-1)
     nobs = mask.sum(-1)
-    loglik = -0.5 * ((white**2).sum(-1) + logdet + nobs.to(mean.dtype) * math.log(2.0 * math.pi))
     return GaussianState(new_mean, new_cov), {"loglik": loglik, "nobs": nobs}
 
 

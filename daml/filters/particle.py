@@ -51,6 +51,7 @@ noise, as DAPPER's ``OptPF`` does with ``Qs``).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -60,7 +61,7 @@ from ..errors import DivergenceError, InputError, check_real
 from ..models.base import Model, as_covariance, covariance_root, periodic_covariance
 from ..models.observations import Observation
 from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, ensemble_members,
-                   gaussian_loglik, register)
+                   gaussian_loglik, gaussian_logpdf_chol, masked_logpdf_chol, masked_observation, register)
 
 __all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
 
@@ -83,11 +84,9 @@ class NoiseModel:
                 raise InputError("model_noise", "a mapping {variance, length} (a periodic covariance)",
                                  repr(model_noise))
             periodic_covariance(2, model_noise["variance"], model_noise.get("length", 0.0))   # validates
-        elif model_noise is not None:
-            check = as_covariance(model_noise, 1, "model_noise") if _is_scalar(model_noise) else None
-            if check is not None and not float(check) > 0:
-                raise InputError("model_noise", "a positive variance or a positive-definite covariance",
-                                 repr(model_noise))
+        elif isinstance(model_noise, numbers.Real) and not (math.isfinite(model_noise) and model_noise > 0):
+            raise InputError("model_noise", "a positive variance or a positive-definite covariance",
+                             repr(model_noise))
 
     def resolve(self, model: Model) -> None:
         n = model.state_size
@@ -114,13 +113,6 @@ class NoiseModel:
             return dict(self.given)
         t = torch.as_tensor(self.given)
         return float(t) if t.ndim == 0 else t.tolist()
-
-
-def _is_scalar(value: Any) -> bool:
-    try:
-        return torch.as_tensor(value).ndim == 0
-    except Exception:  # noqa: BLE001 - as_covariance reports it properly later
-        return False
 
 
 def log_normalise(log_weight: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +203,11 @@ def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor
     return new_x, torch.where(flag.unsqueeze(-1), uniform, log_weight), anc
 
 
+def check_sir(members: Any, threshold: Any, resampling: Any, jitter: Any) -> tuple[int, float, str, float]:
+    """The parameters shared by the sequential-importance-resampling filters, checked."""
+    return check_members(members), check_threshold(threshold), check_resampling(resampling), check_jitter(jitter)
+
+
 def reweight_and_resample(x: torch.Tensor, log_weight: torch.Tensor, increment: torch.Tensor, who: str,
                           threshold: float, resampling: str, jitter: float, g: torch.Generator):
     """Add the log-weight ``increment`` (NaN counts as impossible), renormalise, resample where
@@ -226,15 +223,14 @@ def masked_linear(operator: Observation, mask: torch.Tensor, like: torch.Tensor,
                   at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``H`` with unobserved rows zeroed, ``(*batch, m, n)`` (``(*batch, N, m, n)`` for a nonlinear
     operator linearised at ``at``), and ``R`` with the identity in the unobserved block."""
-    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    zero = torch.zeros(mask.shape, dtype=like.dtype, device=like.device)
     if operator.linear:
-        h = torch.where(mask.unsqueeze(-1), operator.matrix.to(like), zero)
-    else:
-        h = torch.where(mask.unsqueeze(-2).unsqueeze(-1), operator.jacobian(at), zero)
-    both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
-    eye = torch.eye(mask.shape[-1], dtype=like.dtype, device=like.device)
-    r = torch.where(both, operator.noise_cov.to(like), eye)
-    return h, r
+        _, ht, r = masked_observation(zero, operator.matrix.to(like).T, operator.noise_cov, mask)
+        return ht.transpose(-1, -2), r
+    # one H per member: an extra member axis on the mask, dropped again from R
+    _, ht, r = masked_observation(zero.unsqueeze(-2), operator.jacobian(at).transpose(-1, -2), operator.noise_cov,
+                                  mask.unsqueeze(-2))
+    return ht.transpose(-1, -2), r.squeeze(-3)
 
 
 class GaussianStep(NamedTuple):
@@ -263,12 +259,10 @@ def gaussian_step(f: torch.Tensor, y: torch.Tensor, operator: Observation, mask:
     if h.ndim == f.ndim:                                           # shared S: solve all members at once
         s_inv_d = torch.cholesky_solve(d.transpose(-1, -2), chol).transpose(-1, -2)
         gain_d = s_inv_d @ hq
-        k_hq = hq.transpose(-1, -2) @ torch.cholesky_solve(hq, chol)
     else:                                                          # one S per member
         s_inv_d = torch.cholesky_solve(d.unsqueeze(-1), chol).squeeze(-1)
         gain_d = (s_inv_d.unsqueeze(-2) @ hq).squeeze(-2)
-        k_hq = hq.transpose(-1, -2) @ torch.cholesky_solve(hq, chol)
-    p = q - k_hq
+    p = q - hq.transpose(-1, -2) @ torch.cholesky_solve(hq, chol)
     return GaussianStep(d, gain_d, s_inv_d, chol, 0.5 * (p + p.transpose(-1, -2)), h, r)
 
 
@@ -281,14 +275,9 @@ def apply_root(eps: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """``log N(x; mean, L L^T)`` over the last axis, ``L`` lower triangular and invertible."""
-    if root.ndim == x.ndim:                                   # one root per experiment, (*batch, n, n)
-        z = torch.linalg.solve_triangular(root, (x - mean).transpose(-1, -2), upper=False).transpose(-1, -2)
-        logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1, keepdim=True)
-        return -0.5 * (z**2).sum(-1) - logdet - 0.5 * x.shape[-1] * math.log(2 * math.pi)
-    z = torch.linalg.solve_triangular(root, (x - mean).unsqueeze(-1), upper=False).squeeze(-1)
-    logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (z**2).sum(-1) - logdet - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    """``log N(x; mean, L L^T)`` over the last axis, ``L`` lower triangular and invertible, shared by
+    the members or one per member (see :func:`daml.filters.base.gaussian_logpdf_chol`)."""
+    return gaussian_logpdf_chol(x - mean, root)
 
 
 def pairwise_log_kernel(x: torch.Tensor, centres: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
@@ -358,19 +347,10 @@ def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systemati
     model_noise : scalar, (n,) or (n, n), optional
         ``Q`` for the filter's propagation instead of the model's ``noise_cov``.
     """
-    members = check_members(members)
-    threshold = check_threshold(threshold)
-    resampling = check_resampling(resampling)
-    jitter = check_jitter(jitter)
+    members, threshold, resampling, jitter = check_sir(members, threshold, resampling, jitter)
     noise = NoiseModel(model_noise, "bootstrap", required=False)
 
-    def forecast(state: EnsembleState, model: Model, g: torch.Generator) -> EnsembleState:
-        if noise.given is not None and noise.q is None:
-            noise.resolve(model)
-        if noise.given is None:
-            from ..models.base import propagate
-            return EnsembleState(propagate(model, state.x, 1, seed=g), state.log_weight)
-        return EnsembleState(model_noise_step(model, noise)(state.x, g), state.log_weight)
+    forecast = deferred_forecast(noise)          # without lookahead: the model and its noise, every step
 
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator):
@@ -394,10 +374,7 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
     ``h`` linearised at each forecast and the weights are the exact importance ratio. Parameters as
     :func:`bootstrap`; ``Q`` (``model_noise`` or the model's ``noise_cov``) must be positive definite.
     """
-    members = check_members(members)
-    threshold = check_threshold(threshold)
-    resampling = check_resampling(resampling)
-    jitter = check_jitter(jitter)
+    members, threshold, resampling, jitter = check_sir(members, threshold, resampling, jitter)
     noise = NoiseModel(model_noise, "the optimal-proposal particle filter", required=True)
 
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
@@ -408,9 +385,8 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
         mean = f + step.gain_d
         root = torch.linalg.cholesky(step.cov)
         x = mean + apply_root(torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device), root)
-        if operator.linear:
-            s = step.chol_s @ step.chol_s.transpose(-1, -2)
-            inc = gaussian_loglik(step.innovation, s, mask)
+        if operator.linear:                    # N(y; H f, S), S already masked and factored
+            inc = masked_logpdf_chol(step.innovation, step.chol_s, mask)
         else:
             inc = (gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
                    + gaussian_log_density(x, f, q_root) - gaussian_log_density(x, mean, root))
