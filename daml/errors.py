@@ -24,6 +24,7 @@ __all__ = [
     "SeedError",
     "PosteriorError",
     "DivergenceError",
+    "ConvergenceWarning",
     "check_int",
     "check_real",
 ]
@@ -109,6 +110,14 @@ class DivergenceError(DamlError, RuntimeError):
 
     def __reduce__(self):
         return (_rebuild_divergence, (self.args[0], self.step))
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped at its iteration limit before reaching its tolerance.
+
+    The result is still returned (with per-problem ``converged`` flags and errors); the warning makes
+    sure the shortfall is never silent.
+    """
 
 
 def _rebuild_divergence(message: str, step: int | None) -> DivergenceError:
