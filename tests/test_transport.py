@@ -1,0 +1,413 @@
+"""daml.transport.sinkhorn against POT, closed forms, exact properties and finite differences."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.special import logsumexp
+
+import daml
+from daml.errors import ConvergenceWarning, InputError, NonFiniteError, ShapeError
+from daml.transport import sinkhorn, softmin
+
+
+def _problem(n, m, d=3, seed=0, skew=1.0, shift=0.5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=(m, d)) + shift
+    c = ((x[:, None] - y[None]) ** 2).sum(-1)
+    a = rng.random(n) + 0.1
+    b = rng.random(m) ** skew + 1e-3
+    return c, a / a.sum(), b / b.sum()
+
+
+def _marginal_error(plan, a, b):
+    return np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum()
+
+
+def _lse_oracle(c, la, lb, eps, iters):
+    """A plain log-domain Sinkhorn in numpy/scipy (no absorption), the reference iterate."""
+    g = np.zeros(c.shape[1])
+    for _ in range(iters):
+        f = -eps * logsumexp(lb[None, :] + (g[None, :] - c) / eps, axis=1)
+        g = -eps * logsumexp(la[:, None] + (f[:, None] - c) / eps, axis=0)
+    return np.exp(la[:, None] + lb[None, :] + (f[:, None] + g[None, :] - c) / eps)
+
+
+# -- agreement with POT ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,m,skew", [(5, 7, 1.0), (60, 40, 4.0), (200, 200, 8.0)])
+@pytest.mark.parametrize("rel_eps", [0.02, 0.1, 1.0])
+def test_plan_equals_pot_sinkhorn_log(n, m, skew, rel_eps):
+    c, a, b = _problem(n, m, skew=skew, seed=n + m)
+    eps = rel_eps * c.mean()
+    ref = ot.sinkhorn(a, b, c, eps, method="sinkhorn_log", stopThr=1e-15, numItermax=200000)
+    res = sinkhorn(torch.from_numpy(c), a, b, epsilon=eps, tol=1e-13, max_iter=200000)
+    assert bool(res.converged)
+    plan = res.plan().numpy()
+    assert np.abs(plan - ref).max() <= 1e-12 + 1e-9 * np.abs(ref).max()
+    assert float(res.value_linear) == pytest.approx(float((c * ref).sum()), rel=1e-10)
+
+
+def test_relative_epsilon_is_a_fraction_of_the_mean_cost():
+    c, a, b = _problem(30, 20)
+    r1 = sinkhorn(c, a, b, epsilon=0.1, relative=True, tol=1e-12, max_iter=20000)
+    r2 = sinkhorn(c, a, b, epsilon=0.1 * c.mean(), tol=1e-12, max_iter=20000)
+    assert float(r1.epsilon) == pytest.approx(0.1 * c.mean(), rel=1e-14)
+    assert torch.allclose(r1.plan(), r2.plan(), atol=1e-14)
+
+
+def test_iterates_follow_the_plain_log_domain_recursion():
+    """Absorption is exact arithmetic: after K iterations the plan is the K-th log-domain iterate."""
+    c, a, b = _problem(40, 30, skew=6.0, seed=3)
+    eps = 0.03 * c.mean()
+    for iters in (1, 7, 25):
+        res = sinkhorn(c, a, b, epsilon=eps, tol=0.0, max_iter=iters, warn=False)
+        ref = _lse_oracle(c, np.log(a), np.log(b), eps, iters)
+        assert int(res.iterations) == iters
+        assert np.abs(res.plan().numpy() - ref).max() <= 1e-13
+
+
+# -- limits and closed forms ------------------------------------------------------------------------------
+
+def test_cost_approaches_exact_emd_as_epsilon_shrinks():
+    c, a, b = _problem(80, 60, seed=5)
+    exact = float(ot.emd2(a, b, c))
+    gaps = []
+    for rel in (0.3, 0.1, 0.03, 0.01, 0.003):
+        res = sinkhorn(c, a, b, epsilon=rel, relative=True, tol=1e-9, max_iter=200000, anneal=0.7)
+        assert bool(res.converged)
+        gaps.append(float(res.value_linear) - exact)
+    assert all(g > -1e-9 for g in gaps)                     # no plan beats the exact optimum
+    assert all(g2 < g1 for g1, g2 in zip(gaps, gaps[1:]))   # monotone approach
+    assert gaps[-1] < 1e-3 * exact
+
+
+def test_entropic_value_exceeds_linear_cost_by_epsilon_times_kl():
+    c, a, b = _problem(30, 25, seed=2)
+    res = sinkhorn(c, a, b, epsilon=0.2, relative=True, tol=1e-13, max_iter=100000)
+    p = res.plan().numpy()
+    kl = (p * np.log(p / np.outer(a, b))).sum() - p.sum() + 1.0
+    assert float(res.value) == pytest.approx(float(res.value_linear) + float(res.epsilon) * kl, rel=1e-10)
+    assert kl > 0
+
+
+def _gaussian_w2(m1, s1, m2, s2):
+    root = np.real(_sqrtm(s1))
+    cross = _sqrtm(root @ s2 @ root)
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * cross))
+
+
+def _sqrtm(s):
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def test_transport_cost_between_gaussian_samples_approaches_closed_form_w2():
+    """Empirical OT between samples of N(m1, S1) and N(m2, S2) converges to W2^2 (Monte Carlo error
+    shrinks with n; 2-d, small epsilon with annealing)."""
+    m1, m2 = np.array([0.0, 0.0]), np.array([1.5, -0.5])
+    s1 = np.array([[1.0, 0.3], [0.3, 0.5]])
+    s2 = np.array([[0.4, -0.1], [-0.1, 1.2]])
+    exact = _gaussian_w2(m1, s1, m2, s2)
+    errors = []
+    for n in (100, 400, 1600):
+        errs = []
+        for seed in range(3):
+            rng = np.random.default_rng(100 + seed)
+            x = rng.multivariate_normal(m1, s1, size=n)
+            y = rng.multivariate_normal(m2, s2, size=n)
+            c = ((x[:, None] - y[None]) ** 2).sum(-1)
+            res = sinkhorn(c, epsilon=0.002, relative=True, tol=1e-6, max_iter=50000, anneal=0.6,
+                           relaxation="auto")
+            assert bool(res.converged)
+            errs.append(abs(float(res.value_linear) - exact) / exact)
+        errors.append(float(np.mean(errs)))
+    assert errors[2] < errors[0]
+    assert errors[2] < 0.05
+
+
+# -- marginals, batches, tiny and zero masses ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_marginals_hold_to_the_requested_tolerance(dtype, tol):
+    c, a, b = _problem(120, 90, skew=5.0, seed=9)
+    res = sinkhorn(torch.tensor(c, dtype=dtype), a, b, epsilon=0.05, relative=True, tol=tol, max_iter=50000)
+    assert bool(res.converged)
+    plan = res.plan().double().numpy()
+    measured = _marginal_error(plan, a, b)
+    assert measured <= tol * 1.5 + (1e-6 if dtype == torch.float32 else 0.0)
+    assert float(res.error) <= tol
+
+
+def test_batch_equals_per_problem_results():
+    rng = np.random.default_rng(11)
+    cs, as_, bs = [], [], []
+    for k in range(6):
+        c, a, b = _problem(30, 20, seed=20 + k, skew=1 + k)
+        cs.append(c * (1 + k)), as_.append(a), bs.append(b)
+    c, a, b = np.stack(cs).reshape(2, 3, 30, 20), np.stack(as_).reshape(2, 3, 30), np.stack(bs).reshape(2, 3, 20)
+    eps = rng.uniform(0.05, 0.2, size=(2, 3))
+    batch = sinkhorn(c, a, b, epsilon=eps, relative=True, tol=1e-11, max_iter=100000)
+    assert batch.f.shape == (2, 3, 30) and batch.iterations.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            one = sinkhorn(c[i, j], a[i, j], b[i, j], epsilon=eps[i, j], relative=True, tol=1e-11, max_iter=100000)
+            assert int(one.iterations) == int(batch.iterations[i, j])
+            assert torch.allclose(one.plan(), batch.plan()[i, j], atol=1e-13, rtol=0)
+            assert float(one.value) == pytest.approx(float(batch.value[i, j]), rel=1e-12)
+    assert len(set(batch.iterations.flatten().tolist())) > 1   # problems stopped at their own time
+
+
+def test_importance_weights_spanning_hundreds_of_orders_of_magnitude():
+    rng = np.random.default_rng(4)
+    n = 100
+    x = rng.normal(size=(n, 2))
+    c = ((x[:, None] - x[None]) ** 2).sum(-1)
+    lb = -np.linspace(0, 600, n)                  # weights from 1 down to 1e-260
+    lb -= logsumexp(lb)
+    res = sinkhorn(c, log_b=lb, epsilon=0.05, relative=True, tol=1e-10, max_iter=100000)
+    assert bool(res.converged)
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    ref = _lse_oracle(c, np.full(n, -math.log(n)), lb, float(res.epsilon), int(res.iterations))
+    plan = res.plan().numpy()
+    assert np.abs(plan - ref).max() <= 1e-12
+    # the tiny columns still carry their (tiny) mass with small relative error
+    col = plan.sum(0)
+    assert np.allclose(np.log(col[-10:]), lb[-10:], atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_zero_masses_give_zero_rows_and_columns_and_finite_potentials():
+    c, a, b = _problem(20, 15, seed=8)
+    a[[0, 5]] = 0.0
+    b[[3]] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    res = sinkhorn(c, a, b, epsilon=0.1, relative=True, tol=1e-12, max_iter=50000)
+    assert bool(res.converged)
+    plan = res.plan().numpy()
+    assert np.all(plan[[0, 5]] == 0) and np.all(plan[:, 3] == 0)
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    ref = ot.sinkhorn(a, b, c, float(res.epsilon), method="sinkhorn_log", stopThr=1e-15, numItermax=100000)
+    assert np.abs(plan - ref).max() < 1e-11
+    # the potential of a zero-mass point is the soft-min against the other side
+    la, lb = np.log(np.where(a > 0, a, 1e-300)), np.log(np.where(b > 0, b, 1e-300))
+    e = float(res.epsilon)
+    f0 = -e * logsumexp(lb[None, :] + (res.g.numpy()[None, :] - c) / e, axis=1)[0]
+    assert float(res.f[0]) == pytest.approx(f0, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-4), (torch.float32, 1e-3)])
+def test_small_epsilon_gives_no_nan_or_inf(dtype, rel):
+    c, a, b = _problem(150, 120, skew=10.0, seed=13)
+    for anneal in (None, 0.5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = sinkhorn(torch.tensor(c, dtype=dtype), a, b, epsilon=rel, relative=True, tol=1e-4,
+                           max_iter=3000, anneal=anneal)
+        for field in (res.f, res.g, res.value, res.value_linear, res.error):
+            assert torch.isfinite(field).all()
+        plan = res.plan()
+        assert torch.isfinite(plan).all()
+        assert float(res.error) == pytest.approx(_marginal_error(plan.double().numpy(), a, b), abs=2e-5, rel=1e-3)
+
+
+def test_nonconvergence_is_reported_per_problem_and_warned():
+    c1, a, b = _problem(50, 50, skew=8.0, seed=1)
+    c = np.stack([c1, c1 * 0.001])                # the second is easy (relatively large epsilon)
+    with pytest.warns(ConvergenceWarning, match="1 of 2 problems"):
+        res = sinkhorn(c, a, b, epsilon=0.01, tol=1e-10, max_iter=30)
+    assert res.converged.tolist() == [False, True]
+    assert float(res.error[0]) > 1e-10 and int(res.iterations[0]) == 30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sinkhorn(c, a, b, epsilon=0.01, tol=1e-10, max_iter=30, warn=False)
+
+
+def test_relaxation_and_annealing_reach_the_same_plan():
+    c, a, b = _problem(60, 50, skew=6.0, seed=17)
+    base = sinkhorn(c, a, b, epsilon=0.02, relative=True, tol=1e-12, max_iter=100000)
+    for kw in ({"relaxation": 1.5}, {"relaxation": "auto"}, {"anneal": 0.5}, {"anneal": 0.8, "relaxation": "auto"}):
+        other = sinkhorn(c, a, b, epsilon=0.02, relative=True, tol=1e-12, max_iter=100000, **kw)
+        assert bool(other.converged)
+        assert torch.allclose(other.plan(), base.plan(), atol=1e-12, rtol=0)
+    fast = sinkhorn(c, a, b, epsilon=0.02, relative=True, tol=1e-12, max_iter=100000, relaxation="auto")
+    assert int(fast.iterations) < int(base.iterations)
+
+
+def test_apply_equals_the_plan_product_without_forming_it():
+    c, a, b = _problem(70, 40, seed=6)
+    res = sinkhorn(np.stack([c, 2 * c]), a, b, epsilon=0.1, relative=True, tol=1e-11, max_iter=50000)
+    p = res.plan()
+    x = torch.randn(2, 40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(2, 70, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(res.apply(x), p @ x, atol=1e-15, rtol=1e-12)
+    assert torch.allclose(res.apply(y, transpose=True), p.mT @ y, atol=1e-15, rtol=1e-12)
+    assert torch.allclose(res.apply(x[..., 0]), (p @ x)[..., 0], atol=1e-15, rtol=1e-12)
+    with pytest.raises(ShapeError, match="x"):
+        res.apply(torch.zeros(2, 41, 3))
+
+
+def test_softmin_matches_scipy_logsumexp():
+    c, a, b = _problem(9, 11, seed=3)
+    h = np.log(b) + np.linspace(-1, 1, 11)
+    e = torch.tensor([0.3], dtype=torch.float64)
+    got = softmin(torch.tensor(c)[None], torch.tensor(h)[None], e, -1)[0].numpy()
+    assert np.allclose(got, -0.3 * logsumexp(h[None, :] - c / 0.3, axis=1), atol=1e-14)
+    h2 = np.log(a)
+    got2 = softmin(torch.tensor(c)[None], torch.tensor(h2)[None], e, -2)[0].numpy()
+    assert np.allclose(got2, -0.3 * logsumexp(h2[:, None] - c / 0.3, axis=0), atol=1e-14)
+
+
+# -- properties (hypothesis) -------------------------------------------------------------------------------
+
+_sizes = st.tuples(st.integers(2, 12), st.integers(2, 12), st.integers(0, 10_000), st.floats(0.05, 2.0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(_sizes)
+def test_transposed_problem_gives_the_transposed_plan(args):
+    n, m, seed, rel = args
+    c, a, b = _problem(n, m, seed=seed)
+    r1 = sinkhorn(c, a, b, epsilon=rel, relative=True, tol=1e-12, max_iter=100000)
+    r2 = sinkhorn(c.T.copy(), b, a, epsilon=rel, relative=True, tol=1e-12, max_iter=100000)
+    assert torch.allclose(r1.plan(), r2.plan().T, atol=1e-11, rtol=0)
+    assert float(r1.value) == pytest.approx(float(r2.value), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(_sizes, st.floats(0.0, 5.0), st.floats(0.1, 10.0))
+def test_plan_is_invariant_to_separable_cost_shifts_and_scales_with_epsilon(args, shift, scale):
+    n, m, seed, rel = args
+    c, a, b = _problem(n, m, seed=seed)
+    rng = np.random.default_rng(seed)
+    alpha, beta = rng.uniform(0, shift, size=n), rng.uniform(0, shift, size=m)
+    eps = rel * c.mean()
+    base = sinkhorn(c, a, b, epsilon=eps, tol=1e-12, max_iter=100000)
+    shifted = sinkhorn(c + alpha[:, None] + beta[None, :], a, b, epsilon=eps, tol=1e-12, max_iter=100000)
+    scaled = sinkhorn(scale * c, a, b, epsilon=scale * eps, tol=1e-12, max_iter=100000)
+    assert torch.allclose(shifted.plan(), base.plan(), atol=1e-10, rtol=0)
+    assert torch.allclose(scaled.plan(), base.plan(), atol=1e-10, rtol=0)
+    # linearity of the cost: <C + alpha + beta, P> = <C, P> + <alpha, a> + <beta, b>
+    assert float(shifted.value_linear) == pytest.approx(float(base.value_linear) + alpha @ a + beta @ b,
+                                                        rel=1e-9, abs=1e-10)
+    assert float(scaled.value) == pytest.approx(scale * float(base.value), rel=1e-9, abs=1e-10)
+
+
+# -- gradients -----------------------------------------------------------------------------------------------
+
+def _fd(fun, x, h=1e-6):
+    out = torch.zeros_like(x)
+    flat = out.view(-1)
+    for i in range(x.numel()):
+        xp, xm = x.clone(), x.clone()
+        xp.view(-1)[i] += h
+        xm.view(-1)[i] -= h
+        flat[i] = (fun(xp) - fun(xm)) / (2 * h)
+    return out
+
+
+def test_implicit_gradients_match_finite_differences():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    lb = torch.log_softmax(torch.randn(5, generator=gen, dtype=torch.float64), 0)
+
+    def solve(xx, lbb=lb):
+        return sinkhorn(torch.cdist(xx, y) ** 2, log_b=lbb, epsilon=0.3, tol=1e-13, max_iter=100000)
+
+    targets = {
+        "value_linear": lambda r: r.value_linear,
+        "value": lambda r: r.value,
+        "transformed": lambda r: (r.apply(y) ** 2).sum(),
+        "potential": lambda r: (r.f * torch.arange(7.0, dtype=torch.float64)).sum(),
+    }
+    for name, target in targets.items():
+        xx = x.clone().requires_grad_()
+        grad, = torch.autograd.grad(target(solve(xx)), xx)
+        fd = _fd(lambda z: target(solve(z)).detach(), x)
+        assert torch.allclose(grad, fd, atol=1e-7, rtol=1e-6), name
+    lbb = lb.clone().requires_grad_()
+    grad, = torch.autograd.grad(solve(x, lbb).value_linear, lbb)
+    fd = _fd(lambda z: solve(x, z).value_linear.detach(), lb)
+    assert torch.allclose(grad, fd, atol=1e-7)
+
+
+def test_envelope_gradient_of_the_value_is_the_plan():
+    c, a, b = _problem(12, 9, seed=4)
+    ct = torch.tensor(c, requires_grad=True)
+    res = sinkhorn(ct, a, b, epsilon=0.1, relative=False, tol=1e-13, max_iter=100000)
+    grad, = torch.autograd.grad(res.value, ct)
+    assert torch.allclose(grad, res.plan().detach(), atol=1e-12)
+
+
+def test_no_graph_is_built_when_nothing_requires_grad():
+    c, a, b = _problem(12, 9, seed=4)
+    res = sinkhorn(torch.tensor(c), a, b, epsilon=0.1, tol=1e-10)
+    assert not res.f.requires_grad and not res.value.requires_grad
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+
+def test_bad_input_raises_named_errors():
+    c, a, b = _problem(6, 5)
+    with pytest.raises(InputError, match="cost: expected non-negative"):
+        sinkhorn(c - 10, a, b)
+    bad = c.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="cost"):
+        sinkhorn(bad, a, b)
+    bad[0, 0] = np.inf
+    with pytest.raises(NonFiniteError, match="cost"):
+        sinkhorn(bad, a, b)
+    with pytest.raises(ShapeError, match="cost"):
+        sinkhorn(np.ones(5), a, b)
+    with pytest.raises(InputError, match="a: expected masses summing to one"):
+        sinkhorn(c, a * 2, b)
+    with pytest.raises(InputError, match="b: expected non-negative"):
+        sinkhorn(c, a, b - 0.5)
+    with pytest.raises(ShapeError, match="b"):
+        sinkhorn(c, a, np.full(4, 0.25))
+    with pytest.raises(ShapeError, match="a"):
+        sinkhorn(c, np.full(7, 1 / 7), b)
+    with pytest.raises(InputError, match="log_b"):
+        sinkhorn(c, a, log_b=np.log(b) + 1.0)
+    with pytest.raises(InputError, match="either b or log_b"):
+        sinkhorn(c, a, b, log_b=np.log(b))
+    for eps in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="epsilon"):
+            sinkhorn(c, a, b, epsilon=eps)
+    with pytest.raises(InputError, match="relaxation"):
+        sinkhorn(c, a, b, relaxation=2.5)
+    with pytest.raises(InputError, match="anneal"):
+        sinkhorn(c, a, b, anneal=1.0)
+    with pytest.raises(InputError, match="tol"):
+        sinkhorn(c, a, b, tol=-1.0)
+    with pytest.raises(InputError, match="max_iter"):
+        sinkhorn(c, a, b, max_iter=0)
+    with pytest.raises(InputError, match="cost"):
+        sinkhorn(np.zeros((3, 3)), epsilon=0.1, relative=True)
+
+
+def test_public_api():
+    assert daml.transport.sinkhorn is sinkhorn
+    res = daml.transport.sinkhorn(np.ones((3, 4)))
+    assert isinstance(res, daml.transport.SinkhornResult)
+    # a constant cost: the plan is the product of the marginals
+    assert torch.allclose(res.plan(), torch.full((3, 4), 1 / 12, dtype=torch.float64), atol=1e-15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    c, a, b = _problem(64, 48, seed=21)
+    cpu = sinkhorn(c, a, b, epsilon=0.05, relative=True, tol=1e-10, max_iter=50000)
+    gpu = sinkhorn(torch.tensor(c, device="cuda"), a, b, epsilon=0.05, relative=True, tol=1e-10, max_iter=50000)
+    assert gpu.f.device.type == "cuda"
+    assert torch.allclose(gpu.plan().cpu(), cpu.plan(), atol=1e-12)
