@@ -66,6 +66,9 @@ DEFAULT_CONFIG = """
 # EnKF (N=40, infl 1.06) 0.22, ETKF (N=24, infl 1.02) 0.18, LETKF (N=7, loc 4, infl 1.04) 0.22,
 # bootstrap PF (N=3000, NER 0.5, reg 0.7) 0.26. The equivalent-weights PF (N=24) needs a model-noise
 # covariance for its proposal: a periodic Gaussian-shaped Q of variance 1 and length 1 grid point.
+# The ensemble transform PFs (exact transport for the global one, batched Sinkhorn for the local
+# one, both with the second-order correction and rejuvenation) show the same contrast as the
+# particle filters: the global ETPF degenerates in 40 dimensions, the local one tracks the truth.
 [experiment]
 name = "lorenz96_sakov2008"
 steps = 1000
@@ -121,6 +124,21 @@ name = "ewpf"
 members = 24
 keep = 0.5
 model_noise = {variance = 1.0, length = 1.0}
+
+[[methods]]
+name = "etpf"
+members = 100
+solver = "emd"
+second_order = true
+rejuvenation = 0.5
+
+[[methods]]
+name = "letpf"
+members = 20
+radius = 2.0
+second_order = true
+rejuvenation = 0.5
+tol = 1e-3
 """
 
 _SECTIONS = {

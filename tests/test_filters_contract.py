@@ -23,6 +23,8 @@ PARAMS = {
     "auxiliary": {"members": 30},
     "ewpf": {"members": 12},
     "iewpf": {"members": 12, "keep": 0.8},
+    "etpf": {"members": 12, "rejuvenation": 0.1},
+    "letpf": {"members": 12, "radius": 2.0, "second_order": True},
 }
 DETERMINISTIC = {"kf", "ekf", "etkf", "letkf", "climatology"}  # given the initial ensemble
 

@@ -18,6 +18,8 @@ from .letkf import gaspari_cohn, letkf
 from . import particle as _particle_module, ewpf as _ewpf_module  # noqa: F401
 from .particle import auxiliary, bootstrap, optimal
 from .ewpf import equivalent_weights_step, ewpf, iewpf
+from . import etpf as _etpf_module  # noqa: F401
+from .etpf import etpf, letpf
 
 __all__ = [
     "Filter", "EnsembleState", "GaussianState", "REGISTRY", "register", "make_filter", "inflate",
@@ -26,4 +28,5 @@ __all__ = [
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
     "bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",
+    "etpf", "letpf",
 ]

@@ -6,5 +6,7 @@
 """
 
 from .sinkhorn import SinkhornResult, sinkhorn, softmin
+from .transform import TransformResult, ensemble_transform, second_order_correction
 
-__all__ = ["sinkhorn", "SinkhornResult", "softmin"]
+__all__ = ["sinkhorn", "SinkhornResult", "softmin", "ensemble_transform", "TransformResult",
+           "second_order_correction"]
