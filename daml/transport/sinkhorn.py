@@ -31,17 +31,20 @@ soft-min costs one ``exp`` per matrix entry. Most of that is avoidable: anchored
 
 .. math::
 
-    f_i = f0_i - \\varepsilon \\log \\frac{\\sum_j P^0_{ij}\\, e^{(g_j - g0_j)/\\varepsilon}}{a_i},
-    \\qquad P^0_{ij} = a_i b_j e^{(f0_i + g0_j - C_{ij})/\\varepsilon},
+    f_i = f0_i - \\varepsilon \\log \\sum_j K_{ij}\\, b_j e^{(g_j - g0_j)/\\varepsilon},
+    \\qquad K_{ij} = e^{(f0_i + g0_j - C_{ij})/\\varepsilon},
 
-a mat-vec with the plan at the anchor. This is the *absorption* stabilisation of Schmitzer (2019):
+a mat-vec with the kernel at the anchor. This is the *absorption* stabilisation of Schmitzer (2019):
 the iterates are the log-domain iterates (the same numbers up to rounding), yet the inner loop runs at
-the speed of the exp-domain algorithm. The anchor moves (one exact soft-min pass, which also forms
-``P^0`` again) whenever a potential has moved by more than ``tau * epsilon`` since the last anchor
-(``tau`` = 50 in float64, 10 in float32), so no exponential ever overflows or underflows into
-subnormal numbers. Entries of ``P^0`` are floored at a tiny normal number
-(``exp(log(tiny) + 2 tau + 2)``), which changes any marginal by less than ``m * 1e-20`` (float32) or
-``1e-240`` (float64) in absolute terms. Masses that are exactly zero stay exactly zero.
+the speed of the exp-domain algorithm. The anchor moves (one exact soft-min pass, which also forms the
+kernel again) whenever a potential has moved by more than ``tau * epsilon`` since the last anchor
+(``tau`` = 100 in float64, 15 in float32), so no exponential overflows and no product in the loop
+is subnormal. In the loop the masses multiply vectors, not the kernel: the kernel is
+``K_ij = exp((f0_i + g0_j - C_ij)/epsilon)`` and the plan ``diag(a u) K diag(b v)``. Its entries are
+clipped below at ``exp(log(tiny) + tau + 2)``, which changes any plan entry by less than
+``a_i b_j exp(-560)`` (float64) or ``a_i b_j exp(-40)`` (float32), and above where only zero or
+subnormal masses could reach. Zero masses stay exactly zero; masses below the dtype's smallest normal
+number are set to zero.
 
 Stopping and per-problem masks
 ------------------------------
@@ -348,8 +351,10 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
         Measure the marginal error (and retire converged problems) every this many iterations.
     anneal : float in (0, 1), optional
         Epsilon-scaling: start at ``max C`` and multiply by ``anneal`` per iteration down to ``epsilon``.
-    relaxation : float in [1, 2)
-        Over-relaxation ``omega`` of each potential update; 1 is plain Sinkhorn.
+    relaxation : float in [1, 2) or "auto"
+        Over-relaxation ``omega`` of each potential update; 1 is plain Sinkhorn; ``"auto"`` sets it
+        per problem from the observed convergence rate (Lehmann et al.) and drops it where the error
+        grows.
     warn : bool
         Emit a :class:`~daml.errors.ConvergenceWarning` when problems end unconverged.
     dtype, device : optional
@@ -426,17 +431,24 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
                           shaped(iters), shaped(converged), shaped(eps), c, shaped(la, n), shaped(lb, m))
 
 
-def _plan_error(cost, la, lb, eps, f, g) -> torch.Tensor:
-    """L1 marginal error of the plan built from ``(f, g)``, a block of rows at a time."""
+def _plan_blocks(cost, la, lb, eps, f, g):
+    """The plan ``a_i b_j exp((f_i + g_j - C_ij) / epsilon)`` of every problem, a block of rows at a
+    time: yields ``(rows, block)`` with ``block`` ``(B, rows, m)``."""
     n, m = cost.shape[-2], cost.shape[-1]
     e = eps.view(-1, 1, 1)
     step = max(1, _CHUNK // max(1, cost.shape[0] * m))
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        yield rows, torch.exp(la[:, rows].unsqueeze(-1) + lb.unsqueeze(-2)
+                              + (f[:, rows].unsqueeze(-1) + g.unsqueeze(-2) - cost[:, rows]) / e)
+
+
+def _plan_error(cost, la, lb, eps, f, g) -> torch.Tensor:
+    """L1 marginal error of the plan built from ``(f, g)``."""
     row_err = torch.zeros_like(eps)
     cols = torch.zeros_like(g)
-    for i in range(0, n, step):
-        p = torch.exp(la[:, i:i + step].unsqueeze(-1) + lb.unsqueeze(-2)
-                      + (f[:, i:i + step].unsqueeze(-1) + g.unsqueeze(-2) - cost[:, i:i + step]) / e)
-        row_err = row_err + (p.sum(-1) - torch.exp(la[:, i:i + step])).abs().sum(-1)
+    for rows, p in _plan_blocks(cost, la, lb, eps, f, g):
+        row_err = row_err + (p.sum(-1) - torch.exp(la[:, rows])).abs().sum(-1)
         cols = cols + p.sum(-2)
     return row_err + (cols - torch.exp(lb)).abs().sum(-1)
 
@@ -448,19 +460,13 @@ def _dot(log_mass: torch.Tensor, pot: torch.Tensor) -> torch.Tensor:
 
 
 def _plan_sums(cost, la, lb, eps, f, g, linear: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``sum P`` and ``<C, P>`` for every problem, a block of rows at a time."""
-    n, m = cost.shape[-2], cost.shape[-1]
-    e = eps.view(-1, 1, 1)
-    step = max(1, _CHUNK // max(1, cost.shape[0] * m))
+    """``sum P`` and ``<C, P>`` for every problem (differentiable)."""
     total = torch.zeros_like(eps)
     lin = torch.zeros_like(eps) if linear else None
-    for i in range(0, n, step):
-        c = cost[:, i:i + step]
-        p = torch.exp(la[:, i:i + step].unsqueeze(-1) + lb.unsqueeze(-2)
-                      + (f[:, i:i + step].unsqueeze(-1) + g.unsqueeze(-2) - c) / e)
+    for rows, p in _plan_blocks(cost, la, lb, eps, f, g):
         total = total + p.sum((-2, -1))
         if linear:
-            lin = lin + (p * c).sum((-2, -1))
+            lin = lin + (p * cost[:, rows]).sum((-2, -1))
     return total, lin
 
 
