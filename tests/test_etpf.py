@@ -92,7 +92,6 @@ def test_second_order_correction_is_minimal():
     t = ensemble_transform(x, lw, solver="emd").transform
     best = second_order_correction(t, lw)
     n = 10
-    q, _ = torch.linalg.qr(torch.eye(n, dtype=torch.float64) - 1.0 / n + torch.eye(n, dtype=torch.float64) * 0)
     from daml.transport.transform import _complement_basis
     v = _complement_basis(n, t)
     w = torch.softmax(lw, 0)

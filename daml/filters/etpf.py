@@ -36,11 +36,8 @@ import torch
 
 from ..errors import InputError
 from ..models.observations import Observation
-from ..transport.transform import (check_solver, check_transport_params, ensemble_transform,
-                                   second_order_correction)
-from ..transport.sinkhorn import sinkhorn
-from ..transport.transform import exact_plans
-from .base import EnsembleState, Filter, check_members, ensemble_init, ensemble_members, gaussian_loglik, register
+from ..transport.transform import check_solver, check_transport_params, ensemble_transform
+from .base import EnsembleState, Filter, check_members, ensemble_members, gaussian_loglik, register
 from .letkf import HALF_WIDTH_PER_RADIUS, _check_radius, _local_precision, gaspari_cohn
 from .particle import NoiseModel, _init_with, deferred_forecast, kish_ess, log_normalise
 
@@ -64,11 +61,11 @@ def _rejuvenate(x: torch.Tensor, tau: float, g: torch.Generator) -> torch.Tensor
     return x + tau / math.sqrt(n_mem - 1) * (xi @ anom)
 
 
-def _info(lw: torch.Tensor, log_z: torch.Tensor, err: torch.Tensor, conv: torch.Tensor, ess=None) -> dict:
-    x = lw
-    return {"ess": kish_ess(lw) if ess is None else ess, "loglik": log_z,
-            "transport_error": err.reshape(*x.shape[:-1], -1).amax(-1).to(x.dtype),
-            "unconverged": (~conv).reshape(*x.shape[:-1], -1).sum(-1).to(x.dtype)}
+def _info(lw: torch.Tensor, log_z: torch.Tensor, err: torch.Tensor, conv: torch.Tensor, ess: torch.Tensor) -> dict:
+    """The analysis ``info``; ``err`` and ``conv`` have one entry per transport problem."""
+    return {"ess": ess, "loglik": log_z,
+            "transport_error": err.reshape(*lw.shape[:-1], -1).amax(-1).to(lw.dtype),
+            "unconverged": (~conv).reshape(*lw.shape[:-1], -1).sum(-1).to(lw.dtype)}
 
 
 @register("etpf")
@@ -171,28 +168,14 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
         lw_loc = torch.log_softmax(lw0.unsqueeze(-1) + local_ll, dim=-2).transpose(-1, -2)  # (*b, n, N)
         diff2 = (x.unsqueeze(-2) - x.unsqueeze(-3)) ** 2                                    # (*b, N, N, n)
         cost = (diff2 @ taper).permute(*range(diff2.ndim - 3), -1, -3, -2)                   # (*b, n, N, N)
-        batch = cost.shape[:-2]
-        flat_c, flat_lw = cost.reshape(-1, n_mem, n_mem), lw_loc.reshape(-1, n_mem)
-        if solver == "emd":
-            plan = exact_plans(flat_c, flat_lw)
-            err = (plan.sum(-1) - torch.exp(flat_lw)).abs().sum(-1) + (plan.sum(-2) - 1.0 / n_mem).abs().sum(-1)
-            conv = torch.ones_like(err, dtype=torch.bool)
-        else:
-            flat = flat_c.mean((-2, -1)) <= 0
-            safe = torch.where(flat.view(-1, 1, 1), torch.ones_like(flat_c), flat_c)
-            res = sinkhorn(safe, log_a=flat_lw, epsilon=eps, relative=True, tol=tol, max_iter=max_iter,
-                           relaxation="auto", warn=False)
-            plan, err, conv = res.plan(), res.error, res.converged
-        t = n_mem * plan
-        if second_order:
-            t = second_order_correction(t, flat_lw)
-        t = t.reshape(*batch, n_mem, n_mem)                                                 # (*b, n, N, N)
-        # variable l of member j: sum_i T^l_ij x_il
-        xa = torch.einsum("...lij,...il->...jl", t, x)
+        # variable l of member j becomes sum_i T^l_ij x_il: an ensemble of 1-d members per variable
+        res = ensemble_transform(x.transpose(-1, -2).unsqueeze(-1), lw_loc, solver=solver, epsilon=eps, tol=tol,
+                                 max_iter=max_iter, second_order=second_order, cost=cost)
+        xa = res.x.squeeze(-1).transpose(-1, -2)
         xa = _rejuvenate(xa, tau, g)
         uniform = torch.full_like(lw0, -math.log(n_mem))
         ess = kish_ess(lw_loc).mean(-1)
-        return EnsembleState(xa, uniform), _info(lw_glob, log_z, err.reshape(*batch), conv.reshape(*batch), ess)
+        return EnsembleState(xa, uniform), _info(lw_glob, log_z, res.error, res.converged, ess)
 
     config = {"members": n_mem, "radius": rad, "epsilon": eps, "solver": solver, "second_order": second_order,
               "rejuvenation": tau, "tol": tol, "max_iter": max_iter, "model_noise": noise.config()}

@@ -557,7 +557,7 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
         return f0 + ev * torch.log(u), g0 + ev * torch.log(v)
 
     def reanchor(sel):
-        nonlocal kern, f0, g0, u, v
+        nonlocal f0, g0, u, v
         _, g_sel = potentials(u[sel], v[sel], f0[sel], g0[sel], e_act[sel])
         f_sel, kern_sel = _anchor(c_act[sel], g_sel, lb_act[sel], b_w[sel], e_act[sel], bounds)
         f0, g0, u, v = f0.clone(), g0.clone(), u.clone(), v.clone()
