@@ -61,6 +61,36 @@ def _rejuvenate(x: torch.Tensor, tau: float, g: torch.Generator) -> torch.Tensor
     return x + tau / math.sqrt(n_mem - 1) * (xi @ anom)
 
 
+def _settings(who: str, members: Any, epsilon: Any, solver: Any, second_order: Any, rejuvenation: Any, tol: Any,
+              max_iter: Any, model_noise: Any):
+    """The checked parameters shared by :func:`etpf` and :func:`letpf`: ``(N, transport keywords,
+    rejuvenation, noise model, config)``."""
+    n_mem = check_members(members)
+    eps, tol, max_iter = check_transport_params(epsilon, tol, max_iter)
+    transport = {"solver": check_solver(solver), "epsilon": eps, "tol": tol, "max_iter": max_iter,
+                 "second_order": bool(second_order)}
+    tau = _check_rejuvenation(rejuvenation)
+    noise = NoiseModel(model_noise, who, required=False)
+    config = {"members": n_mem, **transport, "rejuvenation": tau, "model_noise": noise.config()}
+    return n_mem, transport, tau, noise, config
+
+
+def _weigh(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor, who: str):
+    """Innovations ``y - h(x)`` ``(*b, N, m)`` and the normalised posterior log-weights with the
+    log-evidence increment."""
+    innovation = y.unsqueeze(-2) - operator.apply(state.x)
+    ll = gaussian_loglik(innovation, operator.noise_cov, mask)
+    lw, log_z = log_normalise(state.log_weight + torch.nan_to_num(ll, nan=-math.inf), who)
+    return innovation, lw, log_z
+
+
+def _equal_weights(x: torch.Tensor, tau: float, g: torch.Generator) -> EnsembleState:
+    """The analysis state: rejuvenated members with equal weights."""
+    n_mem = x.shape[-2]
+    uniform = torch.full(x.shape[:-1], -math.log(n_mem), dtype=x.dtype, device=x.device)
+    return EnsembleState(_rejuvenate(x, tau, g), uniform)
+
+
 def _info(lw: torch.Tensor, log_z: torch.Tensor, err: torch.Tensor, conv: torch.Tensor, ess: torch.Tensor) -> dict:
     """The analysis ``info``; ``err`` and ``conv`` have one entry per transport problem."""
     return {"ess": ess, "loglik": log_z,
@@ -93,27 +123,16 @@ def etpf(members: int, epsilon: float = 0.05, solver: str = "sinkhorn", second_o
         ``Q`` for the filter's propagation instead of the model's ``noise_cov`` (as for the
         bootstrap filter).
     """
-    n_mem = check_members(members)
-    solver = check_solver(solver)
-    eps, tol, max_iter = check_transport_params(epsilon, tol, max_iter)
-    second_order = bool(second_order)
-    tau = _check_rejuvenation(rejuvenation)
-    noise = NoiseModel(model_noise, "etpf", required=False)
+    n_mem, transport, tau, noise, config = _settings("etpf", members, epsilon, solver, second_order, rejuvenation,
+                                                     tol, max_iter, model_noise)
 
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator):
-        x, lw = state
-        ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
-        lw, log_z = log_normalise(lw + torch.nan_to_num(ll, nan=-math.inf), "etpf")
-        ess = kish_ess(lw)
-        res = ensemble_transform(x, lw, solver=solver, epsilon=eps, tol=tol, max_iter=max_iter,
-                                 second_order=second_order)
-        xa = _rejuvenate(res.x, tau, g)
-        uniform = torch.full_like(lw, -math.log(n_mem))
-        return EnsembleState(xa, uniform), _info(lw, log_z, res.error, res.converged, ess)
+        x = state.x
+        _, lw, log_z = _weigh(state, y, operator, mask, "etpf")
+        res = ensemble_transform(x, lw, **transport)
+        return _equal_weights(res.x, tau, g), _info(lw, log_z, res.error, res.converged, kish_ess(lw))
 
-    config = {"members": n_mem, "epsilon": eps, "solver": solver, "second_order": second_order,
-              "rejuvenation": tau, "tol": tol, "max_iter": max_iter, "model_noise": noise.config()}
     return Filter("etpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members)
 
 
@@ -135,13 +154,9 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
     epsilon, solver, second_order, rejuvenation, tol, max_iter, model_noise
         As for :func:`etpf`; ``second_order`` corrects each variable's transform.
     """
-    n_mem = check_members(members)
     rad = _check_radius(radius)
-    solver = check_solver(solver)
-    eps, tol, max_iter = check_transport_params(epsilon, tol, max_iter)
-    second_order = bool(second_order)
-    tau = _check_rejuvenation(rejuvenation)
-    noise = NoiseModel(model_noise, "letpf", required=False)
+    n_mem, transport, tau, noise, config = _settings("letpf", members, epsilon, solver, second_order, rejuvenation,
+                                                     tol, max_iter, model_noise)
     cache: dict[str, Any] = {}
 
     def tapers(operator: Observation, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,23 +175,17 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
                  g: torch.Generator):
         x, lw0 = state                                           # (*b, N, n), (*b, N)
         prec, taper = tapers(operator, x)
-        d = torch.where(mask.unsqueeze(-2), y.unsqueeze(-2) - operator.apply(x), 0.0)       # (*b, N, m)
-        # global weights, for the evidence and the ESS report
-        ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
-        lw_glob, log_z = log_normalise(lw0 + torch.nan_to_num(ll, nan=-math.inf), "letpf")
+        innovation, lw_glob, log_z = _weigh(state, y, operator, mask, "letpf")   # global: evidence only
+        d = torch.where(mask.unsqueeze(-2), innovation, 0.0)                                # (*b, N, m)
         local_ll = -0.5 * (d**2 * mask.unsqueeze(-2).to(x)) @ prec.T                        # (*b, N, n)
         lw_loc = torch.log_softmax(lw0.unsqueeze(-1) + local_ll, dim=-2).transpose(-1, -2)  # (*b, n, N)
         diff2 = (x.unsqueeze(-2) - x.unsqueeze(-3)) ** 2                                    # (*b, N, N, n)
         cost = (diff2 @ taper).permute(*range(diff2.ndim - 3), -1, -3, -2)                   # (*b, n, N, N)
         # variable l of member j becomes sum_i T^l_ij x_il: an ensemble of 1-d members per variable
-        res = ensemble_transform(x.transpose(-1, -2).unsqueeze(-1), lw_loc, solver=solver, epsilon=eps, tol=tol,
-                                 max_iter=max_iter, second_order=second_order, cost=cost)
+        res = ensemble_transform(x.transpose(-1, -2).unsqueeze(-1), lw_loc, cost=cost, **transport)
         xa = res.x.squeeze(-1).transpose(-1, -2)
-        xa = _rejuvenate(xa, tau, g)
-        uniform = torch.full_like(lw0, -math.log(n_mem))
         ess = kish_ess(lw_loc).mean(-1)
-        return EnsembleState(xa, uniform), _info(lw_glob, log_z, res.error, res.converged, ess)
+        return _equal_weights(xa, tau, g), _info(lw_glob, log_z, res.error, res.converged, ess)
 
-    config = {"members": n_mem, "radius": rad, "epsilon": eps, "solver": solver, "second_order": second_order,
-              "rejuvenation": tau, "tol": tol, "max_iter": max_iter, "model_noise": noise.config()}
+    config = {"radius": rad, **config}
     return Filter("letpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members)

@@ -304,7 +304,7 @@ class _ImplicitPotentials(torch.autograd.Function):
             mat = torch.eye(n, dtype=f.dtype, device=f.device) - qr.transpose(-1, -2) + 1.0
             lam_f = torch.linalg.solve(mat, rhs.unsqueeze(-1)).squeeze(-1)
             lam_g = ev * vg - (q.transpose(-1, -2) @ lam_f.unsqueeze(-1)).squeeze(-1)
-        inputs = [t for t in (cost, log_a, log_b, eps)]
+        inputs = [cost, log_a, log_b, eps]
         need = [t.requires_grad for t in inputs]
         grads = [None] * 4
         if any(need):
@@ -483,7 +483,7 @@ def _rows(kernel: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``K v`` for a batch: ``(B, n, m) x (B, m) -> (B, n)``.
 
     On the CPU the product goes through numpy's BLAS on the same memory (no copy): on AMD processors
-    torch's MKL mat-vec runs 1.5-3x slower than OpenBLAS, and this loop is nothing but mat-vecs.
+    torch's MKL mat-vec runs slower than OpenBLAS, and this loop is nothing but mat-vecs.
     """
     if kernel.device.type == "cpu":
         return torch.from_numpy(np.matmul(kernel.numpy(), v.numpy()[..., None])[..., 0])
