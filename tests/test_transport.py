@@ -411,3 +411,25 @@ def test_cuda_matches_cpu():
     gpu = sinkhorn(torch.tensor(c, device="cuda"), a, b, epsilon=0.05, relative=True, tol=1e-10, max_iter=50000)
     assert gpu.f.device.type == "cuda"
     assert torch.allclose(gpu.plan().cpu(), cpu.plan(), atol=1e-12)
+
+
+def test_fixed_over_relaxation_never_returns_nan_in_float32():
+    """Regression (found by benchmarks/sinkhorn.py, case b): with omega = 1.5 in float32 at a small
+    epsilon some relaxed updates overshoot past the float range; those problems fall back to the
+    plain update instead of returning NaN potentials and plans."""
+    rng = np.random.default_rng(20250607 + 1)            # the benchmark's case-(b) problems 57, 148, 233
+    x = rng.standard_normal((256, 100, 10))[[57, 148, 233]]
+    cost = ((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1)
+    cost /= cost.mean(axis=(1, 2), keepdims=True)
+    logw = -0.5 * (x[:, :, 0] - 1.0) ** 2 / 0.1
+    b = np.exp(logw - logsumexp(logw, axis=1, keepdims=True))
+    c32 = torch.tensor(cost, dtype=torch.float32)
+    a32 = torch.full((3, 100), 0.01, dtype=torch.float32)
+    b32 = torch.tensor(b, dtype=torch.float32)
+    b32 = b32 / b32.sum(-1, keepdim=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = sinkhorn(c32, a32, b32, epsilon=0.01, tol=1e-6, max_iter=300, relaxation=1.5)
+        plain = sinkhorn(c32, a32, b32, epsilon=0.01, tol=1e-6, max_iter=300)
+    assert bool(torch.isfinite(res.f).all() & torch.isfinite(res.g).all() & torch.isfinite(res.plan()).all())
+    assert bool((res.error < 10 * plain.error.clamp_min(1e-6)).all()), (res.error, plain.error)

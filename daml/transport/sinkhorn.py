@@ -510,6 +510,18 @@ def _anchor(cost, g, lb, b, eps, bounds):
     return -eps.view(-1, 1) * (top + torch.log(s)).squeeze(-1), k
 
 
+def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The over-relaxed scaling update ``u (1 / (s u))^omega``; a problem whose update leaves the
+    positive finite numbers (an overshoot past the dtype's range) takes the plain update ``1 / s``
+    instead and keeps ``omega = 1`` from then on."""
+    new = u * (1.0 / (s * u)) ** omega
+    bad = ~(torch.isfinite(new) & (new > 0)).all(-1, keepdim=True)
+    if bool(bad.any()):
+        new = torch.where(bad, 1.0 / s, new)
+        omega = torch.where(bad, 1.0, omega)
+    return new, omega
+
+
 def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
     """The Sinkhorn loop over the batch ``(B, n, m)``; returns ``f, g, error, iterations, sum P, <C, P>``.
 
@@ -531,8 +543,8 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
     lin_out = torch.zeros(nb, dtype=dtype, device=dev)
     a_all, b_all = torch.exp(la), torch.exp(lb)
     auto = relaxation == "auto"
-    omega = torch.ones(nb, 1, dtype=dtype, device=dev) if auto else relaxation
-    relaxed = auto or omega != 1.0
+    relaxed = auto or relaxation != 1.0
+    omega = torch.full((nb, 1), 1.0 if auto else relaxation, dtype=dtype, device=dev)
     prev_err = torch.full((nb,), math.inf, dtype=dtype, device=dev)
 
     g = torch.zeros(nb, m, dtype=dtype, device=dev)
@@ -577,14 +589,18 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
             au = a_w * u
             err = (au * s - a_w).abs().sum(-1) + (bv * _cols(kern, au) - b_w).abs().sum(-1)
             done = (err <= tol) | (k >= max_iter)
-            if auto:
-                # Lehmann et al.: with the per-iteration error ratio r of plain Sinkhorn, the best
-                # over-relaxation is 2 / (1 + sqrt(1 - r)); estimated once, dropped if the error grows
-                plain = (omega.squeeze(-1) == 1.0) & torch.isfinite(prev_err) & (err < prev_err)
-                rate = (err / prev_err).clamp(max=0.99) ** (1.0 / check_every)
-                best = (2.0 / (1.0 + torch.sqrt(1.0 - rate))).clamp(1.0, 1.9)
+            if relaxed:
+                # over-relaxation is dropped (omega = 1) for a problem whose error grows between checks;
+                # "auto" (Lehmann et al.): with the per-iteration error ratio r of plain Sinkhorn, the best
+                # over-relaxation is 2 / (1 + sqrt(1 - r)), estimated once
                 grew = (omega.squeeze(-1) > 1.0) & (err > prev_err)
-                omega = torch.where(plain, best, torch.where(grew, 1.0, omega.squeeze(-1))).unsqueeze(-1)
+                new = torch.where(grew, 1.0, omega.squeeze(-1))
+                if auto:
+                    plain = (omega.squeeze(-1) == 1.0) & torch.isfinite(prev_err) & (err < prev_err)
+                    rate = (err / prev_err).clamp(max=0.99) ** (1.0 / check_every)
+                    best = (2.0 / (1.0 + torch.sqrt(1.0 - rate))).clamp(1.0, 1.9)
+                    new = torch.where(plain, best, new)
+                omega = new.unsqueeze(-1)
                 prev_err = torch.where(grew, math.inf, err)
             if bool(done.any()):
                 every = bool(done.all())
@@ -599,15 +615,21 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
                 keep = ~done
                 idx = idx[keep]
                 kern, f0, g0, u, v, s = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep]
-                if auto:
+                if relaxed:
                     omega, prev_err = omega[keep], prev_err[keep]
                 c_act, lb_act, e_act, a_w, b_w = cost[idx], lb[idx], eps[idx], a_all[idx], b_all[idx]
-        u = u * (1.0 / (s * u)) ** omega if relaxed else 1.0 / s
+        if relaxed:
+            u, omega = _relaxed(u, s, omega)
+        else:
+            u = 1.0 / s
         far = out_of_range(u)
         if far is not None:
             reanchor(far)
         t = _cols(kern, a_w * u)                                  # K^T (a u)
-        v = v * (1.0 / (t * v)) ** omega if relaxed else 1.0 / t
+        if relaxed:
+            v, omega = _relaxed(v, t, omega)
+        else:
+            v = 1.0 / t
         k += 1
         far = out_of_range(v)
         if far is not None:
