@@ -25,6 +25,8 @@ PARAMS = {
     "iewpf": {"members": 12, "keep": 0.8},
     "etpf": {"members": 12, "rejuvenation": 0.1},
     "letpf": {"members": 12, "radius": 2.0, "second_order": True},
+    "diffusion": {"members": 12, "bandwidth": 0.3, "steps": 20},
+    "ensf": {"members": 12, "steps": 20},
 }
 DETERMINISTIC = {"kf", "ekf", "etkf", "letkf", "climatology"}  # given the initial ensemble
 

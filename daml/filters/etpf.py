@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..models.observations import Observation
 from ..transport.transform import check_solver, check_transport_params, ensemble_transform
 from .base import EnsembleState, Filter, check_members, ensemble_members, gaussian_loglik, register
-from .letkf import HALF_WIDTH_PER_RADIUS, _check_radius, _local_precision, gaspari_cohn
+from .letkf import _check_radius, _local_precision, ring_taper
 from .particle import NoiseModel, _init_with, deferred_forecast, kish_ess, log_normalise
 
 __all__ = ["etpf", "letpf"]
@@ -164,10 +164,7 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
         key = (id(operator), n, like.dtype, like.device)
         if cache.get("key") != key or cache.get("operator") is not operator:
             prec = _local_precision(operator, n, rad, None, None).to(like)                  # (n, m): rho / r
-            pos = torch.arange(n, dtype=torch.float64)
-            dist = (pos.unsqueeze(-1) - pos.unsqueeze(-2)).abs()
-            dist = torch.minimum(dist, n - dist)
-            state_taper = gaspari_cohn(dist, 2.0 * HALF_WIDTH_PER_RADIUS * rad).to(like)    # (n, n)
+            state_taper = ring_taper(n, rad).to(like)                                       # (n, n)
             cache.update(key=key, operator=operator, value=(prec, state_taper))
         return cache["value"]
 

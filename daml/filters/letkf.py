@@ -70,7 +70,7 @@ from .base import (EnsembleState, Filter, check_members, ensemble_forecast, ense
 from .enkf import (_check_rotate, _ensemble_anomalies, _is_diagonal, _mean_preserving_rotation, _spread,
                    _sqrt_transform)
 
-__all__ = ["letkf", "gaspari_cohn", "HALF_WIDTH_PER_RADIUS"]
+__all__ = ["letkf", "gaspari_cohn", "ring_taper", "HALF_WIDTH_PER_RADIUS"]
 
 HALF_WIDTH_PER_RADIUS = 1.82
 """The Gaspari-Cohn half-width ``c`` per unit of ``radius`` (DAPPER's convention, about
@@ -170,6 +170,15 @@ def _local_precision(operator: Observation, n: int, radius: float, positions: to
         dist = torch.minimum(dist, period - dist)
     rho = gaspari_cohn(dist, 2.0 * HALF_WIDTH_PER_RADIUS * radius)
     return rho / torch.diagonal(r).to(device="cpu", dtype=torch.float64).unsqueeze(-2)
+
+
+def ring_taper(n: int, radius: float) -> torch.Tensor:
+    """The ``(n, n)`` Gaspari-Cohn taper between the points of a ring of ``n`` grid points, with the
+    :func:`letkf` ``radius`` convention (zero beyond ``3.64 radius``), float64."""
+    pos = torch.arange(n, dtype=torch.float64)
+    dist = (pos.unsqueeze(-1) - pos.unsqueeze(-2)).abs()
+    dist = torch.minimum(dist, n - dist)
+    return gaspari_cohn(dist, 2.0 * HALF_WIDTH_PER_RADIUS * radius)
 
 
 @register("letkf")
