@@ -29,7 +29,8 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int
-from ..filters.base import EnsembleState, Filter, check_members, ensemble_forecast, ensemble_init, register
+from ..filters.base import (EnsembleState, Filter, check_members, ensemble_forecast, ensemble_init,
+                           ensemble_members, register)
 from ..filters.letkf import _check_radius, ring_taper
 from ..filters.particle import kish_ess
 from .samplers import SamplerSettings, check_sampler, reverse, terminal_sample
@@ -215,11 +216,7 @@ def diffusion(members: int, forcing: str = "weighted", bandwidth: float = 0.0, n
         uniform = torch.full(xa.shape[:-1], -math.log(n_mem), dtype=x.dtype, device=x.device)
         return EnsembleState(xa, uniform), _weights_info(x, lw0, y, operator, mask)
 
-    return Filter("diffusion", config, ensemble_init(n_mem), ensemble_forecast, analysis_step, _members)
-
-
-def _members(state: EnsembleState):
-    return state.x, state.log_weight
+    return Filter("diffusion", config, ensemble_init(n_mem), ensemble_forecast, analysis_step, ensemble_members)
 
 
 @register("ensf")
@@ -252,4 +249,4 @@ def ensf(members: int, steps: int = 100, eps_alpha: float = 0.05, eps_sigma: flo
         uniform = torch.full(xa.shape[:-1], -math.log(n_mem), dtype=x0.dtype, device=x0.device)
         return EnsembleState(xa, uniform), _weights_info(x0, lw0, y, operator, mask)
 
-    return Filter("ensf", config, ensemble_init(n_mem), ensemble_forecast, analysis_step, _members)
+    return Filter("ensf", config, ensemble_init(n_mem), ensemble_forecast, analysis_step, ensemble_members)

@@ -17,6 +17,7 @@ Three families:
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -25,22 +26,26 @@ from ..errors import InputError, check_real
 __all__ = ["Schedule", "VPLinear", "VPCosine", "VE", "make_schedule", "SCHEDULES"]
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class: subclasses define :meth:`alpha`, :meth:`sigma2` and their time derivatives."""
 
     name = "schedule"
 
+    @abc.abstractmethod
     def alpha(self, t: float) -> float:
-        raise NotImplementedError
+        """``alpha_t``."""
 
+    @abc.abstractmethod
     def sigma2(self, t: float) -> float:
-        raise NotImplementedError
+        """``sigma_t^2``."""
 
+    @abc.abstractmethod
     def dalpha(self, t: float) -> float:
-        raise NotImplementedError
+        """``d alpha_t / dt``."""
 
+    @abc.abstractmethod
     def dsigma2(self, t: float) -> float:
-        raise NotImplementedError
+        """``d sigma_t^2 / dt``."""
 
     def drift(self, t: float) -> float:
         """``f(t) = d log(alpha_t) / dt``."""
