@@ -23,6 +23,7 @@ __all__ = [
     "DeviceError",
     "SeedError",
     "PosteriorError",
+    "ModuleError",
     "DivergenceError",
     "ConvergenceWarning",
     "check_int",
@@ -85,6 +86,10 @@ class SeedError(InputError, TypeError):
 
 class PosteriorError(InputError):
     """A Dataset that breaks the posterior invariants (see :func:`daml.posterior.validate`)."""
+
+
+class ModuleError(InputError, TypeError):
+    """A torch module that an operation cannot handle (for example buffers that ``vmap`` cannot batch)."""
 
 
 class DivergenceError(DamlError, RuntimeError):

@@ -1,0 +1,321 @@
+"""Predictive distributions with the five sources of uncertainty (seed 001's fundamental equation).
+
+    p(x | z, θ_tr, θ_te) = ∫∫∫∫∫ p(x | w, zᵗ, θ_teᵗ) p(w | θ_trᵗ) p(θ_trᵗ | θ_tr) p(θ_teᵗ | θ_te) p(zᵗ | z)
+                           (5)        (4)            (3)              (2)              (1)
+
+with (1) the new input, (2) the testing data (the noise on the value the prediction is compared with),
+(3) the training data, (4) the weights and (5) the model function itself, estimated from held-out
+residuals. Sources (3) and (4) live in the members: an RML ensemble (perturbed targets, prior draws)
+carries both; :func:`uncertainty_sources` trains one ensemble per source to separate them. Sources
+(1), (2) and (5) are added at prediction time: inputs are perturbed by ``input_sd``, and each member's
+predictive is Gaussian with variance ``test_noise_sd² + model_sd²`` (plus the network's own variance for
+a heteroscedastic member).
+
+:func:`predict` returns the predictive as a Gaussian mixture over components ``(member, input draw,
+dropout pass)`` held on the ``member`` dimension of a daml posterior (``loc``, ``scale``, one draw
+``y`` per component, ``log_weight``), with ``variance(source, point)``: the part of the total variance
+due to each source (``members``, ``input``, ``testing``, ``model``) and the exact ``total`` by the law
+of total variance. :func:`scores` gives RMSE, NLL, CRPS and interval coverage of the mixture in closed
+form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .. import _device
+from ..errors import InputError, check_int, check_real
+from ..posterior import from_members
+from .training import Ensemble, check_data, fit, forward
+
+SOURCES = ("input", "testing", "training", "weights", "model")
+VARIANCE_PARTS = ("members", "input", "testing", "model", "total")
+
+
+def _opt_sd(value: Any, name: str) -> float:
+    return 0.0 if value is None else check_real(value, name, expected="a standard deviation >= 0")
+
+
+def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int = 20,
+            test_noise_sd: float | None = None, model_sd: float | None = None, dropout_passes: int = 0,
+            weights: bool = True, seed: _device.Seed = None) -> xr.Dataset:
+    """The predictive distribution of the ensemble at new inputs ``x`` (original units).
+
+    Parameters
+    ----------
+    ens : Ensemble
+    x : array-like, shape (n, d)
+        New inputs.
+    input_sd : float or array of shape (d,), optional
+        Standard deviation of the error in the new inputs (source 1); ``None`` switches it off.
+    input_samples : int
+        Input draws per member when ``input_sd`` is given.
+    test_noise_sd : float, optional
+        Noise on the testing data (source 2), in the units of y. Default: the ensemble's training noise
+        level for a Gaussian ensemble, ``0`` for a heteroscedastic one (its variance head holds it).
+    model_sd : float, optional
+        Model error of ``f`` (source 5), for example from :func:`model_error`; ``None`` switches it off.
+    dropout_passes : int
+        MC-dropout passes per member (``0``: dropout off).
+    weights : bool
+        Use the member weights (source 4 with training-data source 3 when the members carry it);
+        ``False`` keeps only the highest-weight member.
+    seed : int, SeedSequence, torch.Generator or None
+
+    Returns
+    -------
+    xarray.Dataset
+        A posterior with dims ``(point, member)``: ``loc``, ``scale``, ``y`` (one draw per component),
+        ``log_weight(member)``, and ``variance(source, point)``.
+    """
+    xt = _device.as_tensor(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
+    if xt.ndim == 1:
+        xt = xt.unsqueeze(-1) if ens.x_mean.shape[0] == 1 else xt.unsqueeze(0)
+    d = ens.x_mean.shape[0]
+    if xt.ndim != 2 or xt.shape[1] != d:
+        raise InputError("x", f"inputs of shape (n, {d})", f"shape {tuple(xt.shape)}")
+    n = xt.shape[0]
+    root = _device.seed_sequence(seed)
+    s_in, s_drop, s_y = root.spawn(3)
+    g_in = _device.generator(s_in, xt.device)
+    y_sd = ens.y_sd
+    hetero = ens.likelihood == "heteroscedastic"
+    test = (0.0 if hetero else float(ens.noise_sd * y_sd)) if test_noise_sd is None else \
+        _opt_sd(test_noise_sd, "test_noise_sd")
+    model = _opt_sd(model_sd, "model_sd")
+    dropout_passes = check_int(dropout_passes, "dropout_passes", minimum=0)
+    lw_members = ens.log_weight
+    keep = torch.arange(ens.members, device=xt.device)
+    if not weights:
+        keep = torch.argmax(lw_members).reshape(1)
+    sub = ens.replace(params={k: v[keep] for k, v in ens.params.items()},
+                      buffers={k: v[keep] for k, v in ens.buffers.items()},
+                      log_weight=lw_members[keep] - torch.logsumexp(lw_members[keep], 0))
+    m = sub.members
+
+    if input_sd is not None:
+        isd = _device.as_tensor(input_sd, "input_sd", dtype=xt.dtype, device=xt.device).reshape(-1)
+        if isd.numel() not in (1, d) or (isd < 0).any() or not torch.isfinite(isd).all():
+            raise InputError("input_sd", f"a standard deviation >= 0, scalar or of length {d}", input_sd)
+        s = check_int(input_samples, "input_samples")
+        xs = xt.unsqueeze(0) + isd * torch.randn((s, n, d), generator=g_in, dtype=xt.dtype, device=xt.device)
+    else:
+        s = 1
+        xs = xt.unsqueeze(0)
+    passes = max(dropout_passes, 1)
+    drop_seeds = s_drop.spawn(passes)
+    loc = torch.empty(m, passes, s, n, dtype=xt.dtype, device=xt.device)
+    var = torch.zeros_like(loc)
+    for j in range(passes):
+        mean, v = forward(sub, xs.reshape(s * n, d), dropout=dropout_passes > 0, seed=drop_seeds[j])
+        loc[:, j] = (mean * y_sd + ens.y_mean).reshape(m, s, n)
+        if v is not None:
+            var[:, j] = (v * y_sd**2).reshape(m, s, n)
+    # the member's predictive at the noise-free input, for the "members" share of the variance
+    if input_sd is not None:
+        mean0, _ = forward(sub, xt, dropout=False)
+        loc0 = mean0 * y_sd + ens.y_mean                                     # (m, n)
+    else:
+        loc0 = loc[:, :, 0].mean(1)
+    var = var + test**2 + model**2
+    k = m * passes * s
+    comp_lw = (sub.log_weight[:, None, None] - math.log(passes * s)).expand(m, passes, s).reshape(k)
+    loc_k = loc.reshape(k, n).T                                              # (n, K)
+    scale_k = var.reshape(k, n).T.sqrt()
+    g_y = _device.generator(s_y, xt.device)
+    y_k = loc_k + scale_k * torch.randn(loc_k.shape, generator=g_y, dtype=xt.dtype, device=xt.device)
+
+    w = torch.exp(comp_lw)
+    w_m = torch.exp(sub.log_weight)
+    total_mean = (loc_k * w).sum(1)
+    total = ((loc_k - total_mean[:, None]) ** 2 * w).sum(1) + (scale_k**2 * w).sum(1)
+    mbar = (loc0 * w_m[:, None]).sum(0)
+    v_members = ((loc0 - mbar) ** 2 * w_m[:, None]).sum(0)
+    v_input = ((loc - loc.mean(2, keepdim=True)) ** 2).mean(2).mean(1)       # (m, n) within-member
+    v_input = (v_input * w_m[:, None]).sum(0) if input_sd is not None else torch.zeros(n, dtype=xt.dtype)
+    hetero_var = (var.reshape(k, n).T - test**2 - model**2)
+    v_test = torch.full((n,), test**2, dtype=xt.dtype) + (hetero_var * w).sum(1)
+    v_model = torch.full((n,), model**2, dtype=xt.dtype)
+    variance = torch.stack([v_members.cpu(), v_input.cpu(), v_test.cpu(), v_model.cpu(), total.cpu()])
+
+    carries = []
+    if ens.config.get("perturb_targets"):
+        carries.append("training")
+    if not ens.config.get("common_prior_draw"):
+        carries.append("weights")
+    if dropout_passes:
+        carries.append("dropout")
+    post = from_members({"loc": loc_k, "scale": scale_k, "y": y_k}, comp_lw, dims=("point", "member"),
+                        weight_dims=("member",), coords={"point": np.arange(n)}, method="ensemble_predictive",
+                        config={**ens.config, "input_sd": None if input_sd is None else _device.to_numpy(isd).tolist(),
+                                "input_samples": s, "test_noise_sd": test, "model_sd": model,
+                                "dropout_passes": dropout_passes, "weights": bool(weights)},
+                        seed=seed, attrs={"members_carry": "+".join(carries) or "none"})
+    post["variance"] = xr.DataArray(_device.to_numpy(variance), dims=("source", "point"),
+                                    coords={"source": list(VARIANCE_PARTS)})
+    post["variance"].attrs["description"] = (
+        "share of the predictive variance by source: members (weights, and training data when the members "
+        "were trained on perturbed targets), input, testing (noise of the data compared with, with the "
+        "network's own variance for heteroscedastic members), model error; total is exact")
+    return post
+
+
+# ---------------------------------------------------------------------------------------------------
+# scores of a Gaussian-mixture predictive
+
+
+def _mixture(post: xr.Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loc = torch.as_tensor(post["loc"].transpose("point", "member").values)
+    scale = torch.as_tensor(post["scale"].transpose("point", "member").values)
+    w = torch.exp(torch.as_tensor(post["log_weight"].values))
+    return loc, scale, w
+
+
+def _ncdf(z):
+    return 0.5 * torch.erfc(-z / math.sqrt(2.0))
+
+
+def _abs_moment(mu, s):
+    """E|N(mu, s²)|."""
+    z = mu / s
+    return mu * (2 * _ncdf(z) - 1) + 2 * s * torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+
+
+def mixture_quantile(post: xr.Dataset, q: float) -> torch.Tensor:
+    """Quantile ``q`` of the Gaussian-mixture predictive per point (bisection on the CDF)."""
+    loc, scale, w = _mixture(post)
+    lo = (loc - 10 * scale).min(1).values
+    hi = (loc + 10 * scale).max(1).values
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        cdf = (w * _ncdf((mid[:, None] - loc) / scale)).sum(1)
+        lo = torch.where(cdf < q, mid, lo)
+        hi = torch.where(cdf < q, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def scores(post: xr.Dataset, y: Any, *, level: float = 0.9) -> dict[str, float]:
+    """RMSE of the mixture mean, mean NLL, mean CRPS (closed form for Gaussian mixtures, Grimit et al.
+    2006) and the coverage of the central ``level`` interval, for observed values ``y`` (n,)."""
+    yt = torch.as_tensor(np.asarray(y, dtype=float)).reshape(-1)
+    loc, scale, w = _mixture(post)
+    if yt.shape[0] != loc.shape[0]:
+        raise InputError("y", f"{loc.shape[0]} values, one per point", yt.shape[0])
+    mean = (loc * w).sum(1)
+    rmse = float(((mean - yt) ** 2).mean().sqrt())
+    logpdf = -0.5 * ((yt[:, None] - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+    nll = float(-torch.logsumexp(logpdf + torch.log(w), 1).mean())
+    term1 = (w * _abs_moment(yt[:, None] - loc, scale)).sum(1)
+    pair_s = torch.sqrt(scale[:, :, None] ** 2 + scale[:, None, :] ** 2)
+    term2 = (w[:, None] * w[None, :] * _abs_moment(loc[:, :, None] - loc[:, None, :], pair_s)).sum((1, 2))
+    crps = float((term1 - 0.5 * term2).mean())
+    lo = mixture_quantile(post, (1 - level) / 2)
+    hi = mixture_quantile(post, (1 + level) / 2)
+    cover = float(((yt >= lo) & (yt <= hi)).double().mean())
+    return {"rmse": rmse, "nll": nll, "crps": crps, "coverage": cover}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the noise level and the model error from held-out data
+
+
+def estimate_noise(module: torch.nn.Module, x: Any, y: Any, *, holdout: float = 0.1, members: int = 2,
+                   seed: _device.Seed = None, **fit_kw: Any) -> float:
+    """Observation-noise level for the Gaussian likelihood: the RMS residual on a random ``holdout``
+    share of ``(x, y)`` of a small ensemble trained on the rest (the initial guess of its own noise
+    level is the target standard deviation / 10). Returns it in the units of ``y``."""
+    xt, yt = check_data(x, y)
+    holdout = check_real(holdout, "holdout")
+    if not 0 < holdout < 1:
+        raise InputError("holdout", "a share in (0, 1)", holdout)
+    n = xt.shape[0]
+    g = _device.generator(seed)
+    perm = torch.randperm(n, generator=g)
+    k = max(1, int(round(holdout * n)))
+    val, tr = perm[:k], perm[k:]
+    kw = dict(fit_kw)
+    kw.setdefault("noise_sd", float(yt[tr].std()) / 10)
+    kw["perturb_targets"] = False
+    ens = fit(module, xt[tr], yt[tr], members=members, seed=g, **kw)
+    mean, _ = forward(ens, xt[val])
+    pred = (mean * ens.y_sd + ens.y_mean).mean(0)
+    return float(((pred - yt[val]) ** 2).mean().sqrt())
+
+
+def model_error(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | None = None) -> float:
+    """Model-error standard deviation of ``f`` (source 5) from held-out data ``(x, y)``: the part of the
+    mean squared residual of the weighted mean not explained by the member spread and the testing noise,
+    ``sqrt(max(0, mean r² - mean var_members - test_noise_sd²))``."""
+    xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
+    post = predict(ens, xt, test_noise_sd=0.0 if test_noise_sd is None else test_noise_sd)
+    loc, scale, w = _mixture(post)
+    mean = (loc * w).sum(1)
+    resid = float(((mean - yt.cpu()) ** 2).mean())
+    spread = float(post["variance"].sel(source="members").mean())
+    test = 0.0 if test_noise_sd is None else test_noise_sd
+    return math.sqrt(max(0.0, resid - spread - test**2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# one source at a time
+
+
+def uncertainty_sources(module: torch.nn.Module, x: Any, y: Any, x_new: Any, *, noise_sd: float,
+                        input_sd: Any = None, test_noise_sd: float | None = None, model_sd: float | None = None,
+                        members: int = 20, samples: int = 2000, correction_steps: int = 200,
+                        seed: _device.Seed = None, **fit_kw: Any) -> xr.Dataset:
+    """Predictive samples at ``x_new`` from each of the five sources alone, and from all together.
+
+    Three ensembles are trained: prior draws on the given targets (source 4, weights), one common prior
+    draw on perturbed targets (source 3, training data) and full RML (both). The full one is weighted
+    (RML estimator) and corrected to equal weights (:func:`~daml.ensembles.equal_weight`); its best
+    member is the "cost-function minimum" that sources 1, 2 and 5 perturb on their own.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``y(source, point, sample)`` with sources ``input, testing, training, weights, model, total``,
+        and ``variance(source, point)``.
+    """
+    from .correction import equal_weight
+    from .weights import weigh
+
+    samples = check_int(samples, "samples")
+    ss = _device.seed_sequence(seed).spawn(6)
+    base = dict(noise_sd=noise_sd, **fit_kw)
+    ens_w = fit(module, x, y, members=members, perturb_targets=False, seed=ss[0], **base)
+    ens_t = fit(module, x, y, members=members, perturb_targets=True, common_prior_draw=True, seed=ss[1], **base)
+    ens_all = fit(module, x, y, members=members, perturb_targets=True, seed=ss[2], **base)
+    ens_all, _ = weigh(ens_all, x, y, estimator="rml")
+    ens_eq, _ = equal_weight(ens_all, x, y, steps=correction_steps, seed=ss[3])
+    zero = dict(test_noise_sd=0.0)
+    runs = {
+        "input": predict(ens_all, x_new, input_sd=input_sd, weights=False, **zero) if input_sd is not None else None,
+        "testing": predict(ens_all, x_new, weights=False, test_noise_sd=test_noise_sd or 0.0),
+        "training": predict(ens_t, x_new, **zero),
+        "weights": predict(ens_w, x_new, **zero),
+        "model": predict(ens_all, x_new, weights=False, test_noise_sd=0.0, model_sd=model_sd),
+        "total": predict(ens_eq, x_new, input_sd=input_sd, test_noise_sd=test_noise_sd or 0.0, model_sd=model_sd),
+    }
+    g = _device.generator(ss[4])
+    n = runs["total"].sizes["point"]
+    out = np.empty((len(runs), n, samples))
+    var = np.empty((len(runs), n))
+    for i, (name, post) in enumerate(runs.items()):
+        if post is None:
+            out[i] = np.repeat(runs["testing"]["loc"].values[:, :1], samples, axis=1)
+            var[i] = 0.0
+            continue
+        loc, scale, w = _mixture(post)
+        idx = torch.multinomial(w, samples, replacement=True, generator=g)
+        draw = loc[:, idx] + scale[:, idx] * torch.randn((n, samples), generator=g, dtype=loc.dtype)
+        out[i] = draw.numpy()
+        var[i] = post["variance"].sel(source="total").values
+    return xr.Dataset({"y": (("source", "point", "sample"), out), "variance": (("source", "point"), var)},
+                      coords={"source": list(runs), "point": np.arange(n)},
+                      attrs={"method": "uncertainty_sources", "members": members})
