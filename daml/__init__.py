@@ -15,11 +15,11 @@ Twin experiments and filters:
 >>> daml.diagnostics.rmse(result.analysis, data["truth"])
 
 Modules: :mod:`daml.posterior`, :mod:`daml.diagnostics`, :mod:`daml.resampling`, :mod:`daml.io`,
-:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.transport`, :mod:`daml.diffusion`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`.
+:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.transport`, :mod:`daml.diffusion`, :mod:`daml.ensembles`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`.
 """
 
 from ._version import __version__
-from . import errors, posterior, resampling, diagnostics, io, models, transport, filters, diffusion
+from . import errors, posterior, resampling, diagnostics, io, models, transport, filters, diffusion, ensembles
 from .posterior import from_members, validate
 from .io import open_posterior, to_netcdf, to_arviz
 from .twin import simulate
@@ -35,6 +35,7 @@ __all__ = [
     "filters",
     "transport",
     "diffusion",
+    "ensembles",
     "simulate",
     "from_members",
     "validate",

@@ -204,11 +204,13 @@ def test_nonlinear_network_against_nuts_reference():
         var = post["variance"].sel(source="total").values
         errors[name] = (np.abs(loc - ref["mean"]), np.abs(np.log(var / np.array(ref["var"]))))
     print({k: (v[0].round(3).tolist(), v[1].round(2).tolist()) for k, v in errors.items()})
-    # the equal-weight ensemble: predictive mean within 0.1 (targets have scale 1, noise 0.1) inside the
-    # data range and variance within a factor 3 everywhere (64 members, 400 MALA steps)
-    inside = np.abs(xt[:, 0]) <= 2
-    assert (errors["equal_weight"][0][inside] < 0.1).all()
-    assert (errors["equal_weight"][1] < math.log(3.0)).all()
+    # the equal-weight ensemble (64 members, 400 MALA steps): predictive mean within 0.05 (targets of
+    # scale 1, noise 0.1; NUTS standard errors <= 0.005) and variance within a factor 2.5 at every test
+    # input, inside and outside the data range; the uniform ensemble of unanchored networks misses the
+    # variance by more (a factor 8 here)
+    assert (errors["equal_weight"][0] < 0.05).all()
+    assert (errors["equal_weight"][1] < math.log(2.5)).all()
+    assert errors["equal_weight"][1].max() < errors["uniform"][1].max()
 
 
 def test_predict_variance_decomposition_and_scores():
