@@ -14,6 +14,7 @@ Run: ``python benchmarks/ensemble_training.py [--threads 1] [--repeats 3]``; wri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     info = _report.machine_info()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 8, generator=g, dtype=torch.float64)
@@ -60,12 +62,14 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     lines = ["## Ensembles: vmapped training against a loop of trainings", "", _report.machine_line(info), "",
              f"1000 × 8 inputs, MLP 8-50-1, batch 32, Adam, {args.epochs} epochs, device {args.device}; best of "
-             f"{args.repeats} after a warm-up. Ratio = loop time / vmapped time (goal ≥ 5 at M = 20 on the CPU).", "",
+             f"{args.repeats} after a warm-up; load average {load:.2f} at the start (other jobs share the cores when "
+             "it exceeds 0: both sides of each ratio ran under it). Ratio = loop time / vmapped time (goal ≥ 5 at "
+             "M = 20 on the CPU).", "",
              "| dtype | M | vmapped (s) | loop (s) | ratio |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['members']} | {r['vmap_s']:.3f} | {r['loop_s']:.3f} | {r['ratio']:.1f}× |")
     lines += ["", f"Command: `{_report.command_line()}`", ""]
-    _report.write_json("ensemble_training", {"machine": info, "rows": rows, "epochs": args.epochs})
+    _report.write_json("ensemble_training", {"machine": info, "rows": rows, "epochs": args.epochs, "load": load})
     _report.write_section("ensemble_training", "\n".join(lines))
     return 0
 

@@ -180,6 +180,9 @@ def main(argv=None) -> int:
                   + f"; ess {r['weights']['ess']:.2f} ({r['seconds']:.1f} s)", flush=True)
         results[name] = {"splits": n_splits, "rows": rows, "summary": summarise(rows)}
         if not args.no_write:
+            # merge with what other runs (over other data sets) wrote meanwhile
+            if RESULTS.exists():
+                results = {**json.loads(RESULTS.read_text())["sets"], name: results[name]}
             order = {k: results[k] for k in SETS if k in results}
             _report.write_json("uci", {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()},
                                        "sets": order})

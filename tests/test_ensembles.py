@@ -340,3 +340,23 @@ def test_bad_input_named_errors():
         E.weigh(de, np.random.default_rng(0).normal(size=(10, 2)), np.arange(10.0))
     with pytest.raises(InputError, match="perturb_targets"):
         E.fit(E.mlp(2, 2, outputs=2), x, np.arange(10.0), likelihood="heteroscedastic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_weights_and_correction():
+    # CUDA generators give other streams than CPU ones, so the check is batched == sequential on the
+    # device, and the whole chain runs there with finite results
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 2)), rng.normal(size=64)
+    kw = dict(members=4, noise_sd=0.5, epochs=3, seed=0, device="cuda")
+    a = E.fit(E.mlp(2, 8), x, y, **kw)
+    b = E.fit(E.mlp(2, 8), x, y, vectorize=False, **kw)
+    for k in a.params:
+        assert a.params[k].device.type == "cuda"
+        assert torch.allclose(a.params[k], b.params[k], atol=1e-6)
+    weighted, info = E.weigh(a, x, y)
+    assert torch.isfinite(info.log_weight).all() and 1.0 <= info.ess <= 4.0
+    eq, _ = E.equal_weight(weighted, x, y, steps=10, seed=1)
+    assert eq.params["0.weight"].device.type == "cuda"
+    assert np.isfinite(E.scores(E.predict(eq, x[:5]), y[:5])["nll"])

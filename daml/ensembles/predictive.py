@@ -137,10 +137,13 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     mbar = (loc0 * w_m[:, None]).sum(0)
     v_members = ((loc0 - mbar) ** 2 * w_m[:, None]).sum(0)
     v_input = ((loc - loc.mean(2, keepdim=True)) ** 2).mean(2).mean(1)       # (m, n) within-member
-    v_input = (v_input * w_m[:, None]).sum(0) if input_sd is not None else torch.zeros(n, dtype=xt.dtype)
+    if input_sd is not None:
+        v_input = (v_input * w_m[:, None]).sum(0)
+    else:
+        v_input = torch.zeros(n, dtype=xt.dtype, device=xt.device)
     hetero_var = (var.reshape(k, n).T - test**2 - model**2)
-    v_test = torch.full((n,), test**2, dtype=xt.dtype) + (hetero_var * w).sum(1)
-    v_model = torch.full((n,), model**2, dtype=xt.dtype)
+    v_test = test**2 + (hetero_var * w).sum(1)
+    v_model = torch.full((n,), model**2, dtype=xt.dtype, device=xt.device)
     variance = torch.stack([v_members.cpu(), v_input.cpu(), v_test.cpu(), v_model.cpu(), total.cpu()])
 
     carries = []
