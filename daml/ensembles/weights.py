@@ -42,7 +42,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, grad, vmap
 
 from ..diagnostics import ess_kernel, psis_kernel
 from ..errors import InputError, ShapeError, check_int
@@ -96,7 +96,12 @@ def gauss_newton(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> 
         out = functional_call(module, (unflatten(ens, th), b), (xc,))
         return out.reshape(xc.shape[0])
 
-    jac = vmap(jacrev(f), in_dims=(0, 0, None))
+    def f1(th, b, x1):                                     # one data point: a scalar output
+        return f(th, b, x1.unsqueeze(0))[0]
+
+    # per-point gradients (vmap over points inside, members outside): memory (M, chunk, P); jacrev of
+    # the batched f would hold a (chunk, chunk, hidden) intermediate instead
+    jac = vmap(vmap(grad(f1), in_dims=(None, None, 0)), in_dims=(0, 0, None))
     fwd = vmap(f, in_dims=(0, 0, None))
     n = xn.shape[0]
     step = chunk or max(1, int(2e7 // max(1, m * p)))
