@@ -343,7 +343,8 @@ def fit(
     y_stack = torch.stack(targets)                                  # (M, n)
     order = torch.stack(orders)                                     # (M, epochs, n)
     buffers = {k: b.unsqueeze(0).expand(members, *b.shape).clone() for k, b in template.named_buffers()}
-    _probe_vmap(template, {k: v.clone() for k, v in w0_stack.items()}, buffers, xn, members)
+    _probe_vmap(template, {k: v.clone() for k, v in w0_stack.items()}, {k: v.clone() for k, v in buffers.items()},
+                xn, members)
 
     config = dict(members=members, noise_sd=None if likelihood != "gaussian" else float(noise * y_sd),
                   likelihood=likelihood, anchor=bool(anchor), perturb_targets=bool(perturb_targets),
