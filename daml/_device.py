@@ -16,7 +16,8 @@ Same seed, same device, same result: bit for bit on the CPU.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+import contextlib
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "spawn",
     "spawn_generators",
     "seed_to_attr",
+    "scoped_global_stream",
 ]
 
 Seed = Union[int, np.random.SeedSequence, torch.Generator, None]
@@ -238,3 +240,22 @@ def _tensors(like: Any) -> Sequence[torch.Tensor]:
     if isinstance(like, (list, tuple)):
         return [t for t in like if isinstance(t, torch.Tensor)]
     return []
+
+
+@contextlib.contextmanager
+def scoped_global_stream(seed: Seed, device: str | torch.device | None = None) -> Iterator[None]:
+    """Run a block whose torch layers draw from torch's *global* generator (``nn.Dropout`` has no
+    ``generator=``) on a stream fixed by ``seed``, and restore the caller's global state afterwards.
+
+    This is the one place in daml that touches the global generator. Inside
+    :func:`torch.random.fork_rng`, the global state (CPU, and CUDA for a CUDA ``device``) is set to that
+    of the explicit generator :func:`generator` builds from ``seed``; on exit ``fork_rng`` puts the
+    caller's state back, so the caller never sees a difference.
+    """
+    dev = resolve_device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        ss = seed_sequence(seed)
+        torch.set_rng_state(generator(ss, "cpu").get_state())
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(generator(ss, dev).get_state(), dev)
+        yield

@@ -95,3 +95,19 @@ def test_cuda_defaults_and_mixed_devices():
     assert _device.resolve_dtype(None, "cuda") is torch.float32
     with pytest.raises(DeviceError, match="inputs"):
         _device.resolve_device(None, like=[torch.zeros(1), torch.zeros(1, device="cuda")])
+
+
+def test_scoped_global_stream_is_seeded_and_restores_the_caller_state():
+    from daml import _device
+    torch.manual_seed(123)
+    expected_after = torch.rand(4)
+    torch.manual_seed(123)
+    with _device.scoped_global_stream(7):
+        a = torch.rand(5)
+    assert torch.equal(torch.rand(4), expected_after)          # the caller's stream is untouched
+    with _device.scoped_global_stream(7):
+        b = torch.rand(5)
+    with _device.scoped_global_stream(8):
+        c = torch.rand(5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, torch.rand(5, generator=_device.generator(7)))   # the explicit generator's stream

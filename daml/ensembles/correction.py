@@ -28,12 +28,12 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .. import _device
 from ..errors import InputError, check_int, check_real
 from ..resampling import systematic
-from .training import Ensemble, check_data, flat_params, unflatten
+from .training import Ensemble, check_data, flat_params, member_output, unflatten
 from .weights import _prior_var, _require_gaussian, gauss_newton
 
 
@@ -52,7 +52,7 @@ def log_posterior_fn(ens: Ensemble, xn: torch.Tensor, yn: torch.Tensor):
     module = ens.module
 
     def logp(theta, buffers):
-        out = functional_call(module, (unflatten(ens, theta), buffers), (xn,)).reshape(xn.shape[0])
+        out, _ = member_output(module, unflatten(ens, theta), buffers, xn, ens.likelihood)
         return -0.5 * ((yn - out) ** 2).sum() / s2 - 0.5 * (theta**2 / var).sum()
     return logp
 

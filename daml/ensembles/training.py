@@ -26,7 +26,6 @@ equivalence test and for the speed benchmark).
 from __future__ import annotations
 
 import copy
-import json
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -125,7 +124,7 @@ def _probe_vmap(module: nn.Module, params: dict, buffers: dict, x: torch.Tensor,
         return functional_call(module, (p, b), (xb,))
     xb = x[:2].unsqueeze(0).expand(members, *x[:2].shape)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with torch.no_grad(), _device.scoped_global_stream(0, x.device):
             vmap(call, randomness="different")(params, buffers, xb)
     except Exception as exc:  # torch raises several types here (RuntimeError, ValueError)
         names = sorted(buffers)
@@ -329,7 +328,7 @@ def fit(
     prec = {k: 1.0 / s**2 for k, s in sd.items()}
     root = _device.seed_sequence(seed)
     gens = [_device.generator(child, dev) for child in root.spawn(members)]
-    rng_seed = _rng_seed(root)
+    rng_seed = int(root.generate_state(1, dtype=np.uint32)[0])   # the stream of dropout layers
     draws, targets, orders = [], [], []
     for g in gens:
         w0 = _draw_prior(sd, g)
@@ -373,12 +372,6 @@ def fit(
                     history=history, config=config)
 
 
-def _rng_seed(seed: _device.Seed) -> int:
-    """A 32-bit seed for torch's global generator, which dropout layers draw from. It is only used
-    inside ``torch.random.fork_rng``, so the caller's global random state is left untouched."""
-    return int(_device.seed_sequence(seed).generate_state(1, dtype=np.uint32)[0])
-
-
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
@@ -396,8 +389,7 @@ def _train_vmapped(loss_args, w0, buffers, prec, x, y_stack, order, batch_size, 
     batched = vmap(loss_one, randomness="different")
     history = torch.zeros(members, epochs, dtype=x.dtype, device=dev)
     n = x.shape[0]
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(rng_seed)
+    with _device.scoped_global_stream(rng_seed, dev):
         for e in tqdm(range(epochs), desc="ensemble", disable=(None if progress is None else not progress),
                       leave=False):
             for s, t in _batches(n, batch_size):
@@ -419,8 +411,7 @@ def _train_one(loss_args, w0, buffers, prec, x, y, order, batch_size, lr, epochs
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     history = torch.zeros(epochs, dtype=x.dtype, device=dev)
     n = x.shape[0]
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(rng_seed)
+    with _device.scoped_global_stream(rng_seed, dev):
         for e in tqdm(range(epochs), desc=f"member {index}", disable=(None if progress is None else not progress),
                       leave=False):
             for s, t in _batches(n, batch_size):
@@ -459,8 +450,7 @@ def forward(ens: Ensemble, x: Any, *, normalised_input: bool = False, dropout: b
         return mean, (var if var is not None else torch.zeros_like(mean))
 
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[xn.device] if xn.device.type == "cuda" else []):
-            torch.manual_seed(_rng_seed(seed))
+        with torch.no_grad(), _device.scoped_global_stream(seed, xn.device):
             mean, var = vmap(one, randomness="different")(ens.params, ens.buffers)
     finally:
         module.train(True)
@@ -480,7 +470,3 @@ def unflatten(ens: Ensemble, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         out[k] = theta[..., i:i + size].reshape(*theta.shape[:-1], *v.shape[1:])
         i += size
     return out
-
-
-def config_json(ens: Ensemble) -> str:
-    return json.dumps(ens.config, sort_keys=True)
