@@ -15,7 +15,9 @@ Twin experiments and filters:
 >>> daml.diagnostics.rmse(result.analysis, data["truth"])
 
 Modules: :mod:`daml.posterior`, :mod:`daml.diagnostics`, :mod:`daml.resampling`, :mod:`daml.io`,
-:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.transport`, :mod:`daml.diffusion`, :mod:`daml.ensembles`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`.
+:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.transport`, :mod:`daml.diffusion`, :mod:`daml.ensembles`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`;
+:mod:`daml.causal` (double machine learning, needs scikit-learn: ``pip install 'daml[causal]'``) is
+imported on its own, ``from daml import causal``.
 """
 
 from ._version import __version__

@@ -1,0 +1,272 @@
+"""Benchmark: Q10 by double machine learning against the end-to-end hybrid, and against DoubleML.
+
+Set-up (issue 8, after Cohrs et al. 2024): the synthetic site of :func:`daml.causal.synthetic_site`
+(five years, half-hourly, AT-Neu latitude, true Q10 = 1.5, Tref = 15 C, multiplicative noise 0.2,
+one noise draw as in the original study); ``--reps`` repetitions, each a random subsample of
+n = 3200 half-hours.
+
+* DML (partialling out, 5 folds, one split) with the forest learner (100 trees, min leaf 5) and with
+  the network learner (16-16 tanh, 2000 full-batch Adam steps). The network's 5 folds x 2 nuisances x
+  ``reps`` fits run as one batched ``MLPRegressor.fit_many`` pass over all repetitions (the results
+  enter ``daml.causal.plr`` as external predictions; same numbers as one ``q10`` call per
+  repetition, up to rounding).
+* The end-to-end hybrid (softplus(NN) * Q10^d, free Q10 initialised at 1.5 + 0.1 N(0,1), 4000 Adam
+  steps, batch 256, early stopping on 800 validation points), one member per repetition on its own
+  3200 training points, with and without temperature among the network's inputs, dropout 0 and 0.2.
+* The naive regression of log RECO on temperature alone.
+* Flux partitioning: GPP and RECO against the truth on one year (n = 8000 rows, day and night).
+* Speed: one DML fit (n = 3200) by daml and by ``doubleml.DoubleMLPLR`` with the same learners and
+  the same splits (best of ``--repeats``).
+
+Run: ``python benchmarks/q10.py [--reps 100] [--repeats 3]``; writes ``benchmarks/results/q10.json``
+and its section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
+
+from daml import causal  # noqa: E402
+
+TRUE_Q10 = 1.5
+
+
+def stats(q: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> dict:
+    out = {"mean": float(q.mean()), "sd": float(q.std(ddof=1)), "bias": float(q.mean() - TRUE_Q10),
+           "rmse": float(np.sqrt(np.mean((q - TRUE_Q10) ** 2))), "n": int(q.size)}
+    if lo is not None:
+        out["coverage"] = float(np.mean((lo <= TRUE_Q10) & (TRUE_Q10 <= hi)))
+        out["width"] = float(np.mean(hi - lo))
+    return out
+
+
+def subsamples(site, reps: int, n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(site.sizes["time"], n, replace=False)) for _ in range(reps)]
+
+
+def dml_forest(site, idxs, seed):
+    qs, lo, hi, ses = [], [], [], []
+    for r, idx in enumerate(idxs):
+        ds = causal.q10(site.isel(time=idx), learner="forest", seed=seed + r)
+        qs.append(float(ds["q10"]))
+        lo.append(float(ds["q10_ci"][0]))
+        hi.append(float(ds["q10_ci"][1]))
+        ses.append(float(ds["se"]))
+    return np.array(qs), np.array(lo), np.array(hi), np.array(ses)
+
+
+def dml_network(site, idxs, seed, dropout: float = 0.0, iterations: int = 2000):
+    """All repetitions' cross-fitting fits in one batched pass per nuisance."""
+    n = idxs[0].size
+    xs, ys, ds_, problems, splits_all = [], [], [], [], []
+    for r, idx in enumerate(idxs):
+        sub = site.isel(time=idx)
+        xs.append(np.stack([sub["SW_POT_sm"].values, sub["SW_POT_sm_diff"].values], 1))
+        ys.append(np.log(sub["RECO_obs"].values))
+        ds_.append((sub["TA"].values - 15.0) / 10.0)
+        splits = causal.sample_splits(n, 5, 1, seed=seed + r)
+        splits_all.append(splits)
+        problems += [(tr + r * n, te + r * n) for tr, te in splits[0]]
+    X = np.concatenate(xs)
+    preds = {}
+    for key, target in (("ml_l", np.concatenate(ys)), ("ml_m", np.concatenate(ds_))):
+        net = causal.MLPRegressor(hidden=(16, 16), dropout=dropout, iterations=iterations, random_state=seed)
+        out = np.empty(X.shape[0])
+        for (tr, te), p in zip(problems, net.fit_many(X, target, problems)):
+            out[te] = p
+        preds[key] = out.reshape(len(idxs), n)
+    qs, lo, hi = [], [], []
+    for r in range(len(idxs)):
+        res = causal.plr(ys[r], ds_[r], xs[r], ml_l=None, ml_m=None, splits=splits_all[r],
+                         predictions={"ml_l": preds["ml_l"][r], "ml_m": preds["ml_m"][r]}, n_boot=1, seed=r)
+        qs.append(np.exp(float(res["theta"])))
+        lo.append(np.exp(float(res["ci"][0])))
+        hi.append(np.exp(float(res["ci"][1])))
+    return np.array(qs), np.array(lo), np.array(hi)
+
+
+def end_to_end(site, reps, seed, include_ta, dropout, iterations):
+    pool = site.isel(time=np.sort(np.random.default_rng(seed).choice(site.sizes["time"], 20_000, replace=False)))
+    ds = causal.q10_end_to_end(pool, include_ta=include_ta, dropout=dropout, members=reps, subsample=3200,
+                               validation=0.04, iterations=iterations, seed=seed)
+    return ds["q10_draw"].values
+
+
+def naive(site, idxs):
+    out = []
+    for idx in idxs:
+        sub = site.isel(time=idx)
+        out.append(np.exp(np.polyfit((sub["TA"].values - 15.0) / 10.0, np.log(sub["RECO_obs"].values), 1)[0]))
+    return np.array(out)
+
+
+def partition_scores(seed):
+    site = causal.synthetic_site(years=1, seed=seed)
+    idx = np.sort(np.random.default_rng(seed).choice(site.sizes["time"], 8000, replace=False))
+    sub = site.isel(time=idx)
+    t0 = time.perf_counter()
+    p = causal.partition(sub, members=20, seed=seed)
+    elapsed = time.perf_counter() - t0
+
+    def r2(a, b):
+        return float(1.0 - np.mean((a - b) ** 2) / np.var(b))
+
+    gpp, reco = sub["GPP"].values, sub["RECO"].values
+    day = sub["SW_IN"].values > 0
+    return {
+        "n": 8000, "seconds": elapsed,
+        "gpp_rmse": float(np.sqrt(np.mean((p["gpp_hat"].values - gpp) ** 2))), "gpp_r2": r2(p["gpp_hat"].values, gpp),
+        "reco_rmse": float(np.sqrt(np.mean((p["reco_hat"].values - reco) ** 2))), "reco_r2": r2(p["reco_hat"].values, reco),
+        "lue_corr_day": float(np.corrcoef(p["lue_hat"].values[day], sub["LUE"].values[day])[0, 1]),
+        "gpp_coverage": float(np.mean((p["gpp_ci"][0].values <= gpp) & (gpp <= p["gpp_ci"][1].values))),
+        "reco_coverage": float(np.mean((p["reco_ci"][0].values <= reco) & (reco <= p["reco_ci"][1].values))),
+        "gpp_mean": float(gpp.mean()), "reco_mean": float(reco.mean()),
+    }
+
+
+def speed(site, repeats, seed):
+    import doubleml as dml
+    from sklearn.ensemble import RandomForestRegressor
+
+    idx = subsamples(site, 1, 3200, seed)[0]
+    sub = site.isel(time=idx)
+    x = np.stack([sub["SW_POT_sm"].values, sub["SW_POT_sm_diff"].values], 1)
+    y = np.log(sub["RECO_obs"].values)
+    d = (sub["TA"].values - 15.0) / 10.0
+    splits = causal.sample_splits(y.size, 5, 1, seed=seed)
+    rows = []
+    learners = {
+        "forest (100 trees, leaf 5)": RandomForestRegressor(n_estimators=100, min_samples_leaf=5, random_state=1),
+        "network (16-16 tanh, 2000 steps)": causal.MLPRegressor(iterations=2000, random_state=1),
+    }
+    for name, learner in learners.items():
+        def ours():
+            return causal.plr(y, d, x, ml_l=learner, ml_m=learner, splits=splits, seed=0)
+
+        def theirs():
+            m = dml.DoubleMLPLR(dml.DoubleMLData.from_arrays(x, y, d), learner, learner, n_folds=5,
+                                draw_sample_splitting=False)
+            m.set_sample_splitting(splits)
+            m.fit()
+            return m
+
+        t_ours = min(_time(ours) for _ in range(repeats))
+        t_theirs = min(_time(theirs) for _ in range(repeats))
+        diff = abs(float(ours()["theta"]) - theirs().coef[0])
+        rows.append({"learner": name, "daml_s": t_ours, "doubleml_s": t_theirs, "ratio": t_theirs / t_ours,
+                     "theta_difference": diff})
+    return rows
+
+
+def _time(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--network-reps", type=int, default=None,
+                    help="repetitions of DML with network learners (default: --reps; each costs ~15 s on one core)")
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iterations", type=int, default=4000, help="end-to-end training steps")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    site = causal.synthetic_site(years=5, q10=TRUE_Q10, noise=0.2, seed=args.seed)
+    idxs = subsamples(site, args.reps, 3200, args.seed + 1)
+    res: dict = {"reps": args.reps, "n": 3200, "noise": 0.2, "true_q10": TRUE_Q10}
+    t0 = time.perf_counter()
+    qf, lf, hf, sef = dml_forest(site, idxs, args.seed + 10)
+    res["dml_forest"] = {**stats(qf, lf, hf), "seconds": time.perf_counter() - t0,
+                         "bias_over_mean_se_q10": float((qf.mean() - TRUE_Q10) / np.mean(sef * qf))}
+    print("dml forest", res["dml_forest"], flush=True)
+    t0 = time.perf_counter()
+    qn, ln, hn = dml_network(site, idxs[: args.network_reps or args.reps], args.seed + 20)
+    res["dml_network"] = {**stats(qn, ln, hn), "seconds": time.perf_counter() - t0}
+    print("dml network", res["dml_network"], flush=True)
+    res["naive_ols"] = stats(naive(site, idxs))
+    for include_ta in (False, True):
+        for dropout in (0.0, 0.2):
+            t0 = time.perf_counter()
+            q = end_to_end(site, args.reps, args.seed + 30, include_ta, dropout, args.iterations)
+            key = f"end_to_end_{'with' if include_ta else 'without'}_ta_dropout_{dropout:g}"
+            res[key] = {**stats(q), "seconds": time.perf_counter() - t0}
+            print(key, res[key], flush=True)
+    res["partition"] = partition_scores(args.seed + 40)
+    print("partition", res["partition"], flush=True)
+    res["speed"] = speed(site, args.repeats, args.seed + 50)
+    print("speed", res["speed"], flush=True)
+    res["machine"] = _report.machine_info()
+    res["command"] = _report.command_line()
+    _report.write_json("q10", res)
+
+    def row(name, s, cov=True):
+        c = f"{s['coverage']:.2f}" if cov and "coverage" in s else "n/a"
+        return f"| {name} | {s['mean']:.4f} | {s['sd']:.4f} | {s['bias']:+.4f} | {s['rmse']:.4f} | {c} |"
+
+    e2e = {k: v for k, v in res.items() if k.startswith("end_to_end")}
+    reg_bias = abs(res["end_to_end_with_ta_dropout_0.2"]["bias"])
+    lines = [
+        f"Synthetic site (5 years half-hourly, AT-Neu latitude), true Q10 = {TRUE_Q10}, noise 0.2, "
+        f"{args.reps} repetitions of n = 3200 ({res['dml_network']['n']} for DML with network learners). Mean, sd, "
+        "bias and RMSE of Q10 over repetitions; coverage of the nominal 95 % interval (DML only: a single "
+        "end-to-end network has no interval). End-to-end: one member per repetition, each on its own 3200 "
+        "training and 800 validation points.",
+        "",
+        "| estimator | mean | sd | bias | RMSE | 95 % coverage |",
+        "|---|---|---|---|---|---|",
+        row("DML, forest learners (100 trees, min leaf 5)", res["dml_forest"]),
+        row("DML, network learners (16-16 tanh)", res["dml_network"]),
+    ]
+    for k, v in e2e.items():
+        label = k.replace("end_to_end_", "end-to-end, ").replace("_ta_", " TA in the net, ").replace("_", " ")
+        lines.append(row(label, v, cov=False))
+    lines.append(row("naive regression of log RECO on temperature", res["naive_ols"], cov=False))
+    lines += [
+        "",
+        f"Bias ratio, regularised end-to-end (TA in the net, dropout 0.2) over DML: forest "
+        f"{reg_bias / abs(res['dml_forest']['bias']):.0f}x, network {reg_bias / abs(res['dml_network']['bias']):.0f}x.",
+        "",
+        "Flux partitioning (one year, 8000 half-hours, 20 bootstrap refits of the final stage):",
+        "",
+        "| flux | RMSE (umol m-2 s-1) | R^2 | mean of truth | pointwise 95 % coverage |",
+        "|---|---|---|---|---|",
+        f"| GPP | {res['partition']['gpp_rmse']:.3f} | {res['partition']['gpp_r2']:.3f} | "
+        f"{res['partition']['gpp_mean']:.2f} | {res['partition']['gpp_coverage']:.2f} |",
+        f"| RECO | {res['partition']['reco_rmse']:.3f} | {res['partition']['reco_r2']:.3f} | "
+        f"{res['partition']['reco_mean']:.2f} | {res['partition']['reco_coverage']:.2f} |",
+        "",
+        f"Correlation of estimated and true LUE (daytime): {res['partition']['lue_corr_day']:.3f}.",
+        "",
+        "Time per DML fit (n = 3200, 5 folds, same learners and splits; best of "
+        f"{args.repeats}; ratio = DoubleML / daml, above 1 means daml is faster):",
+        "",
+        "| learners | daml (s) | DoubleML (s) | ratio | abs. difference of theta |",
+        "|---|---|---|---|---|",
+    ]
+    for s in res["speed"]:
+        lines.append(f"| {s['learner']} | {s['daml_s']:.2f} | {s['doubleml_s']:.2f} | {s['ratio']:.2f} | "
+                     f"{s['theta_difference']:.1e} |")
+    lines += ["", _report.machine_line(res["machine"]) + f", torch threads {args.threads}; total "
+              f"{time.perf_counter() - t_start:.0f} s.", "", f"Command: `{res['command']}`"]
+    _report.write_section("q10", "## Q10 and flux partitioning by DML (issue 8)\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""A torch network as a scikit-learn regressor, trained for many cross-fitting folds at once.
+
+:class:`MLPRegressor` is a small fully connected network (default: two hidden layers of 16 tanh
+units, the nuisance network of Cohrs et al. 2024) with the scikit-learn protocol (``fit``,
+``predict``, ``get_params``), so it can be handed to DoubleML or EconML as it is. Inputs and the
+target are standardised on the training rows; training is full-batch Adam on the mean squared error
+with an exponentially decaying learning rate, optional dropout on the hidden units and an L2 penalty
+(``weight_decay``) on the weights.
+
+Its :meth:`MLPRegressor.fit_many` trains one network per (train, test) problem, all in one batched
+pass: parameters are stacked along a leading problem dimension, the training sets are gathered into a
+padded batch with a mask, and the loss is the sum of the problems' own losses, so every problem gets
+exactly its own gradient and its own Adam moments. :func:`daml.causal.plr` uses it for the ``K x R``
+cross-fitting fits of a nuisance. A problem trained alone (``fit``) and the same problem inside a batch
+start from the same initial weights (drawn from ``random_state``, as a cloned scikit-learn estimator
+would) and agree to rounding; with ``dropout > 0`` the dropout masks differ between the two paths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from .. import _device
+from ..errors import InputError, NonFiniteError, ShapeError
+
+__all__ = ["MLPRegressor"]
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+                "softplus": torch.nn.functional.softplus}
+
+
+class MLPRegressor(RegressorMixin, BaseEstimator):
+    """Fully connected torch regressor with the scikit-learn protocol.
+
+    Parameters
+    ----------
+    hidden : tuple of int
+        Hidden layer widths.
+    activation : {"tanh", "relu", "gelu", "softplus"}
+    dropout : float
+        Dropout probability on every hidden layer during training (0 = none).
+    weight_decay : float
+        L2 penalty ``weight_decay/2 * sum(W^2)`` on the weight matrices (standardised units, per
+        training point).
+    lr : float
+        Initial Adam learning rate; it decays exponentially to ``lr * final_lr_fraction``.
+    iterations : int
+        Full-batch Adam steps.
+    final_lr_fraction : float
+    random_state : int or None
+        Seed of the initial weights (Glorot normal) and of the dropout masks.
+    dtype, device : optional
+        Resolved by :mod:`daml._device` (float64 on the CPU by default).
+    """
+
+    def __init__(self, hidden: Sequence[int] = (16, 16), activation: str = "tanh", dropout: float = 0.0,
+                 weight_decay: float = 0.0, lr: float = 0.01, iterations: int = 2000,
+                 final_lr_fraction: float = 0.1, random_state: int | None = 0, dtype: Any = None,
+                 device: Any = None):
+        self.hidden = hidden
+        self.activation = activation
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.iterations = iterations
+        self.final_lr_fraction = final_lr_fraction
+        self.random_state = random_state
+        self.dtype = dtype
+        self.device = device
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.activation not in _ACTIVATIONS:
+            raise InputError("activation", f"one of {sorted(_ACTIVATIONS)}", repr(self.activation))
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise InputError("dropout", "a probability in [0, 1)", self.dropout)
+        if float(self.weight_decay) < 0:
+            raise InputError("weight_decay", "a non-negative penalty", self.weight_decay)
+        if int(self.iterations) < 1:
+            raise InputError("iterations", "at least 1", self.iterations)
+        if not all(int(h) >= 1 for h in self.hidden):
+            raise InputError("hidden", "positive layer widths", self.hidden)
+
+    def _init(self, p: int, problems: int, dev: torch.device, dt: torch.dtype) -> list[torch.Tensor]:
+        g = _device.generator(self.random_state, "cpu")
+        widths = [p, *[int(h) for h in self.hidden], 1]
+        params = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            w = torch.randn(a, b, generator=g, dtype=torch.float64) * math.sqrt(2.0 / (a + b))
+            params += [w.to(dev, dt).expand(problems, a, b).clone(), torch.zeros(problems, 1, b, device=dev, dtype=dt)]
+        return params
+
+    def _forward(self, params: list[torch.Tensor], x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        act = _ACTIVATIONS[self.activation]
+        h = x
+        n_layers = len(params) // 2
+        for i in range(n_layers):
+            h = torch.baddbmm(params[2 * i + 1], h, params[2 * i])
+            if i < n_layers - 1:
+                h = act(h)
+                if masks is not None:
+                    h = h * masks[i]
+        return h[..., 0]
+
+    # -- scikit-learn protocol ---------------------------------------------------------------------
+    def fit(self, X: Any, y: Any) -> "MLPRegressor":
+        X = np.asarray(X, dtype=float)
+        X = X[:, None] if X.ndim == 1 else X
+        y = np.asarray(y, dtype=float).reshape(-1)
+        self._fit(X, y, [np.arange(X.shape[0])])
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        if not hasattr(self, "params_"):
+            raise InputError("MLPRegressor", "a fitted regressor (call fit first)", "an unfitted one")
+        X = np.asarray(X, dtype=float)
+        X = X[:, None] if X.ndim == 1 else X
+        if X.shape[1] != self.n_features_in_:
+            raise ShapeError("X", f"{self.n_features_in_} features", X.shape[1])
+        return self._predict(X, [np.arange(X.shape[0])])[0]
+
+    def fit_many(self, X: Any, y: Any, problems: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Train one network per ``(train, test)`` pair in one batched pass; predict each test set.
+
+        Returns a list of prediction arrays, one per problem (the network stays fitted to all
+        problems: ``params_`` has a leading problem dimension).
+        """
+        X = np.asarray(X, dtype=float)
+        X = X[:, None] if X.ndim == 1 else X
+        y = np.asarray(y, dtype=float).reshape(-1)
+        self._fit(X, y, [np.asarray(tr) for tr, _ in problems])
+        self.n_features_in_ = X.shape[1]
+        return self._predict(X, [np.asarray(te) for _, te in problems])
+
+    # -- the batched core --------------------------------------------------------------------------
+    def _fit(self, X: np.ndarray, y: np.ndarray, trains: list[np.ndarray]) -> None:
+        self._check()
+        if X.shape[0] != y.shape[0]:
+            raise ShapeError("y", f"{X.shape[0]} values (one per row of X)", y.shape[0])
+        if not (np.isfinite(X).all() and np.isfinite(y).all()):
+            raise NonFiniteError("X, y", "finite training data", "NaN or infinite values")
+        dev = _device.resolve_device(self.device)
+        dt = _device.resolve_dtype(self.dtype, dev)
+        P = len(trains)
+        sizes = np.array([t.size for t in trains])
+        if sizes.min() < 2:
+            raise InputError("X", "at least 2 training rows per problem", int(sizes.min()))
+        n_max = int(sizes.max())
+        idx = np.zeros((P, n_max), dtype=np.int64)
+        mask = np.zeros((P, n_max))
+        for k, t in enumerate(trains):
+            idx[k, : t.size] = t
+            mask[k, : t.size] = 1.0
+        Xt = torch.as_tensor(X, dtype=dt, device=dev)
+        yt = torch.as_tensor(y, dtype=dt, device=dev)
+        it = torch.as_tensor(idx, device=dev)
+        mk = torch.as_tensor(mask, dtype=dt, device=dev)
+        cnt = mk.sum(1, keepdim=True)
+        xb = Xt[it]                                                    # (P, n_max, p)
+        yb = yt[it]                                                    # (P, n_max)
+        x_mean = (xb * mk[..., None]).sum(1, keepdim=True) / cnt[..., None]
+        x_sd = torch.sqrt(((xb - x_mean) ** 2 * mk[..., None]).sum(1, keepdim=True) / cnt[..., None]).clamp_min(1e-12)
+        y_mean = (yb * mk).sum(1, keepdim=True) / cnt
+        y_sd = torch.sqrt(((yb - y_mean) ** 2 * mk).sum(1, keepdim=True) / cnt).clamp_min(1e-12)
+        xs = (xb - x_mean) / x_sd
+        ys = (yb - y_mean) / y_sd
+        params = [p.requires_grad_(True) for p in self._init(X.shape[1], P, dev, dt)]
+        opt = torch.optim.Adam(params, lr=float(self.lr))
+        T = int(self.iterations)
+        gamma = float(self.final_lr_fraction) ** (1.0 / T)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+        drop = float(self.dropout)
+        gen = _device.generator(_device.spawn(self.random_state, 1)[0], dev) if drop > 0 else None
+        wd = float(self.weight_decay)
+        for _ in range(T):
+            opt.zero_grad(set_to_none=True)
+            masks = None
+            if drop > 0:
+                masks = [torch.bernoulli(torch.full((P, n_max, int(h)), 1.0 - drop, device=dev, dtype=dt), generator=gen)
+                         / (1.0 - drop) for h in self.hidden]
+            pred = self._forward(params, xs, masks)
+            loss = (((pred - ys) ** 2 * mk).sum(1) / cnt[:, 0]).sum()
+            if wd > 0:
+                loss = loss + 0.5 * wd * sum((w**2).sum() for w in params[0::2])
+            loss.backward()
+            opt.step()
+            sched.step()
+        self.params_ = [p.detach() for p in params]
+        self.scale_ = (x_mean, x_sd, y_mean, y_sd)
+
+    def _predict(self, X: np.ndarray, tests: list[np.ndarray]) -> list[np.ndarray]:
+        x_mean, x_sd, y_mean, y_sd = self.scale_
+        dev, dt = x_mean.device, x_mean.dtype
+        P = len(tests)
+        if P != self.params_[0].shape[0]:
+            raise ShapeError("tests", f"{self.params_[0].shape[0]} test sets", P)
+        n_max = max(int(t.size) for t in tests)
+        idx = np.zeros((P, n_max), dtype=np.int64)
+        for k, t in enumerate(tests):
+            idx[k, : t.size] = t
+        Xt = torch.as_tensor(X, dtype=dt, device=dev)[torch.as_tensor(idx, device=dev)]
+        with torch.no_grad():
+            out = self._forward(self.params_, (Xt - x_mean) / x_sd) * y_sd + y_mean
+        out_np = _device.to_numpy(out).astype(np.float64)
+        return [out_np[k, : t.size] for k, t in enumerate(tests)]

@@ -1,0 +1,342 @@
+"""A synthetic flux-tower site, and FLUXNET2015-style CSV files.
+
+No flux-tower data can be downloaded here, so :func:`synthetic_site` generates half-hourly
+meteorology with realistic diurnal and seasonal cycles at a mid-latitude site (by default the
+location of AT-Neu, Neustift, Austria, 47.12 N, the site of Cohrs et al. 2024) and drives the
+generating process of their synthetic study with it:
+
+* potential radiation ``SW_IN_POT`` from solar geometry (declination, hour angle, eccentricity);
+* daily cloudiness ``c`` in (0, 1), persistent from day to day (an AR(1) process in logit space);
+* incoming shortwave ``SW_IN = SW_IN_POT (0.75 - 0.55 c)`` with a few per cent half-hourly flicker;
+* air temperature ``TA``: an annual cycle (coldest in late January), a diurnal cycle peaking at
+  15:00 whose amplitude shrinks on cloudy days, and AR(1) synoptic anomalies (about 3 K);
+* relative humidity rising with cloudiness and at night, and ``VPD = es(TA) (1 - RH)`` in hPa;
+* ``SW_POT_sm``: the 10-day (480 half-hour) centred moving average of ``SW_IN_POT``, and
+  ``SW_POT_sm_diff``: the same moving average of ``1e4`` times its forward difference per half hour
+  (the record is padded by reflection, where the original code zero-pads);
+* base respiration ``RB = 0.75 (0.01 SW_POT_sm - 0.005 SW_POT_sm_diff - min(...) + 0.1 pi)``;
+* ``RECO = RB * Q10^((TA - Tref)/10)`` with ``Tref = 15 C``;
+* ``GPP = RUE * SW_IN / 12.011`` with ``RUE = 0.5 exp(-(0.1 (TA - 20))^2) min(1, exp(-0.1 (VPD - 10)))``,
+  so the true light-use efficiency is ``LUE = RUE / 12.011``;
+* ``NEE = RECO - GPP``; observations are multiplicative: ``RECO_obs = RECO (1 + e)``,
+  ``GPP_obs = GPP (1 + e')`` with ``e, e'`` Gaussian of standard deviation ``noise`` truncated to
+  [-0.95, 0.95], and ``NEE_obs = RECO_obs - GPP_obs`` (at night ``NEE_obs = RECO_obs``).
+
+The temperature is confounded with the seasonal controls (``corr(TA, SW_POT_sm)`` is about 0.6), so
+an ordinary regression of ``log RECO`` on temperature alone overstates Q10 badly, which is what makes
+the problem a test of causal adjustment.
+
+:func:`to_fluxnet_csv` writes a site in the FLUXNET2015 column convention (``TIMESTAMP_START``,
+``TA_F``, ``SW_IN_F``, ``SW_IN_POT``, ``VPD_F``, ``NEE_VUT_REF`` and its ``_QC`` flag, ``NIGHT``,
+-9999 for missing), and :func:`read_fluxnet_csv` reads such a file, checks units and returns the
+night-time respiration data that :func:`daml.causal.q10` uses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .. import _device
+from ..errors import InputError, ShapeError, check_int, check_real
+from ..io import atomic_write_path
+
+__all__ = ["synthetic_site", "potential_radiation", "smoothed_potential_radiation", "to_fluxnet_csv",
+           "read_fluxnet_csv", "FLUXNET_REQUIRED", "saturation_vapour_pressure"]
+
+FLUXNET_REQUIRED = ("TIMESTAMP_START", "TA_F", "SW_IN_F", "VPD_F", "NEE_VUT_REF", "NEE_VUT_REF_QC", "NIGHT")
+_MISSING = -9999.0
+
+
+def saturation_vapour_pressure(ta: Any) -> np.ndarray:
+    """Saturation vapour pressure in hPa over water at air temperature ``ta`` in degrees Celsius (Tetens)."""
+    ta = np.asarray(ta, dtype=float)
+    return 6.1078 * np.exp(17.27 * ta / (ta + 237.3))
+
+
+def potential_radiation(time: Any, latitude: float, step_hours: float = 0.5) -> np.ndarray:
+    """Top-of-atmosphere shortwave radiation on a horizontal surface (W m-2), averaged at mid-interval.
+
+    ``time`` holds the interval starts (local solar time is taken as clock time); the sun is evaluated
+    at the middle of each interval of ``step_hours``.
+    """
+    t = pd.DatetimeIndex(np.asarray(time))
+    doy = t.dayofyear.values.astype(float)
+    hour = t.hour.values + t.minute.values / 60.0 + step_hours / 2.0
+    lat = math.radians(latitude)
+    decl = np.radians(23.44) * np.sin(2.0 * np.pi * (284.0 + doy) / 365.0)
+    omega = np.radians(15.0 * (hour - 12.0))
+    cos_z = np.sin(lat) * np.sin(decl) + np.cos(lat) * np.cos(decl) * np.cos(omega)
+    return np.maximum(0.0, 1361.0 * (1.0 + 0.033 * np.cos(2.0 * np.pi * doy / 365.0)) * cos_z)
+
+
+def _moving_average(v: np.ndarray, window: int) -> np.ndarray:
+    half = window // 2
+    padded = np.pad(v, (half, window - 1 - half), mode="reflect")
+    c = np.cumsum(np.concatenate([[0.0], padded]))
+    return (c[window:] - c[:-window]) / window
+
+
+def smoothed_potential_radiation(sw_in_pot: Any, steps_per_day: int = 48, days: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """``SW_POT_sm`` and ``SW_POT_sm_diff`` of Cohrs et al. (2024) from a regular ``SW_IN_POT`` series.
+
+    ``SW_POT_sm`` is the centred ``days``-day moving average; ``SW_POT_sm_diff`` the same average of
+    ``1e4`` times the forward difference of ``SW_POT_sm`` per half hour (for hourly data the per-step
+    difference is halved). The ends are padded by reflection.
+    """
+    v = np.asarray(sw_in_pot, dtype=float)
+    if v.ndim != 1 or v.size < 2:
+        raise ShapeError("sw_in_pot", "a 1-d series of at least two values", f"shape {v.shape}")
+    window = max(1, int(round(days * steps_per_day)))
+    if window >= v.size:
+        raise InputError("sw_in_pot", f"a series longer than the {days:g}-day window ({window} steps)",
+                         f"{v.size} steps")
+    sm = _moving_average(v, window)
+    diff = np.diff(sm, append=sm[-1] + (sm[-1] - sm[-2])) * (48.0 / steps_per_day)
+    return sm, _moving_average(1e4 * diff, window)
+
+
+def _truncated_normal(rng: np.random.Generator, sd: float, size: int, bound: float = 0.95) -> np.ndarray:
+    if sd == 0.0:
+        return np.zeros(size)
+    e = rng.normal(0.0, sd, size)
+    bad = np.abs(e) > bound
+    while bad.any():                                   # rejection: an exact truncated Gaussian
+        e[bad] = rng.normal(0.0, sd, int(bad.sum()))
+        bad = np.abs(e) > bound
+    return e
+
+
+def synthetic_site(years: int = 5, *, start: str = "2003-01-01", latitude: float = 47.12, q10: float = 1.5,
+                   tref: float = 15.0, noise: float = 0.2, gpp_noise: float | None = None,
+                   seed: _device.Seed = 0) -> xr.Dataset:
+    """Half-hourly synthetic flux-tower data with a known Q10 and known GPP/RECO (see the module text).
+
+    Parameters
+    ----------
+    years : int
+        Length of the record (from ``start``), half-hourly.
+    start : str
+        First timestamp (interval start), e.g. ``"2003-01-01"``.
+    latitude : float
+        Degrees north (default AT-Neu).
+    q10, tref : float
+        True temperature sensitivity and reference temperature (C).
+    noise : float
+        Standard deviation of the multiplicative noise on respiration (truncated to +-0.95).
+    gpp_noise : float, optional
+        The same for GPP (default: ``noise``).
+    seed : int, SeedSequence, torch.Generator or None
+        Drivers and noise come from independent child streams, so changing ``noise`` keeps the weather.
+
+    Returns
+    -------
+    xarray.Dataset
+        Over ``time``: ``TA`` (C), ``SW_IN``, ``SW_IN_POT``, ``SW_POT_sm``, ``SW_POT_sm_diff`` (W m-2),
+        ``VPD`` (hPa), ``NIGHT`` (1 where ``SW_IN_POT == 0``), the truths ``RB``, ``RECO``, ``GPP``,
+        ``LUE`` (GPP per unit SW_IN), ``NEE`` (umol m-2 s-1) and the
+        observations ``RECO_obs``, ``GPP_obs``, ``NEE_obs``. ``attrs`` record the true ``q10``, ``tref``,
+        ``noise`` and the seed.
+    """
+    years = check_int(years, "years", minimum=1)
+    q10 = check_real(q10, "q10", positive=True)
+    tref = check_real(tref, "tref")
+    noise = check_real(noise, "noise")
+    gpp_noise = noise if gpp_noise is None else check_real(gpp_noise, "gpp_noise")
+    if not 0.0 <= noise < 1.0 or not 0.0 <= gpp_noise < 1.0:
+        raise InputError("noise", "a relative standard deviation in [0, 1)", f"{noise}, gpp_noise {gpp_noise}")
+    latitude = check_real(latitude, "latitude")
+    if abs(latitude) > 66.0:
+        raise InputError("latitude", "a latitude within +-66 degrees (no polar night or day)", latitude)
+    try:
+        t0 = pd.Timestamp(start)
+    except (ValueError, TypeError) as exc:
+        raise InputError("start", "a date such as '2003-01-01'", repr(start)) from exc
+    time = pd.date_range(t0, t0 + pd.DateOffset(years=years), freq="30min", inclusive="left")
+    n = time.size
+    weather_seed, noise_seed = _device.spawn(seed, 2)
+    rng = np.random.default_rng(weather_seed)
+    sw_pot = potential_radiation(time, latitude)
+    doy = time.dayofyear.values.astype(float)
+    hour = time.hour.values + time.minute.values / 60.0 + 0.25
+    day = (time.normalize() - time[0].normalize()).days.values
+    n_days = int(day[-1]) + 1
+    z = np.empty(n_days)                                  # daily cloudiness, persistent
+    z[0] = rng.normal(0.0, 1.0)
+    shocks = rng.normal(0.0, 0.9, n_days)
+    for k in range(1, n_days):
+        z[k] = 0.6 * z[k - 1] + shocks[k]
+    cloud = (1.0 / (1.0 + np.exp(-z)))[day]
+    flicker = rng.normal(0.0, 0.04, n)
+    sw_in = np.maximum(0.0, sw_pot * (0.75 - 0.55 * cloud) * (1.0 + flicker))
+    innov = rng.normal(0.0, 0.2, n)
+    anomaly = np.empty(n)
+    anomaly[0] = rng.normal(0.0, 0.2 / math.sqrt(1 - 0.998**2))
+    phi = 0.998
+    for k in range(1, n):                                 # AR(1) synoptic anomaly
+        anomaly[k] = phi * anomaly[k - 1] + innov[k]
+    diurnal = np.cos(2.0 * np.pi * (hour - 15.0) / 24.0)
+    ta = 7.0 - 10.0 * np.cos(2.0 * np.pi * (doy - 20.0) / 365.25) + 5.0 * (1.0 - 0.6 * cloud) * diurnal + anomaly
+    rh = np.clip(0.55 + 0.35 * cloud - 0.2 * (1.0 - 0.5 * cloud) * diurnal + rng.normal(0.0, 0.04, n), 0.05, 1.0)
+    vpd = np.maximum(0.0, saturation_vapour_pressure(ta) * (1.0 - rh))
+    sw_sm, sw_sm_diff = smoothed_potential_radiation(sw_pot)
+    base = 0.01 * sw_sm - 0.005 * sw_sm_diff
+    rb = 0.75 * (base - base.min() + 0.1 * np.pi)
+    reco = rb * q10 ** ((ta - tref) / 10.0)
+    rue = 0.5 * np.exp(-((0.1 * (ta - 20.0)) ** 2)) * np.minimum(1.0, np.exp(-0.1 * (vpd - 10.0)))
+    lue = rue / 12.011
+    gpp = lue * sw_in
+    nrng = np.random.default_rng(noise_seed)
+    reco_obs = reco * (1.0 + _truncated_normal(nrng, noise, n))
+    gpp_obs = gpp * (1.0 + _truncated_normal(nrng, gpp_noise, n))
+    flux = "umol m-2 s-1"
+    v = {
+        "TA": (ta, "degC", "air temperature"),
+        "SW_IN": (sw_in, "W m-2", "incoming shortwave radiation"),
+        "SW_IN_POT": (sw_pot, "W m-2", "potential (top-of-atmosphere) shortwave radiation"),
+        "SW_POT_sm": (sw_sm, "W m-2", "10-day moving average of SW_IN_POT"),
+        "SW_POT_sm_diff": (sw_sm_diff, "1e-4 W m-2 per half hour", "10-day moving average of its change"),
+        "VPD": (vpd, "hPa", "vapour pressure deficit"),
+        "NIGHT": ((sw_pot == 0.0).astype(np.int8), "1", "night flag (SW_IN_POT = 0)"),
+        "RB": (rb, flux, "true base respiration at Tref"),
+        "RECO": (reco, flux, "true ecosystem respiration"),
+        "GPP": (gpp, flux, "true gross primary production"),
+        "LUE": (lue, "umol m-2 s-1 per W m-2", "true light-use efficiency GPP / SW_IN"),
+        "NEE": (reco - gpp, flux, "true net ecosystem exchange"),
+        "RECO_obs": (reco_obs, flux, "observed respiration"),
+        "GPP_obs": (gpp_obs, flux, "observed gross primary production"),
+        "NEE_obs": (reco_obs - gpp_obs, flux, "observed net ecosystem exchange"),
+    }
+    ds = xr.Dataset({k: ("time", a, {"units": u, "long_name": ln}) for k, (a, u, ln) in v.items()},
+                    coords={"time": time})
+    ds.attrs.update({"q10": q10, "tref": tref, "noise": noise, "gpp_noise": gpp_noise, "latitude": latitude,
+                     "seed": _device.seed_to_attr(seed), "source": "daml.causal.synthetic_site"})
+    return ds
+
+
+def to_fluxnet_csv(site: xr.Dataset, path: str | os.PathLike, *, nee: str = "NEE_obs") -> None:
+    """Write ``site`` (from :func:`synthetic_site`) as a FLUXNET2015-style half-hourly CSV (atomically)."""
+    t = pd.DatetimeIndex(site["time"].values)
+    frame = pd.DataFrame({
+        "TIMESTAMP_START": t.strftime("%Y%m%d%H%M"),
+        "TIMESTAMP_END": (t + pd.Timedelta(minutes=30)).strftime("%Y%m%d%H%M"),
+        "TA_F": site["TA"].values, "TA_F_QC": 0,
+        "SW_IN_POT": site["SW_IN_POT"].values,
+        "SW_IN_F": site["SW_IN"].values, "SW_IN_F_QC": 0,
+        "VPD_F": site["VPD"].values, "VPD_F_QC": 0,
+        "NEE_VUT_REF": site[nee].values, "NEE_VUT_REF_QC": 0,
+        "NIGHT": site["NIGHT"].values.astype(int),
+    })
+    frame = frame.fillna(_MISSING)
+    with atomic_write_path(path, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def read_fluxnet_csv(path: str | os.PathLike, *, max_qc: int = 0, latitude: float | None = None,
+                     min_night: int = 100) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Read a FLUXNET2015-style half-hourly CSV and return its night-time respiration data.
+
+    Night-time NEE is respiration. The rows kept are ``NIGHT == 1``, ``NEE_VUT_REF_QC <= max_qc``
+    (0 = measured), no missing value in the drivers and ``NEE_VUT_REF > 0`` (a respiration must be
+    positive to take its logarithm); every dropped row is counted in the returned report.
+
+    ``SW_IN_POT`` is used when present; otherwise it is computed from the timestamps and ``latitude``
+    (required then). The controls ``SW_POT_sm`` and ``SW_POT_sm_diff`` are computed on the full,
+    regular record before any row is dropped.
+
+    Returns
+    -------
+    (pandas.DataFrame, dict)
+        Columns ``time``, ``RECO`` (= night NEE), ``TA``, ``VPD``, ``SW_POT_sm``, ``SW_POT_sm_diff``;
+        and counts: ``rows``, ``night``, ``bad_qc``, ``missing``, ``non_positive``, ``kept``.
+
+    Raises
+    ------
+    InputError
+        Missing columns, values whose units look wrong (Kelvin temperatures, VPD in kPa, fluxes out of
+        range), too few usable night-time rows (fewer than ``min_night``).
+    """
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except FileNotFoundError as exc:
+        raise InputError("FILE", "an existing CSV file", str(path)) from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError("FILE", "a CSV file with a header row", f"{path} ({exc})") from exc
+    required = [c for c in FLUXNET_REQUIRED if c not in header]
+    if "SW_IN_POT" not in header and latitude is None:
+        required.append("SW_IN_POT (or pass latitude)")
+    if required:
+        raise InputError("FILE", f"the FLUXNET2015 columns {', '.join(FLUXNET_REQUIRED)} and SW_IN_POT",
+                         f"{path} without {', '.join(required)}")
+    cols = [c for c in (*FLUXNET_REQUIRED, "SW_IN_POT", "TA_F_QC") if c in header]
+    frame = pd.read_csv(path, usecols=cols, dtype={"TIMESTAMP_START": str}, na_values=[_MISSING, "-9999"])
+    try:
+        time = pd.to_datetime(frame["TIMESTAMP_START"], format="%Y%m%d%H%M")
+    except (ValueError, TypeError) as exc:
+        raise InputError("TIMESTAMP_START", "timestamps written as YYYYMMDDHHMM", frame["TIMESTAMP_START"].iloc[0]) from exc
+    step = np.diff(time.values).astype("timedelta64[m]").astype(int)
+    if step.size == 0 or not (step == step[0]).all() or step[0] not in (30, 60):
+        raise InputError("TIMESTAMP_START", "a regular half-hourly or hourly record without gaps in the time axis",
+                         f"steps of {sorted(set(step.tolist()))[:5]} minutes")
+    steps_per_day = 1440 // int(step[0])
+    ta = frame["TA_F"].to_numpy(float)
+    vpd = frame["VPD_F"].to_numpy(float)
+    sw = frame["SW_IN_F"].to_numpy(float)
+    nee = frame["NEE_VUT_REF"].to_numpy(float)
+    _check_units(ta, vpd, sw, nee, frame["NIGHT"].to_numpy(float))
+    if "SW_IN_POT" in frame:
+        sw_pot = frame["SW_IN_POT"].to_numpy(float)
+        if np.isnan(sw_pot).any():
+            raise InputError("SW_IN_POT", "a complete series (it is computed, never gap-filled)",
+                             f"{int(np.isnan(sw_pot).sum())} missing values")
+    else:
+        sw_pot = potential_radiation(time, float(latitude), step_hours=int(step[0]) / 60.0)
+    sm, sm_diff = smoothed_potential_radiation(sw_pot, steps_per_day=steps_per_day)
+    night = frame["NIGHT"].to_numpy(float) == 1
+    qc = frame["NEE_VUT_REF_QC"].to_numpy(float)
+    good_qc = qc <= max_qc
+    if "TA_F_QC" in frame:
+        good_qc &= frame["TA_F_QC"].to_numpy(float) <= max(max_qc, 1)
+    missing = np.isnan(ta) | np.isnan(vpd) | np.isnan(nee)
+    report = {"rows": int(len(frame)), "night": int(night.sum()), "bad_qc": int((night & ~good_qc).sum()),
+              "missing": int((night & good_qc & missing).sum())}
+    usable = night & good_qc & ~missing
+    positive = usable & (nee > 0)
+    report["non_positive"] = int((usable & ~positive).sum())
+    report["kept"] = int(positive.sum())
+    if report["kept"] < min_night:
+        raise InputError("FILE", f"at least {min_night} usable night-time rows (NIGHT = 1, NEE_VUT_REF_QC <= {max_qc}, "
+                         "NEE_VUT_REF > 0, drivers present)",
+                         f"{report['kept']} in {path} ({report})")
+    out = pd.DataFrame({"time": time[positive].values, "RECO": nee[positive], "TA": ta[positive],
+                        "VPD": vpd[positive], "SW_POT_sm": sm[positive], "SW_POT_sm_diff": sm_diff[positive]})
+    return out, report
+
+
+def _check_units(ta: np.ndarray, vpd: np.ndarray, sw: np.ndarray, nee: np.ndarray, night: np.ndarray) -> None:
+    def q(a: np.ndarray, p: float) -> float:
+        a = a[np.isfinite(a)]
+        return float(np.quantile(a, p)) if a.size else float("nan")
+
+    if q(ta, 0.5) > 150.0:
+        raise InputError("TA_F", "air temperature in degrees Celsius", f"median {q(ta, 0.5):.1f} (looks like Kelvin)")
+    if not -60.0 <= q(ta, 0.5) <= 50.0:
+        raise InputError("TA_F", "air temperature in degrees Celsius (median within -60..50)", f"median {q(ta, 0.5):.1f}")
+    if q(vpd, 0.99) < 5.0 and q(ta, 0.99) > 15.0:      # warm afternoons reach well over 5 hPa
+        raise InputError("VPD_F", "vapour pressure deficit in hPa (FLUXNET2015 convention)",
+                         f"99th percentile {q(vpd, 0.99):.3g} (looks like kPa)", hint="multiply by 10")
+    if q(vpd, 0.01) < -1.0:
+        raise InputError("VPD_F", "a non-negative vapour pressure deficit in hPa", f"1st percentile {q(vpd, 0.01):.3g}")
+    if q(sw, 0.999) > 1600.0 or q(sw, 0.001) < -50.0:
+        raise InputError("SW_IN_F", "shortwave radiation in W m-2 (0..1600)",
+                         f"range {q(sw, 0.001):.4g}..{q(sw, 0.999):.4g}")
+    night_nee = nee[(night == 1) & np.isfinite(nee)]
+    if night_nee.size and (abs(float(np.median(night_nee))) > 50.0 or q(np.abs(nee), 0.99) > 200.0):
+        raise InputError("NEE_VUT_REF", "net ecosystem exchange in umol CO2 m-2 s-1",
+                         f"night-time median {float(np.median(night_nee)):.4g}, 99th percentile of |NEE| "
+                         f"{q(np.abs(nee), 0.99):.4g}")
