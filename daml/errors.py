@@ -26,6 +26,7 @@ __all__ = [
     "ModuleError",
     "DivergenceError",
     "ConvergenceWarning",
+    "DroppedRowsWarning",
     "check_int",
     "check_real",
 ]
@@ -122,6 +123,14 @@ class ConvergenceWarning(UserWarning):
 
     The result is still returned (with per-problem ``converged`` flags and errors); the warning makes
     sure the shortfall is never silent.
+    """
+
+
+class DroppedRowsWarning(UserWarning):
+    """Rows with missing values were dropped before fitting; the message names the count, per input.
+
+    Raised as a warning (the fit goes on with the complete rows) so the loss is never silent; the count
+    is also kept in the result's ``attrs["n_dropped"]``.
     """
 
 

@@ -60,7 +60,7 @@ import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import DroppedRowsWarning, InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
 
 __all__ = [
@@ -80,10 +80,6 @@ SCORES = ("partialling out", "IV-type")
 BOOTSTRAP_WEIGHTS = ("normal", "bayes", "wild")
 
 Splits = list[list[tuple[np.ndarray, np.ndarray]]]
-
-
-class DroppedRowsWarning(UserWarning):
-    """Rows with missing values were dropped before fitting; the count is in the message and attrs."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -154,7 +154,13 @@ def partition(
 
     def fit_theta(rows: np.ndarray) -> np.ndarray:
         est = _clone(final)
-        est.fit(xm[rows], pseudo[rows], sample_weight=weight[rows])
+        try:
+            est.fit(xm[rows], pseudo[rows], sample_weight=weight[rows])
+        except TypeError as exc:
+            if "sample_weight" not in str(exc):
+                raise
+            raise InputError("final", "a regressor whose fit accepts sample_weight (the R-learner weights)",
+                             type(final).__name__) from exc
         return np.asarray(est.predict(xm), dtype=float)
 
     theta_hat = fit_theta(np.arange(n))
