@@ -35,6 +35,7 @@ __all__ = [
     "spawn",
     "spawn_generators",
     "seed_to_attr",
+    "random_state",
     "scoped_global_stream",
 ]
 
@@ -213,6 +214,12 @@ def spawn(seed: Seed, n: int) -> list[np.random.SeedSequence]:
 def spawn_generators(seed: Seed, n: int, device: str | torch.device | None = None) -> list[torch.Generator]:
     """``n`` independent torch generators derived from ``seed`` (see :func:`spawn`)."""
     return [generator(child, device) for child in spawn(seed, n)]
+
+
+def random_state(seed: Seed) -> int | None:
+    """A 32-bit integer seed drawn from ``seed`` for libraries that take one (scikit-learn's
+    ``random_state``); ``None`` stays ``None`` (fresh entropy, not reproducible)."""
+    return None if seed is None else int(seed_sequence(seed).generate_state(1)[0])
 
 
 def seed_to_attr(seed: Seed) -> str:

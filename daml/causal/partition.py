@@ -50,7 +50,7 @@ def default_boosting(seed: _device.Seed = None, **options: Any) -> Any:
     """Histogram gradient boosting (scikit-learn), the default nuisance and final learner here."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
-    state = int(_device.seed_sequence(seed).generate_state(1)[0]) if seed is not None else None
+    state = _device.random_state(seed)
     kw = {"max_iter": 300, "learning_rate": 0.1, "min_samples_leaf": 40, "early_stopping": False,
           "random_state": state, **options}
     return HistGradientBoostingRegressor(**kw)
@@ -60,7 +60,7 @@ def default_final(seed: _device.Seed = None, **options: Any) -> Any:
     """Random forest (200 trees, min leaf 20), the default final stage of :func:`partition`."""
     from sklearn.ensemble import RandomForestRegressor
 
-    state = int(_device.seed_sequence(seed).generate_state(1)[0]) if seed is not None else None
+    state = _device.random_state(seed)
     return RandomForestRegressor(**{"n_estimators": 200, "min_samples_leaf": 20, "random_state": state, **options})
 
 

@@ -69,7 +69,7 @@ def _time_coord(data: Any, n: int) -> dict[str, np.ndarray]:
 def default_learner(kind: str, seed: _device.Seed = None, **options: Any) -> Any:
     """The nuisance learners of Cohrs et al. (2024): ``"forest"`` (100 trees, min leaf 5) or ``"network"``
     (two hidden layers of 16 tanh units); ``options`` override their settings."""
-    state = int(_device.seed_sequence(seed).generate_state(1)[0]) if seed is not None else None
+    state = _device.random_state(seed)
     if kind == "forest":
         from sklearn.ensemble import RandomForestRegressor
 
