@@ -1,4 +1,4 @@
-"""Command line: ``daml run``, ``daml check`` and ``daml info``.
+"""Command line: ``daml run``, ``daml check``, ``daml info`` and ``daml q10``.
 
 The CLI is thin: it calls the same public functions a user calls from Python.
 
