@@ -28,10 +28,42 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from .. import _device
 from ..errors import InputError, NonFiniteError, ShapeError
 
-__all__ = ["MLPRegressor"]
+__all__ = ["MLPRegressor", "glorot_stack", "stacked_forward"]
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
                 "softplus": torch.nn.functional.softplus}
+
+
+def glorot_stack(widths: Sequence[int], generator: torch.Generator, prefix: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Weights (Glorot normal, float64 on the CPU) and zero biases of a stack of dense layers.
+
+    ``widths = [inputs, hidden..., outputs]``; every tensor has the leading dimensions ``prefix`` (one
+    independent draw per leading index). Returns ``[W1, b1, W2, b2, ...]`` with ``W: (*prefix, a, b)``
+    and ``b: (*prefix, 1, b)``.
+    """
+    params = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        w = torch.randn(*prefix, a, b, generator=generator, dtype=torch.float64) * math.sqrt(2.0 / (a + b))
+        params += [w, torch.zeros(*prefix, 1, b, dtype=torch.float64)]
+    return params
+
+
+def stacked_forward(params: Sequence[torch.Tensor], x: torch.Tensor, activation: Any = torch.tanh,
+                    hidden_hook: Any = None) -> torch.Tensor:
+    """A batch of dense networks at once: ``x (P, n, inputs)`` through ``params`` from :func:`glorot_stack`.
+
+    ``hidden_hook(h, i)``, if given, is applied to the activated output of hidden layer ``i`` (dropout).
+    Returns the first output unit, shape ``(P, n)``.
+    """
+    h = x
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+        h = torch.baddbmm(params[2 * i + 1], h, params[2 * i])
+        if i < n_layers - 1:
+            h = activation(h)
+            if hidden_hook is not None:
+                h = hidden_hook(h, i)
+    return h[..., 0]
 
 
 class MLPRegressor(RegressorMixin, BaseEstimator):
@@ -88,24 +120,12 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
 
     def _init(self, p: int, problems: int, dev: torch.device, dt: torch.dtype) -> list[torch.Tensor]:
         g = _device.generator(self.random_state, "cpu")
-        widths = [p, *[int(h) for h in self.hidden], 1]
-        params = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            w = torch.randn(a, b, generator=g, dtype=torch.float64) * math.sqrt(2.0 / (a + b))
-            params += [w.to(dev, dt).expand(problems, a, b).clone(), torch.zeros(problems, 1, b, device=dev, dtype=dt)]
-        return params
+        one = glorot_stack([p, *[int(h) for h in self.hidden], 1], g)     # the same start for every problem
+        return [t.to(dev, dt).expand(problems, *t.shape).clone() for t in one]
 
     def _forward(self, params: list[torch.Tensor], x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
-        act = _ACTIVATIONS[self.activation]
-        h = x
-        n_layers = len(params) // 2
-        for i in range(n_layers):
-            h = torch.baddbmm(params[2 * i + 1], h, params[2 * i])
-            if i < n_layers - 1:
-                h = act(h)
-                if masks is not None:
-                    h = h * masks[i]
-        return h[..., 0]
+        hook = None if masks is None else (lambda h, i: h * masks[i])
+        return stacked_forward(params, x, _ACTIVATIONS[self.activation], hook)
 
     # -- scikit-learn protocol ---------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> "MLPRegressor":

@@ -38,6 +38,7 @@ from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
 from .dml import drop_missing, plr
+from .learners import glorot_stack, stacked_forward
 
 __all__ = ["q10", "q10_end_to_end", "default_learner", "LEARNERS", "DEFAULT_CONTROLS"]
 
@@ -285,11 +286,8 @@ def q10_end_to_end(
     Y = torch.as_tensor(r / scale, dtype=dt, device=dev)
     D = torch.as_tensor(d, dtype=dt, device=dev)
     g = _device.generator(init_seed, "cpu")
-    widths = [F.shape[1], *[int(h) for h in hidden], 1]
-    params = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        w = torch.randn(members, a, b, generator=g, dtype=torch.float64) * math.sqrt(2.0 / (a + b))
-        params += [w.to(dev, dt).requires_grad_(True), torch.zeros(members, 1, b, device=dev, dtype=dt, requires_grad=True)]
+    params = [t.to(dev, dt).requires_grad_(True)
+              for t in glorot_stack([F.shape[1], *[int(h) for h in hidden], 1], g, prefix=(members,))]
     q0 = q10_init + q10_init_sd * torch.randn(members, generator=g, dtype=torch.float64)
     if bool((q0 <= 0).any()):
         raise InputError("q10_init_sd", "a spread that keeps every initial Q10 positive", q10_init_sd)
@@ -299,19 +297,13 @@ def q10_end_to_end(
     bg = _device.generator(batch_seed, dev)
     tr_t = torch.as_tensor(tr_idx, device=dev)
     va_t = torch.as_tensor(va_idx, device=dev)
-    n_layers = len(params) // 2
+
+    def drop(h: torch.Tensor, i: int) -> torch.Tensor:
+        return h * torch.bernoulli(torch.full_like(h, 1.0 - dropout), generator=bg) / (1.0 - dropout)
 
     def predict(ps: list[torch.Tensor], lq: torch.Tensor, idx: torch.Tensor, train: bool) -> torch.Tensor:
-        h = F[idx]
-        for i in range(n_layers):
-            h = torch.baddbmm(ps[2 * i + 1], h, ps[2 * i])
-            if i < n_layers - 1:
-                h = torch.tanh(h)
-                if train and dropout > 0:
-                    keep_mask = torch.bernoulli(torch.full_like(h, 1.0 - dropout), generator=bg)
-                    h = h * keep_mask / (1.0 - dropout)
-        rb = torch.nn.functional.softplus(h[..., 0])
-        return rb * torch.exp(lq[:, None] * D[idx])
+        out = stacked_forward(ps, F[idx], torch.tanh, drop if train and dropout > 0 else None)
+        return torch.nn.functional.softplus(out) * torch.exp(lq[:, None] * D[idx])
 
     best_loss = torch.full((members,), float("inf"), dtype=dt, device=dev)
     best = [p.detach().clone() for p in params]
