@@ -34,7 +34,7 @@ _INTRO = (
     "different machines are not comparable.\n"
 )
 
-__all__ = ["machine_info", "machine_line", "write_section", "write_json", "command_line"]
+__all__ = ["machine_info", "machine_line", "write_section", "write_json", "command_line", "git_commit"]
 
 
 def _cpu_name() -> str:
@@ -154,3 +154,18 @@ def command_line() -> str:
     with contextlib.suppress(ValueError):
         script = script.relative_to(ROOT)
     return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+def git_commit() -> str | None:
+    """The checked-out commit of the repository (with ``+changes`` when the tree is dirty), or ``None``
+    where git or the repository is not available."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")

@@ -89,6 +89,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
@@ -765,6 +766,10 @@ def markdown(results: dict[str, Any]) -> str:
         "(OMP/MKL/OpenBLAS/torch); "
         f"POT {results['versions']['pot']}; load average before {load_b[0]:.2f} / after {load_a[0]:.2f}.",
     ]
+    for case, origin in sorted(results.get("carried_over", {}).items()):
+        lines += ["", f"Case ({case}) was not re-run: its tables are carried over from an earlier run "
+                  f"(`{origin.get('command')}`, daml commit {origin.get('daml_commit') or 'not recorded'}, "
+                  f"load before {(origin.get('load_before') or [math.nan])[0]:.2f})."]
     if results["load_flag"]:
         lines += ["", f"⚠ The load average was {load_b[0]:.2f} (> 0.5) when the run started: "
                   "timings may be perturbed by other processes."]
@@ -807,6 +812,31 @@ def solver_warnings(results: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def carry_over(results: dict[str, Any], cases: list[str], dtypes: list[str], epsilons: list[float]) -> None:
+    """Keep the tables of the cases this run left out from the previous full run's JSON, marked as such,
+    so that ``--cases b`` re-measures case (b) without deleting case (a) from the report. Only a run of
+    the same protocol (same dtypes, epsilons and repeats) is carried over."""
+    path = _report.RESULTS / "sinkhorn.json"
+    if set(cases) == {"a", "b"} or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    same = (old.get("dtypes") == dtypes and old.get("epsilons") == epsilons and old.get("repeats") == results["repeats"]
+            and not old.get("quick"))
+    if not same:
+        return
+    results["carried_over"] = dict(old.get("carried_over", {}))
+    for case in {"a", "b"} - set(cases):
+        for key in (f"case_{case}_fixed", f"case_{case}_tolerance"):
+            if key in old:
+                results[key] = old[key]
+        origin = old.get("carried_over", {}).get(case) or {
+            "command": old.get("command"), "load_before": old.get("load_before"), "elapsed_s": old.get("elapsed_s"),
+            "daml_commit": old.get("daml_commit")}
+        results["carried_over"][case] = origin
+    for case in cases:
+        results["carried_over"].pop(case, None)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -855,6 +885,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": _report.machine_info(),
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "pot": ot.__version__},
         "load_before": list(load_before),
+        "daml_commit": _report.git_commit(),
         "load_flag": load_before[0] > 0.5,
     }
     results["cpu"] = results["machine"]["device"]       # /proc/cpuinfo "model name", else platform
@@ -869,6 +900,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["case_b_tolerance"] = case_b_tolerance(cfg, dtypes, epsilons, repeats)
     results["load_after"] = list(os.getloadavg())
     results["elapsed_s"] = time.perf_counter() - t0
+    if not args.quick:
+        carry_over(results, cases, dtypes, epsilons)
 
     text = markdown(results)
     if args.quick:

@@ -165,6 +165,27 @@ def test_batch_equals_per_problem_results():
     assert len(set(batch.iterations.flatten().tolist())) > 1   # problems stopped at their own time
 
 
+
+def test_batch_in_cache_sized_pieces_equals_one_pass(monkeypatch):
+    """On the CPU the batch is solved in pieces that fit the cache; the pieces change nothing."""
+    c, a, b = zip(*(_problem(30, 20, seed=40 + k, skew=1 + k % 3) for k in range(7)))
+    c, a, b = np.stack(c), np.stack(a), np.stack(b)
+    eps = np.linspace(0.03, 0.2, 7)
+    kw = dict(epsilon=eps, relative=True, tol=1e-9, max_iter=20000, relaxation="auto")
+    monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: None)
+    whole = sinkhorn(c, a, b, **kw)
+    monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: 3 * 30 * 20 * 8)   # pieces of 3
+    pieces = sinkhorn(c, a, b, **kw)
+    assert torch.equal(whole.iterations, pieces.iterations) and len(set(whole.iterations.tolist())) > 1
+    assert torch.allclose(whole.f, pieces.f, atol=1e-13, rtol=0)
+    assert torch.allclose(whole.g, pieces.g, atol=1e-13, rtol=0)
+    assert torch.equal(whole.converged, pieces.converged) and bool(pieces.converged.all())
+
+
+def test_working_set_is_a_cpu_cache_fraction():
+    assert daml._device.working_set_bytes("cpu") >= 1 << 20
+    assert daml._device.working_set_bytes("cuda") is None
+
 def test_importance_weights_spanning_hundreds_of_orders_of_magnitude():
     rng = np.random.default_rng(4)
     n = 100

@@ -398,8 +398,8 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     eps = _check_epsilon(epsilon, relative, c, batch)
 
     with torch.no_grad():
-        f, g, err, iters, total, linear = _solve(cb.detach(), la.detach(), lb.detach(), eps.detach(), tol,
-                                                 max_iter, check_every, anneal, relaxation)
+        f, g, err, iters, total, linear = _solve_in_pieces(cb.detach(), la.detach(), lb.detach(), eps.detach(),
+                                                           tol, max_iter, check_every, anneal, relaxation)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (cb, la, lb, eps)):
         f, g = _ImplicitPotentials.apply(cb, la, lb, eps, f, g)
     # gauge <a, f> = <b, g> (the plan and the values do not depend on it)
@@ -520,6 +520,25 @@ def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor) -> tuple[tor
         new = torch.where(bad, 1.0 / s, new)
         omega = torch.where(bad, 1.0, omega)
     return new, omega
+
+
+def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
+    """:func:`_solve` on consecutive pieces of the batch whose kernels fit the cache together.
+
+    Every pass of the loop re-reads the whole ``(B, n, m)`` kernel. On the CPU a batch larger than
+    the cache is read from main memory at every half-iteration, while a piece that fits is read
+    from the cache: many small problems run about twice as fast in pieces. The problems are
+    independent, so the result is the same as one call on the whole batch.
+    """
+    budget = _device.working_set_bytes(cost.device)
+    per_problem = cost.shape[-2] * cost.shape[-1] * cost.element_size()
+    nb = cost.shape[0]
+    size = nb if budget is None else max(1, budget // per_problem)
+    if size >= nb:
+        return _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation)
+    parts = [_solve(cost[i:i + size], la[i:i + size], lb[i:i + size], eps[i:i + size], tol, max_iter,
+                    check_every, anneal, relaxation) for i in range(0, nb, size)]
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
