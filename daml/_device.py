@@ -38,6 +38,8 @@ __all__ = [
     "seed_to_attr",
     "random_state",
     "scoped_global_stream",
+    "working_set_bytes",
+    "standard_normal",
 ]
 
 Seed = Union[int, np.random.SeedSequence, torch.Generator, None]

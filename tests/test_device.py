@@ -111,3 +111,21 @@ def test_scoped_global_stream_is_seeded_and_restores_the_caller_state():
         c = torch.rand(5)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a, torch.rand(5, generator=_device.generator(7)))   # the explicit generator's stream
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (300, 40)), (torch.float64, (5,)), (torch.float32, (300, 40))])
+def test_standard_normal_is_reproducible_normal_and_advances(dtype, shape):
+    from scipy import stats
+
+    a = _device.standard_normal(shape, _device.generator(3), dtype)
+    g = _device.generator(3)
+    b = _device.standard_normal(shape, g, dtype)
+    c = _device.standard_normal(shape, g, dtype)
+    assert a.shape == shape and a.dtype == dtype
+    assert torch.equal(a, b) and not torch.equal(b, c)        # same seed, same draw; the generator advanced
+    z = torch.cat([_device.standard_normal(shape, g, dtype).reshape(-1) for _ in range(40)]).double().numpy()
+    # Monte Carlo tolerances: 5 standard errors of the mean and variance, and a KS test at 1e-3
+    assert abs(z.mean()) < 5 / np.sqrt(z.size)
+    assert abs(z.var() - 1.0) < 5 * np.sqrt(2.0 / z.size)
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+

@@ -1,5 +1,6 @@
 """The contract every registered filter must keep (ARCHITECTURE invariant 5)."""
 
+import math
 
 import numpy as np
 import pytest
@@ -130,3 +131,32 @@ def test_wrong_observation_size_raises(problem):
     model, _, data = problem
     with pytest.raises(daml.errors.ShapeError, match="operator"):
         filters.run(filters.etkf(members=12), model, data, operator=models.observe_all(4), progress=False)
+
+
+def test_divergence_check_catches_non_finite_members_even_with_zero_weight():
+    from daml.errors import DivergenceError
+    from daml.filters.run import _check_divergence
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 50, 4, generator=gen, dtype=torch.float64) * 3.0 + 100.0
+    lw = torch.log_softmax(torch.randn(2, 50, generator=gen, dtype=torch.float64), -1)
+    w = lw.exp().unsqueeze(-1)
+    centred = ((w * (x - (w * x).sum(-2, keepdim=True)) ** 2).sum(-2).mean(-1)).sqrt().max()
+    _check_divergence(x, lw, float(centred) * 1.0001, 7, "f")              # below the threshold: passes
+    with pytest.raises(DivergenceError, match="spread") as info:
+        _check_divergence(x, lw, float(centred) * 0.9999, 7, "f")
+    assert info.value.step == 7
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[1, 3, 2] = bad
+        lw0 = lw.clone()
+        lw0[1] = torch.log_softmax(torch.where(torch.arange(50) == 3, -800.0, 0.0).double(), -1)   # exp(-800) = 0
+        assert float(lw0[1, 3].exp()) == 0.0
+        with pytest.raises(DivergenceError, match="non-finite"):
+            _check_divergence(y, lw, 1e9, 0, "f")
+        with pytest.raises(DivergenceError, match="non-finite"):
+            _check_divergence(y, lw0, 1e9, 0, "f")
+    lw_nan = lw.clone()
+    lw_nan[0, 0] = math.nan
+    with pytest.raises(DivergenceError, match="non-finite"):
+        _check_divergence(x, lw_nan, 1e9, 0, "f")

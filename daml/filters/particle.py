@@ -56,6 +56,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .. import _device
 from .. import resampling as _resampling
 from ..errors import DivergenceError, InputError, check_real
 from ..models.base import Model, as_covariance, covariance_root, periodic_covariance
@@ -190,15 +191,21 @@ def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor
         degenerate = sum_sq > 1.0 - 1e-10
         w_cov = torch.where(degenerate, torch.full_like(w, 1.0 / n_members), w)
         w_cov = w_cov / (1.0 - torch.where(degenerate, torch.full_like(sum_sq, 1.0 / n_members), sum_sq))
-        mean = (w_cov.unsqueeze(-1) * x).sum(-2, keepdim=True) / w_cov.sum(-1, keepdim=True).unsqueeze(-1)
-        a = (x - mean) * w_cov.sqrt().unsqueeze(-1)
+        mean = (w_cov.unsqueeze(-2) @ x) / w_cov.sum(-1, keepdim=True).unsqueeze(-1)            # (*batch, 1, n)
+        a = torch.sub(x, mean).mul_(w_cov.sqrt().unsqueeze(-1))
         cov = a.transpose(-1, -2) @ a
         cov = 0.5 * (cov + cov.transpose(-1, -2))
         root = covariance_root(cov) * (jitter * n_members ** (-1.0 / (n + 4)))
         dup = duplicates(anc) & flag.unsqueeze(-1)
-        eps = torch.zeros_like(new_x)                 # draw only for the duplicates
-        eps[dup] = torch.randn(int(dup.sum()), n, generator=g, dtype=x.dtype, device=x.device)
-        new_x = new_x + eps @ root.transpose(-1, -2)
+        # noise only for the duplicates: row k of z belongs to the k-th duplicate in row-major order
+        where = dup.nonzero(as_tuple=True)
+        z = _device.standard_normal((where[0].numel(), n), g, x.dtype, x.device)
+        if dup.ndim == 1:                             # one experiment: transform the duplicates' rows only
+            new_x.index_put_(where, z @ root.transpose(-1, -2), accumulate=True)
+        else:
+            eps = torch.zeros_like(new_x)
+            eps[where] = z
+            new_x.add_(eps @ root.transpose(-1, -2))
     uniform = torch.full_like(log_weight, -math.log(n_members))
     return new_x, torch.where(flag.unsqueeze(-1), uniform, log_weight), anc
 

@@ -27,7 +27,7 @@ from ..errors import DivergenceError, InputError, ShapeError
 from ..models.base import Model, model_config
 from ..models.observations import Observation, observe_linear
 from ..posterior import from_members
-from .base import Filter, Upcoming, weighted_mean
+from .base import Filter, Upcoming
 
 __all__ = ["run", "RunResult", "operator_from_data", "prepare_data", "PreparedData"]
 
@@ -226,10 +226,20 @@ def _detach(pair):
 
 
 def _check_divergence(x: torch.Tensor, lw: torch.Tensor, max_spread: float, step: int, name: str) -> None:
-    if not (torch.isfinite(x).all() and torch.isfinite(lw).all()):
+    """Raise where the members or weights are not finite or the ensemble spread exceeds ``max_spread``.
+
+    The spread comes from two weighted moments (two mat-vecs instead of a pass over the centred
+    members); a NaN or infinite member makes it non-finite, so the states need no separate check.
+    """
+    if not bool(torch.isfinite(lw).all()):
         raise DivergenceError(f"{name}: non-finite states or weights", step=step)
-    spread = torch.sqrt(weighted_mean((x - weighted_mean(x, lw)) ** 2, lw).squeeze(-2).mean(-1))
+    w = torch.exp(lw).unsqueeze(-2)                                        # (*batch, 1, N)
+    mean = (w @ x).squeeze(-2)
+    second = (w @ (x * x)).squeeze(-2)
+    spread = torch.sqrt((second - mean * mean).clamp_min(0.0).mean(-1))
     worst = float(spread.max())
+    if not math.isfinite(worst):
+        raise DivergenceError(f"{name}: non-finite states or weights", step=step)
     if worst > max_spread:
         raise DivergenceError(f"{name}: ensemble spread {worst:.3g} exceeds max_spread {max_spread:.3g}", step=step)
 

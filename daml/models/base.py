@@ -72,10 +72,10 @@ class Model(Protocol):
 def rk4_step(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
     """One classical Runge-Kutta step of ``dx/dt = f(x)`` (autonomous), batched over leading dims."""
     k1 = f(x)
-    k2 = f(x + (0.5 * dt) * k1)
-    k3 = f(x + (0.5 * dt) * k2)
-    k4 = f(x + dt * k3)
-    return x + (dt / 6.0) * (k1 + 2.0 * (k2 + k3) + k4)
+    k2 = f(torch.add(x, k1, alpha=0.5 * dt))
+    k3 = f(torch.add(x, k2, alpha=0.5 * dt))
+    k4 = f(torch.add(x, k3, alpha=dt))
+    return torch.add(x, torch.add(k2, k3).mul_(2.0).add_(k1).add_(k4), alpha=dt / 6.0)
 
 
 def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, allow_zero: bool = True) -> torch.Tensor:
