@@ -20,6 +20,7 @@ An experiment file has four tables and a list of methods::
     sd = 1.0              # or cov = (a variance, a list of variances or a matrix)
     every = 1             # model steps between observations
     missing = 0.0         # fraction of entries hidden (NaN)
+    transform = "identity"  # or "arctan": observe arctan(H x) (strongly nonlinear, as in EnSF)
 
     [prior]
     x0 = "default"        # the model's default_x0(), or a list
@@ -54,7 +55,8 @@ from . import _device, diagnostics, io
 from .errors import DivergenceError, InputError, check_int
 from .filters import REGISTRY, make_filter, run
 from .filters.climatology import climatology_from_truth
-from .models import MODELS, make_model, observe_all, observe_every, observe_indices
+from .models import MODELS, make_model, observe_all, observe_every, observe_indices, observe_transformed
+from .models.observations import TRANSFORMS
 from .twin import simulate
 
 __all__ = ["DEFAULT_CONFIG", "Experiment", "load_config", "run_experiment", "Score"]
@@ -144,7 +146,7 @@ tol = 1e-3
 _SECTIONS = {
     "experiment": {"name", "steps", "burn_in", "experiments", "seed"},
     "model": None,          # free: the model's parameters
-    "observations": {"kind", "sd", "cov", "every", "k", "offset", "indices", "missing"},
+    "observations": {"kind", "sd", "cov", "every", "k", "offset", "indices", "missing", "transform"},
     "prior": {"x0", "cov", "spinup"},
     "methods": None,
 }
@@ -200,6 +202,10 @@ def load_config(source: str | Path | None = None) -> Experiment:
     for i, m in enumerate(methods):
         if "name" not in m or m["name"] not in REGISTRY:
             raise InputError(f"config key 'methods[{i}].name'", f"one of {sorted(REGISTRY)}", repr(m.get("name")))
+    transform = raw.get("observations", {}).get("transform", "identity")
+    if transform != "identity" and transform not in TRANSFORMS:
+        raise InputError("config key 'observations.transform'", f"'identity' or one of {sorted(TRANSFORMS)}",
+                         repr(transform))
     out = Experiment(
         name=str(exp.get("name", "experiment")),
         steps=_int(exp.get("steps", 1000), "experiment.steps"),
@@ -224,12 +230,15 @@ def _observation(cfg: dict, n: int):
     kind = cfg.get("kind", "all")
     noise = {"cov": cfg["cov"]} if "cov" in cfg else {"sd": cfg.get("sd", 1.0)}
     if kind == "all":
-        return observe_all(n, **noise)
-    if kind == "every":
-        return observe_every(n, cfg.get("k", 2), offset=cfg.get("offset", 0), **noise)
-    if kind == "indices":
-        return observe_indices(n, cfg.get("indices", []), **noise)
-    raise InputError("config key 'observations.kind'", "'all', 'every' or 'indices'", repr(kind))
+        op = observe_all(n, **noise)
+    elif kind == "every":
+        op = observe_every(n, cfg.get("k", 2), offset=cfg.get("offset", 0), **noise)
+    elif kind == "indices":
+        op = observe_indices(n, cfg.get("indices", []), **noise)
+    else:
+        raise InputError("config key 'observations.kind'", "'all', 'every' or 'indices'", repr(kind))
+    transform = cfg.get("transform", "identity")
+    return op if transform == "identity" else observe_transformed(op, transform)
 
 
 def build_data(exp: Experiment):

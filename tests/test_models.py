@@ -7,6 +7,7 @@ Monte Carlo assertions use fixed seeds and a bound of 5 standard errors (false-a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -581,3 +582,38 @@ class _Overflow:
 def test_simulate_reports_the_first_step_where_the_truth_blows_up(model):
     with pytest.raises(InputError, match="^model:.*step 2 "):
         simulate(model, steps=5, observe=observe_all(2), x0=[1.0, 1.0], seed=0)
+
+
+def test_arctan_observations_of_a_selection():
+    base = dm.observe_every(8, 2, sd=0.05)
+    op = dm.observe_transformed(base, "arctan")
+    x = torch.linspace(-20, 20, 24, dtype=torch.float64).reshape(3, 8)
+    assert torch.equal(op.apply(x), torch.atan(x[:, ::2]))
+    assert torch.equal(op.noise_cov, base.noise_cov) and not op.linear
+    assert op.positions.tolist() == [0.0, 2.0, 4.0, 6.0]
+    jac = op.jacobian(x)                                           # autograd: diag(1 / (1 + x_i^2)) on the selection
+    expected = torch.zeros(3, 4, 8, dtype=torch.float64)
+    expected[:, torch.arange(4), torch.arange(0, 8, 2)] = 1.0 / (1.0 + x[:, ::2] ** 2)
+    assert torch.allclose(jac, expected, atol=1e-14, rtol=0)
+    with pytest.raises(daml.errors.InputError, match="transform"):
+        dm.observe_transformed(base, "tanh-ish")
+    with pytest.raises(daml.errors.InputError, match="base"):
+        dm.observe_transformed(op, "arctan")
+
+
+def test_example_configs_parse_and_the_arctan_transform_reaches_the_filters():
+    from daml.experiment import build_data, load_config
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for path in sorted(root.glob("*.toml")):
+        load_config(path)                                           # every shipped config is valid
+    exp = load_config(root / "diffusion_arctan.toml")
+    exp.steps, exp.experiments = 40, 1
+    model, op, data = build_data(exp)
+    obs = data["y"].values[..., data["observed"].values, :]
+    assert np.nanmax(np.abs(obs)) < np.pi / 2 + 0.5                # arctan-range observations (+ noise)
+    res = daml.filters.run(daml.filters.letkf(members=10, radius=4.0), model, data, operator=op, seed=0,
+                           progress=False)
+    assert np.isfinite(res.analysis["x"].values).all()
+    with pytest.raises(daml.errors.InputError, match="observations.transform"):
+        load_config(root.joinpath("diffusion_arctan.toml").read_text().replace('"arctan"', '"sqrt"'))

@@ -37,6 +37,7 @@ from .observations import (
     observe_indices,
     observe_linear,
     observe_nonlinear,
+    observe_transformed,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "observe_indices",
     "observe_linear",
     "observe_nonlinear",
+    "observe_transformed",
     "Lorenz63",
     "Lorenz96",
     "Kuramoto",

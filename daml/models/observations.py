@@ -164,3 +164,36 @@ def observe_nonlinear(func: Callable[[torch.Tensor], torch.Tensor], state_size: 
         raise ShapeError("func", f"outputs of shape (..., {size}) for inputs (..., {state_size})",
                          f"shape {tuple(probe.shape)} for input (2, {state_size})")
     return Observation(state_size, _noise(size, sd, cov), func=func, description=description)
+
+
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"arctan": torch.atan}
+
+
+def observe_transformed(base: Observation, transform: str | Callable[[torch.Tensor], torch.Tensor],
+                        name: str | None = None) -> Observation:
+    """Observe ``t(H x)``: an elementwise function ``t`` applied to a linear operator's output.
+
+    ``transform`` is a key of :data:`TRANSFORMS` (``"arctan"``: the strongly nonlinear observations
+    of EnSF, Bao et al. 2024, which saturate for large states and hide their sign's magnitude) or a
+    batched elementwise torch function. The noise covariance is ``base``'s. When ``base`` selects one
+    variable per observation, ``positions`` records which (localising filters read it).
+    """
+    if not base.linear:
+        raise InputError("base", "a linear observation operator", base.description)
+    if isinstance(transform, str):
+        if transform not in TRANSFORMS:
+            raise InputError("transform", f"one of {sorted(TRANSFORMS)} or a callable", repr(transform))
+        name, transform = name or transform, TRANSFORMS[transform]
+    elif not callable(transform):
+        raise InputError("transform", f"one of {sorted(TRANSFORMS)} or a callable", type(transform).__name__)
+    h = base.matrix
+
+    def func(x: torch.Tensor) -> torch.Tensor:
+        return transform(x @ h.to(x).T)
+
+    out = observe_nonlinear(func, base.state_size, base.size, cov=base.noise_cov,
+                            description=f"{name or 'transform'} of {base.description}")
+    if bool(((h != 0).sum(-1) == 1).all()):
+        out.positions = (h != 0).to(torch.float64).argmax(-1).to(torch.float64)
+    return out
+
