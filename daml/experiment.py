@@ -338,9 +338,15 @@ def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: P
     """Posteriors (netCDF), the score table (JSON) and a figure (PNG, if matplotlib is installed)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    repeats = {m: sum(s.method == m for s in scores) for m in {s.method for s in scores}}
+    seen: dict[str, int] = {}
     for s in scores:
+        seen[s.method] = seen.get(s.method, 0) + 1
         if s.posterior is not None:
-            path = out / f"{exp.name}_{s.method}.nc"
+            # a method listed more than once (with other parameters) gets its place in the list as a
+            # suffix, so no posterior overwrites another: diffusion-1.nc, diffusion-2.nc
+            tag = s.method if repeats[s.method] == 1 else f"{s.method}-{seen[s.method]}"
+            path = out / f"{exp.name}_{tag}.nc"
             io.to_netcdf(s.posterior, path)
             written.append(path)
     table = [{"method": s.label, "rmse_a": s.rmse_a, "rmv_a": s.rmv_a, "crps": s.crps,

@@ -68,6 +68,19 @@ def test_daml_run_with_a_toml_file_writes_table_posteriors_and_figure(tmp_path, 
     assert post.sizes["experiment"] == 2 and post.attrs["method"] == "etkf"
 
 
+def test_a_method_listed_twice_writes_two_posteriors(tmp_path, capsys):
+    cfg = tmp_path / "twice.toml"
+    cfg.write_text(TINY.replace('name = "tiny"', 'name = "twice"').replace("steps = 40", "steps = 10")
+                   + '[[methods]]\nname = "etkf"\nmembers = 12\ninflation = 1.0\n')
+    out = tmp_path / "out"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    import daml
+
+    first, second = (daml.open_posterior(out / f"twice_etkf-{k}.nc") for k in (1, 2))
+    assert first.sizes["member"] == 8 and second.sizes["member"] == 12
+    assert (out / "twice_climatology.nc").is_file()
+
+
 @pytest.mark.parametrize("bad, key", [
     ("[model]\nname = 'lorenz95'\n[[methods]]\nname = 'etkf'\n", "model.name"),
     ("[model]\nname = 'lorenz96'\n[[methods]]\nname = 'etfk'\n", "methods[0].name"),
