@@ -206,6 +206,11 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Command: `{res['command']}`",
         "",
+    ]
+    for part, origin in sorted(res.get("carried_over", {}).items()):
+        lines += [f"Part {part.upper()} was not re-run: carried over from `{origin.get('command')}` (daml commit "
+                  f"{origin.get('daml_commit') or 'not recorded'}).", ""]
+    lines += [
         f"**A. L96-40, every other variable observed, R = 2.25 I** (`bocquet2010_m40`), {a['cycles']} cycles, "
         f"burn-in {a['burn_in']:g}, median over {a['experiments']} truths (identical for all methods). "
         "Rank p: chi-square flatness p-value of the pooled rank histogram of the observed variables "
@@ -245,6 +250,22 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def carry_over(res: dict[str, Any], parts: str) -> None:
+    """Parts left out of this run keep their previous full run's results (from the JSON), marked in the
+    report, so ``--parts c`` re-measures the speed without deleting tables A and B."""
+    path = _report.RESULTS / "particle_filters.json"
+    if set("abc") <= set(parts) or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    res["carried_over"] = {}
+    for part in "abc":
+        if part in parts or part not in old:
+            continue
+        res[part] = old[part]
+        res["carried_over"][part] = old.get("carried_over", {}).get(part) or {
+            "command": old.get("command"), "daml_commit": old.get("daml_commit")}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=1000)
@@ -267,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["b"] = part_b(args.scale_steps) if "b" in args.parts else {"rows": [], "steps": 0, "burn_in": 0}
     res["c"] = part_c(args.speed_cycles, args.seeds, dapper) if "c" in args.parts else {
         "members": 0, "cycles": 0, "seeds": [], "daml_single": 0.0, "daml_batched16": 0.0, "daml_rmse_a": None}
+    res["daml_commit"] = _report.git_commit()
+    if not args.quick:
+        carry_over(res, args.parts)
     name = "particle_filters-quick" if args.quick else "particle_filters"
     _report.write_json(name, res)
     if not args.quick:

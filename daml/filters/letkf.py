@@ -140,7 +140,7 @@ def _check_domain(domain: Any) -> float | None:
 def _default_positions(operator: Observation) -> torch.Tensor:
     """The observed variable of each row of a selection operator (or the ``positions`` a transformed
     selection carries, see :func:`daml.models.observe_transformed`)."""
-    if getattr(operator, "positions", None) is not None:
+    if operator.positions is not None:
         return operator.positions.to(torch.float64).cpu()
     h = operator.matrix
     if h is None or not bool(((h != 0).sum(-1) == 1).all()):

@@ -52,6 +52,9 @@ class Observation:
         ``h(x)`` of a nonlinear operator, batched over leading dims: ``(..., n) -> (..., m)``.
     description : str
         A short text recorded in attrs.
+
+    ``positions`` (set by :func:`observe_transformed`) holds the observed variable of each row where
+    that is known for a nonlinear operator; localising filters read it.
     """
 
     def __init__(self, state_size: int, noise_cov: torch.Tensor, matrix: torch.Tensor | None = None,
@@ -64,6 +67,7 @@ class Observation:
         self.matrix = matrix
         self.func = func
         self.description = description
+        self.positions: torch.Tensor | None = None    # observed variable of each row, where known
 
     @property
     def linear(self) -> bool:
@@ -174,7 +178,7 @@ def observe_transformed(base: Observation, transform: str | Callable[[torch.Tens
     """Observe ``t(H x)``: an elementwise function ``t`` applied to a linear operator's output.
 
     ``transform`` is a key of :data:`TRANSFORMS` (``"arctan"``: the strongly nonlinear observations
-    of EnSF, Bao et al. 2024, which saturate for large states and hide their sign's magnitude) or a
+    of EnSF, Bao et al. 2024, which saturate for large ``|x|``, so the likelihood is nearly flat there) or a
     batched elementwise torch function. The noise covariance is ``base``'s. When ``base`` selects one
     variable per observation, ``positions`` records which (localising filters read it).
     """
@@ -196,4 +200,3 @@ def observe_transformed(base: Observation, transform: str | Callable[[torch.Tens
     if bool(((h != 0).sum(-1) == 1).all()):
         out.positions = (h != 0).to(torch.float64).argmax(-1).to(torch.float64)
     return out
-
