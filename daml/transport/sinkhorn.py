@@ -535,13 +535,38 @@ def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, rela
     nb = cost.shape[0]
     size = nb if budget is None else max(1, budget // per_problem)
     if size >= nb:
-        return _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation)
-    parts = [_solve(cost[i:i + size], la[i:i + size], lb[i:i + size], eps[i:i + size], tol, max_iter,
-                    check_every, anneal, relaxation) for i in range(0, nb, size)]
-    return tuple(torch.cat(column) for column in zip(*parts))
+        return _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation)[:6]
+    # Pieces run in phases: every piece runs to the end of the phase; the problems still unfinished
+    # are gathered and resumed from their potentials g in the next phase (twice as long), as one batch
+    # once they fit the cache. So the few slow problems of a batch do not pay the per-iteration
+    # overhead once per piece. Resuming from g is exact for plain Sinkhorn (the next row update is the
+    # exact soft-min of g); an over-relaxed problem restarts its relaxation from there.
+    outs = [None] * 6
+    active = torch.arange(nb, device=cost.device)
+    g_now = torch.zeros(nb, cost.shape[-1], dtype=cost.dtype, device=cost.device)
+    k_now, span = 0, 8 * check_every
+    while active.numel() > 0:
+        last = active.numel() <= size
+        pause = None if last else -(-(k_now + span) // check_every) * check_every
+        paused_all = []
+        for i in range(0, active.numel(), size):
+            sel = active[i:i + size]
+            *res, paused = _solve(cost[sel], la[sel], lb[sel], eps[sel], tol, max_iter, check_every,
+                                  anneal if k_now == 0 else None, relaxation, g_start=g_now[sel] if k_now else None,
+                                  k_start=k_now, pause_at=pause)
+            for j, column in enumerate(res):
+                if outs[j] is None:
+                    outs[j] = torch.empty((nb, *column.shape[1:]), dtype=column.dtype, device=column.device)
+                outs[j][sel] = column
+            paused_all.append(sel[paused])
+        active = torch.cat(paused_all)
+        g_now[active] = outs[1][active]
+        k_now, span = pause or k_now, 2 * span
+    return tuple(outs)
 
 
-def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
+def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_start=None, k_start=0,
+           pause_at=None):
     """The Sinkhorn loop over the batch ``(B, n, m)``; returns ``f, g, error, iterations, sum P, <C, P>``.
 
     Between anchors the state is the pair of scalings ``u = exp((f - f0)/eps)``,
@@ -566,8 +591,9 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
     omega = torch.full((nb, 1), 1.0 if auto else relaxation, dtype=dtype, device=dev)
     prev_err = torch.full((nb,), math.inf, dtype=dtype, device=dev)
 
-    g = torch.zeros(nb, m, dtype=dtype, device=dev)
-    k = 0
+    paused = torch.zeros(nb, dtype=torch.bool, device=dev)
+    g = torch.zeros(nb, m, dtype=dtype, device=dev) if g_start is None else g_start.clone()
+    k = k_start
     if anneal is not None:           # epsilon-scaling: one exact iteration per level
         e_cur = torch.maximum(cost.amax((-2, -1)), eps)
         while k < max_iter and bool((e_cur > eps).any()):
@@ -604,10 +630,11 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
     while True:
         bv = b_w * v
         s = _rows(kern, bv)                                       # K (b v)
-        if (k % check_every == 0 and k > 0) or k >= max_iter:
+        if (k % check_every == 0 and k > k_start) or k >= max_iter:
             au = a_w * u
             err = (au * s - a_w).abs().sum(-1) + (bv * _cols(kern, au) - b_w).abs().sum(-1)
-            done = (err <= tol) | (k >= max_iter)
+            pausing = pause_at is not None and k >= pause_at and k < max_iter
+            done = (err <= tol) | (k >= max_iter) | pausing
             if relaxed:
                 # over-relaxation is dropped (omega = 1) for a problem whose error grows between checks;
                 # "auto" (Lehmann et al.): with the per-iteration error ratio r of plain Sinkhorn, the best
@@ -627,6 +654,8 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
                 finished = idx[sel]
                 f_out[finished], g_out[finished] = potentials(u[sel], v[sel], f0[sel], g0[sel], e_act[sel])
                 err_out[finished], it_out[finished] = err[sel], k
+                if pausing:
+                    paused[finished] = err[sel] > tol
                 mass_out[finished] = (au[sel] * s[sel]).sum(-1)
                 lin_out[finished] = (au[sel] * _rows(kern[sel] * c_act[sel], bv[sel])).sum(-1)
                 if every:
@@ -653,4 +682,4 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
         far = out_of_range(v)
         if far is not None:
             reanchor(far)
-    return f_out, g_out, err_out, it_out, mass_out, lin_out
+    return f_out, g_out, err_out, it_out, mass_out, lin_out, paused
