@@ -528,7 +528,7 @@ def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, rela
     Every pass of the loop re-reads the whole ``(B, n, m)`` kernel. On the CPU a batch larger than
     the cache is read from main memory at every half-iteration, while a piece that fits is read
     from the cache: many small problems run about twice as fast in pieces. The problems are
-    independent, so the result is the same as one call on the whole batch.
+    independent, so for plain Sinkhorn the result is the same as one call on the whole batch.
     """
     budget = _device.working_set_bytes(cost.device)
     per_problem = cost.shape[-2] * cost.shape[-1] * cost.element_size()
@@ -567,7 +567,12 @@ def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, rela
 
 def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_start=None, k_start=0,
            pause_at=None):
-    """The Sinkhorn loop over the batch ``(B, n, m)``; returns ``f, g, error, iterations, sum P, <C, P>``.
+    """The Sinkhorn loop over the batch ``(B, n, m)``; returns ``f, g, error, iterations, sum P, <C, P>``
+    and a ``paused`` mask.
+
+    ``g_start`` and ``k_start`` resume problems from column potentials after ``k_start`` iterations;
+    with ``pause_at``, problems still above ``tol`` at the first check at or after that iteration stop
+    there with their current potentials and ``paused`` set (see :func:`_solve_in_pieces`).
 
     Between anchors the state is the pair of scalings ``u = exp((f - f0)/eps)``,
     ``v = exp((g - g0)/eps)``, with the plan ``diag(a u) K diag(b v)``: a row update is
