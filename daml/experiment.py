@@ -386,8 +386,4 @@ def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set(title=f"{s.method}: rank histogram", xlabel="rank (weighted PIT bin)", ylabel="density")
     fig.tight_layout()
-    path = out / f"{exp.name}.png"
-    with io.atomic_write_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return io.save_figure(fig, out / f"{exp.name}.png", dpi=110)

@@ -27,7 +27,7 @@ from . import _device
 from .errors import InputError
 from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate
 
-__all__ = ["to_netcdf", "open_posterior", "to_arviz", "atomic_write_path"]
+__all__ = ["to_netcdf", "open_posterior", "to_arviz", "atomic_write_path", "save_figure"]
 
 _ATTR_TYPES = (str, int, float, np.integer, np.floating, np.ndarray)
 
@@ -69,6 +69,18 @@ def _check_attrs(attrs: dict[str, Any], where: str) -> None:
         if not ok:
             raise InputError(f"{where}[{key!r}]", "a netCDF-storable attribute (str, int, float, 1-d numeric array)",
                              f"{type(value).__name__} {value!r}", hint="encode it as a JSON string")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (its folder is created), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def to_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:

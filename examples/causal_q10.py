@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from daml import causal  # noqa: E402
+from daml.io import save_figure  # noqa: E402
 
 
 def main() -> None:
@@ -70,8 +71,7 @@ def main() -> None:
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "causal_q10.png", dpi=120)
+    save_figure(fig, out / "causal_q10.png", dpi=120)
     print(f"wrote {out / 'causal_q10.png'}")
 
 

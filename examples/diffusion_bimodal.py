@@ -17,7 +17,7 @@ import torch
 
 from daml import diffusion as dif
 from daml.filters.base import EnsembleState
-from daml.io import atomic_write_path
+from daml.io import save_figure
 from daml.models.observations import observe_indices
 
 
@@ -64,12 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
         ax.set_ylim(0.3, 4.6)
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    out = Path(args.out) / "diffusion_bimodal.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(args.out) / "diffusion_bimodal.png", dpi=100)
 
 
 if __name__ == "__main__":

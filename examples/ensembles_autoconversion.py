@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import daml.ensembles as E
-from daml.io import atomic_write_path
+from daml.io import save_figure
 
 NOISE = 0.1          # sd of the training and testing data, in log10 A
 INPUT_ERR = 0.05     # relative error of measured q_c and N_c
@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
     fig.suptitle(f"Five sources of uncertainty, {args.members} members; model error sd {model_sd:.3f} "
                  "(from held-out residuals)", fontsize=10)
     fig.tight_layout()
-    path = Path(args.out) / "ensembles_autoconversion.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(args.out) / "ensembles_autoconversion.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,7 @@ def main() -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "particle_filters.png"
-    fig.savefig(path, dpi=110)
+    path = daml.io.save_figure(fig, out / "particle_filters.png", dpi=110)
     print(f"wrote {path}")
 
 

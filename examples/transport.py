@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from daml.io import save_figure
 from daml.transport import ensemble_transform, sinkhorn
 from daml.transport.transform import squared_distances
 
@@ -66,13 +67,7 @@ def main(argv: list[str] | None = None) -> Path:
     ax.set_title("Convergence of the Sinkhorn loop")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(args.out) / "transport.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(args.out) / "transport.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,7 @@ def main() -> None:
     axes[2].legend()
     fig.tight_layout()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with daml.io.atomic_write_path(out / "weight_degeneracy.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    daml.io.save_figure(fig, out / "weight_degeneracy.png", dpi=120)
     print(f"figure: {out / 'weight_degeneracy.png'}  (ESS/N falls by {rows[0][1] / rows[-1][1]:.0f}x "
           f"from d={dims[0]} to d={dims[-1]}; log10 = {math.log10(rows[0][1] / rows[-1][1]):.1f})")
 

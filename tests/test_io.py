@@ -95,3 +95,22 @@ def test_to_arviz_resampled_is_equal_weight_and_usable_by_arviz(weighted_post):
     assert len(summary) == 3 * 4
     ess = az.ess(idata, var_names=["x"])
     assert np.all(np.isfinite(ess["x"].values))
+
+
+def test_save_figure_writes_a_png_atomically_and_closes_the_figure(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = daml.io.save_figure(fig, tmp_path / "new" / "f.png", dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.png"]     # no temporary left behind
+
+    class Broken:
+        def savefig(self, *args, **kwargs):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        daml.io.save_figure(Broken(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"                # the old file is kept
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.png"]
