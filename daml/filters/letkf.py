@@ -64,7 +64,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError
-from ..models.observations import Observation
+from ..models.observations import Observation, selection_positions
 from .base import (EnsembleState, Filter, check_members, ensemble_forecast, ensemble_init, ensemble_members,
                    register)
 from .enkf import (_check_rotate, _ensemble_anomalies, _is_diagonal, _mean_preserving_rotation, _spread,
@@ -142,12 +142,12 @@ def _default_positions(operator: Observation) -> torch.Tensor:
     selection carries, see :func:`daml.models.observe_transformed`)."""
     if operator.positions is not None:
         return operator.positions.to(torch.float64).cpu()
-    h = operator.matrix
-    if h is None or not bool(((h != 0).sum(-1) == 1).all()):
+    pos = None if operator.matrix is None else selection_positions(operator.matrix)
+    if pos is None:
         raise InputError("positions", f"{operator.size} observation positions",
                          "None for an operator that is not a selection of state variables",
                          hint="the default positions need a linear operator with one nonzero per row of H")
-    return (h != 0).to(torch.float64).argmax(-1).to(torch.float64).cpu()
+    return pos
 
 
 def _local_precision(operator: Observation, n: int, radius: float, positions: torch.Tensor | None,

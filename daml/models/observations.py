@@ -197,6 +197,14 @@ def observe_transformed(base: Observation, transform: str | Callable[[torch.Tens
 
     out = observe_nonlinear(func, base.state_size, base.size, cov=base.noise_cov,
                             description=f"{name or 'transform'} of {base.description}")
-    if bool(((h != 0).sum(-1) == 1).all()):
-        out.positions = (h != 0).to(torch.float64).argmax(-1).to(torch.float64)
+    out.positions = selection_positions(h)
     return out
+
+
+def selection_positions(matrix: torch.Tensor) -> torch.Tensor | None:
+    """The observed variable of each row of ``H`` (float64, on the CPU) when every row selects one
+    variable; ``None`` otherwise."""
+    nonzero = matrix != 0
+    if not bool((nonzero.sum(-1) == 1).all()):
+        return None
+    return nonzero.to(torch.float64).argmax(-1).to(torch.float64).cpu()
