@@ -2,7 +2,8 @@
 
 Lorenz-96 with 40 variables, every other one observed every step with R = 2.25 I (DAPPER's
 ``bocquet2010_m40``), 300 cycles, one truth. The bootstrap PF with 100 and 1000 particles against the
-EWPF and the IEWPF with 20 particles and the ETKF with 24 members. The figure shows the effective
+EWPF with 20 particles (static Q, and Q from the ensemble), the IEWPF with 20 particles and the ETKF
+with 24 members. The figure shows the effective
 sample size over time (the bootstrap PF collapses to a handful of particles, the equal-weight filters
 stay near N by construction), the analysis RMSE against the spread, and pooled rank histograms of the
 observed variables (flat: calibrated).
@@ -25,6 +26,8 @@ METHODS = [
     ("bootstrap N=100", "bootstrap", {"members": 100, "threshold": 0.5, "jitter": 0.7}),
     ("bootstrap N=1000", "bootstrap", {"members": 1000, "threshold": 0.5, "jitter": 0.7}),
     ("EWPF N=20", "ewpf", {"members": 20, "keep": 0.5, "model_noise": {"variance": 1.0, "length": 1.0}}),
+    ("EWPF ens. Q N=20", "ewpf", {"members": 20, "keep": 1.0, "uniform": 0.35,
+                                  "model_noise": {"variance": 0.1, "length": 1.0, "ensemble": 4.0, "radius": 4.0}}),
     ("IEWPF N=20", "iewpf", {"members": 20, "keep": 0.5, "model_noise": {"variance": 0.3, "length": 1.0}}),
     ("ETKF N=24", "etkf", {"members": 24, "inflation": 1.04, "rotate": True}),
 ]

@@ -54,7 +54,13 @@ posterior is not exact: particles with good weights are pushed away from the obs
 weight, so the spread and the rank histograms (not only the RMSE) must be checked, and a well-tuned
 ETKF or LETKF is usually more accurate in near-Gaussian regimes (Browne 2016). ``Q`` matters most:
 it is the only covariance the proposal uses, so unobserved variables are corrected only through its
-off-diagonal terms.
+off-diagonal terms. A static ``Q`` knows nothing of the flow; ``model_noise={"variance": v, "length": l,
+"ensemble": gamma, "radius": r}`` makes it ``gamma * (taper o C) + Q_static`` with ``C`` the (weighted)
+covariance of the particles at that step (see :class:`daml.filters.particle.NoiseModel`): every particle
+still shares one ``Q``, so all the weight formulas above hold unchanged, and the correction of
+unobserved variables now follows the ensemble's correlations, as in an ensemble Kalman filter. With a
+perfect model ``Q`` is a modelling choice either way; with a stochastic model this replaces the model's
+noise by a larger, ensemble-shaped one, which changes the posterior being targeted.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ import torch
 
 from .. import resampling as _resampling
 from ..errors import InputError, check_real
-from ..models.base import Model
+from ..models.base import Model, covariance_root
 from ..models.observations import Observation
 from .base import EnsembleState, Filter, Upcoming, check_members, ensemble_members, register
 from .particle import (NoiseModel, _init_with, deferred_forecast, check_resampling, check_threshold, resample_where, gather_members, gaussian_step, kish_ess,
@@ -111,7 +117,7 @@ def nudged_forecast(noise: NoiseModel, nudging: float, who: str):
             return plain(state, model, g, upcoming)
         _require_linear(upcoming.operator, who)
         f = model.step(state.x)
-        q, root = noise.get(f)
+        q, root = noise.get(f, state.log_weight)
         tau = nudging * (upcoming.interval - upcoming.steps + 1) / upcoming.interval
         h, r = masked_linear(upcoming.operator, upcoming.mask, f)
         s = h @ q @ h.transpose(-1, -2) + r
@@ -210,7 +216,8 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
         larger pulls harder toward the next observation and costs more weight. Unused when every
         model step is observed.
     model_noise : optional
-        ``Q`` (positive definite) instead of the model's ``noise_cov``.
+        ``Q`` (positive definite) instead of the model's ``noise_cov``; a mapping with ``ensemble``
+        makes it flow-dependent (module docstring).
     uniform : float >= 0
         Half-width, in ``P``-whitened units, of the uniform part of the random perturbation at
         observation times. Larger: more spread, less equal weights.
@@ -244,7 +251,7 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator):
         f, lw = state
-        q, _ = noise.get(f)
+        q, _ = noise.get(f, lw)
         st = equivalent_weights_step(f, lw, y, operator, mask, q, keep)
         det_lw = torch.where(st.kept, -st.neg_log_weight, torch.full_like(lw, -math.inf))
         det_lw, _ = log_normalise(det_lw, "ewpf")
@@ -257,7 +264,7 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
         new_lw = torch.where(flag.unsqueeze(-1), torch.full_like(lw, -math.log(members)), det_lw)
         if random_part:
             zeta = _mixture_sample(f.shape, uniform, gaussian_prob, gaussian_scale, g, f.dtype, f.device)
-            xi = zeta @ torch.linalg.cholesky(st.cov).transpose(-1, -2)
+            xi = zeta @ covariance_root(st.cov).transpose(-1, -2)
             h_xi = xi @ st.h.transpose(-1, -2)
             alpha = torch.gather(st.alpha, -1, anc)
             r_inv_d = gather_members(st.r_inv_d, anc)
@@ -318,7 +325,8 @@ def iewpf(members: int, keep: float = 1.0, nudging: float = 0.5, beta: float = 1
         conditional posterior exactly in the directions orthogonal to the second-stage direction;
         smaller values shrink the spread to offset the second stage's outward push.
     model_noise : optional
-        ``Q`` (positive definite) instead of the model's ``noise_cov``.
+        ``Q`` (positive definite) instead of the model's ``noise_cov``; a mapping with ``ensemble``
+        makes it flow-dependent (module docstring).
     resampling : str
         Scheme that replaces the dropped particles when ``keep < 1``.
     """
@@ -333,7 +341,7 @@ def iewpf(members: int, keep: float = 1.0, nudging: float = 0.5, beta: float = 1
                  g: torch.Generator):
         _require_linear(operator, "iewpf")
         f, lw = state
-        q, _ = noise.get(f)
+        q, _ = noise.get(f, lw)
         st = gaussian_step(f, y, operator, mask, q)
         best = -lw + 0.5 * (st.innovation * st.s_inv_d).sum(-1)
         _, kept = keep_cut(best, keep)
@@ -355,7 +363,7 @@ def iewpf(members: int, keep: float = 1.0, nudging: float = 0.5, beta: float = 1
         s = torch.randn(lw.shape, generator=g, dtype=f.dtype, device=f.device)
         t = tail_map(s, delta)
         z = math.sqrt(beta) * eta + t.unsqueeze(-1) * direction
-        root = torch.linalg.cholesky(st.cov)
+        root = covariance_root(st.cov)
         x = mode + z @ root.transpose(-1, -2)
         new_lw = torch.full_like(lw, -math.log(members))
         return EnsembleState(x, new_lw), {"ess": kish_ess(new_lw), "kept": kept.to(f.dtype).mean(-1),

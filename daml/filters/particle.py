@@ -71,7 +71,21 @@ __all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
 
 class NoiseModel:
     """The filter's model-noise covariance ``Q``: given, or the model's ``noise_cov`` (resolved at
-    ``init``). Holds ``Q`` and a square root ``L`` (``L L^T = Q``)."""
+    ``init``). Holds ``Q`` and a square root ``L`` (``L L^T = Q``).
+
+    ``model_noise`` as a mapping ``{"variance", "length"}`` is the periodic covariance of
+    :func:`daml.models.periodic_covariance`. Adding ``"ensemble": gamma`` (and optionally
+    ``"radius"``) makes ``Q`` flow-dependent: at every use it is
+    ``gamma * (rho o C) + Q_static``, with ``C`` the (weighted) sample covariance of the ensemble it
+    is applied to, ``rho`` the Gaspari-Cohn taper of :func:`daml.filters.letkf.ring_taper` with
+    ``radius`` in grid points of a ring (``math.inf``, the default: no taper) and ``Q_static`` the
+    periodic part, which keeps ``Q`` positive definite when the ensemble is smaller than the state.
+    All members share the same ``Q`` at a given step, so the transition density stays one Gaussian
+    per member, ``N(M(x_i), Q)``: the prior of an analysis is the Gaussian mixture (kernel density)
+    of the forecasts with kernel ``Q``, as in Gaussian-mixture and kernel particle filters.
+    """
+
+    KEYS = {"variance", "length", "ensemble", "radius"}
 
     def __init__(self, model_noise: Any, who: str, required: bool):
         self.given = model_noise
@@ -79,20 +93,41 @@ class NoiseModel:
         self.required = required
         self.q: torch.Tensor | None = None
         self.root: torch.Tensor | None = None
+        self.gamma = 0.0
+        self.taper: torch.Tensor | None = None
+        expected = ("a mapping {variance, length} (a periodic covariance), optionally with "
+                    "ensemble (a non-negative scale) and radius (a positive localisation radius)")
         if isinstance(model_noise, dict):
-            unknown = set(model_noise) - {"variance", "length"}
+            unknown = set(model_noise) - self.KEYS
             if unknown or "variance" not in model_noise:
-                raise InputError("model_noise", "a mapping {variance, length} (a periodic covariance)",
-                                 repr(model_noise))
+                raise InputError("model_noise", expected, repr(model_noise))
             periodic_covariance(2, model_noise["variance"], model_noise.get("length", 0.0))   # validates
+            gamma = model_noise.get("ensemble", 0.0)
+            if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (math.isfinite(gamma) and gamma >= 0):
+                raise InputError("model_noise", "ensemble: a finite non-negative scale of the ensemble covariance",
+                                 repr(gamma))
+            radius = model_noise.get("radius", math.inf)
+            if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not radius > 0:
+                raise InputError("model_noise", "radius: a positive localisation radius in grid points (inf: none)",
+                                 repr(radius))
+            if "radius" in model_noise and "ensemble" not in model_noise:
+                raise InputError("model_noise", "radius only together with ensemble", repr(model_noise))
+            self.gamma = float(gamma)
         elif isinstance(model_noise, numbers.Real) and not (math.isfinite(model_noise) and model_noise > 0):
             raise InputError("model_noise", "a positive variance or a positive-definite covariance",
                              repr(model_noise))
+
+    @property
+    def flow_dependent(self) -> bool:
+        return self.gamma > 0
 
     def resolve(self, model: Model) -> None:
         n = model.state_size
         q = self.given if self.given is not None else getattr(model, "noise_cov", None)
         if isinstance(q, dict):
+            if self.flow_dependent and math.isfinite(q.get("radius", math.inf)):
+                from .letkf import ring_taper
+                self.taper = ring_taper(n, float(q["radius"]))
             q = periodic_covariance(n, q["variance"], q.get("length", 0.0))
         if q is not None:
             q = as_covariance(q, n, "model_noise", allow_zero=not self.required)
@@ -102,10 +137,31 @@ class NoiseModel:
         self.q = q
         self.root = None if q is None else covariance_root(q)
 
-    def get(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def get(self, like: torch.Tensor,
+            log_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``Q`` and its root for the members ``like`` ``(*batch, N, n)`` (flow-dependent ``Q``: from
+        their sample covariance, weighted by ``log_weight`` when given; one ``Q`` per experiment)."""
         if self.q is None:
             return None, None
-        return self.q.to(like), self.root.to(like)
+        if not self.flow_dependent:
+            return self.q.to(like), self.root.to(like)
+        if log_weight is None:
+            w = torch.full(like.shape[:-1], 1.0 / like.shape[-2], dtype=like.dtype, device=like.device)
+        else:
+            w = torch.softmax(log_weight, dim=-1)
+        a = like - (w.unsqueeze(-1) * like).sum(-2, keepdim=True)
+        denom = (1.0 - (w * w).sum(-1)).clamp_min(torch.finfo(like.dtype).eps)
+        cov = (a * w.unsqueeze(-1)).transpose(-1, -2) @ a / denom[..., None, None]
+        if self.taper is not None:
+            cov = cov * self.taper.to(like)
+        q = self.gamma * cov + self.q.to(like)
+        q = 0.5 * (q + q.transpose(-1, -2))
+        root, info = torch.linalg.cholesky_ex(q)
+        if bool((info != 0).any()):
+            if not bool(torch.isfinite(like).all()):
+                raise DivergenceError(f"{self.who}: non-finite members in the ensemble part of model_noise")
+            root = covariance_root(q)
+        return q, root
 
     def config(self) -> Any:
         if self.given is None:
@@ -387,7 +443,7 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator):
         f, lw = state
-        q, q_root = noise.get(f)
+        q, q_root = noise.get(f, lw)
         step = gaussian_step(f, y, operator, mask, q)
         mean = f + step.gain_d
         root = torch.linalg.cholesky(step.cov)
@@ -431,7 +487,7 @@ def auxiliary(members: int, improved: bool = True, resampling: str = "systematic
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator):
         f, lw = state
-        q, q_root = noise.get(f)
+        q, q_root = noise.get(f, lw)
         q_chol = torch.linalg.cholesky(q)
         h, r = masked_linear(operator, mask, f, at=f)
         s = h @ q @ h.transpose(-1, -2) + (r if h.ndim == r.ndim else r.unsqueeze(-3))
