@@ -128,7 +128,9 @@ def render(results: dict, info: dict) -> str:
         lines += [f"**{metric.upper()}**", "", head, "|" + "---|" * (head.count("|") - 1)]
         for name, res in results.items():
             s = res["summary"]
-            row = f"| {name} | {res['splits']} | " + " | ".join(pm(s[m][metric], digits) for m in METHODS)
+            done = res["splits"] if res.get("planned_splits", res["splits"]) == res["splits"] else \
+                f"{res['splits']} of {res['planned_splits']}"
+            row = f"| {name} | {done} | " + " | ".join(pm(s[m][metric], digits) for m in METHODS)
             if metric == "rmse":
                 row += f" | {PUBLISHED[name][0]} | {PUBLISHED[name][1]}"
             elif metric == "nll":
@@ -178,15 +180,17 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"{name} split {k}: " + ", ".join(f"{m} nll {r[m]['nll']:.3f} rmse {r[m]['rmse']:.3f}" for m in METHODS)
                   + f"; ess {r['weights']['ess']:.2f} ({r['seconds']:.1f} s)", flush=True)
-        results[name] = {"splits": n_splits, "rows": rows, "summary": summarise(rows)}
-        if not args.no_write:
-            # merge with what other runs (over other data sets) wrote meanwhile
-            if RESULTS.exists():
-                results = {**json.loads(RESULTS.read_text())["sets"], name: results[name]}
-            order = {k: results[k] for k in SETS if k in results}
-            _report.write_json("uci", {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()},
-                                       "sets": order})
-            _report.write_section("uci", render(order, info))
+            # written after every split, so a run stopped early keeps (and labels) what it measured
+            results[name] = {"splits": len(rows), "planned_splits": n_splits, "rows": rows,
+                             "summary": summarise(rows)}
+            if not args.no_write:
+                # merge with what other runs (over other data sets) wrote meanwhile
+                if RESULTS.exists():
+                    results = {**json.loads(RESULTS.read_text())["sets"], name: results[name]}
+                order = {k: results[k] for k in SETS if k in results}
+                _report.write_json("uci", {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()},
+                                           "sets": order})
+                _report.write_section("uci", render(order, info))
     return 0
 
 
