@@ -384,6 +384,10 @@ def test_flow_dependent_q_is_the_tapered_weighted_ensemble_covariance():
         assert np.allclose(q[b].numpy(), want, rtol=1e-12, atol=1e-12)
         assert np.allclose((root[b] @ root[b].T).numpy(), want, rtol=1e-10, atol=1e-12)
     q_eq, _ = noise.get(torch.from_numpy(x))                         # no weights: equal weights
+    one = np.full((3, members), -np.inf)
+    one[:, 2] = 0.0                                                 # one weight has it all: no spread to
+    q_one, _ = noise.get(torch.from_numpy(x), torch.from_numpy(one))  # weigh, the unweighted one is used
+    assert np.allclose(q_one[1].numpy(), 2.5 * taper * np.cov(x[1], rowvar=False) + static, atol=1e-12)
     assert np.allclose(q_eq[0].numpy(), 2.5 * taper * np.cov(x[0], rowvar=False) + static, atol=1e-12)
     plain = NoiseModel({"variance": 0.2, "length": 1.0}, "test", required=True)
     plain.resolve(models.Lorenz96(n=n))

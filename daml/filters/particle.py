@@ -69,6 +69,23 @@ __all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
 
 # -- shared pieces -------------------------------------------------------------------------------------
 
+def weighted_covariance(x: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sample covariance ``(*batch, n, n)`` of members ``x`` ``(*batch, N, n)`` with the unbiased
+    normalisation ``sum_i w_i (x_i - m)(x_i - m)^T / (1 - sum_i w_i^2)``; equal weights without
+    ``log_weight``, and where one weight holds everything (no spread to measure)."""
+    n_members = x.shape[-2]
+    if log_weight is None:
+        w = torch.full(x.shape[:-1], 1.0 / n_members, dtype=x.dtype, device=x.device)
+    else:
+        w = torch.softmax(log_weight, dim=-1)
+        degenerate = (w * w).sum(-1, keepdim=True) > 1.0 - 1e-10
+        w = torch.where(degenerate, torch.full_like(w, 1.0 / n_members), w)
+    mean = (w.unsqueeze(-2) @ x)                                            # (*batch, 1, n)
+    a = torch.sub(x, mean).mul_((w / (1.0 - (w * w).sum(-1, keepdim=True))).sqrt().unsqueeze(-1))
+    cov = a.transpose(-1, -2) @ a
+    return 0.5 * (cov + cov.transpose(-1, -2))
+
+
 class NoiseModel:
     """The filter's model-noise covariance ``Q``: given, or the model's ``noise_cov`` (resolved at
     ``init``). Holds ``Q`` and a square root ``L`` (``L L^T = Q``).
@@ -145,13 +162,7 @@ class NoiseModel:
             return None, None
         if not self.flow_dependent:
             return self.q.to(like), self.root.to(like)
-        if log_weight is None:
-            w = torch.full(like.shape[:-1], 1.0 / like.shape[-2], dtype=like.dtype, device=like.device)
-        else:
-            w = torch.softmax(log_weight, dim=-1)
-        a = like - (w.unsqueeze(-1) * like).sum(-2, keepdim=True)
-        denom = (1.0 - (w * w).sum(-1)).clamp_min(torch.finfo(like.dtype).eps)
-        cov = (a * w.unsqueeze(-1)).transpose(-1, -2) @ a / denom[..., None, None]
+        cov = weighted_covariance(like, log_weight)
         if self.taper is not None:
             cov = cov * self.taper.to(like)
         q = self.gamma * cov + self.q.to(like)
@@ -241,17 +252,7 @@ def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor
     anc = torch.where(flag.unsqueeze(-1), anc, identity)
     new_x = gather_members(x, anc)
     if jitter > 0:
-        # the weighted covariance with the unbiased normalisation 1 / (1 - sum w^2); where one weight
-        # has it all (no spread to measure), the unweighted one
-        sum_sq = (w**2).sum(-1, keepdim=True)
-        degenerate = sum_sq > 1.0 - 1e-10
-        w_cov = torch.where(degenerate, torch.full_like(w, 1.0 / n_members), w)
-        w_cov = w_cov / (1.0 - torch.where(degenerate, torch.full_like(sum_sq, 1.0 / n_members), sum_sq))
-        mean = (w_cov.unsqueeze(-2) @ x) / w_cov.sum(-1, keepdim=True).unsqueeze(-1)            # (*batch, 1, n)
-        a = torch.sub(x, mean).mul_(w_cov.sqrt().unsqueeze(-1))
-        cov = a.transpose(-1, -2) @ a
-        cov = 0.5 * (cov + cov.transpose(-1, -2))
-        root = covariance_root(cov) * (jitter * n_members ** (-1.0 / (n + 4)))
+        root = covariance_root(weighted_covariance(x, log_weight)) * (jitter * n_members ** (-1.0 / (n + 4)))
         dup = duplicates(anc) & flag.unsqueeze(-1)
         # noise only for the duplicates: row k of z belongs to the k-th duplicate in row-major order
         where = dup.nonzero(as_tuple=True)
