@@ -2,6 +2,7 @@
 evaluation of the proposal densities used in the weights, and closed-form properties of the
 equal-weight steps."""
 
+import json
 import math
 import sys
 
@@ -423,3 +424,28 @@ def test_flow_dependent_q_keeps_the_equal_weights_and_tracks_l96():
     st = equivalent_weights_step(f, lw, y, op, mask, q, keep=0.7)
     kept = st.neg_log_weight[st.kept].reshape(2, -1)
     assert torch.allclose(kept, st.target.unsqueeze(-1).expand_as(kept), rtol=0, atol=1e-8)
+
+
+def test_pairwise_kernel_with_one_root_per_experiment():
+    """A flow-dependent Q gives one root per experiment: every pair's log-density equals scipy's."""
+    from daml.filters.particle import pairwise_log_kernel
+    rng = np.random.default_rng(8)
+    x, c = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 5, 3))
+    covs = [np.eye(3) + 0.3 * a @ a.T for a in rng.normal(size=(2, 3, 3))]
+    roots = torch.from_numpy(np.stack([np.linalg.cholesky(v) for v in covs]))
+    got = pairwise_log_kernel(torch.from_numpy(x), torch.from_numpy(c), roots).numpy()
+    want = np.array([[[stats.multivariate_normal(c[b, j], covs[b]).logpdf(x[b, m]) for j in range(5)]
+                      for m in range(4)] for b in range(2)])
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, params", [("optimal", {"members": 30}), ("auxiliary", {"members": 30}),
+                                          ("iewpf", {"members": 20, "keep": 0.9, "beta": 0.03})])
+def test_proposal_filters_accept_a_flow_dependent_q(name, params):
+    model = models.Lorenz96(n=40, forcing=8.0, dt=0.05)
+    op = models.observe_every(40, 2, cov=2.25)
+    data = daml.simulate(model, 20, op, x0=model.default_x0(), x0_cov=0.001, experiments=2, seed=1)
+    q = {"variance": 0.1, "length": 1.0, "ensemble": 1.0, "radius": 4.0}
+    res = filters.run(filters.make_filter(name, model_noise=q, **params), model, data, seed=2, progress=False)
+    assert np.isfinite(res.analysis["x"].values).all()
+    assert json.loads(res.analysis.attrs["config"])["filter"]["model_noise"] == q

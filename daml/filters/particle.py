@@ -351,7 +351,7 @@ def pairwise_log_kernel(x: torch.Tensor, centres: torch.Tensor, root: torch.Tens
     zc = torch.linalg.solve_triangular(root, centres.transpose(-1, -2), upper=False).transpose(-1, -2)
     sq = ((zx**2).sum(-1).unsqueeze(-1) + (zc**2).sum(-1).unsqueeze(-2)
           - 2.0 * zx @ zc.transpose(-1, -2)).clamp_min(0.0)
-    logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1)
+    logdet = torch.log(torch.diagonal(root, dim1=-2, dim2=-1)).sum(-1)[..., None, None]   # one root per experiment
     return -0.5 * sq - logdet - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
 
