@@ -43,6 +43,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..errors import InputError, ShapeError, check_int
+from ..filters.base import weighted_anomalies
 
 __all__ = [
     "Mixture",
@@ -124,12 +125,7 @@ def gaussian_prior(members: torch.Tensor, log_weight: torch.Tensor | None = None
     anomalies, ``O(N^2 d)``); with a ``(d, d)`` ``taper`` it is the Schur product ``taper o P``, full
     rank and dense (``O(d^3)`` once per analysis).
     """
-    lw = _log_weights(members, log_weight)
-    w = lw.exp().unsqueeze(-1)
-    mean = (w * members).sum(-2, keepdim=True)
-    n_eff = 1.0 / (w.squeeze(-1) ** 2).sum(-1)                          # unbiased weighted covariance
-    scale = torch.sqrt(w / (1.0 - 1.0 / n_eff)[..., None, None])
-    anom = scale * (members - mean)                                     # P = anom^T anom
+    mean, anom = weighted_anomalies(members, _log_weights(members, log_weight).exp())   # P = anom^T anom
     zero = torch.zeros(members.shape[:-2] + (1,), dtype=members.dtype, device=members.device)
     if taper is None:
         _, sv, vt = torch.linalg.svd(anom, full_matrices=False)

@@ -157,6 +157,16 @@ def weighted_mean(x: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
     return (torch.exp(log_weight).unsqueeze(-1) * x).sum(-2, keepdim=True)
 
 
+def weighted_anomalies(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted mean ``(*batch, 1, n)`` of members ``x`` ``(*batch, N, n)`` with normalised weights
+    ``w`` ``(*batch, N)``, and anomalies ``A`` scaled so that ``A^T A`` is the unbiased weighted
+    covariance ``sum_i w_i (x_i - m)(x_i - m)^T / (1 - sum_i w_i^2)`` (``A`` keeps the ensemble's
+    rank, for SVDs)."""
+    mean = w.unsqueeze(-2) @ x
+    scale = (w / (1.0 - (w * w).sum(-1, keepdim=True))).sqrt().unsqueeze(-1)
+    return mean, torch.sub(x, mean).mul_(scale)
+
+
 def ensemble_members(state: EnsembleState) -> tuple[torch.Tensor, torch.Tensor]:
     """The ensemble as it is."""
     return state.x, state.log_weight

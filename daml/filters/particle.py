@@ -62,7 +62,7 @@ from ..errors import DivergenceError, InputError, check_real
 from ..models.base import Model, as_covariance, covariance_root, periodic_covariance
 from ..models.observations import Observation
 from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, ensemble_members,
-                   gaussian_loglik, gaussian_logpdf_chol, masked_logpdf_chol, masked_observation, register)
+                   gaussian_loglik, weighted_anomalies, gaussian_logpdf_chol, masked_logpdf_chol, masked_observation, register)
 
 __all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
 
@@ -80,8 +80,7 @@ def weighted_covariance(x: torch.Tensor, log_weight: torch.Tensor | None = None)
         w = torch.softmax(log_weight, dim=-1)
         degenerate = (w * w).sum(-1, keepdim=True) > 1.0 - 1e-10
         w = torch.where(degenerate, torch.full_like(w, 1.0 / n_members), w)
-    mean = (w.unsqueeze(-2) @ x)                                            # (*batch, 1, n)
-    a = torch.sub(x, mean).mul_((w / (1.0 - (w * w).sum(-1, keepdim=True))).sqrt().unsqueeze(-1))
+    _, a = weighted_anomalies(x, w)
     cov = a.transpose(-1, -2) @ a
     return 0.5 * (cov + cov.transpose(-1, -2))
 
