@@ -429,6 +429,22 @@ def test_observation_constructors():
     assert lin.jacobian(torch.zeros(4, 3, dtype=F64)).shape == (4, 1, 3)
 
 
+def test_selection_operators_pick_and_equal_the_matrix_product():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, generator=g, dtype=F64)
+    sel = observe_indices(8, [7, 0, 3], sd=1.0)
+    assert torch.equal(sel.apply(x), x @ sel.matrix.T)
+    assert sel._selected_indices().tolist() == [7, 0, 3]
+    scaled = observe_linear([[0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], sd=1.0)    # not a row of I
+    assert scaled._selected_indices() is None
+    assert torch.allclose(scaled.apply(x), 2.0 * x[..., 1:2])
+    # replacing the matrix is seen: the picked indices follow the new H
+    sel.matrix = torch.eye(8, dtype=F64)[[1, 2, 4]]
+    assert torch.equal(sel.apply(x), x[..., [1, 2, 4]])
+    sel.matrix = 0.5 * torch.eye(8, dtype=F64)[[1, 2, 4]]
+    assert torch.allclose(sel.apply(x), 0.5 * x[..., [1, 2, 4]])
+
+
 def test_nonlinear_observation_jacobian_is_analytic():
     idx = [0, 2, 3]
     obs = observe_nonlinear(lambda x: x[..., idx] ** 2, state_size=5, size=3, sd=1.0)
