@@ -37,6 +37,8 @@ from daml.models.observations import observe_indices  # noqa: E402
 EXACT_MEAN = np.array([3.5, 3.0])
 EXACT_SD = np.array([math.sqrt(0.005), 0.1])
 WRONG = 1.9            # x2 below this: the second mode (x2 is unobserved and stays near 0.8 there)
+ORACLE = "oracle: exact posterior of the members' per-mode Gaussian fit (not a sampler)"
+ORACLE_DRAWS = 20_000
 
 VARIANTS = {
     "weighted, h = 0 (PF in disguise)": {"forcing": "weighted"},
@@ -74,6 +76,49 @@ def fitted_posterior_mean(ens: torch.Tensor, components: int) -> np.ndarray:
     return (w / w.sum()) @ np.array(post)
 
 
+def oracle_moments(ens: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The exact posterior of the prior *fitted to the members*: each mode (split by x2, which the
+    oracle knows) replaced by a Gaussian with its members' sample mean and covariance (ddof 1), then
+    updated in closed form (Kalman per mode, modes reweighted by their evidence). No method that sees
+    only the 100 members can be expected to do better; returns mean, sd and the second mode's mass."""
+    post_mean, post_cov, lw = [], [], []
+    for sel in (ens[:, 1] >= WRONG, ens[:, 1] < WRONG):
+        xs = ens[sel]
+        mu, c = xs.mean(0), np.cov(xs.T, ddof=1)
+        s = c[0, 0] + 0.01
+        gain = c[:, 0] / s
+        post_mean.append(mu + gain * (4.0 - mu[0]))
+        post_cov.append(c - np.outer(gain, c[0]))
+        lw.append(math.log(sel.mean()) - 0.5 * (4.0 - mu[0]) ** 2 / s - 0.5 * math.log(s))
+    w = np.exp(np.array(lw) - max(lw))
+    w /= w.sum()
+    mean = w @ np.array(post_mean)
+    second = sum(wk * (ck + np.outer(mk, mk)) for wk, ck, mk in zip(w, post_cov, post_mean))
+    return mean, np.sqrt(np.diag(second) - mean**2), float(w[1])
+
+
+def goal_met(mean: np.ndarray, sd: np.ndarray, wrong: float) -> bool:
+    return bool(np.all(np.abs(mean - EXACT_MEAN) <= 0.05) and np.all(np.abs(sd / EXACT_SD - 1) <= 0.2)
+                and wrong < 0.01)
+
+
+def oracle_rate(draws: int, seed: int = 0) -> float:
+    """Fraction of prior draws (50 members per mode, as here) on which :func:`oracle_moments` meets
+    the goal. The second mode's mass is below 1e-100 for every realistic draw, so only the first
+    mode's update is evaluated (vectorised over draws)."""
+    rng = np.random.default_rng(seed)
+    x = 3.0 + 0.1 * rng.standard_normal((draws, 50, 2))
+    mu = x.mean(1)
+    a = x - mu[:, None]
+    c = np.einsum("dki,dkj->dij", a, a) / 49
+    s = c[:, 0, 0] + 0.01
+    gain = c[:, :, 0] / s[:, None]
+    mean = mu + gain * (4.0 - mu[:, :1])
+    var = np.diagonal(c, axis1=1, axis2=2) - gain * c[:, 0, :]
+    ok = (np.abs(mean - EXACT_MEAN) <= 0.05).all(1) & (np.abs(np.sqrt(var) / EXACT_SD - 1) <= 0.2).all(1)
+    return float(ok.mean())
+
+
 def metrics(x: np.ndarray, w: np.ndarray | None = None) -> dict:
     w = np.full(len(x), 1.0 / len(x)) if w is None else w
     mean = w @ x
@@ -81,7 +126,7 @@ def metrics(x: np.ndarray, w: np.ndarray | None = None) -> dict:
     wrong = float(w[x[:, 1] < WRONG].sum())
     err = mean - EXACT_MEAN
     ratio = sd / EXACT_SD
-    goal = bool(np.all(np.abs(err) <= 0.05) and np.all(np.abs(ratio - 1) <= 0.2) and wrong < 0.01)
+    goal = goal_met(mean, sd, wrong)
     return {"mean": mean.tolist(), "sd": sd.tolist(), "mean_error": err.tolist(), "sd_ratio": ratio.tolist(),
             "wrong_mode": wrong, "goal": goal}
 
@@ -98,6 +143,11 @@ def run(seeds: int, steps: int, sampler: str) -> dict:
         rec = metrics(ens.numpy(), w)
         rec["ess"] = float(1.0 / (w**2).sum())
         rows.setdefault("bootstrap PF (importance weights)", []).append(rec)
+        mean, sd, wrong = oracle_moments(ens.numpy())
+        rows.setdefault(ORACLE, []).append({"mean": mean.tolist(), "sd": sd.tolist(),
+                                            "mean_error": (mean - EXACT_MEAN).tolist(),
+                                            "sd_ratio": (sd / EXACT_SD).tolist(), "wrong_mode": wrong,
+                                            "goal": goal_met(mean, sd, wrong)})
         for name, params in VARIANTS.items():
             t0 = time.perf_counter()
             x = dif.analysis(ens, y, op, steps=steps, sampler=sampler, seed=s, **params)
@@ -152,6 +202,14 @@ def table(rows: dict, seeds: int, steps: int, sampler: str, info: dict) -> str:
                     f"{own[:, 0].mean():.3f} ({own[:, 0].min():.3f}–{own[:, 0].max():.3f}); the sampled means "
                     f"differ from it by at most {np.abs(got - own).max():.3f} (100 particles), so the remaining "
                     "distance to the exact 3.5 is the sampling error of the 100-member prior."]
+    rate = info.get("oracle_rate")
+    if rate is not None:
+        out += ["", f"Oracle row: computed in closed form from each seed's prior members, not sampled. Over "
+                f"{ORACLE_DRAWS:,} fresh prior draws of the same design, it meets the goal on {100 * rate:.1f} % "
+                "of them: with 50 members in the first mode, the sample variance of x₁ alone moves the exact "
+                "posterior mean of the fitted prior by about 0.05 (one goal width) from draw to draw, and the sample "
+                "correlation of x₁ and x₂ moves x₂'s mean and sd. No method that sees only the members can be "
+                "expected to meet the goal on more seeds than this."]
     out += ["", f"Command: `{_report.command_line()}`", ""]
     return "\n".join(out)
 
@@ -165,6 +223,7 @@ def main() -> None:
     torch.set_num_threads(1)
     info = _report.machine_info()
     rows = run(args.seeds, args.steps, args.sampler)
+    info["oracle_rate"] = oracle_rate(ORACLE_DRAWS)
     text = table(rows, args.seeds, args.steps, args.sampler, info)
     print(text)
     _report.write_json("diffusion_bimodal", {"machine": info, "seeds": args.seeds, "steps": args.steps,
