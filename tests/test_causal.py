@@ -218,6 +218,45 @@ def test_partition_recovers_lue_and_gpp(site):
     assert (ds["gpp_ci"][0] <= ds["gpp_ci"][1]).all()
     reco_r2 = 1.0 - np.mean((ds["reco_hat"].values - sub["RECO"].values) ** 2) / np.var(sub["RECO"].values)
     assert reco_r2 > 0.5
+    assert ds.attrs["config"].count('"bootstrap": "full"') == 1
+
+
+def test_partition_full_bootstrap_carries_the_nuisance_error(site):
+    """Refitting only the final stage keeps l and m fixed, so RECO's members differ only through
+    theta(x) m; the full bootstrap refits l and m too: its members vary in l, its RECO band is wider and
+    the point estimates do not depend on the choice."""
+    sub = _subsample(site, 2000, seed=5)
+    fast = dict(ml_l=causal.default_boosting(0, max_iter=60), ml_m=causal.default_boosting(1, max_iter=60),
+                final=causal.default_final(2, n_estimators=30), members=4, seed=3)
+    full = causal.partition(sub, bootstrap="full", **fast)
+    final = causal.partition(sub, bootstrap="final", **fast)
+    daml.validate(full)
+    for name in ("gpp_hat", "reco_hat", "lue_hat"):
+        assert np.array_equal(full[name].values, final[name].values)
+    width = {k: float((d["reco_ci"][1] - d["reco_ci"][0]).mean()) for k, d in (("full", full), ("final", final))}
+    assert width["full"] > 1.2 * width["final"]
+    # final: RECO_b + theta_b m = l_hat for every member; full: that sum differs between members
+    implied_l = lambda d: d["reco"].values - d["lue"].values * d["m_hat"].values[None]  # noqa: E731
+    assert np.allclose(implied_l(final), final["l_hat"].values[None], atol=1e-9)
+    assert np.ptp(implied_l(full), axis=0).mean() > 0.05
+    with pytest.raises(InputError, match="^bootstrap:"):
+        causal.partition(sub, bootstrap="nuisance", **fast)
+
+
+def test_block_bootstrap_draws_whole_groups():
+    from daml.causal.partition import _resample_rows
+
+    groups = np.repeat(np.array([4, 9, 1, 7]), [3, 1, 5, 2])            # 4 groups of sizes 3, 1, 5, 2
+    rows = _resample_rows(groups.size, groups, np.random.default_rng(0))
+    drawn = groups[rows]
+    for label in np.unique(drawn):
+        size = int((groups == label).sum())
+        assert (drawn == label).sum() % size == 0                         # whole groups, possibly repeated
+        assert np.array_equal(np.unique(rows[drawn == label]), np.flatnonzero(groups == label))
+    counts = [int((drawn == label).sum() // (groups == label).sum()) for label in np.unique(groups)]
+    assert sum(counts) == 4                                               # as many draws as groups
+    plain = _resample_rows(10, None, np.random.default_rng(0))
+    assert plain.size == 10 and plain.min() >= 0 and plain.max() < 10
 
 
 # ------------------------------------------------------------------------------------------------

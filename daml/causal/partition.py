@@ -21,10 +21,14 @@ the R-learner (Nie & Wager 2021; EconML's ``NonParamDML``):
 3. ``GPP = LUE(x) SW_IN`` and ``RECO = l - theta(x) m`` (the "direct" respiration; ``NEE + GPP`` is
    returned as well).
 
-Uncertainty: the final stage is refitted on ``members`` bootstrap resamples of the residual rows
-(pairs bootstrap), giving a posterior (equal weights) of LUE, GPP and RECO at every time step. It
-carries the sampling error of the final stage only, not the nuisance-estimation error; its pointwise
-coverage is measured in ``benchmarks/q10.py`` rather than assumed.
+Uncertainty: ``members`` bootstrap resamples give a posterior (equal weights) of LUE, GPP and RECO at
+every time step. ``bootstrap="full"`` (default) reruns the whole pipeline on each resample (rows, or whole
+groups when ``groups`` is given: a block bootstrap), cross-fitting the nuisances again with the copies
+of a row (or group) kept in one fold, and predicts ``l`` and ``m`` at every row with the mean of the fold
+models: ``2 folds + 1`` fits per member. ``bootstrap="final"`` (fast: one fit per member) refits the
+final stage only, on resampled residual rows: it carries the final stage's sampling error but not the
+nuisances' estimation error, which dominates RECO, so its RECO intervals are far too narrow. Pointwise
+coverage of both is measured in ``benchmarks/q10.py`` rather than assumed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, check_int
+from ..errors import InputError, NonFiniteError, check_int
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
 from .dml import _clone, _describe, check_learner, cross_fit, drop_missing, sample_splits
 from .q10 import _column, _time_coord
@@ -77,6 +81,7 @@ def partition(
     folds: int = 5,
     groups: Any = None,
     members: int = 20,
+    bootstrap: str = "full",
     level: float = 0.95,
     nan: str = "drop",
     seed: _device.Seed = None,
@@ -100,7 +105,11 @@ def partition(
     folds, groups : optional
         Cross-fitting folds (``groups`` for blocked folds, e.g. the day of each row).
     members : int
-        Bootstrap refits of the final stage (the ``member`` dimension).
+        Bootstrap refits (the ``member`` dimension).
+    bootstrap : {"full", "final"}
+        What each member refits: the whole pipeline, nuisances included (default; ``2 folds + 1``
+        fits per member), or the final stage only (one fit per member; the nuisances' error is left
+        out and the RECO intervals are too narrow).
     level : float
         Level of the pointwise intervals ``lue_ci``, ``gpp_ci``, ``reco_ci`` (member quantiles).
     nan : {"drop", "raise"}
@@ -116,6 +125,8 @@ def partition(
         ``lue_mean`` (mean LUE over the rows).
     """
     members = check_int(members, "members", minimum=2)
+    if bootstrap not in ("final", "full"):
+        raise InputError("bootstrap", "'final' or 'full'", repr(bootstrap))
     if not 0.0 < level < 1.0:
         raise InputError("level", "a confidence level strictly between 0 and 1", level)
     x = (x,) if isinstance(x, str) else tuple(x)
@@ -141,7 +152,8 @@ def partition(
     ml_m = check_learner(ml_m if ml_m is not None else default_boosting(s_m), "ml_m")
     final = check_learner(final if final is not None else default_final(s_final), "final")
     controls = np.concatenate([xm, xw], axis=1)
-    splits = sample_splits(n, folds, 1, seed=s_split, groups=None if groups is None else np.asarray(groups)[keep])
+    group_kept = None if groups is None else np.asarray(groups)[keep]
+    splits = sample_splits(n, folds, 1, seed=s_split, groups=group_kept)
     l_hat = cross_fit(ml_l, controls, y, splits, name="ml_l")[0]
     m_hat = cross_fit(ml_m, controls, t, splits, name="ml_m")[0]
     u = y - l_hat
@@ -152,10 +164,11 @@ def partition(
     small = np.abs(v) < 1e-9
     pseudo = np.where(small, 0.0, u / np.where(small, 1.0, v))
 
-    def fit_theta(rows: np.ndarray) -> np.ndarray:
+    def fit_theta(rows: np.ndarray, rows_pseudo: np.ndarray, rows_weight: np.ndarray) -> np.ndarray:
+        """Fit the final stage on the modifiers of ``rows`` and predict theta at every row."""
         est = _clone(final)
         try:
-            est.fit(xm[rows], pseudo[rows], sample_weight=weight[rows])
+            est.fit(xm[rows], rows_pseudo, sample_weight=rows_weight)
         except TypeError as exc:
             if "sample_weight" not in str(exc):
                 raise
@@ -163,12 +176,27 @@ def partition(
                              type(final).__name__) from exc
         return np.asarray(est.predict(xm), dtype=float)
 
-    theta_hat = fit_theta(np.arange(n))
-    rng = np.random.default_rng(s_boot)
-    theta_b = np.stack([fit_theta(rng.integers(0, n, n)) for _ in range(members)])
+    theta_hat = fit_theta(np.arange(n), pseudo, weight)
+    rng = np.random.default_rng(s_boot)                # the rows (or groups) of each resample
+    if bootstrap == "final":
+        draws = [rng.integers(0, n, n) for _ in range(members)]
+        theta_b = np.stack([fit_theta(rows, pseudo[rows], weight[rows]) for rows in draws])
+        l_b, m_b = l_hat[None], m_hat[None]
+    else:
+        theta_b, l_b, m_b = np.empty((3, members, n))
+        for b, fold_seed in enumerate(_device.spawn(s_boot, members)):   # children: the replicates' folds
+            rows = _resample_rows(n, group_kept, rng)
+            rep_splits = sample_splits(rows.size, folds, 1, seed=fold_seed,
+                                       groups=rows if group_kept is None else group_kept[rows])
+            l_oof, l_b[b] = _refit_nuisance(ml_l, controls, y, rows, rep_splits, "ml_l")
+            m_oof, m_b[b] = _refit_nuisance(ml_m, controls, t, rows, rep_splits, "ml_m")
+            v_b = t[rows] - m_oof
+            tiny = np.abs(v_b) < 1e-9
+            pseudo_b = np.where(tiny, 0.0, (y[rows] - l_oof) / np.where(tiny, 1.0, v_b))
+            theta_b[b] = fit_theta(rows, pseudo_b, v_b**2)
     lue_b = -theta_b
     gpp_b = lue_b * t[None]
-    reco_b = l_hat[None] - theta_b * m_hat[None]
+    reco_b = l_b - theta_b * m_b
     lue_hat = -theta_hat
     gpp_hat = lue_hat * t
     alpha = (1.0 - level) / 2.0
@@ -181,13 +209,13 @@ def partition(
     if tc:
         coords["time"] = ("obs", tc["time"][keep])
     config = {"nee": nee, "sw_in": sw_in, "x": list(x), "w": list(w), "folds": folds, "members": members,
-              "level": level, "ml_l": _describe(ml_l, False), "ml_m": _describe(ml_m, False),
+              "bootstrap": bootstrap, "level": level, "ml_l": _describe(ml_l, False), "ml_m": _describe(ml_m, False),
               "final": _describe(final, False), "blocked": groups is not None}
     attrs = _method_attrs("dml_partition", config, seed)
     attrs.update({"level": level, "n_obs": n, "n_dropped": int(keep.size - n)})
     unit = {"units": "umol m-2 s-1"}
     ds = xr.Dataset({
-        "lue": ((MEMBER, "obs"), lue_b, {"long_name": "light-use efficiency, bootstrap refits of the final stage"}),
+        "lue": ((MEMBER, "obs"), lue_b, {"long_name": f"light-use efficiency, bootstrap refits ({bootstrap})"}),
         "gpp": ((MEMBER, "obs"), gpp_b, unit),
         "reco": ((MEMBER, "obs"), reco_b, unit),
         LOG_WEIGHT: ((MEMBER,), np.full(members, -math.log(members))),
@@ -205,3 +233,31 @@ def partition(
         "sw_in": (("obs",), t, {"units": "W m-2"}),
     }, coords=coords, attrs=attrs)
     return ds
+
+
+def _resample_rows(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap row indices: ``n`` rows with replacement, or (with ``groups``) as many groups as there
+    are, drawn with replacement, each contributing all its rows (a block bootstrap)."""
+    if groups is None:
+        return rng.integers(0, n, n)
+    labels, inverse = np.unique(groups, return_inverse=True)
+    members_of = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    return np.concatenate([members_of[k] for k in rng.integers(0, labels.size, labels.size)])
+
+
+def _refit_nuisance(learner: Any, controls: np.ndarray, target: np.ndarray, rows: np.ndarray, splits: Any,
+                    name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fit ``learner`` on the resampled ``rows``: out-of-fold predictions for those rows, and the
+    mean of the fold models' predictions at every original row."""
+    oof = np.empty(rows.size)
+    everywhere = np.zeros(controls.shape[0])
+    for train, test in splits[0]:
+        est = _clone(learner)
+        est.fit(controls[rows[train]], target[rows[train]])
+        oof[test] = np.asarray(est.predict(controls[rows[test]]), dtype=float).reshape(-1)
+        everywhere += np.asarray(est.predict(controls), dtype=float).reshape(-1) / len(splits[0])
+    if not (np.isfinite(oof).all() and np.isfinite(everywhere).all()):
+        raise NonFiniteError(name, "finite predictions", "NaN or infinite predictions in a bootstrap refit",
+                             hint="check the learner's settings and the scale of the data")
+    return oof, everywhere
+
