@@ -25,7 +25,7 @@ Uncertainty: ``members`` bootstrap resamples give a posterior (equal weights) of
 every time step. ``bootstrap="full"`` (default) reruns the whole pipeline on each resample (rows, or whole
 groups when ``groups`` is given: a block bootstrap), cross-fitting the nuisances again with the copies
 of a row (or group) kept in one fold, and predicts ``l`` and ``m`` at every row with the mean of the fold
-models: ``2 folds + 1`` fits per member. ``bootstrap="final"`` (fast: one fit per member) refits the
+models: ``2 * folds + 1`` fits per member. ``bootstrap="final"`` (fast: one fit per member) refits the
 final stage only, on resampled residual rows: it carries the final stage's sampling error but not the
 nuisances' estimation error, which dominates RECO, so its RECO intervals are far too narrow. Pointwise
 coverage of both is measured in ``benchmarks/q10.py`` rather than assumed.
@@ -107,7 +107,7 @@ def partition(
     members : int
         Bootstrap refits (the ``member`` dimension).
     bootstrap : {"full", "final"}
-        What each member refits: the whole pipeline, nuisances included (default; ``2 folds + 1``
+        What each member refits: the whole pipeline, nuisances included (default; ``2 * folds + 1``
         fits per member), or the final stage only (one fit per member; the nuisances' error is left
         out and the RECO intervals are too narrow).
     level : float

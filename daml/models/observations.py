@@ -88,8 +88,10 @@ class Observation:
 
     def _selected_indices(self) -> torch.Tensor | None:
         """The variable each row of ``H`` picks when every row is a row of the identity (a single entry
-        ``1``), else ``None``; recomputed when ``matrix`` is replaced. Picking gives the product's value
-        exactly and costs ``m`` copies instead of ``m n`` multiply-adds per member."""
+        ``1``), else ``None``; recomputed when ``matrix`` is replaced (not when it is edited in place).
+        Picking gives the product's values exactly (and a finite value where an unobserved entry is
+        infinite, which the product would turn into NaN) for ``m`` copies instead of ``m n``
+        multiply-adds per member."""
         if self._selection is None or self._selection[0] is not self.matrix:
             h = self.matrix
             nonzero = h != 0
