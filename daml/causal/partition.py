@@ -156,13 +156,9 @@ def partition(
     splits = sample_splits(n, folds, 1, seed=s_split, groups=group_kept)
     l_hat = cross_fit(ml_l, controls, y, splits, name="ml_l")[0]
     m_hat = cross_fit(ml_m, controls, t, splits, name="ml_m")[0]
-    u = y - l_hat
-    v = t - m_hat
-    weight = v**2
+    pseudo, weight = _pseudo_outcome(y - l_hat, t - m_hat)
     if not weight.sum() > 0:
         raise InputError("sw_in", "light that varies given the controls", "zero residual variation")
-    small = np.abs(v) < 1e-9
-    pseudo = np.where(small, 0.0, u / np.where(small, 1.0, v))
 
     def fit_theta(rows: np.ndarray, rows_pseudo: np.ndarray, rows_weight: np.ndarray) -> np.ndarray:
         """Fit the final stage on the modifiers of ``rows`` and predict theta at every row."""
@@ -190,10 +186,7 @@ def partition(
                                        groups=rows if group_kept is None else group_kept[rows])
             l_oof, l_b[b] = _refit_nuisance(ml_l, controls, y, rows, rep_splits, "ml_l")
             m_oof, m_b[b] = _refit_nuisance(ml_m, controls, t, rows, rep_splits, "ml_m")
-            v_b = t[rows] - m_oof
-            tiny = np.abs(v_b) < 1e-9
-            pseudo_b = np.where(tiny, 0.0, (y[rows] - l_oof) / np.where(tiny, 1.0, v_b))
-            theta_b[b] = fit_theta(rows, pseudo_b, v_b**2)
+            theta_b[b] = fit_theta(rows, *_pseudo_outcome(y[rows] - l_oof, t[rows] - m_oof))
     lue_b = -theta_b
     gpp_b = lue_b * t[None]
     reco_b = l_b - theta_b * m_b
@@ -233,6 +226,12 @@ def partition(
         "sw_in": (("obs",), t, {"units": "W m-2"}),
     }, coords=coords, attrs=attrs)
     return ds
+
+
+def _pseudo_outcome(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The R-learner's pseudo-outcome ``u / v`` (0 where ``v`` is about 0) and its weight ``v^2``."""
+    small = np.abs(v) < 1e-9
+    return np.where(small, 0.0, u / np.where(small, 1.0, v)), v**2
 
 
 def _resample_rows(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:

@@ -94,9 +94,9 @@ class Observation:
         multiply-adds per member."""
         if self._selection is None or self._selection[0] is not self.matrix:
             h = self.matrix
-            nonzero = h != 0
-            unit = bool((nonzero.sum(-1) == 1).all()) and bool((h[nonzero] == 1).all())
-            self._selection = (h, nonzero.to(torch.int8).argmax(-1) if unit else None)
+            pos = selection_positions(h)
+            unit = pos is not None and bool((h[h != 0] == 1).all())
+            self._selection = (h, pos.to(torch.int64) if unit else None)
         return self._selection[1]
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
