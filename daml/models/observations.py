@@ -96,7 +96,7 @@ class Observation:
             h = self.matrix
             pos = selection_positions(h)
             unit = pos is not None and bool((h[h != 0] == 1).all())
-            self._selection = (h, pos.to(torch.int64) if unit else None)
+            self._selection = (h, pos.to(device=h.device, dtype=torch.int64) if unit else None)
         return self._selection[1]
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,14 +207,12 @@ def observe_transformed(base: Observation, transform: str | Callable[[torch.Tens
         name, transform = name or transform, TRANSFORMS[transform]
     elif not callable(transform):
         raise InputError("transform", f"one of {sorted(TRANSFORMS)} or a callable", type(transform).__name__)
-    h = base.matrix
-
     def func(x: torch.Tensor) -> torch.Tensor:
-        return transform(x @ h.to(x).T)
+        return transform(base.apply(x))
 
     out = observe_nonlinear(func, base.state_size, base.size, cov=base.noise_cov,
                             description=f"{name or 'transform'} of {base.description}")
-    out.positions = selection_positions(h)
+    out.positions = selection_positions(base.matrix)
     return out
 
 
