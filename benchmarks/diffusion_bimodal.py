@@ -12,7 +12,7 @@ the mean error in both components, the sd ratio to the exact sd, the fraction of
 weight, for the PF) left in the wrong mode (x2 < 1.9: the unobserved coordinate), and whether the issue's goal is met (mean
 within 0.05 in both components, sd within 20 %, under 1 % in the wrong mode).
 
-Run: ``python benchmarks/diffusion_bimodal.py [--seeds 8] [--steps 200]``; writes
+Run: ``python benchmarks/diffusion_bimodal.py [--seeds 32] [--steps 200]``; writes
 ``benchmarks/results/diffusion_bimodal.json`` and its section of ``docs/benchmarks.md``.
 """
 
@@ -32,12 +32,14 @@ import _report  # noqa: E402
 
 from daml import diffusion as dif  # noqa: E402
 from daml.filters.base import EnsembleState  # noqa: E402
+from daml.filters.letkf import ring_taper  # noqa: E402
 from daml.models.observations import observe_indices  # noqa: E402
 
 EXACT_MEAN = np.array([3.5, 3.0])
 EXACT_SD = np.array([math.sqrt(0.005), 0.1])
 WRONG = 1.9            # x2 below this: the second mode (x2 is unobserved and stays near 0.8 there)
 ORACLE = "oracle: exact posterior of the members' per-mode Gaussian fit (not a sampler)"
+ORACLE_DIAG = "oracle, diagonal: the same with per-mode variances only (no x₁-x₂ covariance)"
 ORACLE_DRAWS = 20_000
 
 VARIANTS = {
@@ -45,6 +47,8 @@ VARIANTS = {
     "weighted, h = 0.1": {"forcing": "weighted", "bandwidth": 0.1},
     "weighted, local kernels (k = 40, beta = 1)": {"forcing": "weighted", "neighbours": 40, "bandwidth": 1.0},
     "weighted, fitted mixture (2 components)": {"forcing": "weighted", "components": 2},
+    "weighted, fitted mixture, localised (2 components, radius 0.25: diagonal)":
+        {"forcing": "weighted", "components": 2, "radius": 0.25},
     "gaussian (ensemble mean and covariance)": {"forcing": "gaussian"},
     "ensemble (seed), h = 0": {"forcing": "ensemble"},
     "ensemble (seed), h = 0.1": {"forcing": "ensemble", "bandwidth": 0.1},
@@ -59,11 +63,12 @@ def prior(seed: int, n: int = 100) -> torch.Tensor:
     return centres[torch.arange(n) % 2] + 0.1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
 
 
-def fitted_posterior_mean(ens: torch.Tensor, components: int) -> np.ndarray:
+def fitted_posterior_mean(ens: torch.Tensor, components: int, radius: float | None = None) -> np.ndarray:
     """The closed-form posterior mean of the EM-fitted prior mixture (per-component Kalman updates
     and reweighting): what the sampler targets, so its distance to the exact (3.5, 3.0) is the prior
     ensemble's own sampling error."""
-    mix = dif.fitted_mixture(ens, components=components)
+    taper = None if radius is None else ring_taper(ens.shape[-1], radius)
+    mix = dif.fitted_mixture(ens, components=components, taper=taper)
     covs = (mix.vecs @ torch.diag_embed(mix.vals) @ mix.vecs.transpose(-1, -2)).numpy()
     mus, lw = mix.mean.numpy(), mix.log_weight.numpy().copy()
     post = []
@@ -76,15 +81,19 @@ def fitted_posterior_mean(ens: torch.Tensor, components: int) -> np.ndarray:
     return (w / w.sum()) @ np.array(post)
 
 
-def oracle_moments(ens: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def oracle_moments(ens: np.ndarray, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """The exact posterior of the prior *fitted to the members*: each mode (split by x2, which the
     oracle knows) replaced by a Gaussian with its members' sample mean and covariance (ddof 1), then
     updated in closed form (Kalman per mode, modes reweighted by their evidence). No method that sees
-    only the 100 members can be expected to do better; returns mean, sd and the second mode's mass."""
+    only the 100 members can be expected to do better; returns mean, sd and the second mode's mass.
+    ``diagonal``: the fitted covariances keep their variances only (the oracle also knows that x1 and
+    x2 are uncorrelated within a mode)."""
     post_mean, post_cov, lw = [], [], []
     for sel in (ens[:, 1] >= WRONG, ens[:, 1] < WRONG):
         xs = ens[sel]
         mu, c = xs.mean(0), np.cov(xs.T, ddof=1)
+        if diagonal:
+            c = np.diag(np.diag(c))
         s = c[0, 0] + 0.01
         gain = c[:, 0] / s
         post_mean.append(mu + gain * (4.0 - mu[0]))
@@ -102,7 +111,7 @@ def goal_met(mean: np.ndarray, sd: np.ndarray, wrong: float) -> bool:
                 and wrong < 0.01)
 
 
-def oracle_rate(draws: int, seed: int = 0) -> float:
+def oracle_rate(draws: int, seed: int = 0, diagonal: bool = False) -> float:
     """Fraction of prior draws (50 members per mode, as here) on which :func:`oracle_moments` meets
     the goal. The second mode's mass is below 1e-100 for every realistic draw, so only the first
     mode's update is evaluated (vectorised over draws)."""
@@ -111,6 +120,8 @@ def oracle_rate(draws: int, seed: int = 0) -> float:
     mu = x.mean(1)
     a = x - mu[:, None]
     c = np.einsum("dki,dkj->dij", a, a) / 49
+    if diagonal:
+        c = c * np.eye(2)
     s = c[:, 0, 0] + 0.01
     gain = c[:, :, 0] / s[:, None]
     mean = mu + gain * (4.0 - mu[:, :1])
@@ -143,18 +154,19 @@ def run(seeds: int, steps: int, sampler: str) -> dict:
         rec = metrics(ens.numpy(), w)
         rec["ess"] = float(1.0 / (w**2).sum())
         rows.setdefault("bootstrap PF (importance weights)", []).append(rec)
-        mean, sd, wrong = oracle_moments(ens.numpy())
-        rows.setdefault(ORACLE, []).append({"mean": mean.tolist(), "sd": sd.tolist(),
-                                            "mean_error": (mean - EXACT_MEAN).tolist(),
-                                            "sd_ratio": (sd / EXACT_SD).tolist(), "wrong_mode": wrong,
-                                            "goal": goal_met(mean, sd, wrong)})
+        for name, diagonal in ((ORACLE, False), (ORACLE_DIAG, True)):
+            mean, sd, wrong = oracle_moments(ens.numpy(), diagonal)
+            rows.setdefault(name, []).append({"mean": mean.tolist(), "sd": sd.tolist(),
+                                              "mean_error": (mean - EXACT_MEAN).tolist(),
+                                              "sd_ratio": (sd / EXACT_SD).tolist(), "wrong_mode": wrong,
+                                              "goal": goal_met(mean, sd, wrong)})
         for name, params in VARIANTS.items():
             t0 = time.perf_counter()
             x = dif.analysis(ens, y, op, steps=steps, sampler=sampler, seed=s, **params)
             rec = metrics(x.numpy())
             rec["seconds"] = time.perf_counter() - t0
             if params.get("forcing") == "weighted" and "components" in params:
-                rec["own_exact_mean"] = fitted_posterior_mean(ens, params["components"]).tolist()
+                rec["own_exact_mean"] = fitted_posterior_mean(ens, params["components"], params.get("radius")).tolist()
             rows.setdefault(name, []).append(rec)
         ensf = dif.ensf(100, steps=100)
         t0 = time.perf_counter()
@@ -202,21 +214,23 @@ def table(rows: dict, seeds: int, steps: int, sampler: str, info: dict) -> str:
                     f"{own[:, 0].mean():.3f} ({own[:, 0].min():.3f}–{own[:, 0].max():.3f}); the sampled means "
                     f"differ from it by at most {np.abs(got - own).max():.3f} (100 particles), so the remaining "
                     "distance to the exact 3.5 is the sampling error of the 100-member prior."]
-    rate = info.get("oracle_rate")
+    rate, rate_diag = info.get("oracle_rate"), info.get("oracle_rate_diagonal")
     if rate is not None:
-        out += ["", f"Oracle row: computed in closed form from each seed's prior members, not sampled. Over "
-                f"{ORACLE_DRAWS:,} fresh prior draws of the same design, it meets the goal on {100 * rate:.1f} % "
-                "of them: with 50 members in the first mode, the sample variance of x₁ alone moves the exact "
-                "posterior mean of the fitted prior by about 0.05 (one goal width) from draw to draw, and the sample "
-                "correlation of x₁ and x₂ moves x₂'s mean and sd. No method that sees only the members can be "
-                "expected to meet the goal on more seeds than this."]
+        out += ["", f"Oracle rows: computed in closed form from each seed's prior members, not sampled. Over "
+                f"{ORACLE_DRAWS:,} fresh prior draws of the same design, the full-covariance oracle meets the goal "
+                f"on {100 * rate:.1f} % of them and the diagonal one on {100 * rate_diag:.1f} %. With 50 members "
+                "in the first mode the sample correlation of x₁ and x₂ moves x₂'s posterior mean and sd (removed "
+                "by the diagonal fit, which uses the knowledge that the modes are uncorrelated), and the sample "
+                "variance of x₁ alone moves the posterior mean of x₁ by about 0.05 (one goal width) from draw to "
+                "draw (left in both). No method that sees only the members can be expected to meet the goal more "
+                "often than the matching oracle."]
     out += ["", f"Command: `{_report.command_line()}`", ""]
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--sampler", default="sde", choices=dif.SAMPLERS)
     args = ap.parse_args()
@@ -224,6 +238,7 @@ def main() -> None:
     info = _report.machine_info()
     rows = run(args.seeds, args.steps, args.sampler)
     info["oracle_rate"] = oracle_rate(ORACLE_DRAWS)
+    info["oracle_rate_diagonal"] = oracle_rate(ORACLE_DRAWS, diagonal=True)
     text = table(rows, args.seeds, args.steps, args.sampler, info)
     print(text)
     _report.write_json("diffusion_bimodal", {"machine": info, "seeds": args.seeds, "steps": args.steps,

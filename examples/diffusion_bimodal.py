@@ -4,7 +4,7 @@
 
 Prior: modes (3, 3) and (0.8, 0.8) with sd 0.1, 50 members each; observation x1 = 4 with sd 0.1.
 The exact posterior is N((3.5, 3.0), diag(0.005, 0.01)) (the second mode carries 5e-101 of the mass).
-Numbers over 8 seeds: ``python benchmarks/diffusion_bimodal.py`` (docs/benchmarks.md).
+Numbers over 32 seeds: ``python benchmarks/diffusion_bimodal.py`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations

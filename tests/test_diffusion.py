@@ -270,10 +270,40 @@ def test_local_and_fitted_mixtures():
         assert np.allclose(fit.mean[k].numpy(), blk.mean(0), atol=1e-10)
         assert np.allclose(covs[k].numpy(), np.cov(blk.T, bias=True), atol=1e-5)
     assert np.allclose(np.exp(fit.log_weight[order].numpy()), [0.6, 0.4], atol=1e-10)
+    # a diagonal taper: the EM fit of axis-aligned Gaussians (per-block means and variances, no covariance)
+    diag = dif.fitted_mixture(ens, components=2, taper=torch.eye(2, dtype=F64))
+    dcov = diag.vecs @ torch.diag_embed(diag.vals) @ diag.vecs.transpose(-1, -2)
+    for k, blk in zip(torch.argsort(diag.mean[:, 0], descending=True), (a, b)):
+        assert np.allclose(diag.mean[k].numpy(), blk.mean(0), atol=1e-10)
+        assert np.allclose(np.diag(dcov[k].numpy()), blk.var(0), atol=1e-5)
+        assert abs(float(dcov[k][0, 1])) < 1e-12
+    # the tapered neighbourhood covariance is the Schur product of the untapered one
+    taper = t64([[1.0, 0.25], [0.25, 1.0]])
+    lt = dif.local_mixture(ens, neighbours=30, bandwidth=1.0, taper=taper)
+    cov_lt = lt.vecs @ torch.diag_embed(lt.vals) @ lt.vecs.transpose(-1, -2)
+    cov_l1 = loc1.vecs @ torch.diag_embed(loc1.vals) @ loc1.vecs.transpose(-1, -2)
+    assert torch.allclose(cov_lt, cov_l1 * taper, atol=1e-12)
     with pytest.raises(InputError, match="neighbours"):
         dif.local_mixture(ens, neighbours=80)
     with pytest.raises(InputError, match="bandwidth"):
         dif.local_mixture(ens, neighbours=5, bandwidth=1.5)
+
+
+def test_radius_localises_the_fitted_mixture_in_the_posterior_score():
+    """``radius`` reaches the fitted mixture: the score equals the exact forcing of the mixture
+    fitted with the same ring taper (diagonal at radius 0.25 on two variables), not the untapered one."""
+    g = torch.Generator().manual_seed(3)
+    ens = t64([[3.0, 3.0], [0.8, 0.8]])[torch.arange(60) % 2] + 0.1 * torch.randn(60, 2, generator=g, dtype=F64)
+    op = observe_indices(2, [0], sd=0.1)
+    y, x, sched = t64([4.0]), torch.randn(7, 2, generator=g, dtype=F64) + 2.0, dif.VPLinear()
+    a, s2 = sched.alpha(0.2), sched.sigma2(0.2)
+    got = dif.posterior_score(ens, y, op, forcing="weighted", components=2, radius=0.25)(x, 0.2)
+    taper = ring_taper(2, 0.25)
+    assert float(taper[0, 1]) == 0.0
+    for tp, same in ((taper, True), (None, False)):
+        mix = dif.fitted_mixture(ens, components=2, taper=tp)
+        want = dif.exact_forcing(mix, dif.linearise(mix, y, op), x, a, s2, forcing=False)[1]
+        assert torch.allclose(got, want, atol=1e-10) is same
 
 
 # -- samplers against exact posteriors -------------------------------------------------------------------------

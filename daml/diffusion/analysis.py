@@ -49,11 +49,11 @@ def _check_forcing(value: Any) -> str:
     return value
 
 
-def _prior_mixture(members, log_weight, bandwidth, neighbours, components):
+def _prior_mixture(members, log_weight, bandwidth, neighbours, components, taper):
     if components is not None:
-        return fitted_mixture(members, log_weight, components)
+        return fitted_mixture(members, log_weight, components, taper=taper)
     if neighbours is not None:
-        return local_mixture(members, log_weight, neighbours, bandwidth)
+        return local_mixture(members, log_weight, neighbours, bandwidth, taper=taper)
     return kernel_mixture(members, log_weight, bandwidth)
 
 
@@ -91,7 +91,7 @@ def posterior_score(members: torch.Tensor, y: torch.Tensor, operator, *, mask: t
         mix = gaussian_prior(members, log_weight, taper)
         lin = linearise(mix, y, operator, mask)
         return lambda x, t: exact_forcing(mix, lin, x, sched.alpha(t), sched.sigma2(t), forcing=False)[1]
-    prior = _prior_mixture(members, log_weight, bandwidth, neighbours, components)
+    prior = _prior_mixture(members, log_weight, bandwidth, neighbours, components, taper)
     if forcing == "none":
         return lambda x, t: mixture_score(prior, x, sched.alpha(t), sched.sigma2(t))
     if forcing == "weighted":
@@ -149,8 +149,10 @@ def analysis(members: Any, y: Any, operator, *, mask: Any = None, log_weight: An
         ``components`` Gaussians fitted by EM (:func:`~daml.diffusion.scores.fitted_mixture`) instead
         of the isotropic kernels. Used by ``"weighted"``, ``"ensemble"`` and ``"none"``.
     radius : float, optional
-        Localise the ensemble covariance of ``"gaussian"`` and ``"ensemble"`` with a Gaspari-Cohn taper
-        on a ring (grid-point units, as :func:`daml.filters.letkf`; dense ``d x d``).
+        Localise every ensemble covariance with a Gaspari-Cohn taper on a ring (grid-point units, as
+        :func:`daml.filters.letkf`; dense ``d x d``): the Gaussian of ``"gaussian"`` and of the
+        ``"ensemble"`` forcing, the neighbourhood covariances of local kernels and the components of
+        a fitted mixture (isotropic kernels have none). A radius under ``1 / 3.64`` makes them diagonal.
     schedule, sampler, steps, t_min, noise, corrector_steps, corrector_size, clip, spacing
         The noise schedule (:mod:`~daml.diffusion.schedules`) and the reverse integration
         (:mod:`~daml.diffusion.samplers`).

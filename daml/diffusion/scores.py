@@ -136,14 +136,15 @@ def gaussian_prior(members: torch.Tensor, log_weight: torch.Tensor | None = None
 
 
 def local_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None, neighbours: int = 10,
-                  bandwidth: float = 0.5) -> Mixture:
+                  bandwidth: float = 0.5, taper: torch.Tensor | None = None) -> Mixture:
     """Kernels shaped by each member's neighbourhood, shrunk to keep the local spread.
 
     For member ``i`` let ``m_i`` and ``C_i`` be the mean and covariance of its ``neighbours`` nearest
     members (itself included). Kernel ``i`` is ``N(m_i + sqrt(1 - beta) (x_i - m_i), beta C_i)`` with
     ``beta = bandwidth`` in ``[0, 1]``: the kernels keep the neighbourhood's mean and covariance
     (Liu-West shrinkage, done locally so separate modes stay separate). ``beta = 0`` is the bare
-    ensemble, ``beta = 1`` replaces each member by its neighbourhood's Gaussian.
+    ensemble, ``beta = 1`` replaces each member by its neighbourhood's Gaussian. A ``(d, d)`` ``taper``
+    localises every neighbourhood covariance (Schur product ``taper o C_i``).
     """
     beta = check_bandwidth(bandwidth, upper=1.0)
     n_mem = members.shape[-2]
@@ -157,19 +158,25 @@ def local_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None,
     local_mean = nb.mean(-2)
     anom = nb - local_mean.unsqueeze(-2)
     cov = anom.transpose(-1, -2) @ anom / (k - 1)
+    if taper is not None:
+        cov = cov * taper.to(members)
     centre = local_mean + math.sqrt(1.0 - beta) * (members - local_mean)
     vecs, vals = _spectral(beta * cov)
     return Mixture(centre, _log_weights(members, log_weight), 0.0, vecs, vals)
 
 
 def fitted_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None, components: int = 2,
-                   iterations: int = 200, tol: float = 1e-10, ridge: float = 1e-6) -> Mixture:
+                   iterations: int = 200, tol: float = 1e-10, ridge: float = 1e-6,
+                   taper: torch.Tensor | None = None) -> Mixture:
     """A ``components``-Gaussian mixture fitted to the (weighted) members by expectation-maximisation.
 
     Batched over leading dims, deterministic: the centres start at farthest-point picks (the heaviest
     member first, then repeatedly the member farthest from the chosen ones). Covariances get
     ``ridge * (trace / d)`` on the diagonal so a component with fewer members than dimensions stays
-    proper. Stops after ``iterations`` or when the mean log-likelihood gains less than ``tol``.
+    proper. Stops after ``iterations`` or when the mean log-likelihood gains less than ``tol``. A
+    ``(d, d)`` ``taper`` localises the covariances in every M-step (Schur product ``taper o Sigma_k``,
+    then the ridge): the fitted model is then the one with localised covariances, and with a
+    diagonal taper the components are axis-aligned.
     """
     k = check_int(components, "components", 1)
     n_mem, d = members.shape[-2], members.shape[-1]
@@ -206,6 +213,8 @@ def fitted_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None
         mean = (resp @ members) / mass.unsqueeze(-1)
         diff = members.unsqueeze(-3) - mean.unsqueeze(-2)
         cov = (diff * resp.unsqueeze(-1)).transpose(-1, -2) @ diff / mass[..., None, None]
+        if taper is not None:
+            cov = cov * taper.to(members)
         cov = cov + (ridge * total.clamp_min(torch.finfo(members.dtype).tiny))[..., None, None, None] * eye
         if previous is not None and bool(((score - previous).abs() < tol).all()):
             break
