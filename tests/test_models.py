@@ -443,6 +443,15 @@ def test_selection_operators_pick_and_equal_the_matrix_product():
     assert torch.equal(sel.apply(x), x[..., [1, 2, 4]])
     sel.matrix = 0.5 * torch.eye(8, dtype=F64)[[1, 2, 4]]
     assert torch.allclose(sel.apply(x), 0.5 * x[..., [1, 2, 4]])
+    # evenly spaced picks become a strided copy: every variable, every other one, a single one
+    for op, picker in ((observe_all(8, sd=1.0), slice(0, 8, 1)), (observe_every(8, k=2, sd=1.0), slice(0, 7, 2)),
+                       (observe_indices(8, [5], sd=1.0), slice(5, 6, 1)), (observe_indices(8, [1, 4, 7], sd=1.0), slice(1, 8, 3))):
+        assert op._selected_indices() == picker
+        got = op.apply(x)
+        assert torch.equal(got, x @ op.matrix.T) and got.is_contiguous()
+        got.add_(1.0)                                               # a copy: x is not touched
+        assert torch.equal(op.apply(x), x @ op.matrix.T)
+    assert isinstance(observe_indices(8, [3, 1], sd=1.0)._selected_indices(), torch.Tensor)   # decreasing: indices
 
 
 def test_nonlinear_observation_jacobian_is_analytic():
