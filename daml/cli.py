@@ -164,7 +164,8 @@ def _cmd_q10(args: argparse.Namespace) -> int:
         groups = data["time"].dt.to_period("W").astype(str).to_numpy()
     try:
         ds = causal.q10(data, reco="RECO", ta="TA", x=controls, tref=args.tref, learner=args.learner,
-                        folds=args.folds, repetitions=args.repetitions, groups=groups, seed=args.seed)
+                        folds=args.folds, repetitions=args.repetitions, aggregation=args.aggregation,
+                        groups=groups, seed=args.seed)
     except InputError as exc:
         print(f"daml q10: {exc}", file=sys.stderr)
         return 2
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "absorbs part of the temperature response)")
     q10.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default: %(default)s)")
     q10.add_argument("--repetitions", type=int, default=1, help="repeated sample splits (default: %(default)s)")
+    q10.add_argument("--aggregation", choices=["interval", "variance"], default="interval",
+                     help="combining repeated splits: the median of their intervals (DoubleML) or the median of "
+                          "se^2 + (theta_r - theta)^2, which adds the spread over splits (default: %(default)s)")
     q10.add_argument("--block", choices=["day", "week", "none"], default="day",
                      help="keep each day (or week) in one fold: half-hours are autocorrelated (default: %(default)s)")
     q10.add_argument("--tref", type=float, default=15.0, help="reference temperature in C (default: %(default)s)")

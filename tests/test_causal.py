@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pandas as pd
 import pytest
@@ -65,6 +66,31 @@ def test_plr_equals_doubleml(score, kind):
     assert np.allclose(ours["se_rep"].values, ref.all_se[0], rtol=0, atol=tol)
     rmse = ref.evaluate_learners()
     assert np.allclose(ours["nuisance_rmse"].sel(nuisance="ml_m").values, rmse["ml_m"][:, 0], atol=tol)
+
+
+def test_variance_aggregation_over_repetitions():
+    """aggregation="variance": se^2 = median(se_r^2 + (theta_r - theta)^2) (Chernozhukov et al. 2018)
+    on the same per-split estimates as the default; one split: both aggregations agree."""
+    y, d, x = _plr_data(300, 0.5, seed=5)
+    splits = causal.sample_splits(y.size, folds=4, repetitions=5, seed=6)
+    kw = dict(ml_l=LinearRegression(), ml_m=LinearRegression(), splits=splits, seed=0)
+    base = causal.plr(y, d, x, **kw)
+    var = causal.plr(y, d, x, aggregation="variance", **kw)
+    th, se = var["theta_rep"].values, var["se_rep"].values
+    assert np.array_equal(th, base["theta_rep"].values) and float(var["theta"]) == float(base["theta"])
+    want = np.sqrt(np.median(se**2 + (th - np.median(th)) ** 2))
+    assert abs(float(var["se"]) - want) < 1e-15
+    assert np.allclose(var["ci"].values, float(var["theta"]) + np.array([-1, 1]) * 1.959963984540054 * want,
+                       rtol=0, atol=1e-14)
+    assert float(var["se"]) >= np.median(se) and json.loads(var.attrs["config"])["aggregation"] == "variance"
+    one = [splits[0]]
+    a = causal.plr(y, d, x, ml_l=LinearRegression(), ml_m=LinearRegression(), splits=one, seed=0)
+    b = causal.plr(y, d, x, ml_l=LinearRegression(), ml_m=LinearRegression(), splits=one, seed=0, aggregation="variance")
+    assert abs(float(a["se"]) - float(b["se"])) < 1e-15
+    assert np.allclose(a["ci"].values, b["ci"].values, rtol=0, atol=1e-14)
+    assert np.allclose(a["ci_boot"].values, b["ci_boot"].values, rtol=0, atol=1e-14)
+    with pytest.raises(InputError, match="^aggregation"):
+        causal.plr(y, d, x, aggregation="mean", **kw)
 
 
 def test_multiplier_bootstrap_equals_doubleml():

@@ -27,8 +27,11 @@ With ``K`` folds and the out-of-fold nuisance predictions, ``theta`` solves ``me
 error is the sandwich ``se^2 = mean(psi^2) / (J^2 n)`` with ``J = mean(psi_a)``.
 
 Repeated sample splitting (``repetitions = R``) redraws the folds ``R`` times; the estimate is the
-median of the ``R`` estimates and the interval is the median of their intervals (DoubleML's
-aggregation, which keeps the reported standard error consistent with the interval). Intervals are
+median of the ``R`` estimates. With ``aggregation="interval"`` (the default, DoubleML's) the interval
+is the median of their intervals and the standard error is read back from its upper end. With
+``aggregation="variance"`` the variance is the median of ``se_r^2 + (theta_r - theta)^2``
+(Chernozhukov et al. 2018, section 3.4): it adds how far each split's estimate lies from the median,
+so the interval also carries the variation due to the sample split. Intervals are
 normal (``theta +/- z se``) or from the multiplier bootstrap: for ``B`` draws of weights ``xi``
 (``"normal"``: N(0, 1); ``"bayes"``: Exp(1) - 1; ``"wild"``: Mammen's two-point-free variant
 ``N/sqrt(2) + (N'^2 - 1)/2``) the bootstrap t-statistic is ``t* = sum_i xi_i psi_i / (J n se)``, and
@@ -78,6 +81,7 @@ __all__ = [
 
 SCORES = ("partialling out", "IV-type")
 BOOTSTRAP_WEIGHTS = ("normal", "bayes", "wild")
+AGGREGATIONS = ("interval", "variance")
 
 Splits = list[list[tuple[np.ndarray, np.ndarray]]]
 
@@ -374,6 +378,7 @@ def plr(
     level: float = 0.95,
     bootstrap: str = "normal",
     n_boot: int = 500,
+    aggregation: str = "interval",
     predictions: Mapping[str, Any] | None = None,
     nan: str = "drop",
     batched: bool = True,
@@ -410,6 +415,10 @@ def plr(
         Multiplier weights of the bootstrap interval and of the ``member`` draws.
     n_boot : int
         Bootstrap draws ``B`` (the size of the ``member`` dimension).
+    aggregation : {"interval", "variance"}
+        How ``R > 1`` repetitions are combined (module docstring): the median of the intervals
+        (DoubleML's ``n_rep``) or the median of ``se_r^2 + (theta_r - theta)^2`` (Chernozhukov et al.
+        2018), which widens the interval by the spread over sample splits. The same for ``R = 1``.
     predictions : mapping, optional
         External out-of-fold nuisance predictions ``{"ml_l": (R, n) or (n,), "ml_m": ..., "ml_g": ...}``;
         the given ones are used instead of fitting that learner.
@@ -442,6 +451,8 @@ def plr(
     n_boot = check_int(n_boot, "n_boot", minimum=1)
     if bootstrap not in BOOTSTRAP_WEIGHTS:
         raise InputError("bootstrap", f"one of {BOOTSTRAP_WEIGHTS}", repr(bootstrap))
+    if aggregation not in AGGREGATIONS:
+        raise InputError("aggregation", f"one of {AGGREGATIONS}", repr(aggregation))
     predictions = dict(predictions or {})
     unknown = set(predictions) - {"ml_l", "ml_m", "ml_g"}
     if unknown:
@@ -524,9 +535,14 @@ def plr(
     z = _normal_quantile(0.5 + level / 2.0)
     q_boot = torch.quantile(t_boot.abs(), level, dim=1).numpy()               # (R,)
     theta = float(np.median(theta_r))
-    se = float((np.median(theta_r + 1.96 * se_r) - theta) / 1.96)             # DoubleML's aggregation
-    ci = np.median(np.stack([theta_r - z * se_r, theta_r + z * se_r]), axis=1)
-    ci_boot = np.median(np.stack([theta_r - q_boot * se_r, theta_r + q_boot * se_r]), axis=1)
+    if aggregation == "interval":
+        se = float((np.median(theta_r + 1.96 * se_r) - theta) / 1.96)         # DoubleML's aggregation
+        ci = np.median(np.stack([theta_r - z * se_r, theta_r + z * se_r]), axis=1)
+        ci_boot = np.median(np.stack([theta_r - q_boot * se_r, theta_r + q_boot * se_r]), axis=1)
+    else:                                                                     # Chernozhukov et al. (2018)
+        se = float(np.sqrt(np.median(se_r**2 + (theta_r - theta) ** 2)))
+        ci = np.array([theta - z * se, theta + z * se])
+        ci_boot = theta + np.array([-1.0, 1.0]) * float(np.median(q_boot)) * se
     draws = (theta_r[:, None] + se_r[:, None] * t_boot.numpy()).T             # (B, R)
 
     rmse = [np.sqrt(((y_arr[None] - l_hat) ** 2).mean(1)), np.sqrt(((d_arr[None] - m_hat) ** 2).mean(1))]
@@ -562,7 +578,8 @@ def plr(
     if g_hat is not None:
         data_vars["g_hat"] = (("repetition", "obs"), g_hat)
     config = {
-        "score": score, "folds": len(splits[0]), "repetitions": R, "level": level, "bootstrap": bootstrap,
+        "score": score, "folds": len(splits[0]), "repetitions": R, "aggregation": aggregation, "level": level,
+        "bootstrap": bootstrap,
         "n_boot": n_boot, "ml_l": _describe(ml_l, "ml_l" in predictions), "ml_m": _describe(ml_m, "ml_m" in predictions),
         "ml_g": _describe(ml_g, "ml_g" in predictions) if score == "IV-type" else None,
         "blocked": groups is not None and not explicit_splits, "explicit_splits": explicit_splits,
@@ -592,6 +609,7 @@ def summary(ds: xr.Dataset, name: str = "theta") -> str:
              f"  observations {int(ds.attrs.get('n_obs', 0))}"
              + (f" ({int(ds.attrs['n_dropped'])} rows with NaN dropped)" if int(ds.attrs.get("n_dropped", 0)) else "")
              + f", {cfg.get('folds')} folds x {cfg.get('repetitions')} repetition(s)"
+             + (f" ({cfg.get('aggregation', 'interval')} aggregation)" if (cfg.get("repetitions") or 1) > 1 else "")
              + (", blocked folds" if cfg.get("blocked") else ""),
              f"  ml_l: {cfg.get('ml_l')}", f"  ml_m: {cfg.get('ml_m')}"]
     if cfg.get("ml_g"):

@@ -119,6 +119,7 @@ def q10(
     level: float = 0.95,
     bootstrap: str = "normal",
     n_boot: int = 500,
+    aggregation: str = "interval",
     nan: str = "drop",
     seed: _device.Seed = None,
 ) -> xr.Dataset:
@@ -138,7 +139,7 @@ def q10(
     learner : {"forest", "network"} or regressor
         Nuisance learner for both ``E[log RECO | x]`` and ``E[d | x]`` (see :func:`default_learner`);
         ``ml_l`` / ``ml_m`` override it per nuisance.
-    folds, repetitions, groups, splits, level, bootstrap, n_boot, nan
+    folds, repetitions, groups, splits, level, bootstrap, n_boot, aggregation, nan
         As in :func:`daml.causal.plr`.
     seed : int, SeedSequence, torch.Generator or None
         Seeds the splits, the bootstrap and the default learners.
@@ -161,7 +162,7 @@ def q10(
     d = (t - tref) / 10.0
     ds = plr(y, d, xs, ml_l=ml_l if ml_l is not None else base, ml_m=ml_m if ml_m is not None else base,
              folds=folds, repetitions=repetitions, groups=groups, splits=splits, level=level,
-             bootstrap=bootstrap, n_boot=n_boot, nan=nan, seed=dml_seed, coords=_time_coord(data, r.size))
+             bootstrap=bootstrap, n_boot=n_boot, aggregation=aggregation, nan=nan, seed=dml_seed, coords=_time_coord(data, r.size))
     theta_r = ds["theta_rep"].values[:, None]
     u = ds["y"].values[None] - ds["l_hat"].values
     v = ds["d"].values[None] - ds["m_hat"].values
