@@ -245,10 +245,9 @@ def repeated_splits(site, idxs, repetitions: int, seed: int) -> dict:
     for r, idx in enumerate(idxs):
         ds = causal.q10(site.isel(time=idx), learner="forest", seed=seed + r, repetitions=repetitions)
         th, se = ds["theta_rep"].values, ds["se_rep"].values
-        theta = float(np.median(th))
         one.append((th[0], se[0]))
-        interval.append((theta, float(ds["se"])))
-        variance.append((theta, float(np.sqrt(np.median(se**2 + (th - theta) ** 2)))))
+        interval.append(causal.aggregate_repetitions(th, se, "interval"))
+        variance.append(causal.aggregate_repetitions(th, se, "variance"))
     out = {"subsamples": len(idxs), "repetitions": repetitions, "seconds": time.perf_counter() - t0}
     for key, rows in (("one_split", one), ("interval", interval), ("variance", variance)):
         th, se = np.array(rows).T

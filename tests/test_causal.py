@@ -83,6 +83,8 @@ def test_variance_aggregation_over_repetitions():
     assert np.allclose(var["ci"].values, float(var["theta"]) + np.array([-1, 1]) * 1.959963984540054 * want,
                        rtol=0, atol=1e-14)
     assert float(var["se"]) >= np.median(se) and json.loads(var.attrs["config"])["aggregation"] == "variance"
+    for how, ds in (("variance", var), ("interval", base)):                 # the helper plr uses
+        assert causal.aggregate_repetitions(th, se, how) == (float(ds["theta"]), float(ds["se"]))
     one = [splits[0]]
     a = causal.plr(y, d, x, ml_l=LinearRegression(), ml_m=LinearRegression(), splits=one, seed=0)
     b = causal.plr(y, d, x, ml_l=LinearRegression(), ml_m=LinearRegression(), splits=one, seed=0, aggregation="variance")

@@ -21,8 +21,8 @@ bootstrap draws or trained networks) with a printable :func:`summary`.
 scikit-learn is required (the ``causal`` extra).
 """
 
-from .dml import (BOOTSTRAP_WEIGHTS, SCORES, DroppedRowsWarning, cross_fit, multiplier_bootstrap, plr, sample_splits,
-                  solve_linear_score, summary)
+from .dml import (AGGREGATIONS, BOOTSTRAP_WEIGHTS, SCORES, DroppedRowsWarning, aggregate_repetitions, cross_fit,
+                  multiplier_bootstrap, plr, sample_splits, solve_linear_score, summary)
 from .learners import MLPRegressor
 from .partition import DEFAULT_MODIFIERS, default_boosting, default_final, partition
 from .q10 import DEFAULT_CONTROLS, LEARNERS, default_learner, q10, q10_end_to_end
@@ -30,8 +30,8 @@ from .site import (FLUXNET_REQUIRED, potential_radiation, read_fluxnet_csv, satu
                    smoothed_potential_radiation, synthetic_site, to_fluxnet_csv)
 
 __all__ = [
-    "plr", "summary", "sample_splits", "cross_fit", "solve_linear_score", "multiplier_bootstrap", "SCORES",
-    "BOOTSTRAP_WEIGHTS", "DroppedRowsWarning", "MLPRegressor",
+    "plr", "summary", "sample_splits", "cross_fit", "solve_linear_score", "multiplier_bootstrap",
+    "aggregate_repetitions", "AGGREGATIONS", "SCORES", "BOOTSTRAP_WEIGHTS", "DroppedRowsWarning", "MLPRegressor",
     "q10", "q10_end_to_end", "default_learner", "LEARNERS", "DEFAULT_CONTROLS",
     "partition", "default_boosting", "default_final", "DEFAULT_MODIFIERS",
     "synthetic_site", "to_fluxnet_csv", "read_fluxnet_csv", "potential_radiation", "smoothed_potential_radiation",

@@ -74,6 +74,8 @@ __all__ = [
     "cross_fit",
     "solve_linear_score",
     "multiplier_bootstrap",
+    "aggregate_repetitions",
+    "AGGREGATIONS",
     "plr",
     "summary",
     "check_learner",
@@ -339,6 +341,20 @@ def _bootstrap_weights(method: str, shape: tuple[int, int], rng: np.random.Gener
     raise InputError("bootstrap", f"one of {BOOTSTRAP_WEIGHTS}", repr(method))
 
 
+def aggregate_repetitions(theta_r: Any, se_r: Any, aggregation: str = "interval") -> tuple[float, float]:
+    """Estimate and standard error from ``R`` repeated sample splits (``theta_r``, ``se_r`` of shape
+    ``(R,)``): the median estimate and, for ``"interval"``, the standard error read back from the
+    median of the upper 95 % bounds (DoubleML); for ``"variance"``, the root of the median of
+    ``se_r^2 + (theta_r - theta)^2`` (Chernozhukov et al. 2018, section 3.4)."""
+    if aggregation not in AGGREGATIONS:
+        raise InputError("aggregation", f"one of {AGGREGATIONS}", repr(aggregation))
+    theta_r, se_r = np.asarray(theta_r, dtype=float), np.asarray(se_r, dtype=float)
+    theta = float(np.median(theta_r))
+    if aggregation == "interval":
+        return theta, float((np.median(theta_r + 1.96 * se_r) - theta) / 1.96)
+    return theta, float(np.sqrt(np.median(se_r**2 + (theta_r - theta) ** 2)))
+
+
 def multiplier_bootstrap(score: LinearScore, weights: Any) -> torch.Tensor:
     """Bootstrap t-statistics ``t*_b = sum_i xi_bi psi_i / (J n se)``.
 
@@ -534,13 +550,11 @@ def plr(
     se_r = sol.se.numpy()
     z = _normal_quantile(0.5 + level / 2.0)
     q_boot = torch.quantile(t_boot.abs(), level, dim=1).numpy()               # (R,)
-    theta = float(np.median(theta_r))
-    if aggregation == "interval":
-        se = float((np.median(theta_r + 1.96 * se_r) - theta) / 1.96)         # DoubleML's aggregation
+    theta, se = aggregate_repetitions(theta_r, se_r, aggregation)
+    if aggregation == "interval":                                             # medians of the intervals
         ci = np.median(np.stack([theta_r - z * se_r, theta_r + z * se_r]), axis=1)
         ci_boot = np.median(np.stack([theta_r - q_boot * se_r, theta_r + q_boot * se_r]), axis=1)
-    else:                                                                     # Chernozhukov et al. (2018)
-        se = float(np.sqrt(np.median(se_r**2 + (theta_r - theta) ** 2)))
+    else:
         ci = np.array([theta - z * se, theta + z * se])
         ci_boot = theta + np.array([-1.0, 1.0]) * float(np.median(q_boot)) * se
     draws = (theta_r[:, None] + se_r[:, None] * t_boot.numpy()).T             # (B, R)
