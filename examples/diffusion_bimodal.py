@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> Path:
     panels = [("weighted, h = 0: the PF in disguise", {"forcing": "weighted"}),
               ("weighted, h = 0.1: KDE prior (too wide)", {"forcing": "weighted", "bandwidth": 0.1}),
               ("weighted, fitted 2-Gaussian prior", {"forcing": "weighted", "components": 2}),
+              ("the same, localised (radius 0.25: diagonal)", {"forcing": "weighted", "components": 2, "radius": 0.25}),
               ("ensemble forcing (seed), h = 0.1", {"forcing": "ensemble", "bandwidth": 0.1}),
               ("gaussian forcing (one Gaussian prior)", {"forcing": "gaussian"}),
               ("EnSF baseline", None)]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8), sharex=True, sharey=True)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8), sharex=True, sharey=True)
     for ax, (title, kw) in zip(axes.flat, panels):
         if kw is None:
             state, _ = dif.ensf(100).analysis(EnsembleState(ens, torch.full((100,), -math.log(100.0),
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> Path:
                      fontsize=9)
         ax.set_xlim(0.3, 4.6)
         ax.set_ylim(0.3, 4.6)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return save_figure(fig, Path(args.out) / "diffusion_bimodal.png", dpi=100)
