@@ -336,7 +336,7 @@ def test_bad_input_named_errors():
         E.fit("not a module", x, np.arange(10.0), noise_sd=0.1)
     de = E.deep_ensemble(np.random.default_rng(0).normal(size=(10, 2)), np.arange(10.0), members=2, hidden=4,
                          epochs=1)
-    with pytest.raises(InputError, match="likelihood"):
+    with pytest.raises(InputError, match="^estimator.*heteroscedastic"):         # RML needs a fixed noise level
         E.weigh(de, np.random.default_rng(0).normal(size=(10, 2)), np.arange(10.0))
     with pytest.raises(InputError, match="perturb_targets"):
         E.fit(E.mlp(2, 2, outputs=2), x, np.arange(10.0), likelihood="heteroscedastic")
@@ -360,3 +360,68 @@ def test_cuda_training_weights_and_correction():
     eq, _ = E.equal_weight(weighted, x, y, steps=10, seed=1)
     assert eq.params["0.weight"].device.type == "cuda"
     assert np.isfinite(E.scores(E.predict(eq, x[:5]), y[:5])["nll"])
+
+
+class _MeanAndRawVariance(nn.Module):
+    """Two free outputs, the same at every input: the mean and the raw variance of N(y; a, softplus(b))."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.b.expand(x.shape[0], 2)
+
+
+def test_heteroscedastic_fisher_weights_and_moves():
+    """Fisher matrix against dense Jacobians; Laplace weights of heteroscedastic members; the
+    resample-move kernel keeps the exact two-parameter posterior (computed on a grid)."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(12, 2))
+    y = x[:, 0] + 0.3 * rng.normal(size=12) * (1 + x[:, 1] ** 2)
+    ens = E.fit(E.mlp(2, 4, outputs=2, activation="tanh"), x, y, members=3, likelihood="heteroscedastic",
+                perturb_targets=False, seed=1, epochs=30, batch_size=4, normalise=False)
+    fi = E.fisher(ens, x, y)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    for i in range(3):
+        th = E.training.flat_params(ens)[i]
+
+        def out(t):
+            return torch.func.functional_call(ens.module, E.training.unflatten(ens, t), (xt,))
+        jac = torch.autograd.functional.jacobian(out, th)                  # (n, 2, P)
+        o = out(th).detach()
+        v = torch.nn.functional.softplus(o[:, 1]) + 1e-6
+        ref = (jac[:, 0].T * (1 / v)) @ jac[:, 0] + (jac[:, 1].T * (torch.sigmoid(o[:, 1]) ** 2 / (2 * v**2))) @ jac[:, 1]
+        assert torch.allclose(fi.precision[i], ref, atol=1e-10)
+        assert abs(float(fi.loglik[i]) - st.norm(o[:, 0].numpy(), v.sqrt().numpy()).logpdf(y).sum()) < 1e-9
+    assert bool((torch.linalg.eigvalsh(fi.precision) > -1e-10).all())
+    _, info = E.weigh(ens, x, y, estimator="laplace")
+    assert torch.isfinite(info.log_weight).all() and 1.0 <= info.ess <= 3.0
+    with pytest.raises(InputError, match="^estimator"):
+        E.weigh(ens, x, y, estimator="rml")
+
+    # two parameters (a, b): y ~ N(a, softplus(b) + 1e-6), a and b with the ensemble's Gaussian prior
+    z = np.zeros((25, 1))
+    yy = 0.8 + 0.6 * rng.normal(size=25)
+    members = 300
+    ens2 = E.fit(_MeanAndRawVariance(), z, yy, members=members, likelihood="heteroscedastic", perturb_targets=False,
+                 seed=3, epochs=20, batch_size=25, normalise=False)
+    # 20 epochs leave the members near their prior draws (equal weights): the moves must do the work
+    moved, cinfo = E.equal_weight(ens2, z, yy, steps=80, seed=5)
+    assert torch.allclose(moved.log_weight, torch.full((members,), -math.log(members), dtype=torch.float64))
+    assert 0.3 < float(cinfo.acceptance.mean()) < 0.9
+    sd_p = torch.cat([s.reshape(-1) for s in ens2.prior_sd.values()]).numpy()
+    a, b = np.meshgrid(np.linspace(-1.0, 3.0, 801), np.linspace(-3.0, 3.0, 801), indexing="ij")
+    v = np.logaddexp(0.0, b) + 1e-6
+    logp = (-0.5 * (np.log(v)[..., None] + (yy - a[..., None]) ** 2 / v[..., None])).sum(-1)
+    logp += -0.5 * (a / sd_p[0]) ** 2 - 0.5 * (b / sd_p[1]) ** 2
+    w = np.exp(logp - logp.max())
+    w /= w.sum()
+    th, start = moved.params["b"].numpy(), ens2.params["b"].numpy()
+    for k, g in enumerate((a, b)):
+        mean = (w * g).sum()
+        sd = np.sqrt((w * (g - mean) ** 2).sum())
+        # 5 standard errors, allowing for an ESS of M / 2 (the chains are short)
+        assert abs(th[:, k].mean() - mean) < 5 * sd / math.sqrt(members / 2)
+        assert abs(th[:, k].std() / sd - 1) < 5 / math.sqrt(members)
+        assert abs(start[:, k].mean() - mean) > 0.5 and start[:, k].std() / sd > 2   # far before the moves

@@ -20,11 +20,11 @@ from .correction import CorrectionInfo, equal_weight
 from .predictive import (SOURCES, VARIANCE_PARTS, estimate_noise, mixture_quantile, model_error, predict, scores,
                          uncertainty_sources)
 from .training import LIKELIHOODS, Ensemble, fit, flat_params, forward, mlp, prior_sd
-from .weights import ESTIMATORS, GaussNewton, MemberWeights, gauss_newton, log_likelihood, log_prior, weigh
+from .weights import ESTIMATORS, Fisher, GaussNewton, MemberWeights, fisher, gauss_newton, log_likelihood, log_prior, weigh
 
 __all__ = [
     "Ensemble", "fit", "mlp", "forward", "prior_sd", "flat_params", "LIKELIHOODS",
-    "weigh", "MemberWeights", "GaussNewton", "gauss_newton", "log_likelihood", "log_prior", "ESTIMATORS",
+    "weigh", "MemberWeights", "GaussNewton", "gauss_newton", "Fisher", "fisher", "log_likelihood", "log_prior", "ESTIMATORS",
     "equal_weight", "CorrectionInfo",
     "predict", "scores", "mixture_quantile", "model_error", "estimate_noise", "uncertainty_sources",
     "SOURCES", "VARIANCE_PARTS",

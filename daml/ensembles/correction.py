@@ -12,7 +12,9 @@ particle-filter *resample-move* step (Gilks & Berzuini 2001).
    out. The kernel is preconditioned MALA (Metropolis-adjusted Langevin; Roberts & Tweedie 1996) on
    the full training set, with the fixed preconditioner ``Ā⁻¹``, ``Ā = Σ_p⁻¹ + mean_j G_jᵀG_j/σ²``: the
    Gauss-Newton posterior covariance of :mod:`~daml.ensembles.weights` (a dense ``P × P`` Cholesky
-   factor, fine for the few thousand parameters of the networks this module targets). The step
+   factor, fine for the few thousand parameters of the networks this module targets). For members
+   with the heteroscedastic likelihood the likelihood term of the target and of ``Ā`` is theirs
+   (``G_jᵀG_j/σ²`` becomes the Fisher matrix of :func:`~daml.ensembles.weights.fisher`). The step
    size of each chain is tuned towards an acceptance rate of 0.574 during the first ``adapt`` steps and
    then frozen, so that the remaining steps are an exact MH kernel.
 
@@ -34,7 +36,7 @@ from .. import _device
 from ..errors import InputError, check_int, check_real
 from ..resampling import systematic
 from .training import Ensemble, check_data, flat_params, member_output, unflatten
-from .weights import _prior_var, _require_gaussian, gauss_newton
+from .weights import _prior_var, fisher, gauss_newton
 
 
 class CorrectionInfo(NamedTuple):
@@ -46,14 +48,20 @@ class CorrectionInfo(NamedTuple):
 
 
 def log_posterior_fn(ens: Ensemble, xn: torch.Tensor, yn: torch.Tensor):
-    """``θ -> log p(D | θ) + log p(θ)`` (normalised units, constants dropped) for one member."""
+    """``θ -> log p(D | θ) + log p(θ)`` (normalised units, constants dropped) for one member, with the
+    ensemble's likelihood: Gaussian with its noise level, or heteroscedastic (the network's variance)."""
     var = _prior_var(ens).to(xn)
     s2 = ens.noise_sd**2
     module = ens.module
+    hetero = ens.likelihood == "heteroscedastic"
 
     def logp(theta, buffers):
-        out, _ = member_output(module, unflatten(ens, theta), buffers, xn, ens.likelihood)
-        return -0.5 * ((yn - out) ** 2).sum() / s2 - 0.5 * (theta**2 / var).sum()
+        out, v = member_output(module, unflatten(ens, theta), buffers, xn, ens.likelihood)
+        if hetero:
+            data = -0.5 * (torch.log(v) + (yn - out) ** 2 / v).sum()
+        else:
+            data = -0.5 * ((yn - out) ** 2).sum() / s2
+        return data - 0.5 * (theta**2 / var).sum()
     return logp
 
 
@@ -64,7 +72,8 @@ def equal_weight(ens: Ensemble, x: Any, y: Any, *, steps: int = 200, adapt: int 
     Parameters
     ----------
     ens : Ensemble
-        Weighted ensemble (Gaussian likelihood), for example from :func:`~daml.ensembles.weigh`.
+        Weighted ensemble (Gaussian or heteroscedastic likelihood), for example from
+        :func:`~daml.ensembles.weigh`; the moves target its posterior under its own likelihood.
     x, y : array-like
         The training data (original units).
     steps : int
@@ -80,7 +89,6 @@ def equal_weight(ens: Ensemble, x: Any, y: Any, *, steps: int = 200, adapt: int 
     (Ensemble, CorrectionInfo)
         Members with equal log-weights ``-log M``.
     """
-    _require_gaussian(ens, "the equal-weight correction")
     steps = check_int(steps, "steps", minimum=0)
     adapt = steps // 2 if adapt is None else check_int(adapt, "adapt", minimum=0)
     if adapt > steps:
@@ -103,10 +111,13 @@ def equal_weight(ens: Ensemble, x: Any, y: Any, *, steps: int = 200, adapt: int 
     buffers = {k: v[anc] for k, v in ens.buffers.items()}
     unique_before = int(torch.unique(anc).numel())
 
-    st = gauss_newton(ens, xt, yt)
-    # preconditioner M = Ā⁻¹ with Ā the Gauss-Newton posterior precision averaged over members;
+    # preconditioner M = Ā⁻¹ with Ā the Gauss-Newton (Fisher) posterior precision averaged over members;
     # chol_a = chol(Ā), so M = chol_a⁻ᵀ chol_a⁻¹ and noise M^½ ξ = chol_a⁻ᵀ ξ
-    a_bar = st.gtg.mean(0) / ens.noise_sd**2 + torch.diag(1.0 / _prior_var(ens).to(theta))
+    if ens.likelihood == "gaussian":
+        like_prec = gauss_newton(ens, xt, yt).gtg.mean(0) / ens.noise_sd**2
+    else:
+        like_prec = fisher(ens, xt, yt).precision.mean(0)
+    a_bar = like_prec + torch.diag(1.0 / _prior_var(ens).to(theta))
     chol_a = torch.linalg.cholesky(a_bar)
 
     def precondition(v):                                             # M v for rows v (M, P)

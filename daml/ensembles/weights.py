@@ -32,7 +32,9 @@ not ``1/M``. This module computes the three terms for the Gaussian likelihood
 
 Both need the Jacobian of the network outputs with respect to all parameters on the training set,
 accumulated in chunks into ``GᵀG`` (``P × P`` per member), so memory is ``O(M P²)`` whatever the data
-size. The weights are reported with Kish ESS and PSIS k-hat (Vehtari et al. 2024): the degeneracy that
+size. Members trained with the heteroscedastic likelihood (mean and variance outputs) are weighed
+with ``"laplace"`` (or ``"none"``), ``G_jᵀG_j/σ²`` replaced by the Fisher matrix of that likelihood
+(:func:`fisher`); RML needs a fixed noise level. The weights are reported with Kish ESS and PSIS k-hat (Vehtari et al. 2024): the degeneracy that
 the seed predicts shows as an ESS near one and k-hat above 0.7.
 """
 
@@ -42,7 +44,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from ..diagnostics import ess_kernel, psis_kernel
 from ..errors import InputError, ShapeError, check_int
@@ -122,6 +124,64 @@ def gauss_newton(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> 
     return GaussNewton(theta=theta, gtg=gtg, gtr=gtr, rtr=rtr, n=n)
 
 
+class Fisher(NamedTuple):
+    """Per-member log-likelihood and generalised Gauss-Newton (Fisher) matrix of the likelihood
+    (normalised units)."""
+
+    theta: torch.Tensor       # (M, P) flat parameters
+    precision: torch.Tensor   # (M, P, P) Σ_n J_nᵀ Λ_n J_n
+    loglik: torch.Tensor      # (M,) log p(D | w_i)
+    n: int
+
+
+def fisher(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> Fisher:
+    """The log-likelihood and the Fisher matrix of the likelihood of every member on ``(x, y)``.
+
+    Gaussian likelihood: ``GᵀG / σ²`` from :func:`gauss_newton`. Heteroscedastic likelihood (outputs
+    ``μ`` and ``s``, variance ``v = softplus(s) + 1e-6``): per point the Fisher information of
+    ``N(y; μ, v)`` is ``1 / v`` for ``μ`` and ``1 / (2 v²)`` for ``v``, so with the per-point gradients
+    ``g_μ``, ``g_s`` of the two outputs, ``F = Σ_n g_μ g_μᵀ / v + g_s g_sᵀ sigmoid(s)² / (2 v²)``
+    (``dv/ds = sigmoid(s)``). Positive semi-definite, and the expected Hessian of ``-log p(D | w)``.
+    """
+    if ens.likelihood == "gaussian":
+        st = gauss_newton(ens, x, y, chunk=chunk)
+        return Fisher(theta=st.theta, precision=st.gtg / ens.noise_sd**2, loglik=log_likelihood(ens, stats=st), n=st.n)
+    xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
+    if xt.shape[1] != ens.x_mean.shape[0]:
+        raise ShapeError("x", f"inputs with {ens.x_mean.shape[0]} columns", f"{xt.shape[1]} columns")
+    xn, yn = ens.normalise_x(xt), (yt - ens.y_mean) / ens.y_sd
+    theta = flat_params(ens)
+    m, p = theta.shape
+    module = ens.module
+    module.eval()
+
+    def raw1(th, b, x1):                                   # one point: the two raw outputs (μ, s)
+        return functional_call(module, (unflatten(ens, th), b), (x1.unsqueeze(0),))[0]
+
+    jac = vmap(vmap(jacrev(raw1), in_dims=(None, None, 0)), in_dims=(0, 0, None))       # (M, c, 2, P)
+    fwd = vmap(vmap(raw1, in_dims=(None, None, 0)), in_dims=(0, 0, None))               # (M, c, 2)
+    n = xn.shape[0]
+    step = chunk or max(1, int(1e7 // max(1, m * p)))
+    prec = torch.zeros(m, p, p, dtype=theta.dtype, device=theta.device)
+    loglik = torch.zeros(m, dtype=theta.dtype, device=theta.device)
+    try:
+        for s0 in range(0, n, step):
+            xc, yc = xn[s0:s0 + step], yn[s0:s0 + step]
+            with torch.no_grad():
+                out = fwd(theta, ens.buffers, xc)
+                mu, raw = out[..., 0], out[..., 1]
+                var = torch.nn.functional.softplus(raw) + 1e-6
+                loglik += (-0.5 * (torch.log(2 * math.pi * var) + (yc - mu) ** 2 / var)).sum(1)
+            g = jac(theta, ens.buffers, xc).detach()
+            w_mu = 1.0 / var
+            w_s = torch.sigmoid(raw) ** 2 / (2.0 * var**2)
+            prec += torch.einsum("mcp,mc,mcq->mpq", g[:, :, 0], w_mu, g[:, :, 0])
+            prec += torch.einsum("mcp,mc,mcq->mpq", g[:, :, 1], w_s, g[:, :, 1])
+    finally:
+        module.train(True)
+    return Fisher(theta=theta, precision=prec, loglik=loglik, n=n)
+
+
 def _prior_var(ens: Ensemble) -> torch.Tensor:
     return torch.cat([s.reshape(-1) for s in ens.prior_sd.values()]) ** 2          # (P,)
 
@@ -171,10 +231,12 @@ def log_weight_rml(ens: Ensemble, st: GaussNewton, rank: int | None = None) -> t
     return -0.5 * quad - 0.5 * logdet - 0.5 * st.n * math.log(2 * math.pi)
 
 
-def log_proposal_laplace(ens: Ensemble, st: GaussNewton) -> torch.Tensor:
-    """``log (1/M) Σ_j N(w_i; w_j, A_j⁻¹)``, ``A_j = Σ_p⁻¹ + G_jᵀG_j/σ²``, per member ``(M,)``."""
+def log_proposal_laplace(ens: Ensemble, st: GaussNewton | Fisher) -> torch.Tensor:
+    """``log (1/M) Σ_j N(w_i; w_j, A_j⁻¹)``, ``A_j = Σ_p⁻¹ + F_j`` with ``F_j`` the Fisher matrix of the
+    likelihood (``G_jᵀG_j/σ²`` for the Gaussian one), per member ``(M,)``."""
     var = _prior_var(ens).to(st.theta)
-    a = st.gtg / ens.noise_sd**2 + torch.diag_embed(1.0 / var).expand_as(st.gtg)
+    prec = st.precision if isinstance(st, Fisher) else st.gtg / ens.noise_sd**2
+    a = prec + torch.diag_embed(1.0 / var).expand_as(prec)
     chol = torch.linalg.cholesky(a)                                         # (M, P, P)
     logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # log det A_j
     diff = st.theta[:, None, :] - st.theta[None, :, :]                      # (i, j, P)
@@ -193,12 +255,13 @@ def weigh(ens: Ensemble, x: Any, y: Any, *, estimator: str = "rml", rank: int | 
     Parameters
     ----------
     ens : Ensemble
-        Trained with the Gaussian likelihood (:func:`~daml.ensembles.fit`).
+        Trained by :func:`~daml.ensembles.fit` with the Gaussian or the heteroscedastic likelihood.
     x, y : array-like
         The training data, in original units (the same the ensemble was fitted on).
     estimator : {"rml", "laplace", "none"}
         How ``log q`` is estimated (module docs); ``"none"`` weighs by ``p(D|w) p(w)`` alone, as if the
-        members were prior draws.
+        members were prior draws. ``"rml"`` needs the Gaussian likelihood; ``"laplace"`` uses the
+        Fisher matrix of either likelihood (:func:`fisher`).
     rank : int, optional
         Low-rank Gauss-Newton for ``"rml"`` (``None``: all ``P`` eigenpairs).
     smooth : bool
@@ -215,9 +278,15 @@ def weigh(ens: Ensemble, x: Any, y: Any, *, estimator: str = "rml", rank: int | 
         raise InputError("ens", "an ensemble of at least 2 members to weigh", f"{ens.members} member")
     if rank is not None:
         rank = check_int(rank, "rank")
-    _require_gaussian(ens, "member weights")
-    st = gauss_newton(ens, x, y)
-    ll = log_likelihood(ens, stats=st)
+    if ens.likelihood != "gaussian":
+        if estimator == "rml":
+            raise InputError("estimator", "'laplace' or 'none' for a heteroscedastic ensemble (the RML change "
+                             "of variables needs a fixed noise level)", repr(estimator))
+        st = fisher(ens, x, y)
+        ll = st.loglik
+    else:
+        st = gauss_newton(ens, x, y)
+        ll = log_likelihood(ens, stats=st)
     lp = log_prior(ens)
     if estimator == "rml":
         lw_raw = log_weight_rml(ens, st, rank)
