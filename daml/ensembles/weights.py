@@ -82,14 +82,19 @@ def _require_gaussian(ens: Ensemble, who: str) -> None:
                          f"likelihood={ens.likelihood!r}")
 
 
-def gauss_newton(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> GaussNewton:
-    """Accumulate ``GᵀG``, ``Gᵀr`` and ``rᵀr`` per member over the data ``(x, y)`` (original units)."""
-    _require_gaussian(ens, "Gauss-Newton statistics")
+def _normalised_data(ens: Ensemble, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The data ``(x, y)`` (original units) checked and normalised as the ensemble was trained, and
+    the flat member parameters ``(M, P)``."""
     xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     if xt.shape[1] != ens.x_mean.shape[0]:
         raise ShapeError("x", f"inputs with {ens.x_mean.shape[0]} columns", f"{xt.shape[1]} columns")
-    xn, yn = ens.normalise_x(xt), (yt - ens.y_mean) / ens.y_sd
-    theta = flat_params(ens)
+    return ens.normalise_x(xt), (yt - ens.y_mean) / ens.y_sd, flat_params(ens)
+
+
+def gauss_newton(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> GaussNewton:
+    """Accumulate ``GᵀG``, ``Gᵀr`` and ``rᵀr`` per member over the data ``(x, y)`` (original units)."""
+    _require_gaussian(ens, "Gauss-Newton statistics")
+    xn, yn, theta = _normalised_data(ens, x, y)
     m, p = theta.shape
     module = ens.module
     module.eval()
@@ -146,11 +151,7 @@ def fisher(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> Fisher
     if ens.likelihood == "gaussian":
         st = gauss_newton(ens, x, y, chunk=chunk)
         return Fisher(theta=st.theta, precision=st.gtg / ens.noise_sd**2, loglik=log_likelihood(ens, stats=st), n=st.n)
-    xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
-    if xt.shape[1] != ens.x_mean.shape[0]:
-        raise ShapeError("x", f"inputs with {ens.x_mean.shape[0]} columns", f"{xt.shape[1]} columns")
-    xn, yn = ens.normalise_x(xt), (yt - ens.y_mean) / ens.y_sd
-    theta = flat_params(ens)
+    xn, yn, theta = _normalised_data(ens, x, y)
     m, p = theta.shape
     module = ens.module
     module.eval()
