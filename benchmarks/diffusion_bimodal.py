@@ -81,24 +81,34 @@ def fitted_posterior_mean(ens: torch.Tensor, components: int, radius: float | No
     return (w / w.sum()) @ np.array(post)
 
 
+def mode_update(xs: np.ndarray, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One mode's members ``xs`` ``(..., k, 2)`` replaced by a Gaussian with their sample mean and
+    covariance (ddof 1; variances only with ``diagonal``), updated in closed form with y = x1 = 4,
+    sd 0.1 (Kalman). Batched over leading dims; returns the posterior mean, covariance and the log
+    evidence up to a constant."""
+    mu = xs.mean(-2)
+    a = xs - mu[..., None, :]
+    c = np.einsum("...ki,...kj->...ij", a, a) / (xs.shape[-2] - 1)
+    if diagonal:
+        c = c * np.eye(2)
+    s = c[..., 0, 0] + 0.01
+    gain = c[..., :, 0] / s[..., None]
+    innov = 4.0 - mu[..., 0]
+    return mu + gain * innov[..., None], c - gain[..., :, None] * c[..., None, 0, :], -0.5 * innov**2 / s - 0.5 * np.log(s)
+
+
 def oracle_moments(ens: np.ndarray, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """The exact posterior of the prior *fitted to the members*: each mode (split by x2, which the
-    oracle knows) replaced by a Gaussian with its members' sample mean and covariance (ddof 1), then
-    updated in closed form (Kalman per mode, modes reweighted by their evidence). No method that sees
-    only the 100 members can be expected to do better; returns mean, sd and the second mode's mass.
-    ``diagonal``: the fitted covariances keep their variances only (the oracle also knows that x1 and
-    x2 are uncorrelated within a mode)."""
+    oracle knows) updated by :func:`mode_update`, modes reweighted by their evidence. No method that
+    sees only the 100 members can be expected to do better; returns mean, sd and the second mode's
+    mass. ``diagonal``: the fitted covariances keep their variances only (the oracle also knows that
+    x1 and x2 are uncorrelated within a mode)."""
     post_mean, post_cov, lw = [], [], []
     for sel in (ens[:, 1] >= WRONG, ens[:, 1] < WRONG):
-        xs = ens[sel]
-        mu, c = xs.mean(0), np.cov(xs.T, ddof=1)
-        if diagonal:
-            c = np.diag(np.diag(c))
-        s = c[0, 0] + 0.01
-        gain = c[:, 0] / s
-        post_mean.append(mu + gain * (4.0 - mu[0]))
-        post_cov.append(c - np.outer(gain, c[0]))
-        lw.append(math.log(sel.mean()) - 0.5 * (4.0 - mu[0]) ** 2 / s - 0.5 * math.log(s))
+        m, c, log_ev = mode_update(ens[sel], diagonal)
+        post_mean.append(m)
+        post_cov.append(c)
+        lw.append(math.log(sel.mean()) + float(log_ev))
     w = np.exp(np.array(lw) - max(lw))
     w /= w.sum()
     mean = w @ np.array(post_mean)
@@ -114,19 +124,11 @@ def goal_met(mean: np.ndarray, sd: np.ndarray, wrong: float) -> bool:
 def oracle_rate(draws: int, seed: int = 0, diagonal: bool = False) -> float:
     """Fraction of prior draws (50 members per mode, as here) on which :func:`oracle_moments` meets
     the goal. The second mode's mass is below 1e-100 for every realistic draw, so only the first
-    mode's update is evaluated (vectorised over draws)."""
+    mode's update is evaluated (:func:`mode_update`, vectorised over draws)."""
     rng = np.random.default_rng(seed)
-    x = 3.0 + 0.1 * rng.standard_normal((draws, 50, 2))
-    mu = x.mean(1)
-    a = x - mu[:, None]
-    c = np.einsum("dki,dkj->dij", a, a) / 49
-    if diagonal:
-        c = c * np.eye(2)
-    s = c[:, 0, 0] + 0.01
-    gain = c[:, :, 0] / s[:, None]
-    mean = mu + gain * (4.0 - mu[:, :1])
-    var = np.diagonal(c, axis1=1, axis2=2) - gain * c[:, 0, :]
-    ok = (np.abs(mean - EXACT_MEAN) <= 0.05).all(1) & (np.abs(np.sqrt(var) / EXACT_SD - 1) <= 0.2).all(1)
+    mean, cov, _ = mode_update(3.0 + 0.1 * rng.standard_normal((draws, 50, 2)), diagonal)
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    ok = (np.abs(mean - EXACT_MEAN) <= 0.05).all(1) & (np.abs(sd / EXACT_SD - 1) <= 0.2).all(1)
     return float(ok.mean())
 
 

@@ -383,6 +383,7 @@ def test_heteroscedastic_fisher_weights_and_moves():
                 perturb_targets=False, seed=1, epochs=30, batch_size=4, normalise=False)
     fi = E.fisher(ens, x, y)
     xt, yt = torch.tensor(x), torch.tensor(y)
+    refs = []
     for i in range(3):
         th = E.training.flat_params(ens)[i]
 
@@ -393,10 +394,18 @@ def test_heteroscedastic_fisher_weights_and_moves():
         v = torch.nn.functional.softplus(o[:, 1]) + 1e-6
         ref = (jac[:, 0].T * (1 / v)) @ jac[:, 0] + (jac[:, 1].T * (torch.sigmoid(o[:, 1]) ** 2 / (2 * v**2))) @ jac[:, 1]
         assert torch.allclose(fi.precision[i], ref, atol=1e-10)
+        refs.append(ref)
         assert abs(float(fi.loglik[i]) - st.norm(o[:, 0].numpy(), v.sqrt().numpy()).logpdf(y).sum()) < 1e-9
     assert bool((torch.linalg.eigvalsh(fi.precision) > -1e-10).all())
     _, info = E.weigh(ens, x, y, estimator="laplace")
-    assert torch.isfinite(info.log_weight).all() and 1.0 <= info.ess <= 3.0
+    # the Laplace mixture with A_j = Σ_p⁻¹ + F_j, evaluated directly with SciPy
+    theta = E.training.flat_params(ens)
+    var = torch.cat([s.reshape(-1) for s in ens.prior_sd.values()]) ** 2
+    covs = [torch.linalg.inv(refs[j] + torch.diag(1 / var)).numpy() for j in range(3)]
+    lq = [np.log(np.mean([st.multivariate_normal(theta[j].numpy(), covs[j]).pdf(theta[i].numpy()) for j in range(3)]))
+          for i in range(3)]
+    assert np.allclose(info.log_proposal.numpy(), lq, rtol=1e-9, atol=1e-8)
+    assert torch.allclose(info.log_likelihood, fi.loglik, rtol=0, atol=1e-12)
     with pytest.raises(InputError, match="^estimator"):
         E.weigh(ens, x, y, estimator="rml")
 

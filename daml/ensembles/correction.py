@@ -36,7 +36,7 @@ from .. import _device
 from ..errors import InputError, check_int, check_real
 from ..resampling import systematic
 from .training import Ensemble, check_data, flat_params, member_output, unflatten
-from .weights import _prior_var, fisher, gauss_newton
+from .weights import _prior_var, fisher, gauss_newton, heteroscedastic_log_density
 
 
 class CorrectionInfo(NamedTuple):
@@ -58,7 +58,7 @@ def log_posterior_fn(ens: Ensemble, xn: torch.Tensor, yn: torch.Tensor):
     def logp(theta, buffers):
         out, v = member_output(module, unflatten(ens, theta), buffers, xn, ens.likelihood)
         if hetero:
-            data = -0.5 * (torch.log(v) + (yn - out) ** 2 / v).sum()
+            data = heteroscedastic_log_density(yn, out, v).sum()
         else:
             data = -0.5 * ((yn - out) ** 2).sum() / s2
         return data - 0.5 * (theta**2 / var).sum()

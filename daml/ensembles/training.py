@@ -191,12 +191,18 @@ def _draw_prior(sd: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, to
 # the loss of one member
 
 
+def heteroscedastic_variance(raw: torch.Tensor) -> torch.Tensor:
+    """The variance ``softplus(s) + 1e-6`` read from the raw second output ``s`` of a heteroscedastic
+    member (its derivative in ``s`` is ``sigmoid(s)``)."""
+    return torch.nn.functional.softplus(raw) + 1e-6
+
+
 def member_output(module: nn.Module, params: dict, buffers: dict, x: torch.Tensor, likelihood: str
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean ``(n,)`` and (heteroscedastic only) variance ``(n,)`` of one member at inputs ``(n, d)``."""
     out = functional_call(module, (params, buffers), (x,))
     if likelihood == "heteroscedastic":
-        return out[..., 0], torch.nn.functional.softplus(out[..., 1]) + 1e-6
+        return out[..., 0], heteroscedastic_variance(out[..., 1])
     return out.reshape(out.shape[:-1]) if out.ndim == x.ndim else out, None
 
 

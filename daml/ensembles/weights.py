@@ -48,7 +48,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from ..diagnostics import ess_kernel, psis_kernel
 from ..errors import InputError, ShapeError, check_int
-from .training import Ensemble, check_data, flat_params, unflatten
+from .training import Ensemble, check_data, flat_params, heteroscedastic_variance, unflatten
 
 ESTIMATORS = ("rml", "laplace", "none")
 
@@ -129,6 +129,12 @@ def gauss_newton(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> 
     return GaussNewton(theta=theta, gtg=gtg, gtr=gtr, rtr=rtr, n=n)
 
 
+def heteroscedastic_log_density(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``log N(y; mean, var) + ½ log 2π`` per point: the heteroscedastic log-likelihood terms that
+    depend on the parameters (the constant is added where a normalised density is needed)."""
+    return -0.5 * (torch.log(var) + (y - mean) ** 2 / var)
+
+
 class Fisher(NamedTuple):
     """Per-member log-likelihood and generalised Gauss-Newton (Fisher) matrix of the likelihood
     (normalised units)."""
@@ -149,8 +155,7 @@ def fisher(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> Fisher
     (``dv/ds = sigmoid(s)``). Positive semi-definite, and the expected Hessian of ``-log p(D | w)``.
     """
     if ens.likelihood == "gaussian":
-        st = gauss_newton(ens, x, y, chunk=chunk)
-        return Fisher(theta=st.theta, precision=st.gtg / ens.noise_sd**2, loglik=log_likelihood(ens, stats=st), n=st.n)
+        return _gaussian_fisher(ens, gauss_newton(ens, x, y, chunk=chunk))
     xn, yn, theta = _normalised_data(ens, x, y)
     m, p = theta.shape
     module = ens.module
@@ -171,11 +176,11 @@ def fisher(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> Fisher
             with torch.no_grad():
                 out = fwd(theta, ens.buffers, xc)
                 mu, raw = out[..., 0], out[..., 1]
-                var = torch.nn.functional.softplus(raw) + 1e-6
-                loglik += (-0.5 * (torch.log(2 * math.pi * var) + (yc - mu) ** 2 / var)).sum(1)
+                var = heteroscedastic_variance(raw)
+                loglik += heteroscedastic_log_density(yc, mu, var).sum(1) - 0.5 * math.log(2 * math.pi) * xc.shape[0]
             g = jac(theta, ens.buffers, xc).detach()
             w_mu = 1.0 / var
-            w_s = torch.sigmoid(raw) ** 2 / (2.0 * var**2)
+            w_s = torch.sigmoid(raw) ** 2 / (2.0 * var**2)             # (dv/ds)² / (2 v²)
             prec += torch.einsum("mcp,mc,mcq->mpq", g[:, :, 0], w_mu, g[:, :, 0])
             prec += torch.einsum("mcp,mc,mcq->mpq", g[:, :, 1], w_s, g[:, :, 1])
     finally:
@@ -232,12 +237,16 @@ def log_weight_rml(ens: Ensemble, st: GaussNewton, rank: int | None = None) -> t
     return -0.5 * quad - 0.5 * logdet - 0.5 * st.n * math.log(2 * math.pi)
 
 
-def log_proposal_laplace(ens: Ensemble, st: GaussNewton | Fisher) -> torch.Tensor:
+def _gaussian_fisher(ens: Ensemble, st: GaussNewton) -> Fisher:
+    """:class:`Fisher` of the Gaussian likelihood from its Gauss-Newton statistics: ``GᵀG / σ²``."""
+    return Fisher(theta=st.theta, precision=st.gtg / ens.noise_sd**2, loglik=log_likelihood(ens, stats=st), n=st.n)
+
+
+def log_proposal_laplace(ens: Ensemble, st: Fisher) -> torch.Tensor:
     """``log (1/M) Σ_j N(w_i; w_j, A_j⁻¹)``, ``A_j = Σ_p⁻¹ + F_j`` with ``F_j`` the Fisher matrix of the
     likelihood (``G_jᵀG_j/σ²`` for the Gaussian one), per member ``(M,)``."""
     var = _prior_var(ens).to(st.theta)
-    prec = st.precision if isinstance(st, Fisher) else st.gtg / ens.noise_sd**2
-    a = prec + torch.diag_embed(1.0 / var).expand_as(prec)
+    a = st.precision + torch.diag_embed(1.0 / var).expand_as(st.precision)
     chol = torch.linalg.cholesky(a)                                         # (M, P, P)
     logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # log det A_j
     diff = st.theta[:, None, :] - st.theta[None, :, :]                      # (i, j, P)
@@ -283,17 +292,17 @@ def weigh(ens: Ensemble, x: Any, y: Any, *, estimator: str = "rml", rank: int | 
         if estimator == "rml":
             raise InputError("estimator", "'laplace' or 'none' for a heteroscedastic ensemble (the RML change "
                              "of variables needs a fixed noise level)", repr(estimator))
-        st = fisher(ens, x, y)
-        ll = st.loglik
+        gn, fi = None, fisher(ens, x, y)
     else:
-        st = gauss_newton(ens, x, y)
-        ll = log_likelihood(ens, stats=st)
+        gn = gauss_newton(ens, x, y)
+        fi = _gaussian_fisher(ens, gn)
+    ll = fi.loglik
     lp = log_prior(ens)
     if estimator == "rml":
-        lw_raw = log_weight_rml(ens, st, rank)
+        lw_raw = log_weight_rml(ens, gn, rank)
         lq = ll + lp - lw_raw
     elif estimator == "laplace":
-        lq = log_proposal_laplace(ens, st)
+        lq = log_proposal_laplace(ens, fi)
         lw_raw = ll + lp - lq
     else:
         lq = torch.zeros_like(ll)
