@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -167,27 +168,50 @@ def test_batch_equals_per_problem_results():
 
 
 def test_batch_in_cache_sized_pieces_equals_one_pass(monkeypatch):
-    """On the CPU the batch is solved in cache-sized pieces, in phases (unfinished problems are
-    resumed from their potentials); for plain Sinkhorn this changes nothing."""
-    c, a, b = zip(*(_problem(30, 20, seed=40 + k, skew=1 + k % 3) for k in range(7)))
+    """On the CPU the batch is solved in cache-sized pieces; the few slow problems of each piece are
+    paused and resumed together from their potentials. For plain Sinkhorn this changes nothing."""
+    sk = importlib.import_module("daml.transport.sinkhorn")     # the module (the package exports the function)
+
+    c, a, b = zip(*(_problem(30, 20, seed=40 + k, skew=1 + k % 3) for k in range(12)))
     c, a, b = np.stack(c), np.stack(a), np.stack(b)
-    eps = np.linspace(0.005, 0.2, 7)
+    eps = np.tile([0.2, 0.1, 0.05, 0.004], 3)           # in every piece of 4, one slow problem
     kw = dict(epsilon=eps, relative=True, tol=1e-9, max_iter=20000)
     monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: None)
     whole = sinkhorn(c, a, b, **kw)
     whole_auto = sinkhorn(c, a, b, relaxation="auto", **kw)
-    monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: 2 * 30 * 20 * 8)   # pieces of 2
+    calls = []
+    solve = sk._solve
+
+    def spy(cost, *args, **kwargs):
+        out = solve(cost, *args, **kwargs)
+        calls.append((cost.shape[0], kwargs.get("k_start") is not None, int(out[-1].sum())))
+        return out
+
+    monkeypatch.setattr(sk, "_solve", spy)
+    monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: 4 * 30 * 20 * 8)   # pieces of 4
     pieces = sinkhorn(c, a, b, **kw)
     its = whole.iterations.tolist()
-    assert sum(i > 80 for i in its) >= 3 and len(set(its)) > 3       # several phases were needed
+    assert min(its[3::4]) > 5 * max(max(its[k::4]) for k in range(3))
+    # three pieces of 4; each paused its last (slowest) problem; the three were resumed as one piece
+    assert [n for n, _, _ in calls[:3]] == [4, 4, 4] and all(p == 1 for _, _, p in calls[:3])
+    assert calls[3:] == [(3, True, 0)]
     assert torch.equal(whole.iterations, pieces.iterations)
     assert torch.allclose(whole.f, pieces.f, atol=1e-12, rtol=0)
     assert torch.allclose(whole.g, pieces.g, atol=1e-12, rtol=0)
+    assert torch.allclose(whole.value, pieces.value, atol=1e-13, rtol=0)
     assert torch.equal(whole.converged, pieces.converged) and bool(pieces.converged.all())
     # over-relaxation restarts at a resumption: the same plans to the tolerance, not the same iterates
     auto = sinkhorn(c, a, b, relaxation="auto", **kw)
     assert bool(auto.converged.all()) and float(auto.error.max()) <= 1e-9
     assert torch.allclose(auto.plan(), whole_auto.plan(), atol=1e-8, rtol=0)
+    # fixed iterations (tol=0): every problem runs to the end in its first piece, nothing is resumed
+    calls.clear()
+    fixed = sinkhorn(c, a, b, epsilon=eps, relative=True, tol=0.0, max_iter=37, warn=False)
+    assert [(n, r) for n, r, _ in calls] == [(4, False)] * 3
+    assert bool((fixed.iterations == 37).all())
+    monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: None)
+    one = sinkhorn(c, a, b, epsilon=eps, relative=True, tol=0.0, max_iter=37, warn=False)
+    assert torch.allclose(one.f, fixed.f, atol=1e-12, rtol=0) and torch.equal(one.error, fixed.error)
 
 
 def test_working_set_is_a_cpu_cache_fraction():

@@ -157,9 +157,7 @@ class SinkhornResult(NamedTuple):
 
     def log_plan(self, rows: slice = slice(None)) -> torch.Tensor:
         """``log P`` ``(..., n, m)`` (or the rows ``rows``)."""
-        e = self.epsilon.unsqueeze(-1).unsqueeze(-1)
-        return (self.log_a[..., rows].unsqueeze(-1) + self.log_b.unsqueeze(-2)
-                + (self.f[..., rows].unsqueeze(-1) + self.g.unsqueeze(-2) - self.matrix[..., rows, :]) / e)
+        return _log_plan(self.matrix, self.log_a, self.log_b, self.epsilon, self.f, self.g, rows)
 
     def plan(self) -> torch.Tensor:
         """The transport plan ``P`` ``(..., n, m)``; rows sum to ``a`` and columns to ``b`` (to ``error``)."""
@@ -431,16 +429,25 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
                           shaped(iters), shaped(converged), shaped(eps), c, shaped(la, n), shaped(lb, m))
 
 
+def _log_plan(cost, la, lb, eps, f, g, rows: slice = slice(None)) -> torch.Tensor:
+    """``log P_ij = (log a_i + f_i / epsilon) + (log b_j + g_j / epsilon) - C_ij / epsilon`` for the rows
+    ``rows`` of every problem (any leading batch dimensions): one pass that forms the block and one
+    in place, no other full-size temporary. Differentiable. The returned plan, its error and its sums
+    are all computed by this one formula, so they agree to the last bit."""
+    ev = eps.unsqueeze(-1)
+    row = (la[..., rows] + f[..., rows] / ev).unsqueeze(-1)
+    col = (lb + g / ev).unsqueeze(-2)
+    return torch.addcmul(col, cost[..., rows, :], -1.0 / ev.unsqueeze(-1)).add_(row)
+
+
 def _plan_blocks(cost, la, lb, eps, f, g):
     """The plan ``a_i b_j exp((f_i + g_j - C_ij) / epsilon)`` of every problem, a block of rows at a
-    time: yields ``(rows, block)`` with ``block`` ``(B, rows, m)``."""
+    time (about a million entries): yields ``(rows, block)`` with ``block`` ``(B, rows, m)``."""
     n, m = cost.shape[-2], cost.shape[-1]
-    e = eps.view(-1, 1, 1)
-    step = max(1, _CHUNK // max(1, cost.shape[0] * m))
+    step = max(1, _CHUNK // 4 // max(1, cost.shape[0] * m))
     for i in range(0, n, step):
         rows = slice(i, i + step)
-        yield rows, torch.exp(la[:, rows].unsqueeze(-1) + lb.unsqueeze(-2)
-                              + (f[:, rows].unsqueeze(-1) + g.unsqueeze(-2) - cost[:, rows]) / e)
+        yield rows, torch.exp(_log_plan(cost, la, lb, eps, f, g, rows))
 
 
 def _plan_error(cost, la, lb, eps, f, g) -> torch.Tensor:
@@ -500,26 +507,46 @@ def _cols(kernel: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _anchor(cost, g, lb, b, eps, bounds):
     """One exact soft-min over rows from ``g``: the new ``f`` and the kernel
     ``K_ij = exp((f_i + g_j - C_ij) / epsilon)`` at ``(f, g)``, so that ``sum_j b_j K_ij = 1`` exactly
-    (entries clipped to ``exp(bounds)``; the plan is ``a_i b_j K_ij``)."""
+    (entries clipped to ``exp(bounds)``; the plan is ``a_i b_j K_ij``). The kernel is the only
+    full-size array formed; the row maxima are taken a block of rows at a time."""
     e = eps.view(-1, 1, 1)
-    k = torch.div(cost, -e).add_((g / eps.view(-1, 1)).unsqueeze(-2))      # (B, n, m): (g - C)/eps
-    top = torch.amax(k + lb.unsqueeze(-2), -1, keepdim=True)
+    k = torch.addcmul((g / eps.view(-1, 1)).unsqueeze(-2), cost, -1.0 / e)      # (B, n, m): (g - C)/eps
+    top = torch.empty(k.shape[:-1] + (1,), dtype=k.dtype, device=k.device)
+    step = max(1, _CHUNK // 16 // max(1, k.shape[0] * k.shape[-1]))
+    for i in range(0, k.shape[-2], step):
+        top[:, i:i + step] = torch.amax(k[:, i:i + step] + lb.unsqueeze(-2), -1, keepdim=True)
     k.sub_(top).clamp_(*bounds).exp_()
     s = _rows(k, b).unsqueeze(-1)
     k.div_(s)
     return -eps.view(-1, 1) * (top + torch.log(s)).squeeze(-1), k
 
 
-def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The over-relaxed scaling update ``u (1 / (s u))^omega``; a problem whose update leaves the
-    positive finite numbers (an overshoot past the dtype's range) takes the plain update ``1 / s``
-    instead and keeps ``omega = 1`` from then on."""
-    new = u * (1.0 / (s * u)) ** omega
+def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor, lo: float, hi: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The over-relaxed scaling update ``u (1 / (s u))^omega`` and the rows that left
+    ``[lo, hi]`` (``None`` when none did; see :func:`_out_of_range`).
+
+    A problem whose update leaves the positive finite numbers (an overshoot past the dtype's range)
+    takes the plain update ``1 / s`` instead and keeps ``omega = 1`` from then on. One reduction
+    decides the common case, where every entry is finite and in range.
+    """
+    new = u * (s * u).reciprocal_().pow_(omega)
+    xmin, xmax = torch.aminmax(new)
+    if float(xmin) >= lo and float(xmax) <= hi:          # False for NaN
+        return new, omega, None
     bad = ~(torch.isfinite(new) & (new > 0)).all(-1, keepdim=True)
     if bool(bad.any()):
         new = torch.where(bad, 1.0 / s, new)
         omega = torch.where(bad, 1.0, omega)
-    return new, omega
+    return new, omega, _out_of_range(new, lo, hi)
+
+
+def _out_of_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor | None:
+    """Which problems (rows of ``x``) have a scaling outside ``[lo, hi]``; ``None`` if none has."""
+    xmin, xmax = torch.aminmax(x)
+    if float(xmin) >= lo and float(xmax) <= hi:
+        return None
+    return ((x < lo) | (x > hi)).any(-1)
 
 
 def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
@@ -529,6 +556,16 @@ def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, rela
     the cache is read from main memory at every half-iteration, while a piece that fits is read
     from the cache: many small problems run about twice as fast in pieces. The problems are
     independent, so for plain Sinkhorn the result is the same as one call on the whole batch.
+
+    The first pieces are consecutive slices of the batch (views, nothing copied). A piece in which
+    a quarter or fewer of its problems are still unfinished at a check pauses them; the paused
+    problems of all pieces are gathered and resumed from their potentials ``g`` and iteration
+    counts in fuller pieces, so the few slow problems of a batch do not pay the per-iteration
+    overhead once per piece. Each round leaves at most a quarter of its problems to the next, and
+    the last round (one piece) never pauses. A piece whose problems all run to the end (fixed
+    iterations, ``tol=0``) never pauses. Resuming from ``g`` is exact for plain Sinkhorn (the next
+    row update is the exact soft-min of ``g``); an over-relaxed problem restarts its relaxation
+    from there.
     """
     budget = _device.working_set_bytes(cost.device)
     per_problem = cost.shape[-2] * cost.shape[-1] * cost.element_size()
@@ -536,43 +573,42 @@ def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, rela
     size = nb if budget is None else max(1, budget // per_problem)
     if size >= nb:
         return _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation)[:6]
-    # Pieces run in phases: every piece runs to the end of the phase; the problems still unfinished
-    # are gathered and resumed from their potentials g in the next phase (twice as long), as one batch
-    # once they fit the cache. So the few slow problems of a batch do not pay the per-iteration
-    # overhead once per piece. Resuming from g is exact for plain Sinkhorn (the next row update is the
-    # exact soft-min of g); an over-relaxed problem restarts its relaxation from there.
-    outs = [None] * 6
-    active = torch.arange(nb, device=cost.device)
-    g_now = torch.zeros(nb, cost.shape[-1], dtype=cost.dtype, device=cost.device)
-    k_now, span = 0, 8 * check_every
-    while active.numel() > 0:
-        last = active.numel() <= size
-        pause = None if last else -(-(k_now + span) // check_every) * check_every
+    outs: list[Any] = [None] * 6
+    pieces: list[Any] = [slice(i, min(i + size, nb)) for i in range(0, nb, size)]
+    first = True
+    while pieces:
+        last = not first and len(pieces) == 1
         paused_all = []
-        for i in range(0, active.numel(), size):
-            sel = active[i:i + size]
+        for sel in pieces:
+            count = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+            resume = {} if first else {"g_start": outs[1][sel], "k_start": outs[3][sel]}
             *res, paused = _solve(cost[sel], la[sel], lb[sel], eps[sel], tol, max_iter, check_every,
-                                  anneal if k_now == 0 else None, relaxation, g_start=g_now[sel] if k_now else None,
-                                  k_start=k_now, pause_at=pause)
+                                  anneal if first else None, relaxation, pause_below=0 if last else count // 4,
+                                  **resume)
             for j, column in enumerate(res):
                 if outs[j] is None:
                     outs[j] = torch.empty((nb, *column.shape[1:]), dtype=column.dtype, device=column.device)
                 outs[j][sel] = column
-            paused_all.append(sel[paused])
-        active = torch.cat(paused_all)
-        g_now[active] = outs[1][active]
-        k_now, span = pause or k_now, 2 * span
+            if bool(paused.any()):
+                ids = torch.arange(sel.start, sel.stop, device=cost.device) if isinstance(sel, slice) else sel
+                paused_all.append(ids[paused])
+        todo = torch.cat(paused_all) if paused_all else None
+        pieces = [] if todo is None else [todo[i:i + size] for i in range(0, todo.numel(), size)]
+        first = False
     return tuple(outs)
 
 
-def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_start=None, k_start=0,
-           pause_at=None):
+def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_start=None, k_start=None,
+           pause_below=0):
     """The Sinkhorn loop over the batch ``(B, n, m)``; returns ``f, g, error, iterations, sum P, <C, P>``
     and a ``paused`` mask.
 
-    ``g_start`` and ``k_start`` resume problems from column potentials after ``k_start`` iterations;
-    with ``pause_at``, problems still above ``tol`` at the first check at or after that iteration stop
-    there with their current potentials and ``paused`` set (see :func:`_solve_in_pieces`).
+    ``g_start`` and ``k_start`` (per problem) resume problems from column potentials after
+    ``k_start`` iterations. With ``pause_below > 0``, as soon as a check leaves between 1 and
+    ``pause_below`` problems unfinished, those stop there with their current potentials and
+    iteration counts and ``paused`` set; their ``sum P`` and ``<C, P>`` are not computed (see
+    :func:`_solve_in_pieces`). The marginal error is checked every ``check_every`` iterations of
+    this call and at each problem's last iteration.
 
     Between anchors the state is the pair of scalings ``u = exp((f - f0)/eps)``,
     ``v = exp((g - g0)/eps)``, with the plan ``diag(a u) K diag(b v)``: a row update is
@@ -594,18 +630,21 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
     auto = relaxation == "auto"
     relaxed = auto or relaxation != 1.0
     omega = torch.full((nb, 1), 1.0 if auto else relaxation, dtype=dtype, device=dev)
+    plain = not relaxed or auto              # every omega is 1: the plain update, no powers
     prev_err = torch.full((nb,), math.inf, dtype=dtype, device=dev)
 
     paused = torch.zeros(nb, dtype=torch.bool, device=dev)
     g = torch.zeros(nb, m, dtype=dtype, device=dev) if g_start is None else g_start.clone()
-    k = k_start
+    k0 = torch.zeros(nb, dtype=torch.int64, device=dev) if k_start is None else k_start.clone()
     if anneal is not None:           # epsilon-scaling: one exact iteration per level
         e_cur = torch.maximum(cost.amax((-2, -1)), eps)
+        k = 0
         while k < max_iter and bool((e_cur > eps).any()):
             _, kern = _anchor(cost, g, lb, b_all, e_cur, bounds)
             g = g - e_cur.view(-1, 1) * torch.log(_cols(kern, a_all))
             k += 1
             e_cur = torch.maximum(e_cur * anneal, eps)
+        k0 = k0 + k
 
     idx = torch.arange(nb, device=dev)
     c_act, lb_act, e_act, a_w, b_w = cost, lb, eps, a_all, b_all
@@ -613,6 +652,7 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
     g0 = g
     u = torch.ones(nb, n, dtype=dtype, device=dev)
     v = torch.ones(nb, m, dtype=dtype, device=dev)
+    first_limit = max_iter - int(k0.max()) if nb else 0     # local iteration at which the first problem stops
 
     def potentials(u, v, f0, g0, e):
         ev = e.view(-1, 1)
@@ -626,20 +666,20 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         f0[sel], g0[sel], kern[sel] = f_sel, g_sel, kern_sel
         u[sel], v[sel] = 1.0, 1.0
 
-    def out_of_range(x):
-        xmin, xmax = torch.aminmax(x)
-        if float(xmin) >= lo and float(xmax) <= hi:
-            return None
-        return ((x < lo) | (x > hi)).any(-1)
-
+    j = 0                                        # iterations done in this call
     while True:
         bv = b_w * v
         s = _rows(kern, bv)                                       # K (b v)
-        if (k % check_every == 0 and k > k_start) or k >= max_iter:
+        if (j % check_every == 0 and j > 0) or j >= first_limit:
             au = a_w * u
             err = (au * s - a_w).abs().sum(-1) + (bv * _cols(kern, au) - b_w).abs().sum(-1)
-            pausing = pause_at is not None and k >= pause_at and k < max_iter
-            done = (err <= tol) | (k >= max_iter) | pausing
+            k_now = k0 + j
+            ended = (err <= tol) | (k_now >= max_iter)
+            done = ended
+            if pause_below:
+                left = int((~ended).sum())
+                if 0 < left <= pause_below:
+                    done = torch.ones_like(ended)
             if relaxed:
                 # over-relaxation is dropped (omega = 1) for a problem whose error grows between checks;
                 # "auto" (Lehmann et al.): with the per-iteration error ratio r of plain Sinkhorn, the best
@@ -647,10 +687,10 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                 grew = (omega.squeeze(-1) > 1.0) & (err > prev_err)
                 new = torch.where(grew, 1.0, omega.squeeze(-1))
                 if auto:
-                    plain = (omega.squeeze(-1) == 1.0) & torch.isfinite(prev_err) & (err < prev_err)
+                    still = (omega.squeeze(-1) == 1.0) & torch.isfinite(prev_err) & (err < prev_err)
                     rate = (err / prev_err).clamp(max=0.99) ** (1.0 / check_every)
                     best = (2.0 / (1.0 + torch.sqrt(1.0 - rate))).clamp(1.0, 1.9)
-                    new = torch.where(plain, best, new)
+                    new = torch.where(still, best, new)
                 omega = new.unsqueeze(-1)
                 prev_err = torch.where(grew, math.inf, err)
             if bool(done.any()):
@@ -658,33 +698,39 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                 sel = slice(None) if every else done        # basic indexing: no copies when all are done
                 finished = idx[sel]
                 f_out[finished], g_out[finished] = potentials(u[sel], v[sel], f0[sel], g0[sel], e_act[sel])
-                err_out[finished], it_out[finished] = err[sel], k
-                if pausing:
-                    paused[finished] = err[sel] > tol
-                mass_out[finished] = (au[sel] * s[sel]).sum(-1)
-                lin_out[finished] = (au[sel] * _rows(kern[sel] * c_act[sel], bv[sel])).sum(-1)
+                err_out[finished], it_out[finished] = err[sel], k_now[sel]
+                stop = ended[sel]
+                paused[finished] = ~stop
+                if bool(stop.any()):                                # sums for the problems that end here
+                    mine = finished[stop]
+                    au_s, bv_s, kern_s = au[sel][stop], bv[sel][stop], kern[sel][stop]
+                    mass_out[mine] = (au_s * s[sel][stop]).sum(-1)
+                    lin_out[mine] = (au_s * _rows(kern_s * c_act[sel][stop], bv_s)).sum(-1)
                 if every:
                     break
                 keep = ~done
-                idx = idx[keep]
+                idx, k0 = idx[keep], k0[keep]
                 kern, f0, g0, u, v, s = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep]
                 if relaxed:
                     omega, prev_err = omega[keep], prev_err[keep]
                 c_act, lb_act, e_act, a_w, b_w = cost[idx], lb[idx], eps[idx], a_all[idx], b_all[idx]
-        if relaxed:
-            u, omega = _relaxed(u, s, omega)
+                first_limit = max_iter - int(k0.max())
+            if relaxed:
+                plain = bool((omega == 1.0).all())
+        if plain:
+            u = torch.reciprocal(s)
+            far = _out_of_range(u, lo, hi)
         else:
-            u = 1.0 / s
-        far = out_of_range(u)
+            u, omega, far = _relaxed(u, s, omega, lo, hi)
         if far is not None:
             reanchor(far)
         t = _cols(kern, a_w * u)                                  # K^T (a u)
-        if relaxed:
-            v, omega = _relaxed(v, t, omega)
+        if plain:
+            v = torch.reciprocal(t)
+            far = _out_of_range(v, lo, hi)
         else:
-            v = 1.0 / t
-        k += 1
-        far = out_of_range(v)
+            v, omega, far = _relaxed(v, t, omega, lo, hi)
+        j += 1
         if far is not None:
             reanchor(far)
     return f_out, g_out, err_out, it_out, mass_out, lin_out, paused
