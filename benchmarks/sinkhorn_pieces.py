@@ -1,7 +1,8 @@
 """Benchmark: a batch of Sinkhorn problems in cache-sized pieces against one pass over the batch.
 
 On the CPU :func:`daml.transport.sinkhorn` solves a batch in consecutive pieces whose kernels fit a
-third of the last-level cache, in phases (``daml.transport.sinkhorn._solve_in_pieces``). This script
+third of the last-level cache; the few slow problems each piece leaves are resumed together
+(``daml.transport.sinkhorn._solve_in_pieces``). This script
 times that loop against the same loop over the whole batch at once (``_solve``, what the solver did
 before), on the problems of case (b) of ``benchmarks/sinkhorn.py``: B = 256 problems of 100 x 100,
 cost |x_i - x_j|^2 over its mean for x ~ N(0, I_10), uniform a, ETPF-like Gaussian-likelihood b.
