@@ -22,14 +22,15 @@ form.
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, check_int, check_real
+from ..errors import ConvergenceWarning, InputError, check_int, check_real
 from ..posterior import from_members
 from .training import Ensemble, check_data, fit, forward
 
@@ -43,7 +44,7 @@ def _opt_sd(value: Any, name: str) -> float:
 
 def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int = 20,
             test_noise_sd: float | None = None, model_sd: float | None = None, dropout_passes: int = 0,
-            weights: bool = True, seed: _device.Seed = None) -> xr.Dataset:
+            weights: bool = True, variance_scale: float = 1.0, seed: _device.Seed = None) -> xr.Dataset:
     """The predictive distribution of the ensemble at new inputs ``x`` (original units).
 
     Parameters
@@ -65,6 +66,11 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     weights : bool
         Use the member weights (source 4 with training-data source 3 when the members carry it);
         ``False`` keeps only the highest-weight member.
+    variance_scale : float
+        Calibration factor ``c > 0`` (for example from :func:`loo_variance_scale`): the mixture is
+        widened (``c > 1``) or narrowed about its mean so that its mean is unchanged and every part of
+        its variance, the total included, is multiplied by ``c`` (component means
+        ``mean + sqrt(c) (loc - mean)``, component scales ``sqrt(c) scale``). ``1``: as fitted.
     seed : int, SeedSequence, torch.Generator or None
 
     Returns
@@ -89,6 +95,7 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
         _opt_sd(test_noise_sd, "test_noise_sd")
     model = _opt_sd(model_sd, "model_sd")
     dropout_passes = check_int(dropout_passes, "dropout_passes", minimum=0)
+    c = check_real(variance_scale, "variance_scale", positive=True, expected="a variance factor > 0")
     lw_members = ens.log_weight
     keep = torch.arange(ens.members, device=xt.device)
     if not weights:
@@ -127,12 +134,19 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     comp_lw = (sub.log_weight[:, None, None] - math.log(passes * s)).expand(m, passes, s).reshape(k)
     loc_k = loc.reshape(k, n).T                                              # (n, K)
     scale_k = var.reshape(k, n).T.sqrt()
-    g_y = _device.generator(s_y, xt.device)
-    y_k = loc_k + scale_k * torch.randn(loc_k.shape, generator=g_y, dtype=xt.dtype, device=xt.device)
-
     w = torch.exp(comp_lw)
     w_m = torch.exp(sub.log_weight)
     total_mean = (loc_k * w).sum(1)
+    if c != 1.0:                # calibration: every deviation from the mixture mean times sqrt(c)
+        root_c = math.sqrt(c)
+        loc_k = total_mean[:, None] + root_c * (loc_k - total_mean[:, None])
+        scale_k = root_c * scale_k
+        loc0 = total_mean + root_c * (loc0 - total_mean)
+        loc = total_mean + root_c * (loc - total_mean)
+        var = c * var
+    g_y = _device.generator(s_y, xt.device)
+    y_k = loc_k + scale_k * torch.randn(loc_k.shape, generator=g_y, dtype=xt.dtype, device=xt.device)
+
     total = ((loc_k - total_mean[:, None]) ** 2 * w).sum(1) + (scale_k**2 * w).sum(1)
     mbar = (loc0 * w_m[:, None]).sum(0)
     v_members = ((loc0 - mbar) ** 2 * w_m[:, None]).sum(0)
@@ -141,9 +155,9 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
         v_input = (v_input * w_m[:, None]).sum(0)
     else:
         v_input = torch.zeros(n, dtype=xt.dtype, device=xt.device)
-    hetero_var = (var.reshape(k, n).T - test**2 - model**2)
-    v_test = test**2 + (hetero_var * w).sum(1)
-    v_model = torch.full((n,), model**2, dtype=xt.dtype, device=xt.device)
+    hetero_var = (var.reshape(k, n).T - c * (test**2 + model**2))
+    v_test = c * test**2 + (hetero_var * w).sum(1)
+    v_model = torch.full((n,), c * model**2, dtype=xt.dtype, device=xt.device)
     variance = torch.stack([v_members.cpu(), v_input.cpu(), v_test.cpu(), v_model.cpu(), total.cpu()])
 
     carries = []
@@ -157,7 +171,8 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
                         weight_dims=("member",), coords={"point": np.arange(n)}, method="ensemble_predictive",
                         config={**ens.config, "input_sd": None if input_sd is None else _device.to_numpy(isd).tolist(),
                                 "input_samples": s, "test_noise_sd": test, "model_sd": model,
-                                "dropout_passes": dropout_passes, "weights": bool(weights)},
+                                "dropout_passes": dropout_passes, "weights": bool(weights),
+                                "variance_scale": c},
                         seed=seed, attrs={"members_carry": "+".join(carries) or "none"})
     post["variance"] = xr.DataArray(_device.to_numpy(variance), dims=("source", "point"),
                                     coords={"source": list(VARIANCE_PARTS)})
@@ -262,6 +277,93 @@ def model_error(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | None = 
     spread = float(post["variance"].sel(source="members").mean())
     test = 0.0 if test_noise_sd is None else test_noise_sd
     return math.sqrt(max(0.0, resid - spread - test**2))
+
+
+class VarianceScale(NamedTuple):
+    """Result of :func:`loo_variance_scale`."""
+
+    scale: float            # the factor c (pass it to predict(variance_scale=...))
+    elpd: float             # leave-one-out log predictive density per point at c (units of y)
+    elpd_unscaled: float    # the same at c = 1
+    at_bound: bool          # c is at an end of the search interval
+
+
+def _loo_elpd(loc: torch.Tensor, scale: torch.Tensor, log_w: torch.Tensor, y: torch.Tensor,
+              c: float) -> float:
+    """Mean importance-sampling leave-one-out log density of ``y`` under the mixture widened by ``c``
+    about its mean: ``log p(y_i | D_-i) = -log sum_k w_k / N(y_i; loc'_ik, c scale_ik²)``."""
+    mean = (loc * torch.exp(log_w)).sum(1, keepdim=True)
+    root_c = math.sqrt(c)
+    loc_c, scale_c = mean + root_c * (loc - mean), root_c * scale
+    lp = -0.5 * ((y[:, None] - loc_c) / scale_c) ** 2 - torch.log(scale_c) - 0.5 * math.log(2 * math.pi)
+    return float(-torch.logsumexp(log_w[None, :] - lp, 1).mean())
+
+
+def loo_variance_scale(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | None = None,
+                       model_sd: float | None = None, bounds: tuple[float, float] = (1e-3, 1e3)) -> VarianceScale:
+    """Calibrate the spread of the predictive on the training data itself, by leave-one-out.
+
+    The factor ``c`` that maximises the leave-one-out log score of the training points ``(x, y)``
+    under the predictive widened (or narrowed) by ``c`` as in ``predict(..., variance_scale=c)``. The
+    leave-one-out densities come from the members by importance sampling, with no refitting (Gelfand,
+    Dey & Chang 1992): when the members are draws from the weight posterior of the full data,
+    ``p(y_i | D_-i) ≈ 1 / sum_m w_m / p(y_i | θ_m)``, since leaving point ``i`` out multiplies the
+    posterior by ``1 / p(y_i | θ)``. A point that one member fits much better than the others thus
+    gets the low density of the others, which an in-sample fit of ``c`` would ignore. Use it on an
+    equal-weight ensemble (:func:`~daml.ensembles.equal_weight`), whose members are such draws.
+
+    The search is a grid in ``log c`` over ``bounds`` refined by SciPy's bounded scalar minimiser.
+    With identical members the estimate reduces to the in-sample maximum-likelihood factor, the mean
+    of ``(y_i - mean_i)² / var_i``. With a handful of members the importance weights are noisy and their
+    tail (PSIS k-hat) cannot be checked, so treat ``c`` as one calibration constant, not as a
+    posterior quantity; ``docs/ensembles.md`` gives its effect on the UCI benchmark.
+
+    Parameters
+    ----------
+    ens : Ensemble
+    x, y : array-like, shapes (n, d) and (n,)
+        The training data (or any data the members were fitted to).
+    test_noise_sd, model_sd : float, optional
+        As in :func:`predict`; the factor then applies to the predictive built with them.
+    bounds : (float, float)
+        Search interval for ``c``, ``0 < low < high``.
+
+    Returns
+    -------
+    VarianceScale
+        ``scale`` (the factor), ``elpd`` and ``elpd_unscaled`` (mean leave-one-out log density per point
+        at ``c`` and at 1), and ``at_bound`` (a :class:`~daml.errors.ConvergenceWarning` is also raised
+        when the optimum is at an end of ``bounds``).
+    """
+    from scipy.optimize import minimize_scalar
+
+    expected = "(low, high) with 0 < low < high, both finite"
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
+        raise InputError("bounds", expected, repr(bounds))
+    lo_b, hi_b = (check_real(b, "bounds", positive=True, expected=expected) for b in bounds)
+    if not lo_b < hi_b:
+        raise InputError("bounds", expected, repr(bounds))
+    xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
+    post = predict(ens, xt, test_noise_sd=test_noise_sd, model_sd=model_sd)
+    loc, scale, w = _mixture(post)
+    if not bool((scale > 0).all()):
+        raise InputError("test_noise_sd", "a predictive with a positive variance in every component (a Gaussian "
+                         "ensemble needs test_noise_sd > 0 or model_sd > 0)", repr(test_noise_sd))
+    log_w = torch.log(w)
+    yc = yt.reshape(-1).cpu().to(loc.dtype)
+    grid = np.linspace(math.log(lo_b), math.log(hi_b), 241)
+    vals = np.array([_loo_elpd(loc, scale, log_w, yc, math.exp(t)) for t in grid])
+    best = int(np.argmax(vals))
+    lo_i, hi_i = max(best - 1, 0), min(best + 1, grid.size - 1)
+    opt = minimize_scalar(lambda t: -_loo_elpd(loc, scale, log_w, yc, math.exp(t)),
+                          bounds=(grid[lo_i], grid[hi_i]), method="bounded", options={"xatol": 1e-8})
+    t_best = float(opt.x) if -opt.fun >= vals[best] else float(grid[best])
+    at_bound = best in (0, grid.size - 1)
+    if at_bound:
+        warnings.warn(f"loo_variance_scale: the best factor {math.exp(t_best):.3g} is at an end of bounds={bounds}",
+                      ConvergenceWarning, stacklevel=2)
+    return VarianceScale(math.exp(t_best), _loo_elpd(loc, scale, log_w, yc, math.exp(t_best)),
+                         _loo_elpd(loc, scale, log_w, yc, 1.0), at_bound)
 
 
 # ---------------------------------------------------------------------------------------------------
