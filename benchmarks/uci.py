@@ -147,7 +147,7 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-def render(results: dict, info: dict) -> str:
+def render(results: dict, info: dict, command: str | None = None) -> str:
     def pm(v, digits=2):
         return "not run" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
@@ -179,8 +179,9 @@ def render(results: dict, info: dict) -> str:
     lines += ["**Degeneracy of the raw weights** (median over splits: RML members, and the deep ensemble's "
               "members with Laplace weights) and the goals, for both equal-weight ensembles", "",
               "| data set | ESS of 5 (RML / DE) | k-hat (RML / DE) | equal-weight NLL ≤ deep ensemble (RML / DE / DE, "
-              "LOO-scaled) | equal-weight coverage within 3 points of 90 % (RML / DE / DE, LOO-scaled) |",
-              "|---|---|---|---|---|"]
+              "LOO-scaled) | equal-weight coverage within 3 points of 90 % (RML / DE / DE, LOO-scaled) | "
+              "LOO factor c, median (range) |",
+              "|---|---|---|---|---|---|"]
     wins = dict.fromkeys(EQUAL_WEIGHT, 0)
     for name, res in results.items():
         s = res["summary"]
@@ -194,8 +195,10 @@ def render(results: dict, info: dict) -> str:
             wins[m] += b
             better.append("yes" if b else "no")
             cov.append(f"{'yes' if abs(s[m]['coverage'][0] - 0.9) <= 0.03 else 'no'} ({s[m]['coverage'][0]:.3f})")
+        c = [r["weights"]["loo_scale_hetero"] for r in res["rows"] if "loo_scale_hetero" in r.get("weights", {})]
+        c_cell = f"{np.median(c):.2f} ({min(c):.2f}–{max(c):.2f})" if c else "not run"
         lines.append(f"| {name} | {s['ess']:.2f} / {s.get('ess_hetero', float('nan')):.2f} | {s['khat']:.2f} / "
-                     f"{s.get('khat_hetero', float('nan')):.2f} | {' / '.join(better)} | {' / '.join(cov)} |")
+                     f"{s.get('khat_hetero', float('nan')):.2f} | {' / '.join(better)} | {' / '.join(cov)} | {c_cell} |")
     covered = {m: sum(m in r["summary"] and abs(r["summary"][m]["coverage"][0] - 0.9) <= 0.03 for r in results.values())
                for m in EQUAL_WEIGHT}
     lines += ["", f"Equal-weight NLL at least as good as the deep ensemble's on {wins['equal_weight']} of {len(results)} "
@@ -203,7 +206,7 @@ def render(results: dict, info: dict) -> str:
               f"as the proposal and on {wins['equal_weight_hetero_loo']} with that ensemble's spread scaled by its "
               f"leave-one-out factor (goal: 6 of 9); coverage within 3 points on {covered['equal_weight']}, "
               f"{covered['equal_weight_hetero']} and {covered['equal_weight_hetero_loo']} (goal: all).", "",
-              f"Command: `{_report.command_line()}`", ""]
+              f"Command: `{command or _report.command_line()}`", ""]
     return "\n".join(lines)
 
 
@@ -221,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of the methods to compute; the others are kept from the stored run")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the docs section from the stored results (no runs)")
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
     bad = [m for m in args.methods if m not in METHODS]
@@ -229,6 +234,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     info = _report.machine_info()
     results = json.loads(RESULTS.read_text())["sets"] if RESULTS.exists() else {}
+    if args.render:
+        stored = json.loads(RESULTS.read_text())
+        order = {k: results[k] for k in SETS if k in results}
+        last = stored.get("command", "the runs named in the summary above")
+        _report.write_section("uci", render(order, stored["machine"],
+                                            f"{last}`, section re-rendered by `{_report.command_line()}"))
+        return 0
     for name in args.sets.split(","):
         folder = args.data / SETS[name]
         n_splits = min(args.splits, int(np.loadtxt(folder / "data" / "n_splits.txt")))
@@ -261,7 +273,7 @@ def main(argv=None) -> int:
                     results = {**json.loads(RESULTS.read_text())["sets"], name: results[name]}
                 order = {k: results[k] for k in SETS if k in results}
                 _report.write_json("uci", {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()},
-                                           "sets": order})
+                                           "command": _report.command_line(), "sets": order})
                 _report.write_section("uci", render(order, info))
     return 0
 
