@@ -3,7 +3,7 @@
 For each data set in ``../shared/data/uci`` (or ``--data``) and each of its train/test splits (20;
 protein 5): inputs and targets normalised on the training split (inside :func:`daml.ensembles.fit`),
 one hidden ReLU layer of 50 units (100 for protein), 40 epochs, M = 5, Adam with batch size 32 and learning rate 0.01.
-Four methods, all in daml's API:
+Seven columns, all in daml's API:
 
 * ``deep_ensemble``: mean and variance heads, Gaussian NLL, uniform Gaussian mixture;
 * ``mc_dropout``: dropout 0.05, the Gaussian prior as weight decay, 50 passes, the noise level
@@ -177,7 +177,7 @@ def render(results: dict, info: dict, command: str | None = None) -> str:
             lines.append(row + " |")
         lines.append("")
     lines += ["**Degeneracy of the raw weights** (median over splits: RML members, and the deep ensemble's "
-              "members with Laplace weights) and the goals, for both equal-weight ensembles", "",
+              "members with Laplace weights) and the goals, for the equal-weight ensembles", "",
               "| data set | ESS of 5 (RML / DE) | k-hat (RML / DE) | equal-weight NLL ≤ deep ensemble (RML / DE / DE, "
               "LOO-scaled) | equal-weight coverage within 3 points of 90 % (RML / DE / DE, LOO-scaled) | "
               "LOO factor c, median (range) |",
