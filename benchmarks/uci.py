@@ -114,7 +114,7 @@ def run_split(name: str, split: int, args) -> dict:
         eqh, corr_h = E.equal_weight(wde, x, y, steps=args.mcmc_steps, seed=seed + 6)
         out["equal_weight_hetero"] = E.scores(E.predict(eqh, xt), yt)
         cal = E.loo_variance_scale(eqh, x, y)
-        out["equal_weight_hetero_loo"] = E.scores(E.predict(eqh, xt, variance_scale=cal.scale), yt)
+        out["equal_weight_hetero_loo"] = E.scores(E.scale_variance(E.predict(eqh, xt), cal.scale), yt)
         out["weights"].update({"ess_hetero": info_h.ess, "khat_hetero": info_h.khat,
                                "acceptance_hetero": float(corr_h.acceptance.mean()), "loo_scale_hetero": cal.scale})
     out["seconds"] = time.perf_counter() - t0

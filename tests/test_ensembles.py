@@ -450,10 +450,10 @@ def test_variance_scale_and_leave_one_out_calibration():
     y = f(x) + 0.2 * rng.normal(size=120)
     ens = E.fit(E.mlp(2, 8), x, y, members=4, noise_sd=0.2, seed=0, epochs=60)
     xt = rng.normal(size=(9, 2))
-    # variance_scale: the mixture mean is unchanged and every part of the variance is multiplied by c
+    # scale_variance: the mixture mean is unchanged and every part of the variance is multiplied by c
     for kw in ({"test_noise_sd": 0.6, "model_sd": 0.1}, {"input_sd": 0.2, "input_samples": 30}):
         base = E.predict(ens, xt, seed=1, **kw)
-        scaled = E.predict(ens, xt, variance_scale=0.3, seed=1, **kw)
+        scaled = E.scale_variance(base, 0.3)
         daml.validate(scaled)
         w = np.exp(base["log_weight"].values)
         m0, m1 = (base["loc"] * w).sum("member"), (scaled["loc"] * w).sum("member")
@@ -462,6 +462,9 @@ def test_variance_scale_and_leave_one_out_calibration():
         total = ((scaled["loc"] - m1) ** 2 * w).sum("member") + (scaled["scale"] ** 2 * w).sum("member")
         assert np.allclose(total, scaled["variance"].sel(source="total"), rtol=1e-10)
         assert json.loads(scaled.attrs["config"])["variance_scale"] == 0.3
+        # the draws keep their standardised values: (y - loc) / scale is unchanged
+        assert np.allclose((scaled["y"] - scaled["loc"]) / scaled["scale"], (base["y"] - base["loc"]) / base["scale"],
+                           rtol=0, atol=1e-9)
 
     # identical members: the leave-one-out factor is the in-sample maximum-likelihood one, mean z²
     same = ens.replace(params={k: v[[0, 0, 0]] for k, v in ens.params.items()},
@@ -489,14 +492,16 @@ def test_variance_scale_and_leave_one_out_calibration():
     yn = f(xn) + 0.2 * rng.normal(size=2000)
     assert E.scores(E.predict(ens, xn, test_noise_sd=0.6), yn)["coverage"] > 0.99
     assert 0.05 < r.scale < 0.3
-    assert abs(E.scores(E.predict(ens, xn, test_noise_sd=0.6, variance_scale=r.scale), yn)["coverage"] - 0.9) < 0.04
+    assert abs(E.scores(E.scale_variance(E.predict(ens, xn, test_noise_sd=0.6), r.scale), yn)["coverage"] - 0.9) < 0.04
 
     # the optimum outside the search interval is reported
     with pytest.warns(daml.errors.ConvergenceWarning, match="end of bounds"):
         r = E.loo_variance_scale(ens, x, y, test_noise_sd=0.6, bounds=(1.0, 2.0))
     assert r.at_bound and r.scale == pytest.approx(1.0, rel=1e-3)
-    with pytest.raises(InputError, match="^variance_scale"):
-        E.predict(ens, xt, variance_scale=0.0)
+    with pytest.raises(InputError, match="^factor"):
+        E.scale_variance(base, 0.0)
+    with pytest.raises(InputError, match="^post"):
+        E.scale_variance(base.drop_vars("y"), 0.5)
     for bad in ((2.0, 1.0), (0.0, 1.0), (1.0,), (1.0, float("inf"))):
         with pytest.raises(InputError, match="^bounds"):
             E.loo_variance_scale(ens, x, y, bounds=bad)

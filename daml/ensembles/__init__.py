@@ -11,7 +11,8 @@ assimilation fixes that.
 * :mod:`~daml.ensembles.correction`: :func:`equal_weight`, resample-move with MALA rejuvenation.
 * :mod:`~daml.ensembles.predictive`: :func:`predict` (the Gaussian-mixture predictive with a variance
   decomposition by source), :func:`scores`, :func:`model_error`, :func:`estimate_noise`,
-  :func:`loo_variance_scale` (a leave-one-out calibration factor for the predictive's spread),
+  :func:`loo_variance_scale` and :func:`scale_variance` (a leave-one-out calibration factor for the
+  predictive's spread, and its application),
   :func:`uncertainty_sources` (the five sources one at a time).
 * :mod:`~daml.ensembles.baselines`: :func:`deep_ensemble` and :func:`mc_dropout` in the same API.
 """
@@ -19,7 +20,7 @@ assimilation fixes that.
 from .baselines import deep_ensemble, mc_dropout
 from .correction import CorrectionInfo, equal_weight
 from .predictive import (SOURCES, VARIANCE_PARTS, VarianceScale, estimate_noise, loo_variance_scale,
-                         mixture_quantile, model_error, predict, scores, uncertainty_sources)
+                         mixture_quantile, model_error, predict, scale_variance, scores, uncertainty_sources)
 from .training import LIKELIHOODS, Ensemble, fit, flat_params, forward, mlp, prior_sd
 from .weights import ESTIMATORS, Fisher, GaussNewton, MemberWeights, fisher, gauss_newton, log_likelihood, log_prior, weigh
 
@@ -28,7 +29,7 @@ __all__ = [
     "weigh", "MemberWeights", "GaussNewton", "gauss_newton", "Fisher", "fisher", "log_likelihood", "log_prior", "ESTIMATORS",
     "equal_weight", "CorrectionInfo",
     "predict", "scores", "mixture_quantile", "model_error", "estimate_noise", "uncertainty_sources",
-    "loo_variance_scale", "VarianceScale",
+    "loo_variance_scale", "VarianceScale", "scale_variance",
     "SOURCES", "VARIANCE_PARTS",
     "deep_ensemble", "mc_dropout",
 ]

@@ -21,6 +21,7 @@ form.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ def _opt_sd(value: Any, name: str) -> float:
 
 def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int = 20,
             test_noise_sd: float | None = None, model_sd: float | None = None, dropout_passes: int = 0,
-            weights: bool = True, variance_scale: float = 1.0, seed: _device.Seed = None) -> xr.Dataset:
+            weights: bool = True, seed: _device.Seed = None) -> xr.Dataset:
     """The predictive distribution of the ensemble at new inputs ``x`` (original units).
 
     Parameters
@@ -66,11 +67,6 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     weights : bool
         Use the member weights (source 4 with training-data source 3 when the members carry it);
         ``False`` keeps only the highest-weight member.
-    variance_scale : float
-        Calibration factor ``c > 0`` (for example from :func:`loo_variance_scale`): the mixture is
-        widened (``c > 1``) or narrowed about its mean so that its mean is unchanged and every part of
-        its variance, the total included, is multiplied by ``c`` (component means
-        ``mean + sqrt(c) (loc - mean)``, component scales ``sqrt(c) scale``). ``1``: as fitted.
     seed : int, SeedSequence, torch.Generator or None
 
     Returns
@@ -95,7 +91,6 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
         _opt_sd(test_noise_sd, "test_noise_sd")
     model = _opt_sd(model_sd, "model_sd")
     dropout_passes = check_int(dropout_passes, "dropout_passes", minimum=0)
-    c = check_real(variance_scale, "variance_scale", positive=True, expected="a variance factor > 0")
     lw_members = ens.log_weight
     keep = torch.arange(ens.members, device=xt.device)
     if not weights:
@@ -134,19 +129,12 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     comp_lw = (sub.log_weight[:, None, None] - math.log(passes * s)).expand(m, passes, s).reshape(k)
     loc_k = loc.reshape(k, n).T                                              # (n, K)
     scale_k = var.reshape(k, n).T.sqrt()
-    w = torch.exp(comp_lw)
-    w_m = torch.exp(sub.log_weight)
-    total_mean = (loc_k * w).sum(1)
-    if c != 1.0:                # calibration: every deviation from the mixture mean times sqrt(c)
-        root_c = math.sqrt(c)
-        loc_k = total_mean[:, None] + root_c * (loc_k - total_mean[:, None])
-        scale_k = root_c * scale_k
-        loc0 = total_mean + root_c * (loc0 - total_mean)
-        loc = total_mean + root_c * (loc - total_mean)
-        var = c * var
     g_y = _device.generator(s_y, xt.device)
     y_k = loc_k + scale_k * torch.randn(loc_k.shape, generator=g_y, dtype=xt.dtype, device=xt.device)
 
+    w = torch.exp(comp_lw)
+    w_m = torch.exp(sub.log_weight)
+    total_mean = (loc_k * w).sum(1)
     total = ((loc_k - total_mean[:, None]) ** 2 * w).sum(1) + (scale_k**2 * w).sum(1)
     mbar = (loc0 * w_m[:, None]).sum(0)
     v_members = ((loc0 - mbar) ** 2 * w_m[:, None]).sum(0)
@@ -155,9 +143,9 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
         v_input = (v_input * w_m[:, None]).sum(0)
     else:
         v_input = torch.zeros(n, dtype=xt.dtype, device=xt.device)
-    hetero_var = (var.reshape(k, n).T - c * (test**2 + model**2))
-    v_test = c * test**2 + (hetero_var * w).sum(1)
-    v_model = torch.full((n,), c * model**2, dtype=xt.dtype, device=xt.device)
+    hetero_var = (var.reshape(k, n).T - test**2 - model**2)
+    v_test = test**2 + (hetero_var * w).sum(1)
+    v_model = torch.full((n,), model**2, dtype=xt.dtype, device=xt.device)
     variance = torch.stack([v_members.cpu(), v_input.cpu(), v_test.cpu(), v_model.cpu(), total.cpu()])
 
     carries = []
@@ -171,8 +159,7 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
                         weight_dims=("member",), coords={"point": np.arange(n)}, method="ensemble_predictive",
                         config={**ens.config, "input_sd": None if input_sd is None else _device.to_numpy(isd).tolist(),
                                 "input_samples": s, "test_noise_sd": test, "model_sd": model,
-                                "dropout_passes": dropout_passes, "weights": bool(weights),
-                                "variance_scale": c},
+                                "dropout_passes": dropout_passes, "weights": bool(weights)},
                         seed=seed, attrs={"members_carry": "+".join(carries) or "none"})
     post["variance"] = xr.DataArray(_device.to_numpy(variance), dims=("source", "point"),
                                     coords={"source": list(VARIANCE_PARTS)})
@@ -279,10 +266,38 @@ def model_error(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | None = 
     return math.sqrt(max(0.0, resid - spread - test**2))
 
 
+def scale_variance(post: xr.Dataset, factor: float) -> xr.Dataset:
+    """The predictive ``post`` (from :func:`predict`) widened (``factor > 1``) or narrowed about its mean.
+
+    Every deviation from the weighted mixture mean is multiplied by ``sqrt(factor)``: the component
+    means ``loc`` and the draws ``y`` are moved towards or away from it and the component ``scale``
+    multiplied, so the mean stays the same and every entry of ``variance``, the total included, is
+    multiplied by ``factor`` exactly. The factor is recorded in the configuration attribute
+    (multiplied into any earlier one). Use it with :func:`loo_variance_scale`.
+    """
+    c = check_real(factor, "factor", positive=True, expected="a variance factor > 0")
+    missing = [v for v in ("loc", "scale", "y", "variance", "log_weight") if v not in post]
+    if missing:
+        raise InputError("post", "a predictive from daml.ensembles.predict", f"a dataset without {missing}")
+    root = math.sqrt(c)
+    mean = post["loc"].weighted(np.exp(post["log_weight"])).mean("member")
+    out = post.copy()
+    for name in ("loc", "y"):
+        out[name] = (mean + root * (post[name] - mean)).transpose(*post[name].dims)
+    out["scale"] = root * post["scale"]
+    out["variance"] = c * post["variance"]
+    for name in ("loc", "y", "scale", "variance"):
+        out[name].attrs = post[name].attrs
+    config = json.loads(post.attrs["config"])
+    config["variance_scale"] = c * config.get("variance_scale", 1.0)
+    out.attrs["config"] = json.dumps(config)
+    return out
+
+
 class VarianceScale(NamedTuple):
     """Result of :func:`loo_variance_scale`."""
 
-    scale: float            # the factor c (pass it to predict(variance_scale=...))
+    scale: float            # the factor c (pass it to scale_variance)
     elpd: float             # leave-one-out log predictive density per point at c (units of y)
     elpd_unscaled: float    # the same at c = 1
     at_bound: bool          # c is at an end of the search interval
@@ -304,7 +319,7 @@ def loo_variance_scale(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | 
     """Calibrate the spread of the predictive on the training data itself, by leave-one-out.
 
     The factor ``c`` that maximises the leave-one-out log score of the training points ``(x, y)``
-    under the predictive widened (or narrowed) by ``c`` as in ``predict(..., variance_scale=c)``. The
+    under the predictive widened (or narrowed) by ``c`` as in :func:`scale_variance`. The
     leave-one-out densities come from the members by importance sampling, with no refitting (Gelfand,
     Dey & Chang 1992): when the members are draws from the weight posterior of the full data,
     ``p(y_i | D_-i) ≈ 1 / sum_m w_m / p(y_i | θ_m)``, since leaving point ``i`` out multiplies the

@@ -527,24 +527,25 @@ def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor, lo: float, h
     ``[lo, hi]`` (``None`` when none did; see :func:`_out_of_range`).
 
     A problem whose update leaves the positive finite numbers (an overshoot past the dtype's range)
-    takes the plain update ``1 / s`` instead and keeps ``omega = 1`` from then on. One reduction
-    decides the common case, where every entry is finite and in range.
+    takes the plain update ``1 / s`` instead and keeps ``omega = 1`` from then on. The range check
+    decides the common case, where every entry is finite and in range, with one reduction.
     """
     new = u * (s * u).reciprocal_().pow_(omega)
-    xmin, xmax = torch.aminmax(new)
-    if float(xmin) >= lo and float(xmax) <= hi:          # False for NaN
+    far = _out_of_range(new, lo, hi)
+    if far is None:
         return new, omega, None
     bad = ~(torch.isfinite(new) & (new > 0)).all(-1, keepdim=True)
     if bool(bad.any()):
         new = torch.where(bad, 1.0 / s, new)
         omega = torch.where(bad, 1.0, omega)
-    return new, omega, _out_of_range(new, lo, hi)
+        far = _out_of_range(new, lo, hi)
+    return new, omega, far
 
 
 def _out_of_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor | None:
     """Which problems (rows of ``x``) have a scaling outside ``[lo, hi]``; ``None`` if none has."""
     xmin, xmax = torch.aminmax(x)
-    if float(xmin) >= lo and float(xmax) <= hi:
+    if float(xmin) >= lo and float(xmax) <= hi:          # False for NaN, which aminmax propagates
         return None
     return ((x < lo) | (x > hi)).any(-1)
 
@@ -666,6 +667,16 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         f0[sel], g0[sel], kern[sel] = f_sel, g_sel, kern_sel
         u[sel], v[sel] = 1.0, 1.0
 
+    def update(x, sums):
+        """One half-iteration's scalings from the sums ``K (b v)`` or ``K^T (a u)``, and the problems
+        whose scalings left the range."""
+        nonlocal omega
+        if plain:
+            new = torch.reciprocal(sums)
+            return new, _out_of_range(new, lo, hi)
+        new, omega, far = _relaxed(x, sums, omega, lo, hi)
+        return new, far
+
     j = 0                                        # iterations done in this call
     while True:
         bv = b_w * v
@@ -717,19 +728,11 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                 first_limit = max_iter - int(k0.max())
             if relaxed:
                 plain = bool((omega == 1.0).all())
-        if plain:
-            u = torch.reciprocal(s)
-            far = _out_of_range(u, lo, hi)
-        else:
-            u, omega, far = _relaxed(u, s, omega, lo, hi)
+        u, far = update(u, s)
         if far is not None:
             reanchor(far)
         t = _cols(kern, a_w * u)                                  # K^T (a u)
-        if plain:
-            v = torch.reciprocal(t)
-            far = _out_of_range(v, lo, hi)
-        else:
-            v, omega, far = _relaxed(v, t, omega, lo, hi)
+        v, far = update(v, t)
         j += 1
         if far is not None:
             reanchor(far)
