@@ -55,6 +55,7 @@ import _report  # noqa: E402
 
 import daml  # noqa: E402
 from daml import _device, diagnostics, filters, models  # noqa: E402
+from daml.models.base import rk4_step  # noqa: E402
 
 DAPPER_SCRIPT = HERE / "_dapper_l96.py"
 DEFAULT_DAPPER_PYTHON = "/tmp/dapper-venv/bin/python"
@@ -173,15 +174,22 @@ def part_b(steps: int) -> dict[str, Any]:
 
 
 def component_times(model, shape: tuple[int, int] = (600, 40), repeats: int = 200) -> dict[str, float]:
-    """Microseconds (median of ``repeats``) of the two largest parts of a cycle: one float64 draw of
-    ``shape`` standard normals (the jitter of about 600 duplicated particles) by ``torch.randn`` and by
-    ``daml._device.standard_normal``, and one model step of 1000 members."""
+    """Microseconds (median of ``repeats``) of parts of a cycle: one draw of ``shape`` standard normals
+    (the jitter of about 600 duplicated particles) in float64 by ``torch.randn`` and by numpy's
+    ziggurat (SFC64), and by ``daml._device.smoothing_noise`` (float32 draws widened); one model step
+    of 1000 members; one step of 16 x 1000 members in cache-sized pieces (``model.step``) and in one
+    go (``rk4_step`` on the whole batch)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, shape[1], generator=g, dtype=torch.float64)
+    x16 = torch.randn(16, 1000, shape[1], generator=g, dtype=torch.float64)
+    rng = np.random.Generator(np.random.SFC64(0))
     out = {}
     for name, fn in (("torch.randn", lambda: torch.randn(shape, generator=g, dtype=torch.float64)),
-                     ("daml standard_normal", lambda: _device.standard_normal(shape, g, torch.float64)),
-                     ("model step", lambda: model.step(x))):
+                     ("numpy ziggurat", lambda: rng.standard_normal(shape)),
+                     ("daml smoothing_noise", lambda: _device.smoothing_noise(shape, g, torch.float64)),
+                     ("model step", lambda: model.step(x)),
+                     ("model step 16x1000 pieces", lambda: model.step(x16)),
+                     ("model step 16x1000 one go", lambda: rk4_step(model.tendency, x16, model.dt))):
         fn()
         times = []
         for _ in range(repeats):
@@ -303,10 +311,12 @@ def markdown(res: dict[str, Any]) -> str:
                   "so the median over three seeds moves with the random stream; the speed does not depend on it."]
     if "component_us" in c:
         d = c["component_us"]
-        lines += ["", f"Parts of a {1e6 * c['members'] / c['daml_single']:.0f} us cycle (medians, us): float64 normal "
-                  f"draws of 600 x 40 (the jitter of the duplicates) by torch.randn {d['torch.randn']:.0f}, by "
-                  f"daml's standard_normal {d['daml standard_normal']:.0f}; one RK4 step of 1000 x 40 "
-                  f"{d['model step']:.0f}."]
+        lines += ["", f"Parts of a {1e6 * c['members'] / c['daml_single']:.0f} us cycle (medians, us): normal "
+                  f"draws of 600 x 40 (the jitter of the duplicates) in float64 by torch.randn "
+                  f"{d['torch.randn']:.0f}, by numpy's ziggurat {d['numpy ziggurat']:.0f}, by daml's "
+                  f"smoothing_noise (float32 draws widened) {d['daml smoothing_noise']:.0f}; one RK4 step of "
+                  f"1000 x 40 {d['model step']:.0f}; of 16 x 1000 x 40 in cache-sized pieces "
+                  f"{d['model step 16x1000 pieces']:.0f}, in one go {d['model step 16x1000 one go']:.0f}."]
     if "dapper" not in c:
         lines.append("")
         lines.append("DAPPER was not available for this run; its rows are left out.")

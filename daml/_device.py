@@ -17,7 +17,6 @@ Same seed, same device, same result: bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
@@ -39,7 +38,8 @@ __all__ = [
     "random_state",
     "scoped_global_stream",
     "working_set_bytes",
-    "standard_normal",
+    "elementwise_rows",
+    "smoothing_noise",
 ]
 
 Seed = Union[int, np.random.SeedSequence, torch.Generator, None]
@@ -219,21 +219,44 @@ def spawn_generators(seed: Seed, n: int, device: str | torch.device | None = Non
     return [generator(child, device) for child in spawn(seed, n)]
 
 
-def standard_normal(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype,
+def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype,
                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Independent standard normal draws of ``shape``, reproducible from ``generator`` (which advances).
+    """Standard normal draws of ``shape`` for smoothing noise (a kernel's jitter), reproducible from
+    ``generator`` (which advances), returned in ``dtype``.
 
-    ``torch.randn`` draws float64 on the CPU about half as fast as numpy's ziggurat (334 against 174
-    us for 600 x 40, ``benchmarks/particle_filters.py --parts c``); there, large draws come from a
-    numpy ``SFC64`` stream seeded by one 63-bit integer taken from ``generator``. Everywhere else
-    (CUDA, float32, small draws): ``torch.randn``.
+    On the CPU the draws for a float64 result are made in float32 by torch's vectorised sampler and
+    widened: about five times faster than float64 draws there (``torch.randn`` float64 is slower than
+    numpy's ziggurat; ``benchmarks/particle_filters.py --parts c`` times all three). The draws then
+    have float32 resolution (24 bits) and no value beyond about 5.8 (the largest radius a 24-bit
+    uniform gives the Box-Muller transform; probability 8e-9 under N(0, 1)). Neither matters for
+    noise that smooths a sample, which is what this is for; use ``torch.randn`` where the last bits or
+    the far tails do. Elsewhere (CUDA, float32): ``torch.randn`` in ``dtype``.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     shape = tuple(int(s) for s in shape)
-    if dev.type == "cpu" and dtype == torch.float64 and math.prod(shape) >= 1024:
-        key = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-        return torch.from_numpy(np.random.Generator(np.random.SFC64(key)).standard_normal(shape))
+    if dev.type == "cpu" and dtype == torch.float64:
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(torch.float64)
     return torch.randn(shape, generator=generator, dtype=dtype, device=dev)
+
+
+def elementwise_rows(x: torch.Tensor) -> int | None:
+    """How many rows (states along the last axis) of ``x`` a long chain of elementwise operations,
+    such as an RK4 step, should take at a time; ``None``: all of them in one go.
+
+    On the CPU a chain over arrays larger than the per-core cache runs from memory, and each new
+    large temporary costs fresh pages: an RK4 step of 16 x 1000 states of Lorenz-96 (40 variables,
+    float64) takes about four times as long in one go as in pieces of 2000 states (measured while
+    writing this; ``benchmarks/particle_filters.py --parts c`` times the filter built on it). So the
+    CPU takes about 64Ki elements (512 KiB of float64) per piece. ``None`` on accelerators, and
+    wherever ``x`` is small enough already.
+    """
+    if x.device.type != "cpu" or x.ndim < 2:
+        return None
+    rows = max(1, _ELEMENTWISE_CHUNK // max(1, x.shape[-1]))
+    return None if rows >= x.numel() // max(1, x.shape[-1]) else rows
+
+
+_ELEMENTWISE_CHUNK = 1 << 16
 
 
 def working_set_bytes(device: torch.device | str | None = None) -> int | None:

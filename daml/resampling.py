@@ -412,7 +412,21 @@ def _with_uniforms(
 def _draw(method: str, weights: ArrayLike, n: int | None, seed: Seed) -> torch.Tensor:
     """Validate, draw all uniforms of the batch in one ``torch.rand`` call, run the core."""
     w, batch_shape, n = _validate(weights, n)
-    g = generator(seed, device=w.device)
+    return _draw_valid(method, w, batch_shape, n, generator(seed, device=w.device))
+
+
+def resample_normalised(weights: torch.Tensor, method: str, g: torch.Generator) -> torch.Tensor:
+    """:func:`resample` for weights the caller has made finite, non-negative and normalised (the
+    exponentials of normalised log-weights): the same draws from the same stream, without the checks
+    of the weights and ``method`` (for filters, which resample at every analysis)."""
+    if weights.dtype in (torch.float16, torch.bfloat16):  # too coarse for cumulative sums
+        weights = weights.float()
+    n = weights.shape[-1]
+    return _draw_valid(method, weights.reshape(-1, n), tuple(weights.shape[:-1]), n, g)
+
+
+def _draw_valid(method: str, w: torch.Tensor, batch_shape: tuple[int, ...], n: int, g: torch.Generator) -> torch.Tensor:
+    """The draw for valid ``(B, N)`` weights ``w`` (the batch flattened) and ``n`` ancestors per row."""
     if w.shape[0] == 0:
         return torch.empty(*batch_shape, n, dtype=torch.int64, device=w.device)
     width = 1 if method == "systematic" else n

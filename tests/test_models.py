@@ -203,6 +203,27 @@ def test_batched_step_equals_row_by_row(model):
     assert model.step(x.float()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("model", [m for m in _all_models() if type(m).step is dm.ODEModel.step], ids=lambda m: m.name)
+def test_large_batches_step_in_pieces_equal_to_one_go(model, monkeypatch):
+    from daml import _device
+
+    x = torch.randn(5, 9, model.state_size, generator=torch.Generator().manual_seed(1), dtype=F64)
+    whole = rk4_step(model.tendency, x, model.dt)
+    # pieces of 4 states (some pieces straddle the first batch axis, the last one is short)
+    monkeypatch.setattr(_device, "_ELEMENTWISE_CHUNK", 4 * model.state_size)
+    assert _device.elementwise_rows(x) == 4
+    assert torch.equal(model.step(x), whole)
+    # a recorded gradient steps in one go and reaches the input
+    xg = x.clone().requires_grad_(True)
+    model.step(xg).sum().backward()
+    expect = torch.func.vjp(lambda v: rk4_step(model.tendency, v, model.dt), x)[1](torch.ones_like(x))[0]
+    assert torch.equal(xg.grad, expect)
+    # small batches, vectors and accelerator tensors are never split
+    monkeypatch.setattr(_device, "_ELEMENTWISE_CHUNK", 1 << 16)
+    assert _device.elementwise_rows(x) is None
+    assert _device.elementwise_rows(x[0, 0]) is None
+
+
 @pytest.mark.parametrize("model", _all_models(), ids=lambda m: m.name)
 def test_config_is_json_and_rebuilds(model):
     import json

@@ -234,6 +234,15 @@ def test_resample_dispatches_to_the_named_function():
     assert torch.equal(rs.resample(w, seed=6), rs.systematic(w, seed=6))
 
 
+@pytest.mark.parametrize("method", SCHEMES)
+def test_resample_normalised_equals_resample_on_the_same_stream(method):
+    w = torch.softmax(3.0 * torch.randn(4, 2, 50, generator=generator(9), dtype=torch.float64), -1)
+    w[0, 1, :7] = 0.0                                   # zero weights too (rows need not sum to 1 exactly)
+    g1, g2 = generator(11), generator(11)
+    for _ in range(2):                                  # and both advance their generator alike
+        assert torch.equal(rs.resample_normalised(w, method, g1), rs.resample(w, method, seed=g2))
+
+
 def test_numpy_input_returns_long_tensor():
     w = np.array([[0.1, 0.0, 0.6, 0.3], [1.0, 2.0, 0.0, 1.0]])
     for method in SCHEMES:

@@ -231,7 +231,8 @@ def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: tor
         m = innovation.shape[-1]
         diag = torch.diagonal(r)
         if torch.count_nonzero(r - torch.diag(diag)) == 0:          # diagonal R: scale each entry
-            white_sq = (innovation**2 / diag).sum(-1)
+            # a mat-vec with 1/R_ii: on the CPU much faster than a broadcast division and a sum
+            white_sq = (innovation * innovation) @ diag.reciprocal()
             logdet = 0.5 * torch.log(diag).sum()
         else:                                                        # one matrix product with L^-1
             chol = torch.linalg.cholesky(r)

@@ -73,16 +73,21 @@ def weighted_covariance(x: torch.Tensor, log_weight: torch.Tensor | None = None)
     """Weighted sample covariance ``(*batch, n, n)`` of members ``x`` ``(*batch, N, n)`` with the unbiased
     normalisation ``sum_i w_i (x_i - m)(x_i - m)^T / (1 - sum_i w_i^2)``; equal weights without
     ``log_weight``, and where one weight holds everything (no spread to measure)."""
-    n_members = x.shape[-2]
     if log_weight is None:
-        w = torch.full(x.shape[:-1], 1.0 / n_members, dtype=x.dtype, device=x.device)
+        w = torch.full(x.shape[:-1], 1.0 / x.shape[-2], dtype=x.dtype, device=x.device)
     else:
         w = torch.softmax(log_weight, dim=-1)
-        degenerate = (w * w).sum(-1, keepdim=True) > 1.0 - 1e-10
-        w = torch.where(degenerate, torch.full_like(w, 1.0 / n_members), w)
-    _, a = weighted_anomalies(x, w)
-    cov = a.transpose(-1, -2) @ a
+    cov = _covariance_lower(x, w)
     return 0.5 * (cov + cov.transpose(-1, -2))
+
+
+def _covariance_lower(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`weighted_covariance` for normalised weights ``w``, symmetric up to rounding; the lower
+    triangle is all :func:`covariance_root` reads (Cholesky, and ``eigh`` where that fails)."""
+    degenerate = (w * w).sum(-1, keepdim=True) > 1.0 - 1e-10
+    w = torch.where(degenerate, torch.full_like(w, 1.0 / x.shape[-2]), w)
+    _, a = weighted_anomalies(x, w)
+    return a.transpose(-1, -2) @ a
 
 
 class NoiseModel:
@@ -247,23 +252,35 @@ def resample_where(x: torch.Tensor, log_weight: torch.Tensor, flag: torch.Tensor
     if not bool(flag.any()):
         return x, log_weight, identity
     w = torch.exp(log_weight)
-    anc = _resampling.resample(w, method=method, seed=g)
+    anc = _resampling.resample_normalised(w, method, g)
     anc = torch.where(flag.unsqueeze(-1), anc, identity)
     new_x = gather_members(x, anc)
     if jitter > 0:
-        root = covariance_root(weighted_covariance(x, log_weight)) * (jitter * n_members ** (-1.0 / (n + 4)))
-        dup = duplicates(anc) & flag.unsqueeze(-1)
-        # noise only for the duplicates: row k of z belongs to the k-th duplicate in row-major order
-        where = dup.nonzero(as_tuple=True)
-        z = _device.standard_normal((where[0].numel(), n), g, x.dtype, x.device)
-        if dup.ndim == 1:                             # one experiment: transform the duplicates' rows only
-            new_x.index_put_(where, z @ root.transpose(-1, -2), accumulate=True)
-        else:
-            eps = torch.zeros_like(new_x)
-            eps[where] = z
-            new_x.add_(eps @ root.transpose(-1, -2))
+        _jitter_duplicates(new_x, x, w, duplicates(anc) & flag.unsqueeze(-1),
+                           jitter * n_members ** (-1.0 / (n + 4)), g)
     uniform = torch.full_like(log_weight, -math.log(n_members))
     return new_x, torch.where(flag.unsqueeze(-1), uniform, log_weight), anc
+
+
+def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dup: torch.Tensor, bandwidth: float,
+                       g: torch.Generator) -> None:
+    """Add ``bandwidth * L z`` to the rows of ``new_x`` marked in ``dup``, with ``L L^T`` the weighted
+    covariance of the members ``x`` before resampling (weights ``w``) and ``z`` standard normal.
+
+    Row ``k`` of the one draw ``z`` belongs to the ``k``-th duplicate in row-major order.
+    """
+    n = x.shape[-1]
+    where = dup.nonzero(as_tuple=True)
+    z = _device.smoothing_noise((where[0].numel(), n), g, x.dtype, x.device)
+    if dup.ndim == 1:                                 # one experiment: transform the duplicates' rows only
+        root = covariance_root(_covariance_lower(x, w)) * bandwidth
+        # (L z^T)^T rather than z L^T: the same product, faster on the CPU with the long axis last
+        new_x.index_put_(where, (root @ z.mT).mT, accumulate=True)
+        return
+    eps = torch.zeros_like(new_x)
+    eps[where] = z
+    root = covariance_root(_covariance_lower(x, w)) * bandwidth
+    new_x.add_((root @ eps.mT).mT)
 
 
 def check_sir(members: Any, threshold: Any, resampling: Any, jitter: Any) -> tuple[int, float, str, float]:

@@ -75,7 +75,7 @@ def rk4_step(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: flo
     k2 = f(torch.add(x, k1, alpha=0.5 * dt))
     k3 = f(torch.add(x, k2, alpha=0.5 * dt))
     k4 = f(torch.add(x, k3, alpha=dt))
-    return torch.add(x, torch.add(k2, k3).mul_(2.0).add_(k1).add_(k4), alpha=dt / 6.0)
+    return torch.add(x, torch.add(k1, k2, alpha=2.0).add_(k3, alpha=2.0).add_(k4), alpha=dt / 6.0)
 
 
 def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, allow_zero: bool = True) -> torch.Tensor:
@@ -129,8 +129,20 @@ class ODEModel(abc.ABC):
         """``f(x)``: the time derivative, shape ``(..., n)``. Subclasses implement it."""
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """One RK4 step of length ``dt``."""
-        return rk4_step(self.tendency, x, self.dt)
+        """One RK4 step of length ``dt``.
+
+        Large batches on the CPU are stepped in cache-sized pieces of rows (see
+        :func:`daml._device.elementwise_rows`; ``tendency`` treats each state on its own), unless a
+        gradient is being recorded: then in one go, so that the graph stays one step.
+        """
+        rows = _device.elementwise_rows(x)
+        if rows is None or (torch.is_grad_enabled() and x.requires_grad):
+            return rk4_step(self.tendency, x, self.dt)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
+        for start in range(0, flat.shape[0], rows):
+            out[start:start + rows] = rk4_step(self.tendency, flat[start:start + rows], self.dt)
+        return out.view(x.shape)
 
     def config(self) -> dict:
         """The parameters that define the model (recorded in posteriors' attrs)."""
