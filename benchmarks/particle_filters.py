@@ -25,8 +25,9 @@ C. **Speed against DAPPER**: the bootstrap PF on DAPPER's ``sakov2008`` (40 vari
    R = I), N = 1000, NER 0.5, reg 0.7, ``--speed-cycles`` cycles (200) on 3 seeds: DAPPER's
    ``PartFilt`` (subprocess in DAPPER's own environment, default statistics, 1 BLAS thread as it ships)
    against ``daml.filters.bootstrap`` on one torch thread, single experiment and 16 experiments in
-   one batched call. Throughput in particle-steps per second (N x model steps / wall seconds of the
-   filter loop). Median over seeds.
+   one batched call; then both on two threads (torch's pool; DAPPER's BLAS re-limited to two).
+   Throughput in particle-steps per second (N x model steps / wall seconds of the filter loop).
+   Median over seeds.
 
 Usage (from the repository root)::
 
@@ -200,14 +201,11 @@ def component_times(model, shape: tuple[int, int] = (600, 40), repeats: int = 20
     return out
 
 
-def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
-    n, members = 40, 1000
-    model = models.Lorenz96(n=n, forcing=8.0, dt=0.05)
-    op = models.observe_all(n, sd=1.0)
-    filt = filters.bootstrap(members=members, threshold=0.5, jitter=0.7)
-    out: dict[str, Any] = {"cycles": cycles, "members": members, "seeds": seeds}
-    single, batched = [], []
-    rmse = []
+def _daml_rates(filt, model, op, cycles: int, seeds: list[int]) -> dict[str, Any]:
+    """The bootstrap PF's particle-steps per second over ``seeds`` on one experiment and on 16 batched,
+    at the current torch thread count, with rmse.a as a sanity figure."""
+    members = filt.config["members"]
+    single, batched, rmse, rmse16 = [], [], [], []
     for seed in seeds:
         data = daml.simulate(model, cycles, op, x0=model.default_x0(), x0_cov=0.001, seed=seed)
         res = filters.run(filt, model, data, seed=seed + 1, progress=False)
@@ -218,30 +216,59 @@ def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
         res16 = filters.run(filt, model, data16, seed=seed + 1, progress=False)
         batched.append(16 * members * cycles / res16.seconds)
         post16 = res16.analysis.sel(time=res16.analysis["time"] > min(20.0, cycles * 0.025))
-        rmse16 = diagnostics.rmse(post16, data16["truth"]).mean("time")
-        out.setdefault("rmse_a_batched16", []).extend(float(v) for v in rmse16.values.ravel())
-    out["daml_single"] = statistics.median(single)
-    out["daml_batched16"] = statistics.median(batched)
-    out["daml_rmse_a"] = statistics.median(rmse)
-    out["rmse_a_per_seed"] = rmse
-    out["component_us"] = component_times(model)
+        rmse16.extend(float(v) for v in diagnostics.rmse(post16, data16["truth"]).mean("time").values.ravel())
+    return {"daml_single": statistics.median(single), "daml_batched16": statistics.median(batched),
+            "daml_rmse_a": statistics.median(rmse), "rmse_a_per_seed": rmse, "rmse_a_batched16": rmse16}
+
+
+def _dapper_rate(dapper: str, cycles: int, seeds: list[int], members: int, threads: int) -> dict[str, Any]:
+    """DAPPER's PartFilt in its own environment with ``threads`` BLAS threads (one: as shipped)."""
+    t = str(threads)
+    env = dict(os.environ, OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, MKL_NUM_THREADS=t, MPLBACKEND="Agg")
+    cmd = [dapper, str(DAPPER_SCRIPT.relative_to(_report.ROOT)), "--cycles", str(cycles), "--methods", "pf",
+           "--seeds", *map(str, seeds)] + (["--blas-threads", t] if threads > 1 else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(_report.ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    raw = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    steps = raw["model_steps"]
+    return {"version": raw["dapper_version"], "command": " ".join(cmd),
+            "rate": statistics.median(members * steps / r["wall_s"] for r in raw["runs"]),
+            "rmse_a": statistics.median(r["rmse_a"] for r in raw["runs"])}
+
+
+def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
+    """Speed on one thread (both libraries as shipped: DAPPER limits numpy's BLAS to one thread), then
+    both on two threads (torch's thread pool, DAPPER's BLAS re-limited to two). Every ratio is to
+    DAPPER as shipped, its faster setting here."""
+    n, members = 40, 1000
+    model = models.Lorenz96(n=n, forcing=8.0, dt=0.05)
+    op = models.observe_all(n, sd=1.0)
+    filt = filters.bootstrap(members=members, threshold=0.5, jitter=0.7)
+    out: dict[str, Any] = {"cycles": cycles, "members": members, "seeds": seeds}
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out.update(_daml_rates(filt, model, op, cycles, seeds))
+        out["component_us"] = component_times(model)
+        torch.set_num_threads(2)
+        out["two_threads"] = _daml_rates(filt, model, op, cycles, seeds)
+    finally:
+        torch.set_num_threads(threads_before)
     if dapper:
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-        cmd = [dapper, str(DAPPER_SCRIPT.relative_to(_report.ROOT)), "--cycles", str(cycles), "--methods", "pf",
-               "--seeds", *map(str, seeds)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(_report.ROOT))
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        raw = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-        steps = raw["model_steps"]
-        out["dapper"] = {"version": raw["dapper_version"], "command": " ".join(cmd),
-                         "rate": statistics.median(members * steps / r["wall_s"] for r in raw["runs"]),
-                         "rmse_a": statistics.median(r["rmse_a"] for r in raw["runs"])}
+        out["dapper"] = _dapper_rate(dapper, cycles, seeds, members, 1)
         out["ratio_single"] = out["daml_single"] / out["dapper"]["rate"]
         out["ratio_batched16"] = out["daml_batched16"] / out["dapper"]["rate"]
+        # against DAPPER as shipped: its BLAS on two threads is slower, not faster (the run shows it)
+        two = out["two_threads"]
+        two["dapper"] = _dapper_rate(dapper, cycles, seeds, members, 2)
+        two["dapper_ratio"] = two["dapper"]["rate"] / out["dapper"]["rate"]
+        two["ratio_single"] = two["daml_single"] / out["dapper"]["rate"]
+        two["ratio_batched16"] = two["daml_batched16"] / out["dapper"]["rate"]
         print(f"C dapper {out['dapper']['rate']:.3g} particle-steps/s, daml {out['daml_single']:.3g} "
-              f"(x{out['ratio_single']:.1f}), batched {out['daml_batched16']:.3g} (x{out['ratio_batched16']:.1f})",
-              file=sys.stderr, flush=True)
+              f"(x{out['ratio_single']:.1f}), batched {out['daml_batched16']:.3g} (x{out['ratio_batched16']:.1f}); "
+              f"2 threads: dapper {two['dapper']['rate']:.3g} (x{two['dapper_ratio']:.2f}), daml x{two['ratio_single']:.1f}, "
+              f"batched x{two['ratio_batched16']:.1f}", file=sys.stderr, flush=True)
     return out
 
 
@@ -292,15 +319,24 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['method']} | {_f(r['rmse_a'])} | {_f(r['rmv_a'])} | {r['seconds_per_cycle']:.3f} |")
     lines += ["", f"**C. Bootstrap PF speed**, L96-40 `sakov2008`, N = {c['members']}, {c['cycles']} cycles, "
               f"median of {len(c['seeds'])} seeds, particle-steps per second of wall time (filter loop).", "",
-              "| run | particle-steps/s | ratio to DAPPER | rmse.a |", "|---|---|---|---|"]
+              "| run | particle-steps/s | ratio to DAPPER as shipped (1 thread) | rmse.a |", "|---|---|---|---|"]
     if "dapper" in c:
         lines.append(f"| DAPPER {c['dapper']['version']} `PartFilt(N=1000, NER=0.5, reg=0.7)` | "
                      f"{c['dapper']['rate']:.3g} | 1 | {_f(c['dapper']['rmse_a'])} |")
-    ratio = lambda k: f"{c[k]:.1f}" if k in c else "–"  # noqa: E731
-    lines.append(f"| daml bootstrap, 1 experiment, 1 thread | {c['daml_single']:.3g} | {ratio('ratio_single')} | "
+    ratio = lambda d, k: f"{d[k]:.1f}" if k in d else "–"  # noqa: E731
+    lines.append(f"| daml bootstrap, 1 experiment, 1 thread | {c['daml_single']:.3g} | {ratio(c, 'ratio_single')} | "
                  f"{_f(c['daml_rmse_a'])} |")
     lines.append(f"| daml bootstrap, 16 experiments batched, 1 thread | {c['daml_batched16']:.3g} | "
-                 f"{ratio('ratio_batched16')} | |")
+                 f"{ratio(c, 'ratio_batched16')} | |")
+    if "two_threads" in c:
+        two = c["two_threads"]
+        if "dapper" in two:
+            lines.append(f"| DAPPER {two['dapper']['version']}, numpy's BLAS on 2 threads | {two['dapper']['rate']:.3g} | "
+                         f"{two['dapper_ratio']:.2f} | {_f(two['dapper']['rmse_a'])} |")
+        lines.append(f"| daml bootstrap, 1 experiment, 2 threads | {two['daml_single']:.3g} | "
+                     f"{ratio(two, 'ratio_single')} | {_f(two['daml_rmse_a'])} |")
+        lines.append(f"| daml bootstrap, 16 experiments batched, 2 threads | {two['daml_batched16']:.3g} | "
+                     f"{ratio(two, 'ratio_batched16')} | |")
     if "rmse_a_batched16" in c:
         r16 = sorted(c["rmse_a_batched16"])
         lost = sum(v > 1.0 for v in r16)
