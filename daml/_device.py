@@ -225,8 +225,8 @@ def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: tor
     ``generator`` (which advances), returned in ``dtype``.
 
     On the CPU the draws for a float64 result are made in float32 by torch's vectorised sampler and
-    widened: about five times faster than float64 draws there (``torch.randn`` float64 is slower than
-    numpy's ziggurat; ``benchmarks/particle_filters.py --parts c`` times all three). The draws then
+    widened: several times faster than float64 draws by ``torch.randn`` or by numpy's ziggurat
+    (``benchmarks/particle_filters.py --parts c`` times all three). The draws then
     have float32 resolution (24 bits) and no value beyond about 5.8 (the largest radius a 24-bit
     uniform gives the Box-Muller transform; probability 8e-9 under N(0, 1)). Neither matters for
     noise that smooths a sample, which is what this is for; use ``torch.randn`` where the last bits or
@@ -244,11 +244,11 @@ def elementwise_rows(x: torch.Tensor) -> int | None:
     such as an RK4 step, should take at a time; ``None``: all of them in one go.
 
     On the CPU a chain over arrays larger than the per-core cache runs from memory, and each new
-    large temporary costs fresh pages: an RK4 step of 16 x 1000 states of Lorenz-96 (40 variables,
-    float64) takes about four times as long in one go as in pieces of 2000 states (measured while
-    writing this; ``benchmarks/particle_filters.py --parts c`` times the filter built on it). So the
-    CPU takes about 64Ki elements (512 KiB of float64) per piece. ``None`` on accelerators, and
-    wherever ``x`` is small enough already.
+    large temporary may cost fresh pages: an RK4 step of 16 x 1000 states of Lorenz-96 (40 variables,
+    float64) is slower in one go than in pieces (``benchmarks/particle_filters.py --parts c`` times
+    both), and more so inside a filter's loop, whose other work evicts the cache. So the CPU takes
+    about 64Ki elements (512 KiB of float64) per piece. ``None`` on accelerators, and wherever ``x``
+    is small enough already.
     """
     if x.device.type != "cpu" or x.ndim < 2:
         return None
