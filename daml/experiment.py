@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xarray as xr
 
@@ -269,7 +270,8 @@ def build_data(exp: Experiment):
 
 @dataclass
 class Score:
-    """Scores of one method: medians over experiments (``nan`` where it diverged)."""
+    """Scores of one method: medians over experiments (``nan`` where it diverged); ``rmse_a_each``
+    holds the rmse.a of every experiment (truth), whose median is ``rmse_a``."""
 
     method: str
     label: str
@@ -280,6 +282,7 @@ class Score:
     diverged: str = ""
     posterior: xr.Dataset | None = None
     rmse_t: xr.DataArray | None = None
+    rmse_a_each: tuple[float, ...] = ()
 
 
 def _label(m: dict) -> str:
@@ -320,6 +323,7 @@ def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Da
             crps=float(c.mean([d for d in c.dims if d not in per_exp]).median()),
             cycles_per_second=float(post.attrs["cycles_per_second"]),
             posterior=post, rmse_t=diagnostics.rmse(post, truth),
+            rmse_a_each=tuple(float(v) for v in np.ravel(r.mean("time").values)),
         ))
     return data, scores
 
@@ -355,7 +359,8 @@ def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: P
             io.to_netcdf(s.posterior, path)
             written.append(path)
     table = [{"method": s.label, "rmse_a": s.rmse_a, "rmv_a": s.rmv_a, "crps": s.crps,
-              "cycles_per_second": s.cycles_per_second, "diverged": s.diverged} for s in scores]
+              "cycles_per_second": s.cycles_per_second, "diverged": s.diverged,
+              "rmse_a_per_experiment": list(s.rmse_a_each)} for s in scores]
     with io.atomic_write_path(out / f"{exp.name}_scores.json", suffix=".json") as tmp:
         tmp.write_text(json.dumps({"experiment": exp.name, "scores": table}, indent=2, allow_nan=True))
     written.append(out / f"{exp.name}_scores.json")

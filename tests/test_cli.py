@@ -66,6 +66,14 @@ def test_daml_run_with_a_toml_file_writes_table_posteriors_and_figure(tmp_path, 
 
     post = daml.open_posterior(out / "tiny_etkf.nc")
     assert post.sizes["experiment"] == 2 and post.attrs["method"] == "etkf"
+    import json
+
+    import numpy as np
+
+    rows = json.loads((out / "tiny_scores.json").read_text())["scores"]
+    for row in rows:                      # one rmse.a per truth, and the table's is their median
+        assert len(row["rmse_a_per_experiment"]) == 2
+        assert row["rmse_a"] == np.median(row["rmse_a_per_experiment"])
 
 
 def test_a_method_listed_twice_writes_two_posteriors(tmp_path, capsys):

@@ -75,7 +75,7 @@ def rk4_step(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: flo
     k2 = f(torch.add(x, k1, alpha=0.5 * dt))
     k3 = f(torch.add(x, k2, alpha=0.5 * dt))
     k4 = f(torch.add(x, k3, alpha=dt))
-    return torch.add(x, torch.add(k1, k2, alpha=2.0).add_(k3, alpha=2.0).add_(k4), alpha=dt / 6.0)
+    return torch.add(x, torch.add(k2, k3).mul_(2.0).add_(k1).add_(k4), alpha=dt / 6.0)
 
 
 def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, allow_zero: bool = True) -> torch.Tensor:
