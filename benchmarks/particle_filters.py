@@ -191,12 +191,13 @@ def component_times(model, shape: tuple[int, int] = (600, 40), repeats: int = 20
                      ("model step", lambda: model.step(x)),
                      ("model step 16x1000 pieces", lambda: model.step(x16)),
                      ("model step 16x1000 one go", lambda: rk4_step(model.tendency, x16, model.dt))):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        with torch.no_grad():                   # as in the filters' loop (model.step splits only there)
             fn()
-            times.append(time.perf_counter() - t0)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
         out[name] = 1e6 * statistics.median(times)
     return out
 

@@ -212,10 +212,16 @@ def test_large_batches_step_in_pieces_equal_to_one_go(model, monkeypatch):
     # pieces of 4 states (some pieces straddle the first batch axis, the last one is short)
     monkeypatch.setattr(_device, "_ELEMENTWISE_CHUNK", 4 * model.state_size)
     assert _device.elementwise_rows(x) == 4
-    assert torch.equal(model.step(x), whole)
-    # a recorded gradient steps in one go and reaches the input
+    calls = []
+    monkeypatch.setattr(model, "tendency", lambda v, f=model.tendency: calls.append(v.shape[:-1].numel()) or f(v))
+    with torch.no_grad():
+        assert torch.equal(model.step(x), whole)
+    assert calls == [4] * (4 * 11) + [1] * 4               # 45 rows: 11 pieces of 4 and one of 1
+    # with autograd on: one go, and the gradient reaches the input
+    calls.clear()
     xg = x.clone().requires_grad_(True)
     model.step(xg).sum().backward()
+    assert calls == [45] * 4
     expect = torch.func.vjp(lambda v: rk4_step(model.tendency, v, model.dt), x)[1](torch.ones_like(x))[0]
     assert torch.equal(xg.grad, expect)
     # small batches, vectors and accelerator tensors are never split

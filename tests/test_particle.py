@@ -153,6 +153,37 @@ def test_jitter_moves_only_duplicates():
     assert len({tuple(r.tolist()) for r in out.x}) == 6
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_jitter_noise_has_the_bandwidth_times_the_weighted_covariance(batched):
+    # Each experiment's duplicates get noise of covariance h^2 Cov_w(x) with its own Cov_w: two
+    # experiments with different covariances (batched) catch a root applied to the wrong one.
+    g = generator(21)
+    members, n = 4000, 3
+    covs = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 9.0]],
+                         [[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.5]]], dtype=torch.float64)
+    x = torch.randn(2, members, n, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(covs).mT
+    lw = torch.log_softmax(-0.25 * (x * x).sum(-1), -1)      # uneven weights: many duplicates
+    if not batched:
+        x, lw, covs = x[0], lw[0], covs[0]
+    flag = torch.ones(lw.shape[:-1], dtype=torch.bool)
+    new_x, new_lw, anc = particle_module.resample_where(x, lw, flag, "systematic", 1.0, g)
+    assert torch.allclose(new_lw, torch.full_like(new_lw, -math.log(members)))
+    h = members ** (-1.0 / (n + 4))
+    dup = particle_module.duplicates(anc)
+    noise = new_x - particle_module.gather_members(x, anc)
+    assert bool((noise[~dup] == 0).all())                    # particles drawn once are left alone
+    for b in range(2 if batched else 1):
+        eps = (noise[b] if batched else noise)[(dup[b] if batched else dup)]
+        target = h * h * particle_module.weighted_covariance(x[b] if batched else x, lw[b] if batched else lw)
+        k = eps.shape[0]
+        assert k > 1000
+        emp = eps.mT @ eps / k
+        # 5 standard errors of each entry of a sample covariance of k Gaussian draws
+        d = torch.diagonal(target)
+        se = torch.sqrt((d[:, None] * d[None, :] + target * target) / k)
+        assert bool((torch.abs(emp - target) < 5 * se).all()), (emp, target)
+
+
 # -- EWPF -------------------------------------------------------------------------------------------
 
 def _dense_neg_log_target(x, f, c, y, h, q, r, mask):

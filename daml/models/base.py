@@ -132,11 +132,13 @@ class ODEModel(abc.ABC):
         """One RK4 step of length ``dt``.
 
         Large batches on the CPU are stepped in cache-sized pieces of rows (see
-        :func:`daml._device.elementwise_rows`; ``tendency`` treats each state on its own), unless a
-        gradient is being recorded: then in one go, so that the graph stays one step.
+        :func:`daml._device.elementwise_rows`; ``tendency`` treats each state on its own) when
+        autograd is off (``torch.no_grad``, as in :func:`daml.filters.run`); with autograd on they
+        are stepped in one go, so that gradients reach ``x`` and any parameters of ``tendency``
+        through one plain graph.
         """
         rows = _device.elementwise_rows(x)
-        if rows is None or (torch.is_grad_enabled() and x.requires_grad):
+        if rows is None or torch.is_grad_enabled():
             return rk4_step(self.tendency, x, self.dt)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
