@@ -40,7 +40,7 @@ def test_lorenz63_sakov2012():
 
 
 def test_lorenz96_bocquet2010_particle_filters():
-    # DAPPER's listed values (PartFilt N=100 / 800: 0.43 / 0.29); daml's medians are 0.45 / 0.30
+    # DAPPER's listed values (PartFilt N=100 / 800: 0.43 / 0.29); daml's medians are 0.45 / 0.32
     exp = experiment.load_config(EXAMPLES / "lorenz96_bocquet2010.toml")
     _, scores = experiment.run_experiment(exp, progress=False)
     boot = {json.loads(s.posterior.attrs["config"])["filter"]["members"]: s for s in scores if s.method == "bootstrap"}
