@@ -316,14 +316,15 @@ def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Da
         s = diagnostics.spread(keep)
         c = diagnostics.crps(keep, truth)
         per_exp = [d for d in r.dims if d != "time"]
+        per_truth = r.mean("time")
         scores.append(Score(
             m["name"], _label(m),
-            rmse_a=float(r.mean("time").median() if per_exp else r.mean("time")),
+            rmse_a=float(per_truth.median() if per_exp else per_truth),
             rmv_a=float(s.mean("time").median() if per_exp else s.mean("time")),
             crps=float(c.mean([d for d in c.dims if d not in per_exp]).median()),
             cycles_per_second=float(post.attrs["cycles_per_second"]),
             posterior=post, rmse_t=diagnostics.rmse(post, truth),
-            rmse_a_each=tuple(float(v) for v in np.ravel(r.mean("time").values)),
+            rmse_a_each=tuple(float(v) for v in np.ravel(per_truth.values)),
         ))
     return data, scores
 

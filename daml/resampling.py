@@ -130,8 +130,7 @@ def _validate(weights: Any, n: Any) -> tuple[torch.Tensor, tuple[int, ...], int]
     if n_particles == 0:
         raise ShapeError("weights", "at least one particle on the last axis", f"shape {tuple(w.shape)}")
     n = _check_n(n, n_particles)
-    if w.dtype in (torch.float16, torch.bfloat16):  # too coarse for cumulative sums
-        w = w.float()
+    w = _widen_half(w)
     batch_shape = tuple(w.shape[:-1])
     w = w.reshape(-1, n_particles)
     if w.numel() == 0:
@@ -147,6 +146,11 @@ def _validate(weights: Any, n: Any) -> tuple[torch.Tensor, tuple[int, ...], int]
         raise InputError("weights", "non-negative values",
                          f"{n_neg} negative entries, the smallest {float(smallest):g}")
     return w, batch_shape, n
+
+
+def _widen_half(w: torch.Tensor) -> torch.Tensor:
+    """Half-precision weights as float32: too coarse for cumulative sums."""
+    return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
 
 
 def _rows_ok(total: torch.Tensor) -> bool:
@@ -419,8 +423,7 @@ def resample_normalised(weights: torch.Tensor, method: str, g: torch.Generator) 
     """:func:`resample` for weights the caller has made finite, non-negative and normalised (the
     exponentials of normalised log-weights): the same draws from the same stream, without the checks
     of the weights and ``method`` (for filters, which resample at every analysis)."""
-    if weights.dtype in (torch.float16, torch.bfloat16):  # too coarse for cumulative sums
-        weights = weights.float()
+    weights = _widen_half(weights)
     n = weights.shape[-1]
     return _draw_valid(method, weights.reshape(-1, n), tuple(weights.shape[:-1]), n, g)
 

@@ -224,7 +224,7 @@ def test_large_batches_step_in_pieces_equal_to_one_go(model, monkeypatch):
     assert calls == [45] * 4
     expect = torch.func.vjp(lambda v: rk4_step(model.tendency, v, model.dt), x)[1](torch.ones_like(x))[0]
     assert torch.equal(xg.grad, expect)
-    # small batches, vectors and accelerator tensors are never split
+    # small batches and vectors are never split
     monkeypatch.setattr(_device, "_ELEMENTWISE_CHUNK", 1 << 16)
     assert _device.elementwise_rows(x) is None
     assert _device.elementwise_rows(x[0, 0]) is None

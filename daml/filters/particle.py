@@ -269,17 +269,15 @@ def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, du
 
     Row ``k`` of the one draw ``z`` belongs to the ``k``-th duplicate in row-major order.
     """
-    n = x.shape[-1]
+    root = covariance_root(_covariance_lower(x, w)) * bandwidth
     where = dup.nonzero(as_tuple=True)
-    z = _device.smoothing_noise((where[0].numel(), n), g, x.dtype, x.device)
+    z = _device.smoothing_noise((where[0].numel(), x.shape[-1]), g, x.dtype, x.device)
+    # (L z^T)^T rather than z L^T: the same product, faster on the CPU with the long axis last
     if dup.ndim == 1:                                 # one experiment: transform the duplicates' rows only
-        root = covariance_root(_covariance_lower(x, w)) * bandwidth
-        # (L z^T)^T rather than z L^T: the same product, faster on the CPU with the long axis last
         new_x.index_put_(where, (root @ z.mT).mT, accumulate=True)
         return
     eps = torch.zeros_like(new_x)
     eps[where] = z
-    root = covariance_root(_covariance_lower(x, w)) * bandwidth
     new_x.add_((root @ eps.mT).mT)
 
 
