@@ -294,6 +294,90 @@ def test_relaxation_and_annealing_reach_the_same_plan():
     assert int(fast.iterations) < int(base.iterations)
 
 
+def _sor_ratio(rate: float, omega: float) -> float:
+    """Young's relation for a two-cyclic iteration: the per-iteration error ratio of SOR with factor
+    ``omega`` (below the best one) when plain Gauss-Seidel has ratio ``rate``: the largest root of
+    ``(mu + omega - 1)^2 = omega^2 rate mu``."""
+    c = omega * omega * rate - 2.0 * (omega - 1.0)
+    return (c + math.sqrt(max(0.0, c * c - 4.0 * (omega - 1.0) ** 2))) / 2.0   # 0 at the best omega
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.9, 0.99, 0.999])
+def test_auto_relaxation_recovers_the_best_factor_from_any_current_one(rate):
+    """Oracle: Young's SOR theory. An error ratio observed under a factor omega (1 or any factor
+    below the best) implies the plain rate, and with it the best factor 2 / (1 + sqrt(1 - rate))."""
+    sk = importlib.import_module("daml.transport.sinkhorn")
+    best = 2.0 / (1.0 + math.sqrt(1.0 - rate))
+    omegas = [1.0, 1.0 + 0.3 * (best - 1.0), 1.0 + 0.9 * (best - 1.0), best]
+    every = 10
+    for omega in omegas:
+        mu = _sor_ratio(rate, omega)
+        prev = torch.tensor([1e-3], dtype=torch.float64)
+        err = prev * mu ** every
+        new, carried = sk._adapt(torch.tensor([[omega]], dtype=torch.float64), err, prev, True, every)
+        assert float(new) == pytest.approx(min(best, sk._OMEGA_MAX), rel=1e-9), (rate, omega)
+        assert torch.equal(carried, err)
+
+
+def test_auto_relaxation_never_lowers_the_factor_and_drops_it_on_growth():
+    sk = importlib.import_module("daml.transport.sinkhorn")
+    omega = torch.tensor([[1.6], [1.6], [1.6], [1.0], [1.5]], dtype=torch.float64)
+    prev = torch.tensor([1e-3, 1e-3, 1e-3, 1e-3, math.inf], dtype=torch.float64)
+    # a fast fall (ratio below omega - 1: a transient, not the asymptotic rate), a slow fall, growth
+    # under relaxation, growth under plain Sinkhorn, no earlier error to compare with
+    err = torch.tensor([1e-3 * 0.3 ** 10, 1e-3 * 0.7 ** 10, 2e-3, 2e-3, 1e-4], dtype=torch.float64)
+    new, carried = sk._adapt(omega, err, prev, True, 10)
+    new = new.squeeze(-1).tolist()
+    assert new[0] == 1.6                      # a ratio below omega - 1 says nothing: kept
+    assert 1.6 < new[1] <= sk._OMEGA_MAX      # 0.7 > omega - 1: the plain rate is higher, raised
+    assert new[2] == 1.0 and carried[2] == math.inf     # grew: plain, not compared next time
+    assert new[3] == 1.0 and carried[3] == 2e-3         # plain already: nothing to drop
+    assert new[4] == 1.5 and carried[4] == 1e-4
+    fixed, _ = sk._adapt(omega, err, prev, False, 10)   # a fixed factor is never raised
+    assert fixed.squeeze(-1).tolist() == [1.6, 1.6, 1.0, 1.0, 1.5]
+
+
+def test_relaxed_update_on_the_cpu_equals_the_power_formula():
+    sk = importlib.import_module("daml.transport.sinkhorn")
+    g = torch.Generator().manual_seed(3)
+    for dtype, rel in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
+        u = torch.rand(7, 50, generator=g, dtype=torch.float64).add_(0.1).to(dtype)
+        s = torch.rand(7, 50, generator=g, dtype=torch.float64).mul_(5).add_(0.01).to(dtype)
+        omega = torch.linspace(1.0, 1.95, 7, dtype=dtype).unsqueeze(-1)
+        got = sk._relaxed_power(u, s, omega)
+        want = u.double() * (s.double() * u.double()).reciprocal() ** omega.double()
+        assert got.dtype == dtype
+        assert torch.allclose(got.double(), want, rtol=rel, atol=0)
+    # an overshoot past the range comes back non-finite, silently (the caller falls back)
+    u = torch.tensor([[1e300, 1.0]], dtype=torch.float64)
+    s = torch.tensor([[1e-300, 0.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sk._relaxed_power(u, s, torch.tensor([[1.5]], dtype=torch.float64))
+    assert not bool(torch.isfinite(out).all())
+
+
+def test_ended_problems_carried_or_dropped_give_the_same_results(monkeypatch):
+    """Problems that end stay in the working arrays until they are an eighth of those still running.
+    How often they are dropped changes no other problem's iterates."""
+    sk = importlib.import_module("daml.transport.sinkhorn")
+    c, a, b = zip(*(_problem(30, 20, seed=60 + k, skew=1 + k % 4) for k in range(16)))
+    c, a, b = np.stack(c), np.stack(a), np.stack(b)
+    eps = np.tile([0.3, 0.1, 0.05, 0.01], 4)
+    kw = dict(epsilon=eps, relative=True, tol=1e-10, max_iter=20000)
+    monkeypatch.setattr(daml._device, "working_set_bytes", lambda device=None: None)
+    out = {}
+    for every in (0, 1, 8, 10 ** 9):            # never, ..., at every end
+        monkeypatch.setattr(sk, "_COMPACT", every)
+        out[every] = sinkhorn(c, a, b, **kw)
+    assert len(set(out[8].iterations.tolist())) > 4
+    for every in (0, 1, 10 ** 9):
+        assert torch.equal(out[every].iterations, out[8].iterations)
+        assert torch.allclose(out[every].f, out[8].f, atol=1e-13, rtol=0)
+        assert torch.allclose(out[every].value, out[8].value, atol=1e-14, rtol=0)
+        assert torch.equal(out[every].error, out[8].error)
+
+
 def test_apply_equals_the_plan_product_without_forming_it():
     c, a, b = _problem(70, 40, seed=6)
     res = sinkhorn(np.stack([c, 2 * c]), a, b, epsilon=0.1, relative=True, tol=1e-11, max_iter=50000)

@@ -80,6 +80,8 @@ References
   the soft-min formulation).
 * A. Thibault, L. Chizat, C. Dossal and N. Papadakis (2017), Overrelaxed Sinkhorn-Knopp algorithm
   for regularized optimal transport. arXiv:1711.01851.
+* T. Lehmann, M.-K. von Renesse, A. Sambale and A. Uschmajew (2022), A note on overrelaxation in
+  the Sinkhorn algorithm. Optim. Lett. 16 (the best factor from the plain rate, after Young).
 * M. Eisenberger et al. (2022), A unified framework for implicit Sinkhorn differentiation. CVPR.
 """
 
@@ -97,6 +99,8 @@ from ..errors import ConvergenceWarning, InputError, NonFiniteError, ShapeError,
 
 __all__ = ["sinkhorn", "SinkhornResult", "softmin"]
 
+_OMEGA_MAX = 1.98           # the largest over-relaxation "auto" chooses
+_COMPACT = 8                # ended problems leave the arrays once they are 1/_COMPACT of the running ones
 _CHUNK = 1 << 22            # matrix entries per chunk when a pass must not form a full (B, n, m) temporary
 
 
@@ -346,13 +350,15 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     max_iter : int
         Iteration limit per problem (annealing iterations included).
     check_every : int
-        Measure the marginal error (and retire converged problems) every this many iterations.
+        Measure the marginal error (and retire converged problems) every this many iterations; with
+        ``relaxation="auto"`` also once after half as many, for an earlier first estimate of ``omega``.
     anneal : float in (0, 1), optional
         Epsilon-scaling: start at ``max C`` and multiply by ``anneal`` per iteration down to ``epsilon``.
     relaxation : float in [1, 2) or "auto"
-        Over-relaxation ``omega`` of each potential update; 1 is plain Sinkhorn; ``"auto"`` sets it
-        per problem from the observed convergence rate (Lehmann et al.) and drops it where the error
-        grows.
+        Over-relaxation ``omega`` of each potential update; 1 is plain Sinkhorn. ``"auto"`` sets it
+        per problem at every check from the observed error ratio, the best factor after Young's SOR
+        theory (Lehmann et al.), only upwards and at most 1.98. Either way a problem whose error grows
+        between checks drops to plain Sinkhorn.
     warn : bool
         Emit a :class:`~daml.errors.ConvergenceWarning` when problems end unconverged.
     dtype, device : optional
@@ -521,6 +527,26 @@ def _anchor(cost, g, lb, b, eps, bounds):
     return -eps.view(-1, 1) * (top + torch.log(s)).squeeze(-1), k
 
 
+def _relaxed_power(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """``u (s u)^(-omega)``, as ``u exp(-omega log(s u))``. On the CPU numpy's vectorised ``log``
+    and ``exp`` run it in place, two to three times faster than torch's ``pow`` with a per-row
+    exponent."""
+    if u.device.type == "cpu":
+        with np.errstate(all="ignore"):          # a non-finite result is caught by the caller
+            return torch.from_numpy(_relaxed_power_np(u.numpy(), s.numpy(), omega.numpy()))
+    return u * (s * u).reciprocal_().pow_(omega)
+
+
+def _relaxed_power_np(u: np.ndarray, s: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """:func:`_relaxed_power` in numpy, in one buffer."""
+    out = np.multiply(s, u)
+    np.log(out, out=out)
+    np.multiply(out, np.negative(omega), out=out)
+    np.exp(out, out=out)
+    np.multiply(out, u, out=out)
+    return out
+
+
 def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor, lo: float, hi: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The over-relaxed scaling update ``u (1 / (s u))^omega`` and the rows that left
@@ -530,7 +556,7 @@ def _relaxed(u: torch.Tensor, s: torch.Tensor, omega: torch.Tensor, lo: float, h
     takes the plain update ``1 / s`` instead and keeps ``omega = 1`` from then on. The range check
     decides the common case, where every entry is finite and in range, with one reduction.
     """
-    new = u * (s * u).reciprocal_().pow_(omega)
+    new = _relaxed_power(u, s, omega)
     far = _out_of_range(new, lo, hi)
     if far is None:
         return new, omega, None
@@ -548,6 +574,33 @@ def _out_of_range(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor | None:
     if float(xmin) >= lo and float(xmax) <= hi:          # False for NaN, which aminmax propagates
         return None
     return ((x < lo) | (x > hi)).any(-1)
+
+
+def _adapt(omega: torch.Tensor, err: torch.Tensor, prev_err: torch.Tensor, auto: bool, every: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The over-relaxation ``omega`` (``(B, 1)``) after a check of the errors ``err`` (``(B,)``), and
+    the errors to compare with at the next check.
+
+    A problem whose error grew since the last check drops to ``omega = 1`` (plain Sinkhorn, which
+    converges) and is not compared at the next check. With ``auto``, every other problem whose
+    error fell re-estimates its best factor. Near the solution Sinkhorn is a two-block Gauss-Seidel
+    iteration, so Young's SOR theory applies (Lehmann et al.): a per-iteration error ratio ``mu``
+    seen under ``omega`` means a plain ratio ``r = (mu + omega - 1)^2 / (omega^2 mu)``, whose best
+    factor is ``2 / (1 + sqrt(1 - r))``. At the best factor ``mu = omega - 1``, and ``mu`` cannot
+    fall below ``omega - 1`` near the solution, so only ratios ``mu >= omega - 1`` are used, and
+    they raise the factor or keep it (early ratios understate the asymptotic one); it stays at or
+    below ``_OMEGA_MAX``.
+    """
+    w = omega.squeeze(-1)
+    grew = (w > 1.0) & (err > prev_err)
+    new = torch.where(grew, 1.0, w)
+    if auto:
+        mu = (err / prev_err).clamp(min=torch.finfo(err.dtype).tiny, max=1.0) ** (1.0 / every)
+        fell = ~grew & torch.isfinite(prev_err) & (err < prev_err) & (mu >= w - 1.0)
+        rate = ((mu + w - 1.0) ** 2 / (w * w * mu)).clamp(max=1.0)
+        best = (2.0 / (1.0 + torch.sqrt(1.0 - rate))).clamp(1.0, _OMEGA_MAX)
+        new = torch.where(fell, torch.maximum(best, new), new)
+    return new.unsqueeze(-1), torch.where(grew, math.inf, err)
 
 
 def _solve_in_pieces(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation):
@@ -609,7 +662,9 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
     ``pause_below`` problems unfinished, those stop there with their current potentials and
     iteration counts and ``paused`` set; their ``sum P`` and ``<C, P>`` are not computed (see
     :func:`_solve_in_pieces`). The marginal error is checked every ``check_every`` iterations of
-    this call and at each problem's last iteration.
+    this call (with "auto" relaxation also once after half as many) and at each problem's last
+    iteration. Problems that end stay in the working arrays, masked out of ``live``, until they
+    are an eighth of those still running: dropping them copies the kernels of the rest.
 
     Between anchors the state is the pair of scalings ``u = exp((f - f0)/eps)``,
     ``v = exp((g - g0)/eps)``, with the plan ``diag(a u) K diag(b v)``: a row update is
@@ -648,8 +703,10 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         k0 = k0 + k
 
     idx = torch.arange(nb, device=dev)
-    c_act, lb_act, e_act, a_w, b_w = cost, lb, eps, a_all, b_all
-    f0, kern = _anchor(c_act, g, lb_act, b_w, e_act, bounds)
+    lb_act, e_act, a_w, b_w = lb, eps, a_all, b_all
+    live = torch.ones(nb, dtype=torch.bool, device=dev)     # the problems still running (ended ones
+    nb_live = nb                                            # stay in the arrays until compacted)
+    f0, kern = _anchor(cost, g, lb_act, b_w, e_act, bounds)
     g0 = g
     u = torch.ones(nb, n, dtype=dtype, device=dev)
     v = torch.ones(nb, m, dtype=dtype, device=dev)
@@ -662,7 +719,7 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
     def reanchor(sel):
         nonlocal f0, g0, u, v
         _, g_sel = potentials(u[sel], v[sel], f0[sel], g0[sel], e_act[sel])
-        f_sel, kern_sel = _anchor(c_act[sel], g_sel, lb_act[sel], b_w[sel], e_act[sel], bounds)
+        f_sel, kern_sel = _anchor(cost[idx[sel]], g_sel, lb_act[sel], b_w[sel], e_act[sel], bounds)
         f0, g0, u, v = f0.clone(), g0.clone(), u.clone(), v.clone()
         f0[sel], g0[sel], kern[sel] = f_sel, g_sel, kern_sel
         u[sel], v[sel] = 1.0, 1.0
@@ -678,35 +735,29 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         return new, far
 
     j = 0                                        # iterations done in this call
+    j_prev = 0                                   # iteration of the last check
+    early = max(1, check_every // 2)             # "auto" checks once early too: its first estimate
+                                                 # of omega comes half a check interval sooner
     while True:
         bv = b_w * v
         s = _rows(kern, bv)                                       # K (b v)
-        if (j % check_every == 0 and j > 0) or j >= first_limit:
+        if (j % check_every == 0 and j > 0) or j >= first_limit or (auto and j == early):
             au = a_w * u
             err = (au * s - a_w).abs().sum(-1) + (bv * _cols(kern, au) - b_w).abs().sum(-1)
             k_now = k0 + j
-            ended = (err <= tol) | (k_now >= max_iter)
+            ended = ((err <= tol) | (k_now >= max_iter)) & live
             done = ended
             if pause_below:
-                left = int((~ended).sum())
+                left = int((live & ~ended).sum())
                 if 0 < left <= pause_below:
-                    done = torch.ones_like(ended)
+                    done = live
             if relaxed:
-                # over-relaxation is dropped (omega = 1) for a problem whose error grows between checks;
-                # "auto" (Lehmann et al.): with the per-iteration error ratio r of plain Sinkhorn, the best
-                # over-relaxation is 2 / (1 + sqrt(1 - r)), estimated once
-                grew = (omega.squeeze(-1) > 1.0) & (err > prev_err)
-                new = torch.where(grew, 1.0, omega.squeeze(-1))
-                if auto:
-                    still = (omega.squeeze(-1) == 1.0) & torch.isfinite(prev_err) & (err < prev_err)
-                    rate = (err / prev_err).clamp(max=0.99) ** (1.0 / check_every)
-                    best = (2.0 / (1.0 + torch.sqrt(1.0 - rate))).clamp(1.0, 1.9)
-                    new = torch.where(still, best, new)
-                omega = new.unsqueeze(-1)
-                prev_err = torch.where(grew, math.inf, err)
+                omega, prev_err = _adapt(omega, err, prev_err, auto, j - j_prev)
+                j_prev = j
             if bool(done.any()):
-                every = bool(done.all())
-                sel = slice(None) if every else done        # basic indexing: no copies when all are done
+                live = live & ~done
+                every = not bool(live.any())
+                sel = slice(None) if every and nb_live == live.numel() else done   # no copies when all end at once
                 finished = idx[sel]
                 f_out[finished], g_out[finished] = potentials(u[sel], v[sel], f0[sel], g0[sel], e_act[sel])
                 err_out[finished], it_out[finished] = err[sel], k_now[sel]
@@ -716,16 +767,19 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                     mine = finished[stop]
                     au_s, bv_s, kern_s = au[sel][stop], bv[sel][stop], kern[sel][stop]
                     mass_out[mine] = (au_s * s[sel][stop]).sum(-1)
-                    lin_out[mine] = (au_s * _rows(kern_s * c_act[sel][stop], bv_s)).sum(-1)
+                    lin_out[mine] = (au_s * _rows(kern_s * cost[mine], bv_s)).sum(-1)
                 if every:
                     break
-                keep = ~done
-                idx, k0 = idx[keep], k0[keep]
-                kern, f0, g0, u, v, s = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep]
-                if relaxed:
-                    omega, prev_err = omega[keep], prev_err[keep]
-                c_act, lb_act, e_act, a_w, b_w = cost[idx], lb[idx], eps[idx], a_all[idx], b_all[idx]
-                first_limit = max_iter - int(k0.max())
+                nb_live = int(live.sum())
+                if (live.numel() - nb_live) * _COMPACT >= nb_live:
+                    # each compaction copies the kernels, about the cost of one iteration of the batch
+                    keep = live
+                    idx, k0, live = idx[keep], k0[keep], live[keep]
+                    kern, f0, g0, u, v, s = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep]
+                    if relaxed:
+                        omega, prev_err = omega[keep], prev_err[keep]
+                    lb_act, e_act, a_w, b_w = lb[idx], eps[idx], a_all[idx], b_all[idx]
+                first_limit = max_iter - int(k0[live].max())
             if relaxed:
                 plain = bool((omega == 1.0).all())
         u, far = update(u, s)
