@@ -735,6 +735,7 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         return new, far
 
     j = 0                                        # iterations done in this call
+    t = None                                     # K^T (a u) of the last column update
     j_prev = 0                                   # iteration of the last check
     early = max(1, check_every // 2)             # "auto" checks once early too: its first estimate
                                                  # of omega comes half a check interval sooner
@@ -743,7 +744,9 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         s = _rows(kern, bv)                                       # K (b v)
         if (j % check_every == 0 and j > 0) or j >= first_limit or (auto and j == early):
             au = a_w * u
-            err = (au * s - a_w).abs().sum(-1) + (bv * _cols(kern, au) - b_w).abs().sum(-1)
+            if t is None:                                         # K^T (a u) unless the last column
+                t = _cols(kern, au)                               # update left it (same u, same K)
+            err = (au * s - a_w).abs().sum(-1) + (bv * t - b_w).abs().sum(-1)
             k_now = k0 + j
             ended = ((err <= tol) | (k_now >= max_iter)) & live
             done = ended
@@ -775,7 +778,7 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                     # each compaction copies the kernels, about the cost of one iteration of the batch
                     keep = live
                     idx, k0, live = idx[keep], k0[keep], live[keep]
-                    kern, f0, g0, u, v, s = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep]
+                    kern, f0, g0, u, v, s, t = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep], t[keep]
                     if relaxed:
                         omega, prev_err = omega[keep], prev_err[keep]
                     lb_act, e_act, a_w, b_w = lb[idx], eps[idx], a_all[idx], b_all[idx]
@@ -790,4 +793,5 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         j += 1
         if far is not None:
             reanchor(far)
+            t = None                             # the kernels changed: the column sums are stale
     return f_out, g_out, err_out, it_out, mass_out, lin_out, paused
