@@ -218,6 +218,33 @@ def test_working_set_is_a_cpu_cache_fraction():
     assert daml._device.working_set_bytes("cpu") >= 1 << 20
     assert daml._device.working_set_bytes("cuda") is None
 
+@pytest.mark.parametrize("relaxation", [1.0, "auto"])
+def test_reported_error_is_the_marginal_error_of_the_returned_plan(monkeypatch, relaxation):
+    """The loop's check takes the column sums from the last column update; after a re-anchoring it
+    recomputes them. Either way each problem's reported error is that of the plan it returns."""
+    sk = importlib.import_module("daml.transport.sinkhorn")
+    anchors = []
+    anchor = sk._anchor
+
+    def spy(cost, *args):
+        anchors.append(cost.shape[0])
+        return anchor(cost, *args)
+
+    monkeypatch.setattr(sk, "_anchor", spy)
+    c, a, b = zip(*(_problem(40, 30, seed=80 + k, skew=2 + 2 * k) for k in range(6)))
+    c, a, b = np.stack(c), np.stack(a), np.stack(b)
+    reanchored = 0
+    for max_iter in range(1, 46):               # some runs end right after a re-anchoring
+        anchors.clear()
+        res = sinkhorn(c, a, b, epsilon=np.array([0.3, 0.05, 0.01, 0.005, 0.002, 0.001]), relative=True,
+                       tol=1e-13, max_iter=max_iter, relaxation=relaxation, warn=False)
+        reanchored += len(anchors) > 1              # re-anchored on the way (the first anchor is one call)
+        plan = res.plan().numpy()
+        measured = np.array([_marginal_error(plan[k], a[k], b[k]) for k in range(6)])
+        assert np.allclose(res.error.numpy(), measured, rtol=1e-9, atol=1e-15), (max_iter, res.error, measured)
+    assert reanchored > 30
+
+
 def test_importance_weights_spanning_hundreds_of_orders_of_magnitude():
     rng = np.random.default_rng(4)
     n = 100
