@@ -586,10 +586,10 @@ def _adapt(omega: torch.Tensor, err: torch.Tensor, prev_err: torch.Tensor, auto:
     error fell re-estimates its best factor. Near the solution Sinkhorn is a two-block Gauss-Seidel
     iteration, so Young's SOR theory applies (Lehmann et al.): a per-iteration error ratio ``mu``
     seen under ``omega`` means a plain ratio ``r = (mu + omega - 1)^2 / (omega^2 mu)``, whose best
-    factor is ``2 / (1 + sqrt(1 - r))``. At the best factor ``mu = omega - 1``, and ``mu`` cannot
-    fall below ``omega - 1`` near the solution, so only ratios ``mu >= omega - 1`` are used, and
-    they raise the factor or keep it (early ratios understate the asymptotic one); it stays at or
-    below ``_OMEGA_MAX``.
+    factor is ``2 / (1 + sqrt(1 - r))``. At the best factor ``mu = omega - 1``, and near the solution
+    ``mu`` cannot fall below ``omega - 1`` (Kahan's bound for SOR), so only ratios ``mu >= omega - 1``
+    are used (a faster fall is a transient). They raise the factor or keep it (early ratios
+    understate the asymptotic one), up to ``_OMEGA_MAX``.
     """
     w = omega.squeeze(-1)
     grew = (w > 1.0) & (err > prev_err)
