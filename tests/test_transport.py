@@ -286,11 +286,11 @@ def test_zero_masses_give_zero_rows_and_columns_and_finite_potentials():
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-4), (torch.float32, 1e-3)])
 def test_small_epsilon_gives_no_nan_or_inf(dtype, rel):
     c, a, b = _problem(150, 120, skew=10.0, seed=13)
-    for anneal in (None, 0.5):
+    for anneal, relaxation in ((None, 1.0), (0.5, 1.0), (None, "auto"), (0.5, "auto")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             res = sinkhorn(torch.tensor(c, dtype=dtype), a, b, epsilon=rel, relative=True, tol=1e-4,
-                           max_iter=3000, anneal=anneal)
+                           max_iter=3000, anneal=anneal, relaxation=relaxation)
         for field in (res.f, res.g, res.value, res.value_linear, res.error):
             assert torch.isfinite(field).all()
         plan = res.plan()
