@@ -371,10 +371,11 @@ def test_relaxed_update_on_the_cpu_equals_the_power_formula():
         u = torch.rand(7, 50, generator=g, dtype=torch.float64).add_(0.1).to(dtype)
         s = torch.rand(7, 50, generator=g, dtype=torch.float64).mul_(5).add_(0.01).to(dtype)
         omega = torch.linspace(1.0, 1.95, 7, dtype=dtype).unsqueeze(-1)
-        got = sk._relaxed_power(u, s, omega)
         want = u.double() * (s.double() * u.double()).reciprocal() ** omega.double()
-        assert got.dtype == dtype
-        assert torch.allclose(got.double(), want, rtol=rel, atol=0)
+        # the CPU path (numpy) and the accelerator path (torch), the latter run here on CPU tensors
+        for got in (sk._relaxed_power(u, s, omega), sk._power_in_place(torch, u, s, omega)):
+            assert got.dtype == dtype
+            assert torch.allclose(got.double(), want, rtol=rel, atol=0)
     # an overshoot past the range comes back non-finite, silently (the caller falls back)
     u = torch.tensor([[1e300, 1.0]], dtype=torch.float64)
     s = torch.tensor([[1e-300, 0.0]], dtype=torch.float64)
