@@ -160,3 +160,52 @@ def test_divergence_check_catches_non_finite_members_even_with_zero_weight():
     lw_nan[0, 0] = math.nan
     with pytest.raises(DivergenceError, match="non-finite"):
         _check_divergence(x, lw_nan, 1e9, 0, "f")
+
+
+# -- inference mode ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_inference_mode_changes_nothing_but_the_mode(name, problem):
+    # run() uses torch.inference_mode for filters that declare it; the results must be bit-identical
+    # to the same filter under torch.no_grad, and only filters that never differentiate may declare it
+    model, obs, data = problem
+    filt = filters.make_filter(name, **PARAMS[name])
+    assert filt.inference == (name not in {"ekf", "diffusion", "ensf"})
+    fast = filters.run(filt, model, data, seed=3, progress=False)
+    plain = filters.run(filt._replace(inference=False), model, data, seed=3, progress=False)
+    xr.testing.assert_identical(fast.analysis.drop_attrs(), plain.analysis.drop_attrs())
+
+
+def test_a_filter_that_differentiates_keeps_autograd_in_the_loop(problem):
+    # a hand-made filter (inference=False, the default) may use autograd in its analysis
+    model, obs, data = problem
+    base = filters.etkf(members=12)
+    seen = []
+
+    def analysis(state, y, operator, mask, g):
+        with torch.enable_grad():                         # run() turns autograd off, as diffusion does here
+            x = state.x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad((x * x).sum(), x)
+        seen.append(bool(torch.equal(grad, 2 * state.x)))
+        return base.analysis(state, y, operator, mask, g)
+
+    filt = filters.Filter("grad", {}, base.init, base.forecast, analysis, base.members)
+    assert filt.inference is False
+    filters.run(filt, model, data, seed=0, progress=False)
+    assert seen and all(seen)
+    with pytest.raises(RuntimeError):                     # the same analysis under inference mode fails
+        filters.run(filt._replace(inference=True), model, data, seed=0, progress=False)
+
+
+def test_operator_cache_made_in_the_loop_works_with_autograd_afterwards(problem):
+    # the observation operator caches which entries it picks on first use, which may be inside the
+    # inference-mode loop; the cache must stay an ordinary tensor, usable with autograd later
+    model, _, data = problem
+    op = models.observe_indices(N_STATE, [2, 0], sd=0.5)          # irregular: an index tensor, not a slice
+    sub = data.isel(obs=[2, 0]).drop_vars(["H", "R"])
+    assert op._selection is None
+    filters.run(filters.etkf(members=12), model, sub, operator=op, seed=0, progress=False)
+    assert isinstance(op._selection[1], torch.Tensor) and not op._selection[1].is_inference()
+    x = torch.randn(5, N_STATE, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(op.apply(x).sum(), x)
+    assert grad[:, 1].eq(0).all() and grad[:, [0, 2]].eq(1).all()

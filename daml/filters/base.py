@@ -71,6 +71,10 @@ class Filter(NamedTuple):
     members: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
     lookahead: bool = False
     """Whether ``forecast`` takes a fourth argument, the :class:`Upcoming` observation."""
+    inference: bool = False
+    """Whether the steps never use autograd, so that :func:`daml.filters.run` may run its loop under
+    ``torch.inference_mode`` (cheaper per operation than ``torch.no_grad``: no version counters, no
+    view tracking). Leave it ``False`` for a filter that differentiates anything in its steps."""
 
 
 class Upcoming(NamedTuple):

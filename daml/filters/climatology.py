@@ -51,7 +51,7 @@ def climatology(mean: Any, cov: Any, members: int = 100) -> Filter:
         return state, {}
 
     config = {"members": members}
-    return Filter("climatology", config, init, forecast, analysis, ensemble_members)
+    return Filter("climatology", config, init, forecast, analysis, ensemble_members, inference=True)
 
 
 def climatology_from_truth(truth: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,7 +244,7 @@ def enkf(members: int) -> Filter:
         return EnsembleState(xa, state.log_weight), {"spread": _spread(xa)}
 
     return Filter("enkf", {"members": n_mem}, ensemble_init(n_mem), ensemble_forecast, analysis,
-                  ensemble_members)
+                  ensemble_members, inference=True)
 
 
 @register("etkf")
@@ -287,4 +287,4 @@ def etkf(members: int, rotate: bool = False) -> Filter:
         return EnsembleState(xa, state.log_weight), {"spread": _spread(xa)}
 
     return Filter("etkf", {"members": n_mem, "rotate": rot}, ensemble_init(n_mem), ensemble_forecast, analysis,
-                  ensemble_members)
+                  ensemble_members, inference=True)

@@ -133,7 +133,7 @@ def etpf(members: int, epsilon: float = 0.05, solver: str = "sinkhorn", second_o
         res = ensemble_transform(x, lw, **transport)
         return _equal_weights(res.x, tau, g), _info(lw, log_z, res.error, res.converged, kish_ess(lw))
 
-    return Filter("etpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members)
+    return Filter("etpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members, inference=True)
 
 
 @register("letpf")
@@ -163,8 +163,9 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
         n = like.shape[-1]
         key = (id(operator), n, like.dtype, like.device)
         if cache.get("key") != key or cache.get("operator") is not operator:
-            prec = _local_precision(operator, n, rad, None, None).to(like)                  # (n, m): rho / r
-            state_taper = ring_taper(n, rad).to(like)                                       # (n, n)
+            with torch.inference_mode(False):      # kept across runs: ordinary tensors, not inference ones
+                prec = _local_precision(operator, n, rad, None, None).to(like)              # (n, m): rho / r
+                state_taper = ring_taper(n, rad).to(like)                                   # (n, n)
             cache.update(key=key, operator=operator, value=(prec, state_taper))
         return cache["value"]
 
@@ -185,4 +186,4 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
         return _equal_weights(xa, tau, g), _info(lw_glob, log_z, res.error, res.converged, ess)
 
     config = {"radius": rad, **config}
-    return Filter("letpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members)
+    return Filter("letpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members, inference=True)

@@ -282,7 +282,7 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
               "uniform": uniform, "gaussian_prob": gaussian_prob, "gaussian_scale": gaussian_scale,
               "threshold": threshold, "resampling": resampling}
     return Filter("ewpf", config, _init_with(noise, members), nudged_forecast(noise, nudging, "ewpf"), analysis,
-                  ensemble_members, lookahead=True)
+                  ensemble_members, lookahead=True, inference=True)
 
 
 # -- implicit equal weights -----------------------------------------------------------------------------
@@ -372,4 +372,4 @@ def iewpf(members: int, keep: float = 1.0, nudging: float = 0.5, beta: float = 1
     config = {"members": members, "keep": keep, "nudging": nudging, "beta": beta, "model_noise": noise.config(),
               "resampling": resampling}
     return Filter("iewpf", config, _init_with(noise, members), nudged_forecast(noise, nudging, "iewpf"), analysis,
-                  ensemble_members, lookahead=True)
+                  ensemble_members, lookahead=True, inference=True)

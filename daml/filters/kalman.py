@@ -224,7 +224,7 @@ def kalman_filter() -> Filter:
         innovation = y - state.mean @ h.transpose(-1, -2)
         return _linear_update(state.mean, state.cov, innovation, h, operator.noise_cov.to(state.mean), mask)
 
-    return Filter("kf", {}, init, forecast, analysis, gaussian_members)
+    return Filter("kf", {}, init, forecast, analysis, gaussian_members, inference=True)
 
 
 # -- extended Kalman filter -----------------------------------------------------------------------------

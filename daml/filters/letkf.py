@@ -224,7 +224,8 @@ def letkf(members: int, radius: float, positions: Any = None, domain: float | No
     def local_precision(operator: Observation, like: torch.Tensor) -> torch.Tensor:
         key = (id(operator), id(operator.noise_cov), id(operator.matrix), like.shape[-1], like.dtype, like.device)
         if cache.get("key") != key or cache.get("operator") is not operator:
-            value = _local_precision(operator, like.shape[-1], rad, pos, dom).to(like)
+            with torch.inference_mode(False):      # kept across runs: an ordinary tensor, not an inference one
+                value = _local_precision(operator, like.shape[-1], rad, pos, dom).to(like)
             cache.update(key=key, operator=operator, value=value)
         return cache["value"]
 
@@ -249,4 +250,4 @@ def letkf(members: int, radius: float, positions: Any = None, domain: float | No
 
     config = {"members": n_mem, "radius": rad, "positions": None if pos is None else pos.tolist(),
               "domain": dom, "rotate": rot}
-    return Filter("letkf", config, ensemble_init(n_mem), ensemble_forecast, analysis, ensemble_members)
+    return Filter("letkf", config, ensemble_init(n_mem), ensemble_forecast, analysis, ensemble_members, inference=True)

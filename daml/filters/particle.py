@@ -438,7 +438,7 @@ def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systemati
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
               "model_noise": noise.config()}
-    return Filter("bootstrap", config, _init_with(noise, members), forecast, analysis, ensemble_members)
+    return Filter("bootstrap", config, _init_with(noise, members), forecast, analysis, ensemble_members, inference=True)
 
 
 # -- optimal proposal -----------------------------------------------------------------------------------
@@ -473,7 +473,7 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
               "model_noise": noise.config()}
     return Filter("optimal", config, _init_with(noise, members), deferred_forecast(noise), analysis,
-                  ensemble_members, lookahead=True)
+                  ensemble_members, lookahead=True, inference=True)
 
 
 # -- auxiliary ------------------------------------------------------------------------------------------
@@ -527,4 +527,4 @@ def auxiliary(members: int, improved: bool = True, resampling: str = "systematic
 
     config = {"members": members, "improved": improved, "resampling": resampling, "model_noise": noise.config()}
     return Filter("auxiliary", config, _init_with(noise, members), deferred_forecast(noise), analysis,
-                  ensemble_members, lookahead=True)
+                  ensemble_members, lookahead=True, inference=True)

@@ -171,7 +171,9 @@ def run(
     bar = tqdm(total=n_times - 1, desc=filt.name, disable=(None if progress is None else not progress), leave=False)
     t0 = _time.perf_counter()
     try:
-        with torch.no_grad():
+        # inference mode where the filter declares it never differentiates: a few microseconds less
+        # per operation, which adds up over the hundreds of small operations of a cycle
+        with (torch.inference_mode() if filt.inference else torch.no_grad()):
             upcoming, k_next, k_prev = None, -1, 0
             for k in range(1, n_times):
                 if filt.lookahead:

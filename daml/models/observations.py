@@ -97,19 +97,24 @@ class Observation:
         finite value where an unobserved entry is infinite, which the product would turn into NaN) for
         ``m`` copies instead of ``m n`` multiply-adds per member."""
         if self._selection is None or self._selection[0] is not self.matrix:
-            h = self.matrix
-            pos = selection_positions(h)
-            picker: torch.Tensor | slice | None = None
-            if pos is not None and bool((h[h != 0] == 1).all()):
-                idx = pos.to(torch.int64)
-                steps = torch.unique(idx[1:] - idx[:-1]) if idx.numel() > 1 else torch.ones(1, dtype=torch.int64)
-                if steps.numel() == 1 and int(steps[0]) >= 1:
-                    start, step = int(idx[0]), int(steps[0])
-                    picker = slice(start, start + step * (idx.numel() - 1) + 1, step)
-                else:
-                    picker = idx.to(h.device)
-            self._selection = (h, picker)
+            with torch.inference_mode(False):      # a cache kept beyond an inference-mode loop
+                self._selection = (self.matrix, self._picker(self.matrix))
         return self._selection[1]
+
+    @staticmethod
+    def _picker(h: torch.Tensor) -> torch.Tensor | slice | None:
+        """The picker of :meth:`_selected_indices` for ``H`` (computed once per matrix)."""
+        pos = selection_positions(h)
+        picker: torch.Tensor | slice | None = None
+        if pos is not None and bool((h[h != 0] == 1).all()):
+            idx = pos.to(torch.int64)
+            steps = torch.unique(idx[1:] - idx[:-1]) if idx.numel() > 1 else torch.ones(1, dtype=torch.int64)
+            if steps.numel() == 1 and int(steps[0]) >= 1:
+                start, step = int(idx[0]), int(steps[0])
+                picker = slice(start, start + step * (idx.numel() - 1) + 1, step)
+            else:
+                picker = idx.to(h.device)
+        return picker
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:
         """``dh/dx`` at ``x`` (..., n): shape ``(..., m, n)`` (``H`` broadcast for linear operators)."""
