@@ -39,6 +39,7 @@ __all__ = [
     "scoped_global_stream",
     "working_set_bytes",
     "elementwise_rows",
+    "smoothing_dtype",
     "smoothing_noise",
 ]
 
@@ -219,13 +220,27 @@ def spawn_generators(seed: Seed, n: int, device: str | torch.device | None = Non
     return [generator(child, device) for child in spawn(seed, n)]
 
 
-def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype,
-                    device: torch.device | str | None = None) -> torch.Tensor:
-    """Standard normal draws of ``shape`` for smoothing noise (a kernel's jitter), reproducible from
-    ``generator`` (which advances), returned in ``dtype``.
+def smoothing_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype in which smoothing noise (a kernel's jitter) is drawn and shaped for states of
+    ``dtype`` on ``device``: float32 for float64 on the CPU, ``dtype`` elsewhere.
 
-    On the CPU the draws for a float64 result are made in float32 by torch's vectorised sampler and
-    widened: several times faster than float64 draws by ``torch.randn`` or by numpy's ziggurat
+    The noise only smooths a sample: its scale is an estimate (a bandwidth times a sample
+    covariance) whose Monte Carlo error, of order ``1/sqrt(N)``, dwarfs float32's relative rounding
+    of about ``6e-8``. On the CPU, float32 draws and products are several times faster than float64
+    ones (``benchmarks/particle_filters.py --parts c`` times the draws).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.float32 if dev.type == "cpu" and dtype == torch.float64 else dtype
+
+
+def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype,
+                    device: torch.device | str | None = None, widen: bool = True) -> torch.Tensor:
+    """Standard normal draws of ``shape`` for smoothing noise (a kernel's jitter), reproducible from
+    ``generator`` (which advances), drawn in :func:`smoothing_dtype` and returned in ``dtype``
+    (``widen=False``: in the dtype they were drawn in, for a caller that shapes them there).
+
+    On the CPU the draws for a float64 result are made in float32 by torch's vectorised sampler:
+    several times faster than float64 draws by ``torch.randn`` or by numpy's ziggurat
     (``benchmarks/particle_filters.py --parts c`` times all three). The draws then
     have float32 resolution (24 bits) and no value beyond about 5.8 (the largest radius a 24-bit
     uniform gives the Box-Muller transform; probability 8e-9 under N(0, 1)). Neither matters for
@@ -234,9 +249,9 @@ def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: tor
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     shape = tuple(int(s) for s in shape)
-    if dev.type == "cpu" and dtype == torch.float64:
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(torch.float64)
-    return torch.randn(shape, generator=generator, dtype=dtype, device=dev)
+    work = smoothing_dtype(dtype, dev)
+    z = torch.randn(shape, generator=generator, dtype=work, device=dev)
+    return z.to(dtype) if widen else z
 
 
 def elementwise_rows(x: torch.Tensor) -> int | None:

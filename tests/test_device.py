@@ -131,6 +131,19 @@ def test_smoothing_noise_is_reproducible_normal_and_advances(dtype, shape):
     assert stats.kstest(z, "norm").pvalue > 1e-3
 
 
+def test_smoothing_dtype_and_unwidened_draws():
+    # float32 for float64 on the CPU only; widen=False returns the same draws before widening
+    assert _device.smoothing_dtype(torch.float64) == torch.float32
+    assert _device.smoothing_dtype(torch.float64, "cpu") == torch.float32
+    assert _device.smoothing_dtype(torch.float32, "cpu") == torch.float32
+    assert _device.smoothing_dtype(torch.float64, "meta") == torch.float64
+    for dtype in (torch.float64, torch.float32):
+        wide = _device.smoothing_noise((50, 4), _device.generator(8), dtype)
+        raw = _device.smoothing_noise((50, 4), _device.generator(8), dtype, widen=False)
+        assert raw.dtype == torch.float32 and wide.dtype == dtype
+        assert torch.equal(raw.to(dtype), wide)
+
+
 def test_smoothing_noise_in_float64_has_float32_draws_and_bounded_tails():
     # the documented trade: float64 results hold float32 values, none beyond the largest Box-Muller
     # radius of a 24-bit uniform, sqrt(-2 log 2^-24) = 5.77 (N(0, 1) exceeds it with probability 8e-9)

@@ -153,8 +153,9 @@ def test_jitter_moves_only_duplicates():
     assert len({tuple(r.tolist()) for r in out.x}) == 6
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batched", [False, True])
-def test_jitter_noise_has_the_bandwidth_times_the_weighted_covariance(batched):
+def test_jitter_noise_has_the_bandwidth_times_the_weighted_covariance(batched, dtype):
     # Each experiment's duplicates get noise of covariance h^2 Cov_w(x) with its own Cov_w: two
     # experiments with different covariances (batched) catch a root applied to the wrong one.
     g = generator(21)
@@ -163,6 +164,7 @@ def test_jitter_noise_has_the_bandwidth_times_the_weighted_covariance(batched):
                          [[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.5]]], dtype=torch.float64)
     x = torch.randn(2, members, n, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(covs).mT
     lw = torch.log_softmax(-0.25 * (x * x).sum(-1), -1)      # uneven weights: many duplicates
+    x, lw = x.to(dtype), lw.to(dtype)                         # float64: covariance and noise formed in float32
     if not batched:
         x, lw, covs = x[0], lw[0], covs[0]
     flag = torch.ones(lw.shape[:-1], dtype=torch.bool)

@@ -81,12 +81,15 @@ def weighted_covariance(x: torch.Tensor, log_weight: torch.Tensor | None = None)
     return 0.5 * (cov + cov.transpose(-1, -2))
 
 
-def _covariance_lower(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _covariance_lower(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`weighted_covariance` for normalised weights ``w``, symmetric up to rounding; the lower
-    triangle is all :func:`covariance_root` reads (Cholesky, and ``eigh`` where that fails)."""
+    triangle is all :func:`covariance_root` reads (Cholesky, and ``eigh`` where that fails).
+    ``dtype``: form the product ``A^T A`` of the anomalies (computed in ``x``'s dtype) in this one."""
     degenerate = (w * w).sum(-1, keepdim=True) > 1.0 - 1e-10
     w = torch.where(degenerate, torch.full_like(w, 1.0 / x.shape[-2]), w)
     _, a = weighted_anomalies(x, w)
+    if dtype is not None:
+        a = a.to(dtype)
     return a.transpose(-1, -2) @ a
 
 
@@ -267,16 +270,22 @@ def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, du
     """Add ``bandwidth * L z`` to the rows of ``new_x`` marked in ``dup``, with ``L L^T`` the weighted
     covariance of the members ``x`` before resampling (weights ``w``) and ``z`` standard normal.
 
-    Row ``k`` of the one draw ``z`` belongs to the ``k``-th duplicate in row-major order.
+    Row ``k`` of the one draw ``z`` belongs to the ``k``-th duplicate in row-major order. The
+    covariance product and ``L z`` are formed in :func:`daml._device.smoothing_dtype` (float32 for
+    float64 members on the CPU, where they take half the time): the noise only smooths the sample and
+    its scale is an estimate, so float32's rounding is far below its Monte Carlo error. The anomalies
+    and the Cholesky factor are computed in the members' dtype.
     """
-    root = covariance_root(_covariance_lower(x, w)) * bandwidth
+    work = _device.smoothing_dtype(x.dtype, x.device)
+    cov = _covariance_lower(x, w, dtype=work).to(x.dtype)
+    root = (covariance_root(cov) * bandwidth).to(work)
     where = dup.nonzero(as_tuple=True)
-    z = _device.smoothing_noise((where[0].numel(), x.shape[-1]), g, x.dtype, x.device)
+    z = _device.smoothing_noise((where[0].numel(), x.shape[-1]), g, x.dtype, x.device, widen=False)
     # (L z^T)^T rather than z L^T: the same product, faster on the CPU with the long axis last
     if dup.ndim == 1:                                 # one experiment: transform the duplicates' rows only
-        new_x.index_put_(where, (root @ z.mT).mT, accumulate=True)
+        new_x.index_add_(0, where[0], (root @ z.mT).mT.to(new_x.dtype))
         return
-    eps = torch.zeros_like(new_x)
+    eps = torch.zeros(new_x.shape, dtype=work, device=new_x.device)
     eps[where] = z
     new_x.add_((root @ eps.mT).mT)
 
