@@ -213,12 +213,14 @@ def test_large_batches_step_in_pieces_equal_to_one_go(model, monkeypatch):
     monkeypatch.setattr(_device, "_ELEMENTWISE_CHUNK", 4 * model.state_size)
     assert _device.elementwise_rows(x) == 4
     calls = []
-    monkeypatch.setattr(model, "tendency", lambda v, f=model.tendency: calls.append(v.shape[:-1].numel()) or f(v))
+    monkeypatch.setattr(model, "_step_no_grad",
+                        lambda v, f=model._step_no_grad: calls.append(v.shape[:-1].numel()) or f(v))
     with torch.no_grad():
         assert torch.equal(model.step(x), whole)
-    assert calls == [4] * (4 * 11) + [1] * 4               # 45 rows: 11 pieces of 4 and one of 1
-    # with autograd on: one go, and the gradient reaches the input
+    assert calls == [4] * 11 + [1]                         # 45 rows: 11 pieces of 4 and one of 1
+    # with autograd on: one go through tendency, and the gradient reaches the input
     calls.clear()
+    monkeypatch.setattr(model, "tendency", lambda v, f=model.tendency: calls.append(v.shape[:-1].numel()) or f(v))
     xg = x.clone().requires_grad_(True)
     model.step(xg).sum().backward()
     assert calls == [45] * 4
@@ -669,3 +671,25 @@ def test_example_configs_parse_and_the_arctan_transform_reaches_the_filters():
     assert np.isfinite(res.analysis["x"].values).all()
     with pytest.raises(daml.errors.InputError, match="observations.transform"):
         load_config(root.joinpath("diffusion_arctan.toml").read_text().replace('"arctan"', '"sqrt"'))
+
+
+@pytest.mark.parametrize("model", [m for m in _all_models() if isinstance(m, dm.ODEModel)
+                                   and type(m)._step_no_grad is not dm.ODEModel._step_no_grad], ids=lambda m: m.name)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_own_step_without_autograd_is_bit_identical_to_rk4(model, dtype):
+    # a model's cheaper autograd-free step must give exactly rk4_step's numbers, for a single state,
+    # batches of any rank, large values and non-finite entries (which must spread the same way)
+    g = torch.Generator().manual_seed(5)
+    for shape in [(model.state_size,), (3, model.state_size), (4, 6, model.state_size)]:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 5.0).to(dtype)
+        x.view(-1)[1] = 1e30
+        if x.ndim > 1:
+            x[..., -1, 0] = math.nan
+            x[..., 0, 2] = math.inf
+        with torch.no_grad():
+            got = model._step_no_grad(x)
+            want = rk4_step(model.tendency, x, model.dt)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0))
+
