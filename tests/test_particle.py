@@ -186,6 +186,29 @@ def test_jitter_noise_has_the_bandwidth_times_the_weighted_covariance(batched, d
         assert bool((torch.abs(emp - target) < 5 * se).all()), (emp, target)
 
 
+def test_rounded_root_restores_definiteness_lost_to_float32_rounding():
+    # a covariance of rank 3 in 6 dimensions formed in float32 is indefinite by rounding; the root
+    # shifts only that experiment's diagonal by n u max(diag), leaves a well-conditioned experiment's
+    # Cholesky factor untouched, and falls back to the eigendecomposition for a truly indefinite matrix
+    g = generator(4)
+    n, u = 6, torch.finfo(torch.float32).eps / 2
+    a = torch.randn(200, 3, generator=g, dtype=torch.float64) @ torch.randn(3, n, generator=g, dtype=torch.float64)
+    a = a - a.mean(0)
+    singular = (a.float().T @ a.float()).double() / 200
+    assert int(torch.linalg.cholesky_ex(singular).info) != 0
+    good = torch.eye(n, dtype=torch.float64) + 0.3
+    both = torch.stack([good, singular])
+    root = particle_module._rounded_root(both, u)
+    assert torch.equal(root[0], torch.linalg.cholesky(good))
+    delta = n * u * float(torch.diagonal(singular).max())
+    err = torch.tril(root[1] @ root[1].T - singular)          # Cholesky reads the lower triangle only
+    assert torch.allclose(err, delta * torch.eye(n, dtype=torch.float64), rtol=1e-6, atol=1e-6 * delta)
+    assert torch.equal(root[1], torch.tril(root[1]))
+    indefinite = torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64))
+    root = particle_module._rounded_root(indefinite, u)
+    assert torch.allclose(root @ root.T, torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)))
+
+
 # -- EWPF -------------------------------------------------------------------------------------------
 
 def _dense_neg_log_target(x, f, c, y, h, q, r, mask):

@@ -274,11 +274,14 @@ def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, du
     covariance product and ``L z`` are formed in :func:`daml._device.smoothing_dtype` (float32 for
     float64 members on the CPU, where they take half the time): the noise only smooths the sample and
     its scale is an estimate, so float32's rounding is far below its Monte Carlo error. The anomalies
-    and the Cholesky factor are computed in the members' dtype.
+    and the Cholesky factor are computed in the members' dtype; where the rounding of the product has
+    left a nearly singular covariance indefinite, :func:`_rounded_root` shifts its diagonal by that
+    rounding's size.
     """
     work = _device.smoothing_dtype(x.dtype, x.device)
     cov = _covariance_lower(x, w, dtype=work).to(x.dtype)
-    root = (covariance_root(cov) * bandwidth).to(work)
+    root = (covariance_root(cov) if work == x.dtype else _rounded_root(cov, torch.finfo(work).eps / 2))
+    root = (root * bandwidth).to(work)
     where = dup.nonzero(as_tuple=True)
     z = _device.smoothing_noise((where[0].numel(), x.shape[-1]), g, x.dtype, x.device, widen=False)
     # (L z^T)^T rather than z L^T: the same product, faster on the CPU with the long axis last
@@ -288,6 +291,24 @@ def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, du
     eps = torch.zeros(new_x.shape, dtype=work, device=new_x.device)
     eps[where] = z
     new_x.add_((root @ eps.mT).mT)
+
+
+def _rounded_root(cov: torch.Tensor, unit: float) -> torch.Tensor:
+    """A square root of ``cov`` ``(*batch, n, n)``, a covariance formed by a product in a dtype of unit
+    roundoff ``unit``: its Cholesky factor; where rounding has left a nearly singular ``cov`` indefinite,
+    the factor of ``cov + delta I`` with ``delta = n * unit * max_i cov_ii`` (the size of that
+    rounding: the directions it blurs get noise of at most that variance); the eigendecomposition
+    (:func:`covariance_root`) only where that fails too."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info.max()) == 0:
+        return chol
+    n = cov.shape[-1]
+    delta = torch.where(info != 0, n * unit * torch.diagonal(cov, dim1=-2, dim2=-1).amax(-1), 0.0)
+    chol, info = torch.linalg.cholesky_ex(torch.diagonal_scatter(cov, torch.diagonal(cov, dim1=-2, dim2=-1)
+                                                                 + delta.unsqueeze(-1), dim1=-2, dim2=-1))
+    if int(info.max()) == 0:
+        return chol
+    return covariance_root(cov)
 
 
 def check_sir(members: Any, threshold: Any, resampling: Any, jitter: Any) -> tuple[int, float, str, float]:
