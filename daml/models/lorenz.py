@@ -139,6 +139,81 @@ class Lorenz96(ODEModel):
     def _step_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`rk4_step` of :meth:`tendency`, bit-identical, with each stage's state written into
         the middle of one wrapped buffer ``[s_{n-2}, s_{n-1}, s_0, ..., s_{n-1}, s_0]``: only the three
+        wrapped entries are copied per stage, where :meth:`tendency` copies the whole state. The
+        wrapped buffer and the stage tendencies live in :func:`daml._device.scratch` buffers, reused
+        from step to step; only the result is a new tensor."""
+        n, dt = x.shape[-1], self.dt
+        flat = x.reshape(-1, n)
+        wrapped, k1, k2, k3 = _device.scratch("lorenz96.rk4", flat.shape[0], (n + 3, n, n, n), x.dtype, x.device)
+        stage = wrapped[:, 2:-1]
+        ahead, behind, behind2 = wrapped[:, 3:], wrapped[:, 1:-2], wrapped[:, :-3]
+
+        def tendency(out: torch.Tensor) -> torch.Tensor:      # f(stage), the same operations as tendency()
+            wrapped[:, :2] = wrapped[:, n:n + 2]
+            wrapped[:, -1] = wrapped[:, 2]
+            return torch.sub(ahead, behind2, out=out).mul_(behind).sub_(stage).add_(self.forcing)
+
+        stage.copy_(flat)
+        tendency(k1)
+        torch.add(flat, k1, alpha=0.5 * dt, out=stage)
+        tendency(k2)
+        torch.add(flat, k2, alpha=0.5 * dt, out=stage)
+        tendency(k3)
+        torch.add(flat, k3, alpha=dt, out=stage)
+        k2.add_(k3)                                   # k2 + k3, so that k3's buffer takes k4
+        k4 = tendency(k3)
+        # k1 + 2 (k2 + k3): the doubling is exact, so one fused add gives rk4_step's 2 (k2 + k3) + k1
+        return torch.add(flat, k1.add_(k2, alpha=2.0).add_(k4), alpha=dt / 6.0).view(x.shape)
+
+    def default_x0(dtype: Any = None, device: Any = None) -> torch.Tensor:
+        """DAPPER's initial state ``(1.509, -1.531, 25.46)``, close to the attractor; shape ``(3,)``."""
+        dev = _device.resolve_device(device)
+        return torch.tensor([1.509, -1.531, 25.46], dtype=_device.resolve_dtype(dtype, dev), device=dev)
+
+    def config(self) -> dict:
+        """The constructor arguments (``make_model("lorenz63", **config)`` rebuilds the model)."""
+        return {"sigma": self.sigma, "rho": self.rho, "beta": self.beta, "dt": self.dt,
+                "noise_cov": _compact_cov(self.noise_cov)}
+
+
+class Lorenz96(ODEModel):
+    """The Lorenz (1996) ring model ``dx_i/dt = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F``.
+
+    Parameters
+    ----------
+    n : int
+        Number of variables on the ring (at least 4; default 40).
+    forcing : float
+        The constant forcing ``F`` (default 8, chaotic).
+    dt : float
+        RK4 step per model step (default 0.05).
+    noise_cov : scalar, (n,) or (n, n), optional
+        Covariance ``Q`` of additive Gaussian model noise per step.
+    """
+
+    name = "lorenz96"
+
+    def __init__(self, n: int = 40, forcing: float = 8.0, dt: float = 0.05, noise_cov: Any = None):
+        n = check_int(n, "n", 4, "an int >= 4 (the ring needs neighbours i-2, i-1, i+1 distinct from i)")
+        self.forcing = check_real(forcing, "forcing")
+        super().__init__(state_size=n, dt=dt, noise_cov=noise_cov)
+
+    @property
+    def n(self) -> int:
+        """Number of variables (the state size)."""
+        return self.state_size
+
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x)`` for states ``(..., n)``; the cyclic neighbours are views of one wrapped copy
+        ``[x_{n-2}, x_{n-1}, x_0, ..., x_{n-1}, x_0]`` (one copy instead of three rolls)."""
+        wrapped = torch.cat([x[..., -2:], x, x[..., :1]], dim=-1)
+        ahead, behind, behind2 = wrapped[..., 3:], wrapped[..., 1:-2], wrapped[..., :-3]   # x_{i+1}, x_{i-1}, x_{i-2}
+        # in place on the one new tensor: each allocation of a large batch costs more than the arithmetic
+        return torch.sub(ahead, behind2).mul_(behind).sub_(x).add_(self.forcing)
+
+    def _step_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`rk4_step` of :meth:`tendency`, bit-identical, with each stage's state written into
+        the middle of one wrapped buffer ``[s_{n-2}, s_{n-1}, s_0, ..., s_{n-1}, s_0]``: only the three
         wrapped entries are copied per stage, where :meth:`tendency` copies the whole state."""
         n, dt = x.shape[-1], self.dt
         wrapped = torch.empty(*x.shape[:-1], n + 3, dtype=x.dtype, device=x.device)
