@@ -510,6 +510,24 @@ def test_observation_bad_input(build, match):
 def test_observation_apply_checks_state_size():
     with pytest.raises(ShapeError, match="^x:"):
         observe_all(3).apply(torch.zeros(4, dtype=F64))
+    with pytest.raises(ShapeError, match="^x:"):
+        observe_all(3).residual(torch.zeros(3, dtype=F64), torch.zeros(4, dtype=F64))
+
+
+def test_observation_residual_equals_y_minus_apply():
+    # the same values as y - h(x) for every kind of operator, with y broadcast over the members
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 8, generator=g, dtype=F64)
+    y = torch.randn(2, 1, 3, generator=g, dtype=F64)
+    ops = [observe_every(8, k=3, sd=1.0), observe_indices(8, [7, 0, 3], sd=1.0),
+           observe_linear(torch.randn(3, 8, generator=g, dtype=F64), sd=1.0),
+           observe_nonlinear(lambda v: v[..., :3] ** 2, state_size=8, size=3, sd=1.0)]
+    for op in ops:
+        got = op.residual(y, x)
+        assert got.shape == (2, 5, 3) and torch.equal(got, y - op.apply(x))
+    everything = observe_all(8, sd=1.0)
+    y8 = torch.randn(2, 1, 8, generator=g, dtype=F64)
+    assert torch.equal(everything.residual(y8, x), y8 - x)
 
 
 # --------------------------------------------------------------------------------------------------

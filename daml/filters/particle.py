@@ -463,7 +463,7 @@ def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systemati
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator):
         x, lw = state
-        ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
+        ll = gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
         return reweight_and_resample(x, lw, ll, "bootstrap", threshold, resampling, jitter, g)
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
@@ -496,7 +496,7 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
         if operator.linear:                    # N(y; H f, S), S already masked and factored
             inc = masked_logpdf_chol(step.innovation, step.chol_s, mask)
         else:
-            inc = (gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
+            inc = (gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
                    + gaussian_log_density(x, f, q_root) - gaussian_log_density(x, mean, root))
         return reweight_and_resample(x, lw, inc, "optimal", threshold, resampling, jitter, g)
 
@@ -547,7 +547,7 @@ def auxiliary(members: int, improved: bool = True, resampling: str = "systematic
         mean = gather_members(f, anc)
         x = mean + torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device) @ q_root.transpose(-1, -2)
         kern_x = pairwise_log_kernel(x, f, q_chol)                                    # (.., m, j)
-        ll = gaussian_loglik(y.unsqueeze(-2) - operator.apply(x), operator.noise_cov, mask)
+        ll = gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
         log_w = (ll + torch.logsumexp(lw.unsqueeze(-2) + kern_x, -1)
                  - torch.logsumexp(log_lam.unsqueeze(-2) + kern_x, -1))
         new_lw, log_z = log_normalise(torch.nan_to_num(log_w, nan=-math.inf), "auxiliary")

@@ -88,6 +88,17 @@ class Observation:
             return x @ self.matrix.to(x).T
         return self.func(x)
 
+    def residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y - h(x)`` for observations ``y`` ``(..., m)`` and states ``x`` ``(..., n)`` (broadcast), the
+        same values as ``y - apply(x)``; an operator that picks evenly spaced entries subtracts them
+        from ``y`` in place of copying them out first (one pass over the members instead of two)."""
+        if x.shape[-1] != self.state_size:
+            raise ShapeError("x", f"a last axis of length {self.state_size}", f"shape {tuple(x.shape)}")
+        idx = self._selected_indices() if self.matrix is not None else None
+        if isinstance(idx, slice):
+            return y - x[..., idx]
+        return y - self.apply(x)
+
     def _selected_indices(self) -> torch.Tensor | slice | None:
         """The variable each row of ``H`` picks when every row is a row of the identity (a single entry
         ``1``), else ``None``; a ``slice`` when the picked variables are evenly spaced and increasing
