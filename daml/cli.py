@@ -107,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     exp = experiment.load_config(args.config)
     print(f"daml {__version__}: {exp.name} ({'default experiment' if args.config is None else args.config}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    data, scores = experiment.run_experiment(exp, progress=args.progress)
+    data, scores = experiment.run_experiment(exp, progress=args.progress, only=args.only)
     print(experiment.format_table(exp, scores))
     written = experiment.write_outputs(exp, data, scores, Path(args.out))
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.1f} s")
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="daml-output", help="output folder (default: %(default)s)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: on a terminal only)")
+    run.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                     help="run only the methods of these names, each with the random stream of its place in "
+                          "the list (the same scores as in the full run)")
     run.add_argument("--threads", type=int, default=1,
                      help="torch intra-op threads (default: %(default)s; the filters' matrices are small, and "
                           "several threads only add synchronisation, which stalls badly on a busy machine)")

@@ -46,7 +46,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -283,6 +283,8 @@ class Score:
     posterior: xr.Dataset | None = None
     rmse_t: xr.DataArray | None = None
     rmse_a_each: tuple[float, ...] = ()
+    index: int = -1
+    """Position of the method in the experiment's list (its random stream and output name follow it)."""
 
 
 def _label(m: dict) -> str:
@@ -290,14 +292,28 @@ def _label(m: dict) -> str:
     return f"{m['name']}({extras})" if extras else m["name"]
 
 
-def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Dataset, list[Score]]:
-    """Run every method of ``exp`` on the same twin data; return the data and the scores."""
+def run_experiment(exp: Experiment, progress: bool | None = None,
+                   only: Sequence[str] | None = None) -> tuple[xr.Dataset, list[Score]]:
+    """Run every method of ``exp`` on the same twin data; return the data and the scores.
+
+    ``only``: run just the methods of these names. Each method keeps the random stream of its place
+    in the list, so its scores are those of the full run.
+    """
+    names = [m["name"] for m in exp.methods]
+    if only is not None:
+        only = [only] if isinstance(only, str) else list(only)
+        unknown = [o for o in only if o not in names]
+        if unknown or not only:
+            raise InputError("only", f"names of methods in the experiment ({', '.join(dict.fromkeys(names))})",
+                             repr(unknown or only))
     model, op, data = build_data(exp)
     after = data["time"] > exp.burn_in
     scores = []
     clim = None
     seeds = _device.spawn(exp.seed, len(exp.methods))       # one independent stream per method
-    for m, method_seed in zip(exp.methods, seeds):
+    for index, (m, method_seed) in enumerate(zip(exp.methods, seeds)):
+        if only is not None and m["name"] not in only:
+            continue
         params = {k: v for k, v in m.items() if k != "name"}
         if m["name"] == "climatology":
             clim = clim or climatology_from_truth(data["truth"].values)
@@ -307,7 +323,7 @@ def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Da
             res = run(filt, model, data, operator=op, seed=method_seed, progress=progress)
         except DivergenceError as err:
             scores.append(Score(m["name"], _label(m), math.nan, math.nan, math.nan, math.nan,
-                                diverged=f"step {err.step}"))
+                                diverged=f"step {err.step}", index=index))
             continue
         post = res.analysis
         keep = post.sel(time=post["time"] > exp.burn_in) if bool(after.any()) else post
@@ -324,7 +340,7 @@ def run_experiment(exp: Experiment, progress: bool | None = None) -> tuple[xr.Da
             crps=float(c.mean([d for d in c.dims if d not in per_exp]).median()),
             cycles_per_second=float(post.attrs["cycles_per_second"]),
             posterior=post, rmse_t=diagnostics.rmse(post, truth),
-            rmse_a_each=tuple(float(v) for v in np.ravel(per_truth.values)),
+            rmse_a_each=tuple(float(v) for v in np.ravel(per_truth.values)), index=index,
         ))
     return data, scores
 
@@ -348,14 +364,15 @@ def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: P
     """Posteriors (netCDF), the score table (JSON) and a figure (PNG, if matplotlib is installed)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    repeats = {m: sum(s.method == m for s in scores) for m in {s.method for s in scores}}
-    seen: dict[str, int] = {}
-    for s in scores:
-        seen[s.method] = seen.get(s.method, 0) + 1
+    names = [m["name"] for m in exp.methods]
+    for k, s in enumerate(scores):
         if s.posterior is not None:
-            # a method listed more than once (with other parameters) gets its place in the list as a
-            # suffix, so no posterior overwrites another: diffusion-1.nc, diffusion-2.nc
-            tag = s.method if repeats[s.method] == 1 else f"{s.method}-{seen[s.method]}"
+            # a method listed more than once (with other parameters) gets its place among them in the
+            # experiment's list as a suffix, so no posterior overwrites another: diffusion-1.nc,
+            # diffusion-2.nc (the same names when only some methods were run)
+            at = s.index if 0 <= s.index < len(names) else k
+            place = names[:at + 1].count(s.method)
+            tag = s.method if names.count(s.method) <= 1 else f"{s.method}-{place}"
             path = out / f"{exp.name}_{tag}.nc"
             io.to_netcdf(s.posterior, path)
             written.append(path)

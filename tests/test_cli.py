@@ -89,6 +89,30 @@ def test_a_method_listed_twice_writes_two_posteriors(tmp_path, capsys):
     assert (out / "twice_climatology.nc").is_file()
 
 
+def test_run_only_some_methods_gives_their_full_run_scores_and_names(tmp_path, capsys):
+    # --only keeps each method's random stream and output name: the scores equal the full run's
+    import json
+
+    cfg = tmp_path / "some.toml"
+    cfg.write_text(TINY.replace('name = "tiny"', 'name = "some"').replace("steps = 40", "steps = 12")
+                   + '[[methods]]\nname = "enkf"\nmembers = 8\n[[methods]]\nname = "enkf"\nmembers = 10\n')
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli.main(["run", str(cfg), "--out", str(full), "--no-progress"]) == 0
+    assert cli.main(["run", str(cfg), "--out", str(part), "--no-progress", "--only", "enkf"]) == 0
+    rows = {tag: json.loads((d / "some_scores.json").read_text())["scores"] for tag, d in (("full", full), ("part", part))}
+    def strip(table):                                   # everything but the timing
+        return [{k: v for k, v in r.items() if k != "cycles_per_second"} for r in table]
+
+    assert [r["method"] for r in rows["part"]] == [r["method"] for r in rows["full"]][2:]
+    assert strip(rows["part"]) == strip(rows["full"][2:])
+    assert {p.name for p in part.glob("*.nc")} == {"some_enkf-1.nc", "some_enkf-2.nc"}
+    from daml import experiment
+    from daml.errors import InputError
+
+    with pytest.raises(InputError, match="^only:.*climatology, etkf, enkf"):
+        experiment.run_experiment(experiment.load_config(cfg), progress=False, only=["etfk"])
+
+
 @pytest.mark.parametrize("bad, key", [
     ("[model]\nname = 'lorenz95'\n[[methods]]\nname = 'etkf'\n", "model.name"),
     ("[model]\nname = 'lorenz96'\n[[methods]]\nname = 'etfk'\n", "methods[0].name"),
