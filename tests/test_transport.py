@@ -518,6 +518,22 @@ def test_no_graph_is_built_when_nothing_requires_grad():
     assert not res.f.requires_grad and not res.value.requires_grad
 
 
+
+def test_results_are_ordinary_tensors_outside_inference_mode():
+    # the loop runs in inference mode; what the caller gets back can be edited in place and
+    # differentiated like any tensor, and a call inside the caller's own inference mode works too
+    c, a, b = _problem(12, 9, seed=5)
+    res = sinkhorn(torch.tensor(c), a, b, epsilon=0.1, tol=1e-6)
+    for name, t in res._asdict().items():
+        if isinstance(t, torch.Tensor):
+            assert not t.is_inference(), name
+    res.f.add_(1.0)
+    res.iterations.add_(1)
+    with torch.inference_mode():
+        again = sinkhorn(torch.tensor(c), a, b, epsilon=0.1, tol=1e-6)
+    assert torch.allclose(again.f + 1.0, res.f) and again.f.is_inference()
+
+
 # -- bad input -------------------------------------------------------------------------------------------------
 
 def test_bad_input_raises_named_errors():

@@ -63,7 +63,8 @@ converging problems several-fold; both keep the same fixed point.
 
 Gradients
 ---------
-The loop itself runs without autograd. ``value`` (the entropic objective) carries its gradient by the
+The loop itself runs without autograd, in ``torch.inference_mode`` (less bookkeeping per operation
+than ``torch.no_grad``; its results are copied into ordinary tensors). ``value`` (the entropic objective) carries its gradient by the
 envelope theorem: ``d value / d C = P``, ``d value / d log b = b * g`` and so on, with no linear
 solve. The potentials, and through them :meth:`SinkhornResult.plan`, :meth:`SinkhornResult.apply`
 and ``value_linear``, are differentiated implicitly: the backward pass solves the linearised
@@ -401,9 +402,14 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     cb = c.reshape(-1, n, m)
     eps = _check_epsilon(epsilon, relative, c, batch)
 
-    with torch.no_grad():
-        f, g, err, iters, total, linear = _solve_in_pieces(cb.detach(), la.detach(), lb.detach(), eps.detach(),
-                                                           tol, max_iter, check_every, anneal, relaxation)
+    # the loop runs in inference mode (less bookkeeping per operation than no_grad); its results are
+    # cloned into ordinary tensors, which callers may then modify in place or differentiate through
+    with torch.inference_mode():
+        out = _solve_in_pieces(cb.detach(), la.detach(), lb.detach(), eps.detach(),
+                               tol, max_iter, check_every, anneal, relaxation)
+    if not torch.is_inference_mode_enabled():
+        out = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+    f, g, err, iters, total, linear = out
     if torch.is_grad_enabled() and any(t.requires_grad for t in (cb, la, lb, eps)):
         f, g = _ImplicitPotentials.apply(cb, la, lb, eps, f, g)
     # gauge <a, f> = <b, g> (the plan and the values do not depend on it)
