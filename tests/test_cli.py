@@ -99,7 +99,8 @@ def test_run_only_some_methods_gives_their_full_run_scores_and_names(tmp_path, c
     full, part = tmp_path / "full", tmp_path / "part"
     assert cli.main(["run", str(cfg), "--out", str(full), "--no-progress"]) == 0
     assert cli.main(["run", str(cfg), "--out", str(part), "--no-progress", "--only", "enkf"]) == 0
-    rows = {tag: json.loads((d / "some_scores.json").read_text())["scores"] for tag, d in (("full", full), ("part", part))}
+    rows = {tag: json.loads((d / "some_scores.json").read_text())["scores"]
+            for tag, d in (("full", full), ("part", part))}
     def strip(table):                                   # everything but the timing
         return [{k: v for k, v in r.items() if k != "cycles_per_second"} for r in table]
 

@@ -133,7 +133,8 @@ def etpf(members: int, epsilon: float = 0.05, solver: str = "sinkhorn", second_o
         res = ensemble_transform(x, lw, **transport)
         return _equal_weights(res.x, tau, g), _info(lw, log_z, res.error, res.converged, kish_ess(lw))
 
-    return Filter("etpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members, inference=True)
+    return Filter("etpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members,
+                  inference=True)
 
 
 @register("letpf")
@@ -186,4 +187,5 @@ def letpf(members: int, radius: float, epsilon: float = 0.05, solver: str = "sin
         return _equal_weights(xa, tau, g), _info(lw_glob, log_z, res.error, res.converged, ess)
 
     config = {"radius": rad, **config}
-    return Filter("letpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members, inference=True)
+    return Filter("letpf", config, _init_with(noise, n_mem), deferred_forecast(noise), analysis, ensemble_members,
+                  inference=True)

@@ -64,12 +64,13 @@ converging problems several-fold; both keep the same fixed point.
 Gradients
 ---------
 The loop itself runs without autograd, in ``torch.inference_mode`` (less bookkeeping per operation
-than ``torch.no_grad``; its results are copied into ordinary tensors). ``value`` (the entropic objective) carries its gradient by the
-envelope theorem: ``d value / d C = P``, ``d value / d log b = b * g`` and so on, with no linear
-solve. The potentials, and through them :meth:`SinkhornResult.plan`, :meth:`SinkhornResult.apply`
-and ``value_linear``, are differentiated implicitly: the backward pass solves the linearised
-optimality conditions (one dense ``n x n`` solve per problem, ``O(n^2 (n + m))`` work) instead of
-unrolling the iterations, so memory does not grow with the iteration count.
+than ``torch.no_grad``; its results are copied into ordinary tensors). ``value`` (the entropic
+objective) carries its gradient by the envelope theorem: ``d value / d C = P``,
+``d value / d log b = b * g`` and so on, with no linear solve. The potentials, and through them
+:meth:`SinkhornResult.plan`, :meth:`SinkhornResult.apply` and ``value_linear``, are differentiated
+implicitly: the backward pass solves the linearised optimality conditions (one dense ``n x n`` solve
+per problem, ``O(n^2 (n + m))`` work) instead of unrolling the iterations, so memory does not grow
+with the iteration count.
 
 References
 ----------
