@@ -37,3 +37,21 @@ def test_torch_is_pinned_for_the_commands_but_not_capped_for_users():
     pyproject = (ROOT / "pyproject.toml").read_text()
     torch_req = re.search(r'"torch([^"]*)"', pyproject).group(1)
     assert torch_req.startswith(">=") and "<" not in torch_req and "==" not in torch_req
+
+
+def test_no_module_defines_a_top_level_name_or_method_twice():
+    # a second definition silently replaces the first (an editing slip that tests of behaviour
+    # can miss when both versions compute the same numbers)
+    import ast
+
+    for path in sorted((ROOT / "daml").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for scope in [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
+            seen = {}
+            for node in scope.body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    overloaded = any(isinstance(d, ast.Attribute) and d.attr in {"setter", "deleter"}
+                                     or isinstance(d, ast.Name) and d.id == "overload" for d in node.decorator_list)
+                    assert overloaded or node.name not in seen, \
+                        f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} already defined at line {seen[node.name]}"
+                    seen[node.name] = node.lineno
