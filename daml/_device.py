@@ -17,7 +17,6 @@ Same seed, same device, same result: bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
@@ -40,7 +39,6 @@ __all__ = [
     "scoped_global_stream",
     "working_set_bytes",
     "elementwise_rows",
-    "scratch",
     "smoothing_dtype",
     "smoothing_noise",
 ]
@@ -274,39 +272,6 @@ def elementwise_rows(x: torch.Tensor) -> int | None:
 
 
 _ELEMENTWISE_CHUNK = 1 << 16
-
-
-_SCRATCH = threading.local()
-
-
-def scratch(owner: str, rows: int, widths: Sequence[int], dtype: torch.dtype,
-            device: torch.device | str | None = None) -> list[torch.Tensor]:
-    """Uninitialised contiguous buffers ``(rows, w)``, one per entry of ``widths``, for temporaries that
-    do not outlive one call of ``owner``; on the CPU they are kept and handed out again to the next
-    call of the same ``owner`` on the same thread (grown when more rows are asked for).
-
-    Why: the CPU has no caching allocator. Each temporary comes from ``malloc`` and goes back at once,
-    and glibc hands memory freed at the top of the heap back to the system as soon as more than a few
-    hundred KiB are free there, so the same temporaries of the next call arrive as fresh pages whose
-    first-touch page faults cost more than the arithmetic: an RK4 step of 1000 Lorenz-96 states of 40
-    variables faulted about 90 pages per filter cycle in the bootstrap PF's loop, none with its buffers
-    kept. One set per owner and thread, of at most the rows of one call (the callers step large batches
-    in :func:`elementwise_rows` pieces), so the memory held stays small. Elsewhere (CUDA has a caching
-    allocator) new tensors.
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    widths = tuple(int(w) for w in widths)
-    if dev.type != "cpu":
-        return [torch.empty(rows, w, dtype=dtype, device=dev) for w in widths]
-    held = getattr(_SCRATCH, "buffers", None)
-    if held is None:
-        held = _SCRATCH.buffers = {}
-    entry = held.get(owner)
-    if entry is None or entry[0] != (widths, dtype) or entry[1][0].shape[0] < rows:
-        with torch.inference_mode(False):          # ordinary tensors: usable outside an inference loop
-            entry = ((widths, dtype), [torch.empty(rows, w, dtype=dtype) for w in widths])
-        held[owner] = entry
-    return [b[:rows] for b in entry[1]]
 
 
 def working_set_bytes(device: torch.device | str | None = None) -> int | None:

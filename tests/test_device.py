@@ -151,29 +151,3 @@ def test_smoothing_noise_in_float64_has_float32_draws_and_bounded_tails():
     assert z.dtype == torch.float64
     assert torch.equal(z, z.float().double())
     assert float(z.abs().max()) <= math.sqrt(-2.0 * math.log(2.0 ** -24)) + 1e-6
-
-
-def test_scratch_buffers_are_reused_per_owner_and_thread():
-    import threading
-
-    a = _device.scratch("test.owner", 5, (3, 7), torch.float64)
-    assert [tuple(t.shape) for t in a] == [(5, 3), (5, 7)] and all(t.is_contiguous() for t in a)
-    b = _device.scratch("test.owner", 4, (3, 7), torch.float64)             # fewer rows: the same storage
-    assert [t.data_ptr() for t in b] == [t.data_ptr() for t in a] and tuple(b[0].shape) == (4, 3)
-    c = _device.scratch("test.owner", 9, (3, 7), torch.float64)             # more rows: new, larger buffers
-    assert tuple(c[1].shape) == (9, 7)
-    assert _device.scratch("test.owner", 9, (3, 7), torch.float64)[0].data_ptr() == c[0].data_ptr()
-    other = []
-    t = threading.Thread(target=lambda: other.append(_device.scratch("test.owner", 9, (3, 7), torch.float64)))
-    t.start()
-    t.join()
-    assert other[0][0].data_ptr() != c[0].data_ptr()                      # each thread its own
-    assert _device.scratch("test.owner", 9, (3, 7), torch.float64)[0].data_ptr() == c[0].data_ptr()
-    assert _device.scratch("test.other", 9, (3, 7), torch.float64)[0].data_ptr() != c[0].data_ptr()
-    assert _device.scratch("test.owner", 9, (3, 7), torch.float32)[0].dtype == torch.float32
-    with torch.inference_mode():
-        d = _device.scratch("test.fresh", 2, (3,), torch.float64)
-    assert not d[0].is_inference()                                          # kept: an ordinary tensor
-    meta = _device.scratch("test.owner", 9, (3, 7), torch.float64, "meta")  # no caching off the CPU
-    assert meta[0].device.type == "meta"
-

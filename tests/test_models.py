@@ -698,7 +698,7 @@ def test_own_step_without_autograd_is_bit_identical_to_rk4(model, dtype):
     # a model's cheaper autograd-free step must give exactly rk4_step's numbers, for a single state,
     # batches of any rank, large values and non-finite entries (which must spread the same way)
     g = torch.Generator().manual_seed(5)
-    # growing and shrinking batches: the step's scratch buffers are reused with fewer rows than held
+    # a single state and batches of growing and shrinking size
     for shape in [(model.state_size,), (3, model.state_size), (4, 6, model.state_size), (2, model.state_size)]:
         x = (torch.randn(shape, generator=g, dtype=torch.float64) * 5.0).to(dtype)
         x.view(-1)[1] = 1e30

@@ -139,31 +139,27 @@ class Lorenz96(ODEModel):
     def _step_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`rk4_step` of :meth:`tendency`, bit-identical, with each stage's state written into
         the middle of one wrapped buffer ``[s_{n-2}, s_{n-1}, s_0, ..., s_{n-1}, s_0]``: only the three
-        wrapped entries are copied per stage, where :meth:`tendency` copies the whole state. The
-        wrapped buffer and the stage tendencies live in :func:`daml._device.scratch` buffers, reused
-        from step to step; only the result is a new tensor."""
+        wrapped entries are copied per stage, where :meth:`tendency` copies the whole state."""
         n, dt = x.shape[-1], self.dt
-        flat = x.reshape(-1, n)
-        wrapped, k1, k2, k3 = _device.scratch("lorenz96.rk4", flat.shape[0], (n + 3, n, n, n), x.dtype, x.device)
-        stage = wrapped[:, 2:-1]
-        ahead, behind, behind2 = wrapped[:, 3:], wrapped[:, 1:-2], wrapped[:, :-3]
+        wrapped = torch.empty(*x.shape[:-1], n + 3, dtype=x.dtype, device=x.device)
+        stage = wrapped[..., 2:-1]
+        ahead, behind, behind2 = wrapped[..., 3:], wrapped[..., 1:-2], wrapped[..., :-3]
 
-        def tendency(out: torch.Tensor) -> torch.Tensor:      # f(stage), the same operations as tendency()
-            wrapped[:, :2] = wrapped[:, n:n + 2]
-            wrapped[:, -1] = wrapped[:, 2]
-            return torch.sub(ahead, behind2, out=out).mul_(behind).sub_(stage).add_(self.forcing)
+        def tendency() -> torch.Tensor:               # f(stage), the same operations as tendency()
+            wrapped[..., :2] = wrapped[..., n:n + 2]
+            wrapped[..., -1] = wrapped[..., 2]
+            return torch.sub(ahead, behind2).mul_(behind).sub_(stage).add_(self.forcing)
 
-        stage.copy_(flat)
-        tendency(k1)
-        torch.add(flat, k1, alpha=0.5 * dt, out=stage)
-        tendency(k2)
-        torch.add(flat, k2, alpha=0.5 * dt, out=stage)
-        tendency(k3)
-        torch.add(flat, k3, alpha=dt, out=stage)
-        k2.add_(k3)                                   # k2 + k3, so that k3's buffer takes k4
-        k4 = tendency(k3)
+        stage.copy_(x)
+        k1 = tendency()
+        torch.add(x, k1, alpha=0.5 * dt, out=stage)
+        k2 = tendency()
+        torch.add(x, k2, alpha=0.5 * dt, out=stage)
+        k3 = tendency()
+        torch.add(x, k3, alpha=dt, out=stage)
+        k4 = tendency()
         # k1 + 2 (k2 + k3): the doubling is exact, so one fused add gives rk4_step's 2 (k2 + k3) + k1
-        return torch.add(flat, k1.add_(k2, alpha=2.0).add_(k4), alpha=dt / 6.0).view(x.shape)
+        return torch.add(x, k1.add_(k2.add_(k3), alpha=2.0).add_(k4), alpha=dt / 6.0)
 
     def default_x0(self, dtype: Any = None, device: Any = None) -> torch.Tensor:
         """DAPPER's initial state ``e_1`` (1 at index 0, zeros elsewhere), shape ``(n,)``.
