@@ -226,8 +226,8 @@ def smoothing_dtype(dtype: torch.dtype, device: torch.device | str | None = None
 
     The noise only smooths a sample: its scale is an estimate (a bandwidth times a sample
     covariance) whose Monte Carlo error, of order ``1/sqrt(N)``, dwarfs float32's relative rounding
-    of about ``6e-8``. On the CPU, float32 draws and products are several times faster than float64
-    ones (``benchmarks/particle_filters.py --parts c`` times the draws).
+    of about ``6e-8``. On the CPU, float32 draws are several times faster than float64 ones
+    (``benchmarks/particle_filters.py --parts c`` times them), and float32 matrix products cheaper.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return torch.float32 if dev.type == "cpu" and dtype == torch.float64 else dtype

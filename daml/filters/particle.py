@@ -272,7 +272,7 @@ def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, du
 
     Row ``k`` of the one draw ``z`` belongs to the ``k``-th duplicate in row-major order. The
     covariance product and ``L z`` are formed in :func:`daml._device.smoothing_dtype` (float32 for
-    float64 members on the CPU, where they take half the time): the noise only smooths the sample and
+    float64 members on the CPU, where they are cheaper): the noise only smooths the sample and
     its scale is an estimate, so float32's rounding is far below its Monte Carlo error. The anomalies
     and the Cholesky factor are computed in the members' dtype; where the rounding of the product has
     left a nearly singular covariance indefinite, :func:`_rounded_root` shifts its diagonal by that
