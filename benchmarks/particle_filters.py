@@ -187,7 +187,7 @@ def component_times(model, shape: tuple[int, int] = (600, 40), repeats: int = 20
     out = {}
     for name, fn in (("torch.randn", lambda: torch.randn(shape, generator=g, dtype=torch.float64)),
                      ("numpy ziggurat", lambda: rng.standard_normal(shape)),
-                     ("daml smoothing_noise", lambda: _device.smoothing_noise(shape, g, torch.float64)),
+                     ("daml smoothing_noise", lambda: _device.smoothing_noise(shape, g, torch.float64).to(torch.float64)),
                      ("model step", lambda: model.step(x)),
                      ("model step 16x1000 pieces", lambda: model.step(x16)),
                      ("model step 16x1000 one go", lambda: rk4_step(model.tendency, x16, model.dt))):

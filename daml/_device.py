@@ -234,12 +234,12 @@ def smoothing_dtype(dtype: torch.dtype, device: torch.device | str | None = None
 
 
 def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype,
-                    device: torch.device | str | None = None, widen: bool = True) -> torch.Tensor:
-    """Standard normal draws of ``shape`` for smoothing noise (a kernel's jitter), reproducible from
-    ``generator`` (which advances), drawn in :func:`smoothing_dtype` and returned in ``dtype``
-    (``widen=False``: in the dtype they were drawn in, for a caller that shapes them there).
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal draws of ``shape`` for smoothing noise (a kernel's jitter) of states of
+    ``dtype``, reproducible from ``generator`` (which advances), drawn and returned in
+    :func:`smoothing_dtype` (the caller shapes them there and widens the result if it needs to).
 
-    On the CPU the draws for a float64 result are made in float32 by torch's vectorised sampler:
+    On the CPU the draws for float64 states are made in float32 by torch's vectorised sampler:
     several times faster than float64 draws by ``torch.randn`` or by numpy's ziggurat
     (``benchmarks/particle_filters.py --parts c`` times all three). The draws then
     have float32 resolution (24 bits) and no value beyond about 5.8 (the largest radius a 24-bit
@@ -249,9 +249,7 @@ def smoothing_noise(shape: Sequence[int], generator: torch.Generator, dtype: tor
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     shape = tuple(int(s) for s in shape)
-    work = smoothing_dtype(dtype, dev)
-    z = torch.randn(shape, generator=generator, dtype=work, device=dev)
-    return z.to(dtype) if widen else z
+    return torch.randn(shape, generator=generator, dtype=smoothing_dtype(dtype, dev), device=dev)
 
 
 def elementwise_rows(x: torch.Tensor) -> int | None:

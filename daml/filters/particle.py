@@ -283,7 +283,7 @@ def _jitter_duplicates(new_x: torch.Tensor, x: torch.Tensor, w: torch.Tensor, du
     root = (covariance_root(cov) if work == x.dtype else _rounded_root(cov, torch.finfo(work).eps / 2))
     root = (root * bandwidth).to(work)
     where = dup.nonzero(as_tuple=True)
-    z = _device.smoothing_noise((where[0].numel(), x.shape[-1]), g, x.dtype, x.device, widen=False)
+    z = _device.smoothing_noise((where[0].numel(), x.shape[-1]), g, x.dtype, x.device)
     # (L z^T)^T rather than z L^T: the same product, faster on the CPU with the long axis last
     if dup.ndim == 1:                                 # one experiment: transform the duplicates' rows only
         new_x.index_add_(0, where[0], (root @ z.mT).mT.to(new_x.dtype))
