@@ -309,7 +309,7 @@ def linearise(mix: Mixture, y: torch.Tensor, operator, mask: torch.Tensor | None
     if y.shape[-1] != operator.size:
         raise ShapeError("y", f"{operator.size} observations (the operator's size)", f"shape {tuple(y.shape)}")
     mask = torch.isfinite(y) if mask is None else mask.to(torch.bool)
-    innov = y.unsqueeze(-2).to(mu) - operator.apply(mu)                    # (*b, K, p)
+    innov = operator.residual(y.unsqueeze(-2).to(mu), mu)                    # (*b, K, p)
     loglik = gaussian_loglik(innov, operator.noise_cov, mask)
     zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
     innov = torch.where(mask.unsqueeze(-2), innov, zero)
@@ -408,12 +408,12 @@ def ensemble_forcing(gauss: Mixture, members: torch.Tensor, loglik: torch.Tensor
 
 def likelihood_score(x: torch.Tensor, y: torch.Tensor, operator, mask: torch.Tensor) -> torch.Tensor:
     """``grad_x log p(y | x)`` ``(*b, M, d)`` at the particles themselves (automatic differentiation
-    through ``operator.apply``; the EnSF likelihood term)."""
+    through ``operator.residual``; the EnSF likelihood term)."""
     from ..filters.base import gaussian_loglik
 
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
-        innov = y.unsqueeze(-2) - operator.apply(xr)
+        innov = operator.residual(y.unsqueeze(-2), xr)
         ll = gaussian_loglik(torch.where(mask.unsqueeze(-2), innov, 0.0), operator.noise_cov, mask)
         (grad,) = torch.autograd.grad(ll.sum(), xr)
     return grad

@@ -78,7 +78,7 @@ def _settings(who: str, members: Any, epsilon: Any, solver: Any, second_order: A
 def _weigh(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor, who: str):
     """Innovations ``y - h(x)`` ``(*b, N, m)`` and the normalised posterior log-weights with the
     log-evidence increment."""
-    innovation = y.unsqueeze(-2) - operator.apply(state.x)
+    innovation = operator.residual(y.unsqueeze(-2), state.x)
     ll = gaussian_loglik(innovation, operator.noise_cov, mask)
     lw, log_z = log_normalise(state.log_weight + torch.nan_to_num(ll, nan=-math.inf), who)
     return innovation, lw, log_z

@@ -252,7 +252,7 @@ def extended_kalman_filter() -> Filter:
 
     def analysis(state: GaussianState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
                  g: torch.Generator) -> tuple[GaussianState, dict]:
-        innovation = y - operator.apply(state.mean)
+        innovation = operator.residual(y, state.mean)
         jac = operator.jacobian(state.mean)
         return _linear_update(state.mean, state.cov, innovation, jac, operator.noise_cov.to(state.mean), mask)
 

@@ -360,7 +360,7 @@ def gaussian_step(f: torch.Tensor, y: torch.Tensor, operator: Observation, mask:
     experiment when ``h`` is linear)."""
     h, r = masked_linear(operator, mask, f, at=f)
     zero = torch.zeros((), dtype=f.dtype, device=f.device)
-    d = torch.where(mask.unsqueeze(-2), y.unsqueeze(-2) - operator.apply(f), zero)
+    d = torch.where(mask.unsqueeze(-2), operator.residual(y.unsqueeze(-2), f), zero)
     hq = h @ q                                                     # (.., m, n)
     s = hq @ h.transpose(-1, -2) + (r if h.ndim == r.ndim else r.unsqueeze(-3))
     chol = torch.linalg.cholesky(0.5 * (s + s.transpose(-1, -2)))
@@ -536,7 +536,7 @@ def auxiliary(members: int, improved: bool = True, resampling: str = "systematic
         q_chol = torch.linalg.cholesky(q)
         h, r = masked_linear(operator, mask, f, at=f)
         s = h @ q @ h.transpose(-1, -2) + (r if h.ndim == r.ndim else r.unsqueeze(-3))
-        look = gaussian_loglik(y.unsqueeze(-2) - operator.apply(f), s, mask)        # log p^(y | f_i)
+        look = gaussian_loglik(operator.residual(y.unsqueeze(-2), f), s, mask)        # log p^(y | f_i)
         if improved:
             kern = pairwise_log_kernel(f, f, q_chol)                                  # (.., i, j)
             log_lam = look + torch.logsumexp(lw.unsqueeze(-2) + kern, -1) - torch.logsumexp(kern, -1)
