@@ -419,6 +419,36 @@ def test_apply_equals_the_plan_product_without_forming_it():
         res.apply(torch.zeros(2, 41, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plan_entries_are_exp_of_log_plan_or_zero_below_the_normal_range(dtype):
+    from daml.transport.sinkhorn import _exp_plan
+
+    tiny = torch.finfo(dtype).tiny
+    low = math.log(tiny) + 1.0
+    log_p = torch.linspace(low - 60.0, 0.0, 5001, dtype=dtype)
+    log_p = torch.cat([log_p, torch.tensor([low, math.nextafter(low, -math.inf), -math.inf], dtype=dtype)])
+    keep = log_p >= low
+    ref = torch.where(keep, torch.exp(log_p), torch.zeros((), dtype=dtype))
+    assert torch.equal(_exp_plan(log_p.clone()), ref)                 # in place: exp exactly, or zero
+    assert bool(((ref == 0) | (ref >= tiny)).all())                   # nothing subnormal
+    lg = log_p.clone().requires_grad_(True)
+    out = _exp_plan(lg)
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert torch.equal(lg.grad, ref)                                  # d exp / d x = exp; zero where cut
+
+    # a float32 plan at small epsilon: every entry zero or normal, and the plan, its error and apply agree
+    c, a, b = _problem(60, 50, seed=3)
+    res = sinkhorn(torch.as_tensor(c, dtype=dtype), torch.as_tensor(a, dtype=dtype), torch.as_tensor(b, dtype=dtype),
+                   epsilon=0.005, relative=True, tol=1e-5, max_iter=20000, warn=False)
+    p = res.plan()
+    assert bool(((p == 0) | (p >= tiny)).all()) and bool((p == 0).any())
+    err = (p.sum(-1) - res.log_a.exp()).abs().sum() + (p.sum(-2) - res.log_b.exp()).abs().sum()
+    assert float(err) == pytest.approx(float(res.error), rel=1e-3, abs=10 * torch.finfo(dtype).eps)
+    x = torch.ones(50, 1, dtype=dtype)
+    assert torch.allclose(res.apply(x)[:, 0], p.sum(-1), rtol=10 * torch.finfo(dtype).eps, atol=0)
+
+
 def test_softmin_matches_scipy_logsumexp():
     c, a, b = _problem(9, 11, seed=3)
     h = np.log(b) + np.linspace(-1, 1, 11)
