@@ -795,20 +795,23 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                 stop = ended[sel]
                 paused[finished] = ~stop
                 if bool(stop.any()):                                # sums for the problems that end here
-                    mine = finished[stop]
-                    au_s, bv_s, kern_s = au[sel][stop], bv[sel][stop], kern[sel][stop]
-                    mass_out[mine] = (au_s * s[sel][stop]).sum(-1)
-                    lin_out[mine] = (au_s * _rows(kern_s * cost[mine], bv_s)).sum(-1)
+                    rows = ended.nonzero().squeeze(-1)              # (ended lies within done)
+                    mine = idx.index_select(0, rows)
+                    au_s, bv_s = au.index_select(0, rows), bv.index_select(0, rows)
+                    mass_out[mine] = (au_s * s.index_select(0, rows)).sum(-1)
+                    kern_c = kern.index_select(0, rows).mul_(cost.index_select(0, mine))
+                    lin_out[mine] = (au_s * _rows(kern_c, bv_s)).sum(-1)
                 if every:
                     break
                 nb_live = int(live.sum())
                 if (live.numel() - nb_live) * _COMPACT >= nb_live:
                     # each compaction copies the kernels, about the cost of one iteration of the batch
-                    keep = live
-                    idx, k0, live = idx[keep], k0[keep], live[keep]
-                    kern, f0, g0, u, v, s, t = kern[keep], f0[keep], g0[keep], u[keep], v[keep], s[keep], t[keep]
+                    keep = live.nonzero().squeeze(-1)               # integer rows: index_select is
+                    idx, k0 = idx.index_select(0, keep), k0.index_select(0, keep)    # faster than a mask
+                    kern, f0, g0, u, v, s, t = (x.index_select(0, keep) for x in (kern, f0, g0, u, v, s, t))
+                    live = torch.ones(keep.numel(), dtype=torch.bool, device=dev)
                     if relaxed:
-                        omega, prev_err = omega[keep], prev_err[keep]
+                        omega, prev_err = omega.index_select(0, keep), prev_err.index_select(0, keep)
                     lb_act, e_act, a_w, b_w = lb[idx], eps[idx], a_all[idx], b_all[idx]
                 first_limit = max_iter - int(k0[live].max())
             if relaxed:
