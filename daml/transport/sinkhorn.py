@@ -166,7 +166,8 @@ class SinkhornResult(NamedTuple):
         return _log_plan(self.matrix, self.log_a, self.log_b, self.epsilon, self.f, self.g, rows)
 
     def plan(self) -> torch.Tensor:
-        """The transport plan ``P`` ``(..., n, m)``; rows sum to ``a`` and columns to ``b`` (to ``error``)."""
+        """The transport plan ``P`` ``(..., n, m)``; rows sum to ``a`` and columns to ``b`` (to ``error``).
+        Entries below ``e`` times the dtype's smallest normal number are exactly zero (see :func:`_exp_plan`)."""
         return _exp_plan(self.log_plan())
 
     def apply(self, x: Any, transpose: bool = False) -> torch.Tensor:
