@@ -85,6 +85,30 @@ def test_non_finite_members_raise(rng):
         daml.from_members(x)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_finiteness_screen_agrees_with_the_entrywise_check(kind, dtype):
+    from daml.posterior import _all_finite
+
+    big = float(np.finfo(dtype).max)
+    cases = [np.zeros((0, 3)), np.ones((4, 5)), np.array([big, big, -1.0]),      # empty, plain, sum overflows
+             np.array([big, -big, 1.0]), np.array([1.0, np.nan]), np.array([np.inf, 2.0]),
+             np.array([-np.inf, 0.0]), np.array([np.inf, -np.inf]), np.array([big, big, np.nan])]
+    for values in cases:
+        arr = values.astype(dtype)
+        expected = bool(np.isfinite(arr).all())
+        given = arr if kind == "numpy" else torch.from_numpy(arr)
+        assert _all_finite(given) is expected, (values, dtype)
+    assert _all_finite(np.arange(5)) and _all_finite(torch.arange(5))        # integers are finite
+
+
+def test_non_finite_member_in_a_large_posterior_is_named(rng):
+    x = rng.normal(size=(40, 200, 6))
+    x[31, 150, 4] = np.inf
+    with pytest.raises(NonFiniteError, match="1 NaN or infinite"):
+        daml.from_members(x, dims=("time", "member", "variable"))
+
+
 def test_dims_without_member_raise(rng):
     with pytest.raises(ShapeError, match="dims: expected a 'member' dimension"):
         daml.from_members(rng.normal(size=(5, 2)), dims=("sample", "variable"))
