@@ -127,6 +127,43 @@ def test_divergence_is_reported_with_the_step_and_partial_result(problem):
     assert info.value.partial is None
 
 
+def test_partial_result_of_a_divergence_mid_run_holds_the_analyses_before_it(problem):
+    model, obs, data = problem
+    base = filters.etkf(members=12)
+    calls = {"n": 0}
+
+    def analysis(state, y, op, mask, g):                   # the third analysis returns NaN members
+        calls["n"] += 1
+        state, info = base.analysis(state, y, op, mask, g)
+        return (state._replace(x=state.x * math.nan) if calls["n"] == 3 else state), info
+
+    broken = base._replace(analysis=analysis)
+    full = filters.run(base, model, data, seed=0, forecast=True, progress=False)
+    with pytest.raises(daml.errors.DivergenceError, match="non-finite") as info:
+        filters.run(broken, model, data, seed=0, forecast=True, progress=False)
+    part = info.value.partial
+    assert info.value.step == int(full.analysis["step"].values[2])
+    assert part.sizes["time"] == 2
+    assert np.array_equal(part["x"].values, full.analysis["x"].values[:2])
+    assert np.array_equal(part["log_weight"].values, full.analysis["log_weight"].values[:2])
+    daml.validate(part)
+
+
+def test_records_refuse_a_change_of_shape_or_more_analyses_than_announced():
+    from daml.filters.run import _Records
+
+    rec = _Records(2)
+    x, lw = torch.zeros(3, 5, 2, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float64)
+    rec.append(x, lw)
+    with pytest.raises(daml.errors.ShapeError, match="filt"):
+        rec.append(torch.zeros(3, 6, 2, dtype=torch.float64), torch.zeros(3, 6, dtype=torch.float64))
+    rec.append(x + 1.0, lw - 1.0)
+    with pytest.raises(daml.errors.ShapeError, match="2 analyses"):
+        rec.append(x, lw)
+    xs, lws = rec.stacked()
+    assert xs.shape == (2, 3, 5, 2) and torch.equal(xs[1], x + 1.0) and torch.equal(lws[0], lw)
+
+
 def test_wrong_observation_size_raises(problem):
     model, _, data = problem
     with pytest.raises(daml.errors.ShapeError, match="operator"):

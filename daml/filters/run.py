@@ -162,8 +162,8 @@ def run(
 
     g_init, g_run = _device.spawn_generators(seed, 2, device=dev)
     state = filt.init(model, mean, cov, g_init)
-    rec_a: list[tuple[torch.Tensor, torch.Tensor]] = []
-    rec_f: list[tuple[torch.Tensor, torch.Tensor]] = []
+    n_analyses = int(np.count_nonzero(np.asarray(observed[1:n_times], dtype=bool)))
+    rec_a, rec_f = _Records(n_analyses), _Records(n_analyses)
     infos: list[dict] = []
     times: list[int] = []
     from tqdm.auto import tqdm
@@ -188,7 +188,7 @@ def run(
                 if observed[k]:
                     k_prev = k
                     if forecast:
-                        rec_f.append(_detach(filt.members(state)))
+                        rec_f.append(*_detach(filt.members(state)))
                     y = y_all[..., k, :]
                     mask = torch.isfinite(y)
                     y = torch.where(mask, y, torch.zeros((), dtype=dt, device=dev))
@@ -200,7 +200,7 @@ def run(
                         raise DivergenceError(str(err), step=k) from err
                     x, lw = _detach(filt.members(state))
                     _check_divergence(x, lw, max_spread, k, filt.name)
-                    rec_a.append((x, lw))
+                    rec_a.append(x, lw)
                     infos.append({key: v.detach().cpu() for key, v in info.items()})
                     times.append(k)
                 bar.update(1)
@@ -246,9 +246,43 @@ def _check_divergence(x: torch.Tensor, lw: torch.Tensor, max_spread: float, step
         raise DivergenceError(f"{name}: ensemble spread {worst:.3g} exceeds max_spread {max_spread:.3g}", step=step)
 
 
+class _Records:
+    """The members ``(*batch, N, n)`` and log-weights ``(*batch, N)`` of each analysis, copied into one
+    buffer per array as they come (allocated at the first record, for ``capacity`` records, on the
+    members' device). Stacking a list at the end would need the memory twice and a second copy of it
+    all; a buffer needs it once. The members a filter returns are then free for it to reuse."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.count = capacity, 0
+        self.x: torch.Tensor | None = None
+        self.lw: torch.Tensor | None = None
+
+    def append(self, x: torch.Tensor, lw: torch.Tensor) -> None:
+        if self.x is None:
+            self.x = torch.empty((self.capacity, *x.shape), dtype=x.dtype, device=x.device)
+            self.lw = torch.empty((self.capacity, *lw.shape), dtype=lw.dtype, device=lw.device)
+        if self.count >= self.capacity or x.shape != self.x.shape[1:] or lw.shape != self.lw.shape[1:]:
+            raise ShapeError("filt", f"{self.capacity} analyses of members {tuple(self.x.shape[1:])} and log-weights "
+                                     f"{tuple(self.lw.shape[1:])}",
+                             f"analysis {self.count + 1} with shapes {tuple(x.shape)}, {tuple(lw.shape)}")
+        self.x[self.count].copy_(x)
+        self.lw[self.count].copy_(lw)
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, *batch, N, n)`` and ``(T, *batch, N)`` on the CPU; a copy only where the run ended
+        early (a divergence), so that the partial result does not hold the whole buffer."""
+        x, lw = self.x[: self.count], self.lw[: self.count]
+        if self.count < self.capacity:
+            x, lw = x.clone(), lw.clone()
+        return x.cpu(), lw.cpu()
+
+
 def _build(records, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=None, stage="analysis"):
-    x = torch.stack([r[0] for r in records]).cpu()         # (T, *batch, N, n)
-    lw = torch.stack([r[1] for r in records]).cpu()        # (T, *batch, N)
+    x, lw = records.stacked()                               # (T, *batch, N, n), (T, *batch, N)
     tcoord = data["time"].values[times]
     coords = {"time": tcoord, "step": ("time", np.asarray(times))}
     if "variable" in data.coords and data.sizes.get("variable") == x.shape[-1]:
