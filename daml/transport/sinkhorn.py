@@ -457,9 +457,9 @@ def _log_plan(cost, la, lb, eps, f, g, rows: slice = slice(None)) -> torch.Tenso
 def _exp_plan(log_p: torch.Tensor) -> torch.Tensor:
     """``exp(log P)``, with every entry below ``e`` times the dtype's smallest normal number set to
     zero (which changes no sum by more than that times the entry count). The CPU's ``exp`` is fast
-    only for results well inside the normal range: results that underflow or land near the smallest
-    normal number cost over ten times as much each (a float32 plan pass at epsilon = 0.01 took
-    fifteen times as long as one at 0.1). The plan, its error and its sums all go through here, so
+    only for results well inside the normal range: a result that underflows, or lands next to the
+    smallest normal number, takes a slow path that costs as much as many ordinary ones, and a float32 plan at
+    small epsilon has many such entries. The plan, its error and its sums all go through here, so
     they still agree to the last bit. Differentiable (out of place when ``log_p`` requires grad,
     otherwise in place on it)."""
     low = math.log(torch.finfo(log_p.dtype).tiny) + 1.0
