@@ -458,9 +458,9 @@ def _exp_plan(log_p: torch.Tensor) -> torch.Tensor:
     """``exp(log P)``, with every entry below ``e`` times the dtype's smallest normal number set to
     zero (which changes no sum by more than that times the entry count). The CPU's ``exp`` is fast
     only for results well inside the normal range: a result that underflows, or lands next to the
-    smallest normal number, takes a slow path that costs as much as many ordinary ones, and a float32 plan at
-    small epsilon has many such entries. The plan, its error and its sums all go through here, so
-    they still agree to the last bit. Differentiable (out of place when ``log_p`` requires grad,
+    smallest normal number, takes a slow path that costs as much as many ordinary ones, and a
+    float32 plan at small epsilon has many such entries. The plan, its error and its sums all go
+    through here, so they still agree to the last bit. Differentiable (out of place when ``log_p`` requires grad,
     otherwise in place on it)."""
     low = math.log(torch.finfo(log_p.dtype).tiny) + 1.0
     small = log_p < low
