@@ -277,18 +277,13 @@ def _all_finite(values: Any) -> bool:
     is finite (a NaN or infinite entry makes the sum NaN or infinite), entry by entry only where it is
     not (a NaN or infinity, or finite values whose sum overflows). The common case is one reduction,
     with no mask the size of the input: a posterior of many members and times is checked in a few
-    milliseconds."""
-    if isinstance(values, torch.Tensor):
-        if not values.is_floating_point():
-            return True
-        return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
-    values = np.asarray(values)
-    if values.dtype.kind != "f":
+    milliseconds. Written once for numpy arrays and torch tensors (``xp``, their shared names)."""
+    xp: Any = torch if isinstance(values, torch.Tensor) else np
+    values = values if xp is torch else np.asarray(values)
+    if not (values.is_floating_point() if xp is torch else values.dtype.kind == "f"):
         return True
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(values.sum()):
-            return True
-    return bool(np.isfinite(values).all())
+        return bool(xp.isfinite(values.sum())) or bool(xp.isfinite(values).all())
 
 
 def validate(ds: Any) -> xr.Dataset:

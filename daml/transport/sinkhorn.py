@@ -745,10 +745,10 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
         # is several times slower, and small epsilon in float32 re-anchors a few problems per iteration
         nonlocal f0, g0, u, v
         rows = sel.nonzero().squeeze(-1)
-        _, g_sel = potentials(u.index_select(0, rows), v.index_select(0, rows), f0.index_select(0, rows),
-                              g0.index_select(0, rows), e_act.index_select(0, rows))
-        f_sel, kern_sel = _anchor(cost.index_select(0, idx.index_select(0, rows)), g_sel, lb_act.index_select(0, rows),
-                                  b_w.index_select(0, rows), e_act.index_select(0, rows), bounds)
+        pick = lambda t: t.index_select(0, rows)             # noqa: E731  (rows of the working arrays)
+        e_sel = pick(e_act)
+        _, g_sel = potentials(pick(u), pick(v), pick(f0), pick(g0), e_sel)
+        f_sel, kern_sel = _anchor(cost.index_select(0, pick(idx)), g_sel, pick(lb_act), pick(b_w), e_sel, bounds)
         f0, g0 = f0.index_copy(0, rows, f_sel), g0.index_copy(0, rows, g_sel)
         kern.index_copy_(0, rows, kern_sel)
         u, v = u.index_fill(0, rows, 1.0), v.index_fill(0, rows, 1.0)
