@@ -404,6 +404,15 @@ def test_ended_problems_carried_or_dropped_give_the_same_results(monkeypatch):
         assert torch.allclose(out[every].f, out[8].f, atol=1e-13, rtol=0)
         assert torch.allclose(out[every].value, out[8].value, atol=1e-14, rtol=0)
         assert torch.equal(out[every].error, out[8].error)
+    # <C, P> of the problems that end at a check is summed in cache-sized chunks of them, gathered
+    # when they are not consecutive in the working arrays: one problem per chunk, or all in one
+    exact = (torch.as_tensor(c) * out[8].plan()).sum((-2, -1))
+    for entries in (1, 10 ** 9):
+        monkeypatch.setattr(sk, "_L2_ENTRIES", entries)
+        for every in (1, 8):
+            monkeypatch.setattr(sk, "_COMPACT", every)
+            linear = sinkhorn(c, a, b, **kw).value_linear
+            assert torch.allclose(linear, exact, rtol=1e-10, atol=0)
 
 
 def test_apply_equals_the_plan_product_without_forming_it():

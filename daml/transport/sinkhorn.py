@@ -104,6 +104,7 @@ __all__ = ["sinkhorn", "SinkhornResult", "softmin"]
 _OMEGA_MAX = 1.98           # the largest over-relaxation "auto" chooses
 _COMPACT = 8                # ended problems leave the arrays once they are 1/_COMPACT of the running ones
 _CHUNK = 1 << 22            # matrix entries per chunk when a pass must not form a full (B, n, m) temporary
+_L2_ENTRIES = 1 << 15       # entries of a temporary that a pass re-reads at once (256 KiB in float64)
 
 
 # -- the primitive ----------------------------------------------------------------------------------------
@@ -533,6 +534,34 @@ def _cols(kernel: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.bmm(u.unsqueeze(-2), kernel).squeeze(-2)
 
 
+def _weighted_rows(kern: torch.Tensor, cost: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor,
+                   v: torch.Tensor) -> torch.Tensor:
+    """``(K o C) v`` for the kernels ``kern[rows]`` and costs ``cost[mine]`` (``(R, n)`` result).
+
+    The elementwise product is formed a few problems at a time in one cache-sized buffer: forming it
+    for all of them at once (or first gathering the selected kernels and costs) writes and re-reads
+    arrays as large as the kernels, which at the end of a fixed-iteration run costs several
+    iterations. Where ``rows`` and ``mine`` are runs of consecutive problems, as when every problem
+    ends together, the chunks are views: nothing is gathered.
+    """
+    count, (n, m) = rows.numel(), kern.shape[-2:]
+    step = max(1, _L2_ENTRIES // (n * m)) if kern.device.type == "cpu" else max(count, 1)
+    out = torch.empty(count, n, dtype=kern.dtype, device=kern.device)
+    buf = torch.empty(min(step, count), n, m, dtype=kern.dtype, device=kern.device)
+
+    def run(ix: torch.Tensor) -> int | None:              # the first index if ix is consecutive
+        first = int(ix[0]) if count else 0
+        return first if count and int(ix[-1]) - first == count - 1 else None
+
+    r0, m0 = run(rows), run(mine)
+    for i in range(0, count, step):
+        j = min(i + step, count)
+        kc = kern[r0 + i:r0 + j] if r0 is not None else kern.index_select(0, rows[i:j])
+        cc = cost[m0 + i:m0 + j] if m0 is not None else cost.index_select(0, mine[i:j])
+        out[i:j] = _rows(torch.mul(kc, cc, out=buf[:j - i]), v[i:j])
+    return out
+
+
 def _anchor(cost, g, lb, b, eps, bounds):
     """One exact soft-min over rows from ``g``: the new ``f`` and the kernel
     ``K_ij = exp((f_i + g_j - C_ij) / epsilon)`` at ``(f, g)``, so that ``sum_j b_j K_ij = 1`` exactly
@@ -800,8 +829,7 @@ def _solve(cost, la, lb, eps, tol, max_iter, check_every, anneal, relaxation, g_
                     mine = idx.index_select(0, rows)
                     au_s, bv_s = au.index_select(0, rows), bv.index_select(0, rows)
                     mass_out[mine] = (au_s * s.index_select(0, rows)).sum(-1)
-                    kern_c = kern.index_select(0, rows).mul_(cost.index_select(0, mine))
-                    lin_out[mine] = (au_s * _rows(kern_c, bv_s)).sum(-1)
+                    lin_out[mine] = (au_s * _weighted_rows(kern, cost, rows, mine, bv_s)).sum(-1)
                 if every:
                     break
                 nb_live = int(live.sum())
