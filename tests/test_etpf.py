@@ -206,6 +206,24 @@ def test_local_etpf_with_infinite_radius_is_the_global_etpf():
     assert np.allclose(glob.analysis["x"], loc.analysis["x"], atol=1e-8)
 
 
+@pytest.mark.parametrize("make", [lambda: filters.etpf(members=16, tol=1e-8, max_iter=100000),
+                                  lambda: filters.etpf(members=16, solver="emd", second_order=True),
+                                  lambda: filters.letpf(members=16, radius=1.0, tol=1e-8, max_iter=100000)],
+                         ids=["etpf-sinkhorn", "etpf-emd-second-order", "letpf"])
+def test_etpfs_run_on_every_device(make, device):
+    """The same calls on each device of the machine (CUDA where there is one): a valid equal-weight
+    posterior with every transport problem solved to its tolerance."""
+    model = models.Lorenz96(n=8, forcing=8.0, dt=0.05)
+    obs = models.observe_indices(8, [0, 2, 4, 6], sd=1.0)
+    data = daml.simulate(model, 3, obs, x0=np.full(8, 8.0) + np.arange(8) * 0.1, x0_cov=1.0, seed=2)
+    post = filters.run(make(), model, data, seed=3, progress=False, device=device, dtype=torch.float64).analysis
+    daml.validate(post)
+    assert np.isfinite(post["x"]).all()
+    assert np.allclose(post["log_weight"], -math.log(16))
+    assert float(post["transport_error"].max()) <= 1e-8 and float(post["unconverged"].max()) == 0
+    assert float(post["x"].std("member").min()) > 0.0          # the transform does not collapse the ensemble
+
+
 def test_local_etpf_only_moves_variables_near_the_observations():
     model = models.Lorenz96(n=20, forcing=8.0, dt=0.05)
     obs = models.observe_indices(20, [0], sd=0.5)
