@@ -28,11 +28,13 @@ C. **Speed against DAPPER**: the bootstrap PF on DAPPER's ``sakov2008`` (40 vari
    one batched call; then both on two threads (torch's pool; DAPPER's BLAS re-limited to two).
    Throughput in particle-steps per second (N x model steps / wall seconds of the filter loop), and
    for daml also end to end (the whole ``filters.run`` call, building the posterior included).
-   Median over seeds.
+   Median over seeds. With ``--device cuda`` daml's two runs are repeated on the GPU (float64, as
+   on the CPU), against the same DAPPER figure.
 
 Usage (from the repository root)::
 
     python benchmarks/particle_filters.py --dapper-python /tmp/dapper-venv/bin/python
+    python benchmarks/particle_filters.py --parts c --device cuda   # part C also on a GPU
     python benchmarks/particle_filters.py --quick        # smoke test, writes only the -quick JSON
 """
 
@@ -203,22 +205,23 @@ def component_times(model, shape: tuple[int, int] = (600, 40), repeats: int = 20
     return out
 
 
-def _daml_rates(filt, model, op, cycles: int, seeds: list[int]) -> dict[str, Any]:
+def _daml_rates(filt, model, op, cycles: int, seeds: list[int], device: str = "cpu") -> dict[str, Any]:
     """The bootstrap PF's particle-steps per second over ``seeds`` on one experiment and on 16 batched,
-    at the current torch thread count, with rmse.a as a sanity figure."""
+    at the current torch thread count, on ``device`` in float64, with rmse.a as a sanity figure."""
     members = filt.config["members"]
+    on = {"device": device, "dtype": torch.float64}
     single, batched, rmse, rmse16, single_e2e, batched_e2e = [], [], [], [], [], []
     for seed in seeds:
         data = daml.simulate(model, cycles, op, x0=model.default_x0(), x0_cov=0.001, seed=seed)
         t0 = time.perf_counter()
-        res = filters.run(filt, model, data, seed=seed + 1, progress=False)
+        res = filters.run(filt, model, data, seed=seed + 1, progress=False, **on)
         single_e2e.append(members * cycles / (time.perf_counter() - t0))
         single.append(members * cycles / res.seconds)
         rmse.append(float(diagnostics.rmse(res.analysis.sel(time=res.analysis["time"] > min(20.0, cycles * 0.025)),
                                            data["truth"]).mean()))
         data16 = daml.simulate(model, cycles, op, x0=model.default_x0(), x0_cov=0.001, experiments=16, seed=seed)
         t0 = time.perf_counter()
-        res16 = filters.run(filt, model, data16, seed=seed + 1, progress=False)
+        res16 = filters.run(filt, model, data16, seed=seed + 1, progress=False, **on)
         batched_e2e.append(16 * members * cycles / (time.perf_counter() - t0))
         batched.append(16 * members * cycles / res16.seconds)
         post16 = res16.analysis.sel(time=res16.analysis["time"] > min(20.0, cycles * 0.025))
@@ -244,10 +247,11 @@ def _dapper_rate(dapper: str, cycles: int, seeds: list[int], members: int, threa
             "rmse_a": statistics.median(r["rmse_a"] for r in raw["runs"])}
 
 
-def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
+def part_c(cycles: int, seeds: list[int], dapper: str | None, device: str | None = None) -> dict[str, Any]:
     """Speed on one thread (both libraries as shipped: DAPPER limits numpy's BLAS to one thread), then
     both on two threads (torch's thread pool, DAPPER's BLAS re-limited to two). Every ratio is to
-    DAPPER as shipped, its faster setting here."""
+    DAPPER as shipped, its faster setting here. With ``device`` (``"cuda"``, say), daml is also timed
+    there, in float64 like the rest, while DAPPER runs on this machine's CPU in the same run."""
     n, members = 40, 1000
     model = models.Lorenz96(n=n, forcing=8.0, dt=0.05)
     op = models.observe_all(n, sd=1.0)
@@ -262,6 +266,10 @@ def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
         out["two_threads"] = _daml_rates(filt, model, op, cycles, seeds)
     finally:
         torch.set_num_threads(threads_before)
+    if device is not None:
+        dev = torch.device(device)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _report.machine_info()["device"]
+        out["on_device"] = {"device": str(dev), "name": name, **_daml_rates(filt, model, op, cycles, seeds, device)}
     if dapper:
         out["dapper"] = _dapper_rate(dapper, cycles, seeds, members, 1)
         out["ratio_single"] = out["daml_single"] / out["dapper"]["rate"]
@@ -272,6 +280,10 @@ def part_c(cycles: int, seeds: list[int], dapper: str | None) -> dict[str, Any]:
         two["dapper_ratio"] = two["dapper"]["rate"] / out["dapper"]["rate"]
         two["ratio_single"] = two["daml_single"] / out["dapper"]["rate"]
         two["ratio_batched16"] = two["daml_batched16"] / out["dapper"]["rate"]
+        if "on_device" in out:
+            dv = out["on_device"]
+            dv["ratio_single"] = dv["daml_single"] / out["dapper"]["rate"]
+            dv["ratio_batched16"] = dv["daml_batched16"] / out["dapper"]["rate"]
         print(f"C dapper {out['dapper']['rate']:.3g} particle-steps/s, daml {out['daml_single']:.3g} "
               f"(x{out['ratio_single']:.1f}), batched {out['daml_batched16']:.3g} (x{out['ratio_batched16']:.1f}); "
               f"2 threads: dapper {two['dapper']['rate']:.3g} (x{two['dapper_ratio']:.2f}), daml x{two['ratio_single']:.1f}, "
@@ -355,6 +367,13 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{ratio(two, 'ratio_single')} | {e2e(two, 'daml_single_e2e')} | {_f(two['daml_rmse_a'])} |")
         lines.append(f"| daml bootstrap, 16 experiments batched, 2 threads | {two['daml_batched16']:.3g} | "
                      f"{ratio(two, 'ratio_batched16')} | {e2e(two, 'daml_batched16_e2e')} | |")
+    if "on_device" in c:
+        dv = c["on_device"]
+        where = f"on {dv['name']} (`{dv['device']}`), float64"
+        lines.append(f"| daml bootstrap, 1 experiment, {where} | {dv['daml_single']:.3g} | "
+                     f"{ratio(dv, 'ratio_single')} | {e2e(dv, 'daml_single_e2e')} | {_f(dv['daml_rmse_a'])} |")
+        lines.append(f"| daml bootstrap, 16 experiments batched, {where} | {dv['daml_batched16']:.3g} | "
+                     f"{ratio(dv, 'ratio_batched16')} | {e2e(dv, 'daml_batched16_e2e')} | |")
     if "rmse_a_batched16" in c:
         r16 = sorted(c["rmse_a_batched16"])
         lost = sum(v > 1.0 for v in r16)
@@ -403,6 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parts", default="abc")
+    parser.add_argument("--device", default=None,
+                        help="also time daml's part C on this torch device (e.g. cuda), DAPPER staying on the CPU")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -413,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["a"] = part_a(args.cycles, args.quick) if "a" in args.parts else {"rows": [], "cycles": 0, "burn_in": 0,
                                                                            "experiments": 0}
     res["b"] = part_b(args.scale_steps) if "b" in args.parts else {"rows": [], "steps": 0, "burn_in": 0}
-    res["c"] = part_c(args.speed_cycles, args.seeds, dapper) if "c" in args.parts else {
+    res["c"] = part_c(args.speed_cycles, args.seeds, dapper, args.device) if "c" in args.parts else {
         "members": 0, "cycles": 0, "seeds": [], "daml_single": 0.0, "daml_batched16": 0.0, "daml_rmse_a": None}
     res["daml_commit"] = _report.git_commit()
     if not args.quick:
