@@ -544,16 +544,16 @@ def _weighted_rows(kern: torch.Tensor, cost: torch.Tensor, rows: torch.Tensor, m
     iterations. Where ``rows`` and ``mine`` are runs of consecutive problems, as when every problem
     ends together, the chunks are views: nothing is gathered.
     """
-    count, (n, m) = rows.numel(), kern.shape[-2:]
-    step = max(1, _L2_ENTRIES // (n * m)) if kern.device.type == "cpu" else max(count, 1)
+    count, (n, m) = rows.numel(), kern.shape[-2:]                # count >= 1: some problem ended
+    step = max(1, _L2_ENTRIES // (n * m)) if kern.device.type == "cpu" else count
     out = torch.empty(count, n, dtype=kern.dtype, device=kern.device)
     buf = torch.empty(min(step, count), n, m, dtype=kern.dtype, device=kern.device)
 
-    def run(ix: torch.Tensor) -> int | None:              # the first index if ix is consecutive
-        first = int(ix[0]) if count else 0
-        return first if count and int(ix[-1]) - first == count - 1 else None
+    def start(ix: torch.Tensor) -> int | None:              # ix[0] where ix (ascending) is consecutive
+        first = int(ix[0])
+        return first if int(ix[-1]) - first == count - 1 else None
 
-    r0, m0 = run(rows), run(mine)
+    r0, m0 = start(rows), start(mine)
     for i in range(0, count, step):
         j = min(i + step, count)
         kc = kern[r0 + i:r0 + j] if r0 is not None else kern.index_select(0, rows[i:j])
