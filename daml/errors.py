@@ -29,6 +29,8 @@ __all__ = [
     "DroppedRowsWarning",
     "check_int",
     "check_real",
+    "available_memory",
+    "check_fits",
 ]
 
 
@@ -160,3 +162,80 @@ def check_real(value: object, name: str, positive: bool = False, expected: str |
         raise InputError(name, expected or ("a positive real number" if positive else "a finite real number"),
                          repr(value))
     return float(value)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still allocate without swapping, as the system reports it.
+
+    ``psutil.virtual_memory().available`` where psutil is installed, else ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux), else the free physical pages of ``os.sysconf``; ``None`` where none of
+    these is available (then :func:`check_fits` checks nothing).
+    """
+    try:
+        import psutil  # optional
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return int(psutil.virtual_memory().available)
+        except Exception:  # pragma: no cover - psutil unable to read the system
+            pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            n, size = os.sysconf(pages), os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            continue
+        if n > 0 and size > 0:
+            return int(n) * int(size)
+    return None
+
+
+def check_fits(name: str, nbytes: float, what: str | None = None) -> None:
+    """Refuse up front a size whose arrays cannot fit in memory.
+
+    Call it before allocating (or before spawning one random stream per member), with the bytes the
+    call will need at least, so that an impossible size is refused at once with a message naming the
+    argument, instead of minutes of work ending in a ``MemoryError`` (or the machine swapping).
+
+    Parameters
+    ----------
+    name : str
+        The argument whose value sets the size (for example ``"n_members"``).
+    nbytes : int or float
+        A lower bound of the bytes needed (a float is fine for products that overflow ``int64``).
+    what : str, optional
+        The size as the user gave it, for the message (for example ``"n_members=1000000000"``).
+
+    Raises
+    ------
+    InputError
+        When ``nbytes`` exceeds :func:`available_memory`; nothing is checked where that is unknown.
+
+    Examples
+    --------
+    >>> check_fits("n_members", 10**9 * 8 * 40, what="n_members=10**9")  # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    daml.errors.InputError: n_members: expected a size whose arrays fit in memory (about 22.9 GiB
+    available), got n_members=10**9, needing 298.0 GiB
+    """
+    import math
+
+    need = float(nbytes)
+    if math.isnan(need):
+        raise InputError(name, "a size whose arrays fit in memory", f"{what or 'a size'} needing NaN bytes")
+    avail = available_memory()
+    if avail is None or need <= avail:
+        return
+    gib = 1024.0 ** 3
+    got = f"{what}, needing {need / gib:.1f} GiB" if what else f"a size needing {need / gib:.1f} GiB"
+    raise InputError(name, f"a size whose arrays fit in memory (about {avail / gib:.1f} GiB available)", got)
