@@ -268,7 +268,9 @@ def _check_epsilon(epsilon: Any, relative: bool, cost: torch.Tensor, batch: tupl
         raise ShapeError("epsilon", f"a scalar or a tensor broadcastable to the batch {batch}",
                          f"shape {tuple(e.shape)}") from exc
     if relative:
-        scale = cost.detach().mean((-2, -1)).reshape(-1)
+        # not detached: the effective epsilon depends on the cost, and its gradients (through the
+        # implicit backward of the potentials and through the plan and the values) must say so
+        scale = cost.mean((-2, -1)).reshape(-1)
         if not bool((scale > 0).all()):
             raise InputError("cost", "a cost with a positive mean when relative=True", "an all-zero cost matrix")
         e = e * scale
