@@ -323,6 +323,8 @@ def seed_to_attr(seed: Seed) -> str:
     if seed is None:
         return "none"
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if seed < 0:  # the same rule as seed_sequence: a recorded seed must be one that can be replayed
+            raise SeedError("seed", "a non-negative int", int(seed))
         return str(int(seed))
     if isinstance(seed, np.random.SeedSequence):
         return f"SeedSequence(entropy={seed.entropy}, spawn_key={tuple(seed.spawn_key)})"

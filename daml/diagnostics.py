@@ -50,7 +50,7 @@ import torch
 import xarray as xr
 
 from . import _device
-from .errors import InputError, NonFiniteError, ShapeError
+from .errors import InputError, NonFiniteError, ShapeError, check_int
 from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate, weighted_var
 
 __all__ = [
@@ -322,8 +322,7 @@ class PSISResult(NamedTuple):
 
 def pareto_khat_threshold(n: int) -> float:
     """The k-hat above which importance sampling with ``n`` draws is unreliable: ``min(1 - 1/log10 n, 0.7)``."""
-    if n < 2:
-        raise InputError("n", "at least 2 draws", n)
+    n = check_int(n, "n", minimum=2, expected="an int number of draws, at least 2")
     return min(1.0 - 1.0 / math.log10(n), 0.7)
 
 
@@ -573,7 +572,22 @@ def spread_skill(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | 
     err2 = (x.weighted(w).mean(MEMBER) - y) ** 2
     s2, err2 = xr.broadcast((1.0 + 1.0 / n_eff) * s2, err2)
     dims = _reduce_dims(err2, dim)
-    return np.sqrt(s2.mean(dims) / err2.mean(dims)).rename("spread_skill")
+    s2m, e2m = s2.mean(dims), err2.mean(dims)
+    perfect = e2m.values == 0
+    if perfect.any():
+        # a ratio x / 0: inf where the ensemble has spread (unboundedly over-dispersed for an error of
+        # 0), 1 where it has none either (spread and error agree exactly); never a silent NaN
+        import warnings
+
+        warnings.warn(f"spread_skill: the RMSE is 0 at {int(perfect.sum())} of {perfect.size} points (the "
+                      "weighted mean equals the truth exactly, e.g. a truth taken from the members); the "
+                      "ratio is inf there where the spread is positive and 1 where the spread is 0 too",
+                      UserWarning, stacklevel=2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.sqrt(s2m / e2m)
+        ratio = ratio.where(~xr.DataArray(perfect, dims=e2m.dims) | (s2m > 0), 1.0)
+        return ratio.rename("spread_skill")
+    return np.sqrt(s2m / e2m).rename("spread_skill")
 
 
 def describe(post: xr.Dataset) -> str:

@@ -307,6 +307,12 @@ def validate(ds: Any) -> xr.Dataset:
         raise PosteriorError("ds", "a non-empty 'member' dimension", "0 members")
     if LOG_WEIGHT not in ds.data_vars:
         raise PosteriorError("ds", f"a {LOG_WEIGHT!r} variable", f"variables {list(ds.data_vars)}")
+    empty = [str(d) for d in ds.dims if ds.sizes[d] == 0
+             and any(d in ds[k].dims for k in (LOG_WEIGHT, *member_vars(ds)))]
+    if empty:
+        raise PosteriorError("ds", "non-empty dimensions (an empty posterior has nothing to summarise or trust)",
+                             ", ".join(f"dimension {d!r} of size 0" for d in empty),
+                             hint="select at least one index, e.g. a burn-in shorter than the run")
     lw = ds[LOG_WEIGHT]
     if MEMBER not in lw.dims:
         raise PosteriorError(LOG_WEIGHT, "the 'member' dimension", f"dims {lw.dims}")
@@ -364,13 +370,18 @@ class PosteriorAccessor:
 
     @property
     def log_weight(self) -> xr.DataArray:
-        """Normalised log-weights, dims ``(*batch, member)``."""
-        return self._ds[LOG_WEIGHT]
+        """Normalised log-weights, dims ``(*batch, member)`` (the Dataset is validated first)."""
+        return validate(self._ds)[LOG_WEIGHT]
 
     @property
     def weights(self) -> xr.DataArray:
-        """Normalised weights ``exp(log_weight)``; they sum to one over ``member``."""
-        return np.exp(self._ds[LOG_WEIGHT]).rename("weight")
+        """Normalised weights ``exp(log_weight)``; they sum to one over ``member``.
+
+        The Dataset is validated first: unnormalised log-weights, NaN or infinite members and
+        empty dimensions are refused (xarray's ``weighted`` would otherwise skip NaN members and
+        rescale unnormalised weights without a word).
+        """
+        return np.exp(validate(self._ds)[LOG_WEIGHT]).rename("weight")
 
     @property
     def n_members(self) -> int:
@@ -384,10 +395,16 @@ class PosteriorAccessor:
 
     # -- weighted statistics -------------------------------------------------------------------------
     def _weighted(self):
-        return self.members.weighted(self.weights)
+        ds = validate(self._ds)
+        return ds[member_vars(ds)].weighted(np.exp(ds[LOG_WEIGHT]))
 
     def mean(self) -> xr.Dataset:
-        """Weighted mean over ``member``."""
+        """Weighted mean over ``member``.
+
+        Like every statistic of the accessor it validates the Dataset first, so a NaN member or
+        unnormalised weights raise (:class:`~daml.errors.NonFiniteError`,
+        :class:`~daml.errors.PosteriorError`) instead of being skipped or rescaled.
+        """
         return self._weighted().mean(MEMBER)
 
     def var(self, ddof: int = 0) -> xr.Dataset:
@@ -400,7 +417,8 @@ class PosteriorAccessor:
             reliability weights, divided by ``1 - sum_i w_i^2``; with equal weights this is the
             usual ``N - 1`` denominator.
         """
-        return weighted_var(self.members, self.weights, ddof)
+        ds = validate(self._ds)
+        return weighted_var(ds[member_vars(ds)], np.exp(ds[LOG_WEIGHT]), ddof)
 
     def std(self, ddof: int = 0) -> xr.Dataset:
         """Weighted standard deviation over ``member`` (see :meth:`var` for ``ddof``)."""

@@ -1,0 +1,122 @@
+"""Issue 26: the posterior, its files, diagnostics and resampling give a right result or refuse loudly.
+
+Each test pins one defect found by the review (or by the fuzz of this module's public names): a
+crash, a silent NaN, another library's internal error, or a plausible wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import daml
+from daml import _device, diagnostics, resampling
+from daml.errors import (DamlError, DtypeError, InputError, NonFiniteError, PosteriorError, SeedError,
+                         ShapeError)
+
+
+@pytest.fixture
+def post(rng):
+    x = rng.normal(size=(4, 50, 3))
+    return daml.from_members(x, rng.normal(size=(4, 50)), dims=("time", "member", "variable"),
+                             method="test", seed=1)
+
+
+# -- item 1: empty dimensions ------------------------------------------------------------------------
+
+def test_validate_refuses_an_empty_time_dimension_naming_it(post):
+    empty = post.isel(time=slice(0, 0))          # what `daml run` made with burn-in >= the run
+    with pytest.raises(PosteriorError, match=r"'time' of size 0"):
+        daml.validate(empty)
+    with pytest.raises(PosteriorError, match=r"'time' of size 0"):
+        daml.from_members(np.zeros((0, 5, 2)), dims=("time", "member", "variable"))
+    with pytest.raises(PosteriorError, match=r"'variable' of size 0"):
+        daml.from_members(np.zeros((5, 0)))
+
+
+@pytest.mark.parametrize("name", ["rmse", "crps", "spread_skill", "pit", "rank_histogram", "energy_score"])
+def test_diagnostics_refuse_an_empty_time_dimension(post, name):
+    empty = post.isel(time=slice(0, 0))
+    truth = xr.DataArray(np.zeros((0, 3)), dims=("time", "variable"))
+    with pytest.raises(PosteriorError, match=r"'time' of size 0"):
+        getattr(diagnostics, name)(empty, truth)
+
+
+@pytest.mark.parametrize("call", ["ess", "spread", "psis", "describe", "mean", "quantile", "resample"])
+def test_weights_and_accessor_refuse_an_empty_time_dimension(post, call):
+    empty = post.isel(time=slice(0, 0))
+    f = {"ess": lambda: diagnostics.ess(empty), "spread": lambda: diagnostics.spread(empty),
+         "psis": lambda: diagnostics.psis(empty), "describe": lambda: diagnostics.describe(empty),
+         "mean": lambda: empty.daml.mean(), "quantile": lambda: empty.daml.quantile(0.5),
+         "resample": lambda: empty.daml.resample(seed=0)}[call]
+    with pytest.raises(PosteriorError, match=r"'time' of size 0"):
+        f()
+
+
+# -- item 3: silent wrong results ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", ["mean", "var", "std", "quantile", "ess"])
+def test_accessor_refuses_nan_members_instead_of_skipping_them(post, call):
+    bad = post.copy(deep=True)
+    bad["x"][0, 3, 1] = np.nan
+    with pytest.raises(NonFiniteError, match=r"x: expected finite members, got 1 NaN or infinite"):
+        {"mean": lambda: bad.daml.mean(), "var": lambda: bad.daml.var(), "std": lambda: bad.daml.std(),
+         "quantile": lambda: bad.daml.quantile([0.1, 0.9]), "ess": lambda: bad.daml.ess()}[call]()
+
+
+@pytest.mark.parametrize("call", ["mean", "var", "quantile", "weights"])
+def test_accessor_refuses_unnormalised_log_weights_giving_the_logsumexp(post, call):
+    bad = post.assign(log_weight=post["log_weight"] + 0.25)
+    with pytest.raises(PosteriorError, match=r"log_weight: expected weights normalised.*up to 2\.500e-01"):
+        {"mean": lambda: bad.daml.mean(), "var": lambda: bad.daml.var(),
+         "quantile": lambda: bad.daml.quantile(0.5), "weights": lambda: bad.daml.weights}[call]()
+
+
+def test_accessor_moments_still_match_a_direct_weighted_computation(post):
+    w = np.exp(post["log_weight"].values)[..., None]
+    x = post["x"].values
+    mean = (w * x).sum(1)
+    np.testing.assert_allclose(post.daml.mean()["x"].values, mean, rtol=1e-12)
+    np.testing.assert_allclose(post.daml.var()["x"].values, (w * (x - mean[:, None]) ** 2).sum(1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**40), np.int64(-3)])
+def test_negative_seeds_are_refused_everywhere_a_seed_is_recorded(seed):
+    with pytest.raises(SeedError, match="seed: expected a non-negative int"):
+        daml.from_members(np.zeros((3, 2)) + np.arange(3.0)[:, None], seed=seed)
+    with pytest.raises(SeedError, match="seed: expected a non-negative int"):
+        _device.seed_to_attr(seed)
+
+
+def test_spread_skill_of_a_perfect_forecast_is_defined_and_warned(rng):
+    a = rng.uniform(0.5, 2.0, size=(4, 1, 3))
+    x = a * (-1.0) ** np.arange(30)[None, :, None]  # +a, -a, +a, ...: weighted mean exactly 0 = the truth
+    truth = xr.DataArray(np.zeros((4, 3)), dims=("time", "variable"))
+    spread_post = daml.from_members(x, dims=("time", "member", "variable"))
+    with pytest.warns(UserWarning, match="RMSE is 0"):
+        r = diagnostics.spread_skill(spread_post, truth)
+    assert float(r) == math.inf
+    collapsed = daml.from_members(np.zeros((4, 30, 3)), dims=("time", "member", "variable"))
+    with pytest.warns(UserWarning, match="RMSE is 0"):
+        r = diagnostics.spread_skill(collapsed, truth)
+    assert float(r) == 1.0                        # no spread and no error: they agree exactly
+    # per time: only the points with RMSE 0 take the convention, the others are the plain ratio
+    y = truth.copy()
+    y[0] = 1.0
+    with pytest.warns(UserWarning, match="RMSE is 0 at 3 of 4"):
+        r = diagnostics.spread_skill(spread_post, y, dim="variable")
+    s2 = x[0].var(0, ddof=1).mean() * (1 + 1 / 30)
+    np.testing.assert_allclose(float(r[0]), math.sqrt(s2 / 1.0), rtol=1e-12)
+    assert np.all(np.isinf(r.values[1:]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2.5, "10", None, True, 1])
+def test_pareto_khat_threshold_refuses_what_is_not_a_draw_count(bad):
+    with pytest.raises(InputError, match="^n: expected"):
+        diagnostics.pareto_khat_threshold(bad)
+    assert diagnostics.pareto_khat_threshold(np.int64(100)) == 0.5
