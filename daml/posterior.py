@@ -506,8 +506,9 @@ class PosteriorAccessor:
 
         to_netcdf(self._ds, path)
 
-    def to_arviz(self, resample: bool = False, seed: _device.Seed = None, method: str = "systematic"):
-        """Convert to ArviZ (see :func:`daml.io.to_arviz`)."""
+    def to_arviz(self, resample: bool = True, seed: _device.Seed = None, method: str = "systematic",
+                 n: int | None = None):
+        """Convert to ArviZ as equal-weight draws by default (see :func:`daml.io.to_arviz`)."""
         from .io import to_arviz
 
-        return to_arviz(self._ds, resample=resample, seed=seed, method=method)
+        return to_arviz(self._ds, resample=resample, seed=seed, method=method, n=n)

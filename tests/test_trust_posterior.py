@@ -120,3 +120,67 @@ def test_pareto_khat_threshold_refuses_what_is_not_a_draw_count(bad):
     with pytest.raises(InputError, match="^n: expected"):
         diagnostics.pareto_khat_threshold(bad)
     assert diagnostics.pareto_khat_threshold(np.int64(100)) == 0.5
+
+
+# -- item 2: ArviZ reads the posterior, not the proposal ------------------------------------------------
+
+@pytest.fixture
+def importance_post():
+    """Prior draws N(0, I) of 2 variables at 2 times, weighted by a likelihood N(y; x, 0.5^2) with y far
+    out: the weighted mean (about 0.8 y) is tens of Monte Carlo errors away from the prior mean 0."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 4000, 2))
+    y = np.array([[2.0, 1.5], [1.0, 2.5]])
+    lw = -0.5 * (((x - y[:, None, :]) / 0.5) ** 2).sum(-1)
+    return daml.from_members(x, lw, dims=("time", "member", "variable"), method="importance", seed=5)
+
+
+def test_to_arviz_default_shows_the_weighted_posterior_and_never_a_larger_ess(importance_post):
+    import arviz as az
+
+    kish = diagnostics.ess(importance_post)
+    assert float(kish.max()) < 0.2 * 4000                       # strongly unequal weights
+    idata = importance_post.daml.to_arviz(seed=0)
+    n = idata.posterior.sizes["draw"]
+    assert n == daml.io.arviz_draws(float(kish.min())) and n < float(kish.min())
+    wmean = importance_post.daml.mean()["x"]                    # (time, variable)
+    wsd = importance_post.daml.std()["x"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = az.summary(idata, var_names=["x"], kind="stats")
+        for t in range(2):
+            for v in range(2):
+                shown = summary.loc[f"x[{t}, {v}]", "mean"]
+                # 4 Monte Carlo standard errors of a mean of n draws (ArviZ rounds to 2 decimals)
+                assert abs(shown - float(wmean[t, v])) < 4 * float(wsd[t, v]) / math.sqrt(n) + 0.005
+                assert abs(shown - 0.0) > 10 * float(wsd[t, v]) / math.sqrt(n)    # not the prior mean
+        for m in ("bulk", "tail", "mean", "sd", "quantile"):
+            kw = {"prob": 0.9} if m == "quantile" else {}
+            e = az.ess(idata, var_names=["x"], method=m, **kw)["x"]       # (time, variable)
+            assert np.all(e.values <= kish.values[:, None] + 1e-9), (m, e.values, kish.values)
+    assert np.all(idata.sample_stats["log_weight"].values == -math.log(n))
+    anc = idata.sample_stats["ancestor"].isel(chain=0)                  # draws trace back to members
+    np.testing.assert_array_equal(idata.posterior["x"].isel(chain=0, time=1).values,
+                                  importance_post["x"].isel(time=1).values[anc.isel(time=1).values])
+    again = importance_post.daml.to_arviz(seed=0)
+    np.testing.assert_array_equal(again.posterior["x"].values, idata.posterior["x"].values)
+
+
+def test_to_arviz_keeps_equal_weight_members_and_warns_when_told_not_to_resample(importance_post, rng):
+    eq = daml.from_members(rng.normal(size=(30, 2)))
+    idata = daml.to_arviz(eq)
+    np.testing.assert_array_equal(idata.posterior["x"].values[0], eq["x"].values)
+    with pytest.warns(UserWarning, match="ArviZ ignores"):
+        raw = daml.to_arviz(importance_post, resample=False)
+    assert raw.posterior.sizes["draw"] == 4000
+    with pytest.raises(InputError, match="resample: expected True or False"):
+        daml.to_arviz(eq, resample="yes")
+    with pytest.raises(InputError, match="^n: expected a positive int"):
+        daml.to_arviz(eq, n=0)
+
+
+@pytest.mark.parametrize("e, n", [(1.0, 1), (1.9, 1), (10.0, 10), (10.5, 10), (200.0, 100), (1000.0, 386), (1e6, 189_481)])
+def test_arviz_draws_is_the_largest_n_whose_arviz_ess_bound_fits(e, n):
+    assert daml.io.arviz_draws(e) == n
+    bound = lambda k: k * max(1.0, math.log10(k))  # noqa: E731
+    assert bound(n) <= e and (n + 1 > e or bound(n + 1) > e)
