@@ -25,7 +25,7 @@ import numpy as np
 import xarray as xr
 
 from . import _device
-from .errors import InputError
+from .errors import DamlError, InputError
 from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate
 
 __all__ = ["to_netcdf", "open_posterior", "to_arviz", "arviz_draws", "atomic_write_path", "save_figure"]
@@ -99,7 +99,7 @@ def to_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:
     _check_attrs(ds.attrs, "ds.attrs")
     for name, var in ds.variables.items():
         _check_attrs(var.attrs, f"ds[{name!r}].attrs")
-    with atomic_write_path(path, suffix=".nc.tmp") as tmp:
+    with atomic_write_path(_as_path(path), suffix=".nc.tmp") as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
 
 
@@ -108,13 +108,29 @@ def open_posterior(path: str | os.PathLike) -> xr.Dataset:
 
     The file is closed on return (the data are loaded), so it can be overwritten afterwards.
     """
-    p = Path(path)
+    p = _as_path(path)
+    if p.is_dir():
+        raise InputError("path", "an existing netCDF file", f"the folder {str(p)!r}")
     if not p.is_file():
         raise FileNotFoundError(f"path: expected an existing netCDF file, got {str(p)!r}")
-    ds = xr.load_dataset(p, engine="h5netcdf")
+    try:
+        ds = xr.load_dataset(p, engine="h5netcdf")
+    except Exception as exc:  # h5py / h5netcdf / xarray decoding: their message, with the file named
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise InputError("path", "a readable netCDF4/HDF5 posterior file", repr(p.name),
+                         hint=f"{str(p)!r} cannot be read: {type(exc).__name__}: {reason}") from exc
     for var in ds.variables.values():
         var.encoding.clear()
-    return validate(ds)
+    try:
+        return validate(ds)
+    except DamlError as exc:  # the same error type, with the file named in the argument
+        raise type(exc)(f"{exc.argument} in {str(p)!r}", exc.expected, exc.got, exc.hint) from exc
+
+
+def _as_path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError("path", "a str or os.PathLike file name", type(path).__name__)
+    return Path(path)
 
 
 def arviz_draws(kish_ess: float) -> int:

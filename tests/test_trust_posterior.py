@@ -184,3 +184,32 @@ def test_arviz_draws_is_the_largest_n_whose_arviz_ess_bound_fits(e, n):
     assert daml.io.arviz_draws(e) == n
     bound = lambda k: k * max(1.0, math.log10(k))  # noqa: E731
     assert bound(n) <= e and (n + 1 > e or bound(n + 1) > e)
+
+
+# -- item 5: files that are not posteriors -------------------------------------------------------------
+
+def test_open_posterior_names_the_file_and_the_fault_of_corrupt_files(post, tmp_path):
+    good = tmp_path / "good.nc"
+    post.daml.to_netcdf(good)
+    truncated = tmp_path / "truncated.nc"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.nc"
+    text.write_text("time,x\n0,1.5\n")
+    empty = tmp_path / "empty.nc"
+    empty.write_bytes(b"")
+    for path in (truncated, text, empty):
+        with pytest.raises(InputError, match=rf"path: expected a readable netCDF4/HDF5 posterior file, "
+                                             rf"got {path.name!r}.*cannot be read") as info:
+            daml.open_posterior(path)
+        assert info.value.__cause__ is not None          # the reader's own error is chained, not lost
+        assert str(path) in str(info.value)
+    no_weights = tmp_path / "no_weights.nc"
+    post.drop_vars("log_weight").to_netcdf(no_weights, engine="h5netcdf")
+    with pytest.raises(PosteriorError, match=r"no_weights\.nc.*expected a 'log_weight' variable"):
+        daml.open_posterior(no_weights)
+    with pytest.raises(InputError, match="path: expected an existing netCDF file"):
+        daml.open_posterior(tmp_path)                      # a folder
+    with pytest.raises(InputError, match="path: expected a str or os.PathLike"):
+        daml.open_posterior(None)
+    with pytest.raises(InputError, match="path: expected a str or os.PathLike"):
+        daml.to_netcdf(post, 3)
