@@ -55,6 +55,13 @@ from the batch, so converged problems stop costing work. Problems still above ``
 ``max_iter`` iterations are returned as they are with ``converged = False`` and their error, and a
 :class:`~daml.errors.ConvergenceWarning` says how many there were.
 
+Problems of different sizes share a batch by padding to the largest ``n`` and ``m`` with
+``sizes=`` giving each problem's own ``(n_i, m_i)``: the padded rows and columns get zero mass (the
+solver already keeps zero masses exactly zero, so the loop is unchanged and costs nothing extra per
+iteration), uniform default masses and a relative epsilon's mean cost count only the problem's own
+entries, and padded potentials are set to zero. Each problem's iterates are then those of the
+problem alone, up to rounding.
+
 Options: ``anneal`` (epsilon-scaling) starts from ``epsilon_0 = max C`` and multiplies it by
 ``anneal`` each iteration down to the target (GeomLoss's schedule), which helps at small
 ``epsilon``; ``relaxation`` ``omega`` in ``[1, 2)`` over-relaxes each update,
@@ -70,7 +77,9 @@ objective) carries its gradient by the envelope theorem: ``d value / d C = P``,
 :meth:`SinkhornResult.plan`, :meth:`SinkhornResult.apply` and ``value_linear``, are differentiated
 implicitly: the backward pass solves the linearised optimality conditions (one dense ``n x n`` solve
 per problem, ``O(n^2 (n + m))`` work) instead of unrolling the iterations, so memory does not grow
-with the iteration count.
+with the iteration count. Epsilon is one of the inputs of both (the envelope derivative of ``value``
+with respect to it is ``KL(P | a ⊗ b)``); a relative epsilon is ``epsilon * mean(C)`` built
+differentiably, so its dependence on the cost reaches every gradient.
 
 References
 ----------
@@ -97,7 +106,7 @@ import numpy as np
 import torch
 
 from .. import _device
-from ..errors import ConvergenceWarning, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import ConvergenceWarning, DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
 
 __all__ = ["sinkhorn", "SinkhornResult", "softmin"]
 
@@ -202,38 +211,95 @@ class SinkhornResult(NamedTuple):
 
 # -- input checks -----------------------------------------------------------------------------------------
 
-def _check_cost(cost: Any, dtype: Any, device: Any) -> torch.Tensor:
+def _as_cost(cost: Any, dtype: Any, device: Any) -> torch.Tensor:
+    """``cost`` as a real floating tensor of shape ``(..., n, m)`` with ``n, m >= 1`` (values not checked)."""
+    if cost is None or isinstance(cost, (str, bytes)):
+        raise DtypeError("cost", "a cost matrix (tensor or array-like of shape (..., n, m))", repr(cost))
     c = _device.as_tensor(cost, "cost", dtype=dtype, device=device)
     if c.ndim < 2 or c.shape[-1] == 0 or c.shape[-2] == 0:
         raise ShapeError("cost", "a cost matrix of shape (..., n, m) with n, m >= 1", f"shape {tuple(c.shape)}")
+    if c.dtype not in (torch.float32, torch.float64):
+        raise DtypeError("cost", "float32 or float64 costs (or pass dtype=)", f"dtype {c.dtype}")
+    if c.numel() == 0:
+        raise ShapeError("cost", "at least one problem (no batch dimension of size 0)", f"shape {tuple(c.shape)}")
+    return c
+
+
+def _check_cost_values(c: torch.Tensor) -> None:
     lo, hi = torch.aminmax(c.detach())
     if not bool(torch.isfinite(hi)) or not bool(torch.isfinite(lo)):
         raise NonFiniteError("cost", "finite costs", "NaN or infinite entries")
     if not bool(lo >= 0):
         raise InputError("cost", "non-negative costs", f"a minimum of {float(lo):.3g}",
                          hint="OT plans do not change when a constant is added to C; shift it")
-    return c
+
+
+def _check_sizes(sizes: Any, batch: tuple[int, ...], n: int, m: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row and column masks ``(B, n)``, ``(B, m)`` of the problems' own sizes, and ``n_i m_i`` ``(B,)``."""
+    arr = sizes.detach().cpu().numpy() if isinstance(sizes, torch.Tensor) else np.asarray(sizes)
+    if arr.dtype.kind not in "iu":
+        raise DtypeError("sizes", "integer sizes (n_i, m_i), one pair per problem", f"dtype {arr.dtype}")
+    if arr.shape != (*batch, 2):
+        raise ShapeError("sizes", f"shape {(*batch, 2)} (one pair (n_i, m_i) per problem of the batch {batch})",
+                         f"shape {arr.shape}")
+    arr = arr.reshape(-1, 2).astype(np.int64)
+    for k, (name, full) in enumerate((("n_i", n), ("m_i", m))):
+        lo, hi = int(arr[:, k].min()), int(arr[:, k].max())
+        if lo < 1 or hi > full:
+            raise InputError("sizes", f"sizes with 1 <= {name} <= {full} (the padded cost's "
+                             f"{'rows' if k == 0 else 'columns'})", f"{name} between {lo} and {hi}")
+    s = torch.from_numpy(arr).to(device)
+    rows = torch.arange(n, device=device) < s[:, :1]
+    cols = torch.arange(m, device=device) < s[:, 1:]
+    return rows, cols, s[:, 0] * s[:, 1]
 
 
 def _check_masses(mass: Any, log_mass: Any, name: str, size: int, batch: tuple[int, ...],
-                  like: torch.Tensor) -> torch.Tensor:
-    """Log masses ``(B, size)`` normalised exactly, from ``mass`` or ``log_mass`` (uniform if neither)."""
+                  like: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Log masses ``(B, size)`` normalised exactly, from ``mass`` or ``log_mass`` (uniform if neither).
+
+    With ``valid`` (``(B, size)`` bool, the problems' own entries) the other entries are padding:
+    whatever is given there is ignored and their mass is zero; uniform means uniform over ``valid``.
+    """
     if mass is not None and log_mass is not None:
         raise InputError(name, f"either {name} or log_{name}", "both")
     tol = 1e-6 if like.dtype == torch.float64 else 1e-4
+    arg = name if log_mass is None else "log_" + name
+    given = mass if log_mass is None else log_mass
+    if isinstance(given, (str, bytes)):
+        raise DtypeError(arg, "masses (tensor or array-like)", repr(given))
+    if valid is not None:
+        valid = valid.reshape(*batch, size)
+
+    def padded(t: torch.Tensor, fill: float) -> torch.Tensor:
+        if valid is None:
+            return t
+        try:
+            t = torch.broadcast_to(t, (*batch, size))
+        except RuntimeError as exc:
+            raise ShapeError(arg, f"masses broadcastable to {(*batch, size)}", f"shape {tuple(t.shape)}") from exc
+        return torch.where(valid, t, fill)
+
     if mass is None and log_mass is None:
-        lm = torch.full((size,), -math.log(size), dtype=like.dtype, device=like.device)
+        if valid is None:
+            lm = torch.full((size,), -math.log(size), dtype=like.dtype, device=like.device)
+        else:
+            count = valid.sum(-1, keepdim=True).to(like.dtype)
+            lm = torch.where(valid, -torch.log(count), -math.inf)
     elif mass is not None:
         w = _device.as_tensor(mass, name, dtype=like.dtype, device=like.device)
         if w.ndim == 0 or w.shape[-1] != size:
             raise ShapeError(name, f"masses of shape (..., {size})", f"shape {tuple(w.shape)}")
+        w = padded(w, 0.0)
         if not bool(torch.isfinite(w).all()):
             raise NonFiniteError(name, "finite masses", "NaN or infinite entries")
         if bool((w < 0).any()):
             raise InputError(name, "non-negative masses", f"a minimum of {float(w.min()):.3g}")
         total = w.sum(-1)
         if not bool(((total - 1).abs() <= tol).all()):
-            raise InputError(name, f"masses summing to one (within {tol:g})",
+            raise InputError(name, f"masses summing to one (within {tol:g})" +
+                             (" over each problem's own entries (sizes)" if valid is not None else ""),
                              f"sums between {float(total.min()):.6g} and {float(total.max()):.6g}",
                              hint="normalise them, or give log-weights as log_" + name)
         lm = torch.log(w) - torch.log(total).unsqueeze(-1)
@@ -241,6 +307,7 @@ def _check_masses(mass: Any, log_mass: Any, name: str, size: int, batch: tuple[i
         lw = _device.as_tensor(log_mass, "log_" + name, dtype=like.dtype, device=like.device)
         if lw.ndim == 0 or lw.shape[-1] != size:
             raise ShapeError("log_" + name, f"log-masses of shape (..., {size})", f"shape {tuple(lw.shape)}")
+        lw = padded(lw, -math.inf)
         if bool(torch.isnan(lw).any()) or bool((lw == math.inf).any()):
             raise NonFiniteError("log_" + name, "log-masses that are finite or -inf", "NaN or +inf entries")
         total = torch.logsumexp(lw, -1)
@@ -258,7 +325,12 @@ def _check_masses(mass: Any, log_mass: Any, name: str, size: int, batch: tuple[i
     return lm.reshape(-1, size)
 
 
-def _check_epsilon(epsilon: Any, relative: bool, cost: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+def _check_epsilon(epsilon: Any, relative: bool, cost: torch.Tensor, batch: tuple[int, ...],
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Absolute epsilon per problem ``(B,)``; relative: times the mean cost (over ``counts`` entries
+    per problem when padded, the padding being zero)."""
+    if epsilon is None or isinstance(epsilon, (str, bytes)):
+        raise DtypeError("epsilon", "a positive regularisation (float or tensor)", repr(epsilon))
     e = _device.as_tensor(epsilon, "epsilon", dtype=cost.dtype, device=cost.device)
     if not bool(torch.isfinite(e).all()) or not bool((e > 0).all()):
         raise InputError("epsilon", "a positive, finite regularisation", repr(epsilon))
@@ -270,11 +342,35 @@ def _check_epsilon(epsilon: Any, relative: bool, cost: torch.Tensor, batch: tupl
     if relative:
         # not detached: the effective epsilon depends on the cost, and its gradients (through the
         # implicit backward of the potentials and through the plan and the values) must say so
-        scale = cost.mean((-2, -1)).reshape(-1)
+        if counts is None:
+            scale = cost.mean((-2, -1)).reshape(-1)
+        else:
+            scale = cost.sum((-2, -1)).reshape(-1) / counts.to(cost.dtype)
         if not bool((scale > 0).all()):
             raise InputError("cost", "a cost with a positive mean when relative=True", "an all-zero cost matrix")
         e = e * scale
     return e
+
+
+def _warn_if_padded(cb: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, relative: bool) -> None:
+    """Warn when some problems of a batch (not all) end in an all-zero row or column of the cost,
+    the mark of zero padding, and that padding changes the result (a relative epsilon, or mass on
+    the zero row or column). Two reductions over the last row and column: no work per iteration."""
+    if cb.shape[0] < 2:
+        return
+    zero_row = (cb[:, -1, :] == 0).all(-1)
+    zero_col = (cb[:, :, -1] == 0).all(-1)
+    suspect = zero_row | zero_col
+    if not bool(suspect.any()) or bool(suspect.all()):
+        return
+    harmful = suspect if relative else ((zero_row & (la[:, -1] > -math.inf)) | (zero_col & (lb[:, -1] > -math.inf)))
+    count = int(harmful.sum())
+    if count:
+        warnings.warn(f"sinkhorn: {count} of {cb.shape[0]} problems of the batch end in an all-zero row or "
+                      "column of the cost, as zero padding does. If they are padded, pass sizes= (each "
+                      "problem's own (n_i, m_i)): padding without it " +
+                      ("changes the relative epsilon (the mean cost includes the padded zeros)" if relative else
+                       "gives the padded rows or columns mass") + " and so the result.", UserWarning, stacklevel=3)
 
 
 # -- implicit differentiation of the potentials -----------------------------------------------------------
@@ -332,9 +428,10 @@ class _ImplicitPotentials(torch.autograd.Function):
 # -- the solver -------------------------------------------------------------------------------------------
 
 def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_b: Any = None,
-             epsilon: Any = 0.05, relative: bool = False, tol: float = 1e-6, max_iter: int = 1000,
-             check_every: int = 10, anneal: float | None = None, relaxation: float = 1.0,
-             warn: bool = True, dtype: Any = None, device: Any = None) -> SinkhornResult:
+             epsilon: Any = 0.05, relative: bool = False, sizes: Any = None, tol: float = 1e-6,
+             max_iter: int = 1000, check_every: int = 10, anneal: float | None = None,
+             relaxation: float = 1.0, warn: bool = True, dtype: Any = None, device: Any = None
+             ) -> SinkhornResult:
     """Solve a batch of entropic optimal-transport problems with the log-domain Sinkhorn algorithm.
 
     Parameters
@@ -351,6 +448,21 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
         Entropic regularisation in the units of ``cost`` (positive).
     relative : bool
         Read ``epsilon`` as a fraction of each problem's mean cost (OTT-JAX's ``relative_epsilon``).
+        The mean depends on the cost, and gradients account for it: they are those of the map from
+        ``(cost, a, b, epsilon)`` to the solution with ``epsilon * mean(cost)`` as the regularisation.
+    sizes : array-like of int (..., 2), optional
+        Each problem's own size ``(n_i, m_i)`` when problems of different sizes are padded into one
+        ``(..., n, m)`` batch: problem ``k`` is ``cost[k, :n_i, :m_i]``. The padded rows and columns
+        are excluded from the transport, from the masses (give ``a``, ``b`` padded to ``n``, ``m``;
+        their padded entries are ignored, and the default is uniform over ``n_i`` and ``m_i``) and
+        from the mean cost of ``relative``. Padded cost entries are ignored (they may be anything,
+        NaN included). Every result then equals, problem by problem and to the solver's tolerance,
+        that of the problem solved alone; padded entries of ``f``, ``g`` and of the plan are zero,
+        and so are the gradients with respect to padded inputs. **Zero padding without** ``sizes``
+        **is not the same problem**: uniform default masses spread over the padding, and with
+        ``relative=True`` the padded zeros lower the mean cost and so epsilon. A batch in which some
+        problems (not all) end in an all-zero cost row or column, and in which that would matter,
+        gets a ``UserWarning``.
     tol : float
         Stop a problem when its L1 marginal error ``||P 1 - a||_1 + ||P^T 1 - b||_1 <= tol``.
     max_iter : int
@@ -380,11 +492,14 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     ------
     InputError
         Naming ``cost`` (negative entries), ``a``/``b`` (negative entries, not summing to one),
-        ``epsilon`` (not positive) or a solver parameter out of range.
+        ``epsilon`` (not positive), ``sizes`` (out of range) or a solver parameter out of range.
     ShapeError, NonFiniteError
-        Naming the argument with the wrong shape or with NaN/infinite entries.
+        Naming the argument with the wrong shape (or an empty problem) or with NaN/infinite entries.
+    DtypeError
+        Naming the argument of a type or dtype that cannot be a cost, mass or size (strings, ``None``
+        for ``cost`` or ``epsilon``, complex or boolean values, half precision, non-integer sizes).
     """
-    c = _check_cost(cost, dtype, device)
+    c = _as_cost(cost, dtype, device)
     batch, n, m = tuple(c.shape[:-2]), c.shape[-2], c.shape[-1]
     tol = check_real(tol, "tol")
     if tol < 0:
@@ -395,17 +510,27 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
         anneal = check_real(anneal, "anneal")
         if not 0 < anneal < 1:
             raise InputError("anneal", "None or a factor in (0, 1)", repr(anneal))
-    if relaxation != "auto":
+    if not (isinstance(relaxation, str) and relaxation == "auto"):
         relaxation = check_real(relaxation, "relaxation", expected="'auto' or an over-relaxation factor in [1, 2)")
         if not 1 <= relaxation < 2:
             raise InputError("relaxation", "'auto' or an over-relaxation factor in [1, 2)", repr(relaxation))
     if not isinstance(relative, bool):
         raise InputError("relative", "True or False", repr(relative))
+    if not isinstance(warn, bool):
+        raise InputError("warn", "True or False", repr(warn))
 
-    la = _check_masses(a, log_a, "a", n, batch, c)
-    lb = _check_masses(b, log_b, "b", m, batch, c)
+    rows_ok = cols_ok = counts = None
+    if sizes is not None:
+        rows_ok, cols_ok, counts = _check_sizes(sizes, batch, n, m, c.device)
+        inside = (rows_ok.unsqueeze(-1) & cols_ok.unsqueeze(-2)).reshape(c.shape)
+        c = torch.where(inside, c, torch.zeros((), dtype=c.dtype, device=c.device))   # padding: ignored
+    _check_cost_values(c)
+    la = _check_masses(a, log_a, "a", n, batch, c, rows_ok)
+    lb = _check_masses(b, log_b, "b", m, batch, c, cols_ok)
     cb = c.reshape(-1, n, m)
-    eps = _check_epsilon(epsilon, relative, c, batch)
+    eps = _check_epsilon(epsilon, relative, c, batch, counts)
+    if sizes is None:
+        _warn_if_padded(cb, la, lb, relative)
 
     # the loop runs in inference mode (less bookkeeping per operation than no_grad); its results are
     # cloned into ordinary tensors, which callers may then modify in place or differentiate through
@@ -421,6 +546,9 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     shift = 0.5 * (_dot(lb, g) - _dot(la, f))
     f = f + shift.unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
+    if sizes is not None:        # the potentials of padded rows and columns mean nothing: zero
+        f = torch.where(rows_ok, f, torch.zeros((), dtype=f.dtype, device=f.device))
+        g = torch.where(cols_ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
     if cb.dtype != torch.float64:
         # in low precision the plan rebuilt from the potentials differs from the loop's by about
