@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import DeviceError, DtypeError, SeedError
+from .errors import DeviceError, DtypeError, SeedError, check_fits
 
 __all__ = [
     "Seed",
@@ -208,16 +208,33 @@ def generator(seed: Seed, device: str | torch.device | None = None) -> torch.Gen
     return g
 
 
-def spawn(seed: Seed, n: int) -> list[np.random.SeedSequence]:
-    """``n`` statistically independent child seed sequences of ``seed``."""
+# Memory per spawned stream, measured on CPython 3.11 / numpy 2 / torch 2 (tracemalloc, ru_maxrss):
+# a SeedSequence about 375 bytes, a CPU torch.Generator about 2.7 KiB more.
+_SEED_SEQUENCE_BYTES = 400
+_GENERATOR_BYTES = 3200
+
+
+def spawn(seed: Seed, n: int, *, name: str = "n") -> list[np.random.SeedSequence]:
+    """``n`` statistically independent child seed sequences of ``seed``.
+
+    ``n`` streams whose objects cannot fit in memory (about 400 bytes each) are refused at once
+    with an :class:`~daml.errors.InputError` naming ``name`` (pass the caller's argument, e.g.
+    ``name="members"``), instead of minutes of spawning before a ``MemoryError``.
+    """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-        raise SeedError("n", "a non-negative int", repr(n))
+        raise SeedError(name, "a non-negative int", repr(n))
+    check_fits(name, float(n) * _SEED_SEQUENCE_BYTES, what=f"{name}={int(n)} random streams")
     return seed_sequence(seed).spawn(int(n))
 
 
-def spawn_generators(seed: Seed, n: int, device: str | torch.device | None = None) -> list[torch.Generator]:
-    """``n`` independent torch generators derived from ``seed`` (see :func:`spawn`)."""
-    return [generator(child, device) for child in spawn(seed, n)]
+def spawn_generators(seed: Seed, n: int, device: str | torch.device | None = None, *,
+                     name: str = "n") -> list[torch.Generator]:
+    """``n`` independent torch generators derived from ``seed`` (see :func:`spawn`; sizes whose
+    generators, about 3 KiB each, cannot fit in memory are refused naming ``name``)."""
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0:
+        check_fits(name, float(n) * (_SEED_SEQUENCE_BYTES + _GENERATOR_BYTES),
+                   what=f"{name}={int(n)} torch generators")
+    return [generator(child, device) for child in spawn(seed, n, name=name)]
 
 
 def smoothing_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:

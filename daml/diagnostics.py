@@ -50,7 +50,7 @@ import torch
 import xarray as xr
 
 from . import _device
-from .errors import InputError, NonFiniteError, ShapeError, check_int
+from .errors import InputError, NonFiniteError, ShapeError, check_fits, check_int
 from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate, weighted_var
 
 __all__ = [
@@ -452,6 +452,10 @@ def energy_score(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | 
         raise ShapeError("truth", f"the dimension {dim!r}", f"dims {y.dims}")
     if fair and x.sizes[MEMBER] < 2:
         raise InputError("estimator", "'exact' for a single member", "'fair'")
+    n_points = float(np.prod([s for d, s in xr.broadcast(x, y)[0].sizes.items() if d not in (MEMBER, dim)],
+                             dtype=float))
+    check_fits("post", n_points * float(x.sizes[MEMBER]) ** 2 * 8.0 * 2,
+               what=f"{x.sizes[MEMBER]} members at {int(n_points)} points (pairwise distances)")
     return _apply(energy_score_kernel, x, w, y, core=[[MEMBER, dim], [MEMBER], [dim]], fair=fair
                   ).rename("energy_score")
 
@@ -514,6 +518,8 @@ def rank_histogram(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str 
         raise InputError("bins", "a positive int", repr(bins))
     pooled = _reduce_dims(u, dim)
     keep = [d for d in u.dims if d not in pooled]
+    check_fits("bins", float(np.prod([u.sizes[d] for d in keep], dtype=float)) * float(n_bins) * 8.0,
+               what=f"bins={int(n_bins)}")
 
     def count(values: torch.Tensor) -> torch.Tensor:
         idx = torch.clamp((values * n_bins).floor().long(), 0, n_bins - 1)

@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from ._device import Seed, as_tensor, generator
-from .errors import DtypeError, InputError, NonFiniteError, ShapeError
+from .errors import DtypeError, InputError, NonFiniteError, ShapeError, check_fits
 
 __all__ = [
     "METHODS",
@@ -130,6 +130,9 @@ def _validate(weights: Any, n: Any) -> tuple[torch.Tensor, tuple[int, ...], int]
     if n_particles == 0:
         raise ShapeError("weights", "at least one particle on the last axis", f"shape {tuple(w.shape)}")
     n = _check_n(n, n_particles)
+    rows = float(np.prod(w.shape[:-1], dtype=float))
+    # int64 ancestors and float64 uniforms (or counts) per drawn index: refuse at once what cannot fit
+    check_fits("n", rows * n * 16.0, what=f"n={n} ancestors in each of {int(rows)} rows")
     w = _widen_half(w)
     batch_shape = tuple(w.shape[:-1])
     w = w.reshape(-1, n_particles)

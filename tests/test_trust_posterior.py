@@ -213,3 +213,29 @@ def test_open_posterior_names_the_file_and_the_fault_of_corrupt_files(post, tmp_
         daml.open_posterior(None)
     with pytest.raises(InputError, match="path: expected a str or os.PathLike"):
         daml.to_netcdf(post, 3)
+
+
+# -- item 4: sizes that cannot fit are refused at once ------------------------------------------------------
+
+def test_sizes_that_cannot_fit_are_refused_before_any_work(rng):
+    import time
+
+    if daml.errors.available_memory() is None:
+        pytest.skip("this system does not report its memory")
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"members: expected a size whose arrays fit in memory"):
+        _device.spawn(0, 10**9 * 1000, name="members")
+    with pytest.raises(InputError, match=r"members: expected a size whose arrays fit in memory"):
+        _device.spawn_generators(0, 10**9 * 1000, name="members")
+    with pytest.raises(InputError, match=r"^n: expected a size whose arrays fit in memory"):
+        resampling.systematic(torch.ones(3, 5), n=10**15, seed=0)
+    with pytest.raises(InputError, match=r"^n: expected a size whose arrays fit in memory"):
+        daml.from_members(rng.normal(size=(5, 2))).daml.resample(seed=0, n=10**15)
+    big = daml.from_members(np.zeros((10**6, 2)) + np.arange(10**6)[:, None])
+    with pytest.raises(InputError, match=r"^post: expected a size whose arrays fit in memory"):
+        diagnostics.energy_score(big, xr.DataArray(np.zeros(2), dims="variable"))
+    with pytest.raises(InputError, match=r"^bins: expected a size whose arrays fit in memory"):
+        diagnostics.rank_histogram(big, xr.DataArray(np.zeros(2), dims="variable"), bins=10**14,
+                                   dim=[])
+    assert time.perf_counter() - start < 5.0
+    assert len(_device.spawn(0, 3)) == 3                # small sizes are untouched
