@@ -36,8 +36,9 @@ import xarray as xr
 
 from . import _device
 from ._version import __version__
-from .errors import InputError, check_int
-from .models.base import Model, as_covariance, check_state, covariance_root, model_config, propagate
+from .errors import InputError, NonFiniteError, check_int
+from .models.base import (Model, as_covariance, check_memory, check_state, covariance_root, model_config,
+                          propagate)
 from .models.observations import Observation
 
 __all__ = ["simulate", "observation_steps"]
@@ -49,11 +50,22 @@ def observation_steps(steps: int, every: int | None = 1, at: Sequence[int] | Non
     if at is not None:
         if every not in (None, 1):
             raise InputError("every/at", "one of every or at", "both")
-        idx = np.unique(np.asarray(list(at), dtype=np.int64))
+        import numbers
+
+        if isinstance(at, (str, bytes)) or not hasattr(at, "__iter__"):
+            raise InputError("at", "a sequence of int model steps", repr(at))
+        values = list(np.asarray(at).reshape(-1).tolist()) if isinstance(at, np.ndarray) else list(at)
+        bad = [v for v in values if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral, np.integer))]
+        if bad:
+            raise InputError("at", "int model steps", f"{bad[0]!r} ({type(bad[0]).__name__})")
+        idx = np.unique(np.asarray(values, dtype=np.int64))
         if idx.size == 0 or idx.min() < 1 or idx.max() > steps:
             raise InputError("at", f"steps in [1, {steps}]", list(idx))
         return idx
     every = check_int(every, "every", expected="a positive int (model steps between observations)")
+    if every > steps:
+        raise InputError("every", f"an int <= steps = {steps} (at least one observation time)", repr(every),
+                         hint="observe more often or simulate more steps")
     return np.arange(every, steps + 1, every, dtype=np.int64)
 
 
@@ -82,7 +94,7 @@ def simulate(
     observe : Observation
         Observation operator and noise.
     every : int
-        Observe every ``every`` model steps (steps ``every, 2 every, ...``).
+        Observe every ``every`` model steps (steps ``every, 2 every, ...``); at most ``steps``.
     at : sequence of int, optional
         Irregular observation steps instead of ``every``.
     x0 : array (n,), optional
@@ -98,25 +110,45 @@ def simulate(
         The random stream.
     dtype : optional
         Floating dtype (default float64).
+
+    Raises
+    ------
+    InputError
+        Naming the argument, for wrong types or values: ``every`` beyond ``steps`` (no observation
+        time at all), non-int ``at`` steps, ``experiments`` or ``steps`` whose arrays cannot fit in
+        the free memory (refused before anything is allocated, with the bytes needed), ``x0`` with
+        NaN or infinite entries (:class:`~daml.errors.NonFiniteError`), a ``model`` whose truth leaves
+        the finite numbers.
     """
     steps = check_int(steps, "steps", expected="a positive int")
+    if not callable(getattr(model, "step", None)) or not isinstance(getattr(model, "state_size", None), int) \
+            or isinstance(getattr(model, "state_size", None), bool):
+        raise InputError("model", "a model with state_size and step(x) (see daml.models)", type(model).__name__)
     if not isinstance(observe, Observation):
         raise InputError("observe", "an Observation (see daml.models.observe_all)", type(observe).__name__)
     if observe.state_size != model.state_size:
         raise InputError("observe", f"an operator on states of size {model.state_size}",
                          f"one on size {observe.state_size}")
-    if not isinstance(missing, (int, float)) or not 0 <= missing < 1:
+    if isinstance(missing, bool) or not isinstance(missing, (int, float, np.integer, np.floating)) \
+            or not 0 <= missing < 1:
         raise InputError("missing", "a fraction in [0, 1)", repr(missing))
     if experiments is not None:
         experiments = check_int(experiments, "experiments", expected="a positive int or None")
     dt = _device.resolve_dtype(dtype)
     n, m = model.state_size, observe.size
-    obs_steps = observation_steps(int(steps), every, at)
+    itemsize = torch.empty((), dtype=dt).element_size()
+    # truth and y at every step, the observed values and their noise, and the numpy views: ~2 copies
+    nbytes = 2 * (experiments or 1) * (steps + 1) * (n + 2 * m) * itemsize + 8 * (steps + 1)
+    check_memory(nbytes, "experiments" if (experiments or 1) > 1 else "steps",
+                 f"experiments={experiments}, steps={steps}, state size {n}, {m} observations")
     mean = torch.zeros(n, dtype=dt) if x0 is None else check_state(model, x0, "x0", dtype=dt)
     if mean.ndim != 1:
         raise InputError("x0", f"a single state of shape ({n},)", f"shape {tuple(mean.shape)}")
+    if not bool(torch.isfinite(mean).all()):
+        raise NonFiniteError("x0", "a finite initial state", "NaN or infinite entries")
     cov = as_covariance(x0_cov, n, "x0_cov", dtype=dt)
     batch = () if experiments is None else (experiments,)
+    obs_steps = observation_steps(int(steps), every, at)
     g_init, g_model, g_obs, g_missing = _device.spawn_generators(seed, 4)
 
     x = mean + torch.randn(*batch, n, generator=g_init, dtype=dt) @ covariance_root(cov).T

@@ -246,3 +246,77 @@ def test_operator_cache_made_in_the_loop_works_with_autograd_afterwards(problem)
     x = torch.randn(5, N_STATE, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(op.apply(x).sum(), x)
     assert grad[:, 1].eq(0).all() and grad[:, [0, 2]].eq(1).all()
+
+
+# -- every registered filter x every model ------------------------------------------------------------
+
+MATRIX_MODELS = {                                   # tiny states, a little model noise (particle filters need it)
+    "lorenz63": lambda noise: models.Lorenz63(noise_cov=noise),
+    "lorenz96": lambda noise: models.Lorenz96(n=5, noise_cov=noise),
+    "kuramoto": lambda noise: models.Kuramoto(n=3, coupling=1.0, noise_cov=noise, seed=0),
+    "linear_drag": lambda noise: models.LinearDrag(dims=1, noise_cov=noise),
+    "identity": lambda noise: models.Identity(3, noise_cov=noise),
+}
+MATRIX_PARAMS = {
+    "kf": {}, "ekf": {}, "enkf": {"members": 6}, "etkf": {"members": 6}, "letkf": {"members": 6, "radius": 2.0},
+    "climatology": {"members": 6}, "bootstrap": {"members": 10, "jitter": 0.5}, "optimal": {"members": 10},
+    "auxiliary": {"members": 10}, "ewpf": {"members": 6}, "iewpf": {"members": 6, "keep": 0.8},
+    "etpf": {"members": 6, "rejuvenation": 0.1}, "letpf": {"members": 6, "radius": 2.0, "second_order": True},
+    "diffusion": {"members": 6, "bandwidth": 0.3, "steps": 10}, "ensf": {"members": 6, "steps": 10},
+}
+LINEAR_ONLY = {"kf"}                                # refuse a model without step_matrix, naming model
+NEEDS_MODEL_NOISE = {"optimal", "auxiliary", "ewpf", "iewpf"}   # refuse a perfect model, naming model_noise
+
+
+def test_matrix_covers_every_filter_and_model():
+    assert set(MATRIX_MODELS) == set(models.MODELS), "add new models to MATRIX_MODELS"
+    assert set(MATRIX_PARAMS) == set(filters.REGISTRY), "add new filters to MATRIX_PARAMS"
+
+
+@pytest.fixture(scope="module")
+def matrix_data():
+    out = {}
+    for name, make in MATRIX_MODELS.items():
+        model = make(0.01)
+        n = model.state_size
+        x0 = np.full(n, 8.0) + np.eye(n)[0] if name == "lorenz96" else (
+            model.default_x0().numpy() if name == "lorenz63" else np.ones(n))
+        data = daml.simulate(model, 4, models.observe_all(n, sd=0.5), every=2, x0=x0, x0_cov=0.5, missing=0.2,
+                             experiments=2, seed=1)
+        out[name] = (model, data)
+    return out
+
+
+def _matrix_filter(fname, n, **extra):
+    params = dict(MATRIX_PARAMS[fname], **extra)
+    if fname == "climatology":
+        params.update(mean=np.zeros(n), cov=np.eye(n))
+    return filters.make_filter(fname, **params)
+
+
+@pytest.mark.parametrize("fname", sorted(MATRIX_PARAMS))
+@pytest.mark.parametrize("mname", sorted(MATRIX_MODELS))
+def test_every_filter_on_every_model(mname, fname, matrix_data):
+    model, data = matrix_data[mname]
+    filt = _matrix_filter(fname, model.state_size)
+    if fname in LINEAR_ONLY and not hasattr(model, "step_matrix"):
+        with pytest.raises(daml.errors.InputError, match="model: expected a linear model"):
+            filters.run(filt, model, data, seed=0, progress=False)
+        return
+    res = filters.run(filt, model, data, seed=0, progress=False)
+    post = daml.validate(res.analysis)
+    assert post["x"].dims == ("time", "experiment", "member", "variable")
+    assert post.sizes["time"] == int(data["observed"].values[1:].sum())
+    assert np.isfinite(post["x"].values).all()
+    np.testing.assert_allclose(np.exp(post["log_weight"]).sum("member"), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fname", sorted(NEEDS_MODEL_NOISE))
+@pytest.mark.parametrize("mname", sorted(MATRIX_MODELS))
+def test_filters_that_need_model_noise_refuse_a_perfect_model_or_take_it_as_a_parameter(mname, fname, matrix_data):
+    _, data = matrix_data[mname]
+    model = MATRIX_MODELS[mname](None)
+    with pytest.raises(daml.errors.InputError, match="model_noise"):
+        filters.run(_matrix_filter(fname, model.state_size), model, data, seed=0, progress=False)
+    res = filters.run(_matrix_filter(fname, model.state_size, model_noise=0.01), model, data, seed=0, progress=False)
+    assert np.isfinite(res.analysis["x"].values).all()

@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from ..errors import InputError, ShapeError, check_int, check_real
-from ..models.base import Model, covariance_root, propagate
+from ..models.base import Model, check_memory, covariance_root, propagate
 
 __all__ = [
     "Filter",
@@ -131,9 +131,19 @@ def make_filter(name: str, **params: Any) -> Filter:
     return filt if inflation is None else inflate(filt, inflation)
 
 
-def check_members(members: Any) -> int:
-    """Validate an ensemble size."""
-    return check_int(members, "members", 2)
+MAX_MEMBERS = 2**31 - 1
+"""The largest ensemble size a filter accepts (torch indexes sizes beyond it poorly); whether an
+ensemble fits in memory is checked when it is drawn (:func:`ensemble_init`)."""
+
+
+def check_members(members: Any, minimum: int = 2) -> int:
+    """Validate an ensemble size: an int in ``[minimum, MAX_MEMBERS]`` (2 by default: a spread needs
+    two members); floats such as ``1e3``, bools and strings are refused with an :class:`InputError`
+    naming ``members``."""
+    n = check_int(members, "members", minimum, f"an int >= {minimum} (the ensemble size)")
+    if n > MAX_MEMBERS:
+        raise InputError("members", f"an int <= {MAX_MEMBERS} (the ensemble size)", repr(members))
+    return n
 
 
 # -- ensembles ------------------------------------------------------------------------------------------
@@ -142,6 +152,10 @@ def ensemble_init(members: int) -> Callable[..., EnsembleState]:
     """``init`` drawing ``members`` equally weighted members from ``N(mean, cov)``."""
 
     def init(model: Model, mean: torch.Tensor, cov: torch.Tensor, g: torch.Generator) -> EnsembleState:
+        # the draws, the members and the product's temporary: three arrays of the ensemble's size
+        nbytes = 3 * math.prod(mean.shape[:-1]) * members * mean.shape[-1] * mean.element_size()
+        check_memory(nbytes, "members", f"{members} members of {mean.shape[-1]} variables"
+                     + (f" in {math.prod(mean.shape[:-1])} experiments" if mean.ndim > 1 else ""), mean.device)
         root = covariance_root(cov.to(mean))
         z = torch.randn(*mean.shape[:-1], members, mean.shape[-1], generator=g, dtype=mean.dtype, device=mean.device)
         x = mean.unsqueeze(-2) + z @ root.T
@@ -228,6 +242,12 @@ def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: tor
     ``mask`` ``(*batch, m)`` selects the observed entries. Unobserved entries are removed exactly (see
     :func:`masked_observation`): the result is the log-density of the observed sub-vector, with its
     normalising constant, so it can be summed into a log-evidence. Returns ``(*batch, k)``.
+
+    Raises
+    ------
+    InputError
+        Naming ``noise_cov`` when ``C`` (restricted to the observed entries) is not positive definite:
+        the density does not exist, and a NaN or a wrong number would pass for one.
     """
     zero = torch.zeros((), dtype=innovation.dtype, device=innovation.device)
     if noise_cov.ndim == 2 and bool(mask.all()):          # fast path: one R, everything observed
@@ -235,11 +255,14 @@ def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: tor
         m = innovation.shape[-1]
         diag = torch.diagonal(r)
         if torch.count_nonzero(r - torch.diag(diag)) == 0:          # diagonal R: scale each entry
+            if not bool((diag > 0).all()):
+                raise InputError("noise_cov", "a positive-definite covariance (positive variances)",
+                                 f"smallest diagonal entry {float(diag.min()):.3g}")
             # a mat-vec with 1/R_ii: on the CPU much faster than a broadcast division and a sum
             white_sq = (innovation * innovation) @ diag.reciprocal()
             logdet = 0.5 * torch.log(diag).sum()
         else:                                                        # one matrix product with L^-1
-            chol = torch.linalg.cholesky(r)
+            chol = _cholesky_pd(r)
             inv = torch.linalg.solve_triangular(chol, torch.eye(m, dtype=r.dtype, device=r.device), upper=False)
             white_sq = ((innovation @ inv.T) ** 2).sum(-1)
             logdet = torch.log(torch.diagonal(chol)).sum()
@@ -249,7 +272,17 @@ def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: tor
     eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
     c = noise_cov.to(d)
     c = torch.where(both if c.ndim <= d.ndim else both.unsqueeze(-3), c, eye)
-    return masked_logpdf_chol(d, torch.linalg.cholesky(c), mask)
+    return masked_logpdf_chol(d, _cholesky_pd(c), mask)
+
+
+def _cholesky_pd(c: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor of ``c``, or an :class:`InputError` naming ``noise_cov`` when ``c`` is not
+    symmetric positive definite (or not finite)."""
+    chol, info = torch.linalg.cholesky_ex(c)
+    if bool((info != 0).any()) or not bool(torch.isfinite(chol).all()):
+        raise InputError("noise_cov", "a finite positive-definite covariance", "a matrix whose Cholesky "
+                         "factorisation fails (not positive definite, or NaN/infinite entries)")
+    return chol
 
 
 def gaussian_logpdf_chol(d: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError, check_int, check_real
+from ..errors import DamlError, DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
 
 __all__ = [
     "Model",
@@ -50,10 +50,13 @@ __all__ = [
     "tangent_linear",
     "model_config",
     "check_state",
+    "as_real_tensor",
     "as_covariance",
     "covariance_root",
     "batched_jacobian",
     "periodic_covariance",
+    "available_memory",
+    "check_memory",
 ]
 
 
@@ -82,7 +85,7 @@ def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, all
     """A symmetric positive-(semi)definite ``(n, n)`` matrix from a scalar variance, a vector of
     variances or a full matrix; checked with a Cholesky factorisation (an eigenvalue check when
     ``allow_zero`` and the matrix is singular)."""
-    t = _device.as_tensor(value, name, dtype=dtype, device=device)
+    t = as_real_tensor(value, name, dtype=dtype, device=device)
     if t.ndim == 0:
         t = t * torch.eye(n, dtype=t.dtype, device=t.device)
     elif t.ndim == 1:
@@ -92,16 +95,26 @@ def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, all
     if tuple(t.shape) != (n, n):
         raise ShapeError(name, f"a scalar, {n} variances or an ({n}, {n}) matrix", f"shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
-        raise InputError(name, "finite entries", "NaN or infinite entries")
+        raise NonFiniteError(name, "finite entries", "NaN or infinite entries")
     if not torch.allclose(t, t.T, rtol=1e-10, atol=1e-12 * float(t.abs().max().clamp_min(1e-300))):
         raise InputError(name, "a symmetric matrix", "an asymmetric one")
     _, info = torch.linalg.cholesky_ex(t)
     if int(info) != 0:
         eig_min = float(torch.linalg.eigvalsh(t).min())
-        if not (allow_zero and eig_min >= -1e-12 * float(t.abs().max())):
+        tol = max(1e-12, 10 * n * torch.finfo(t.dtype).eps)          # rounding of a semidefinite matrix
+        if not (allow_zero and eig_min >= -tol * float(t.abs().max())):
             raise InputError(name, "a positive-definite covariance" if not allow_zero else
                              "a positive-semidefinite covariance", f"smallest eigenvalue {eig_min:.3g}")
     return t
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``jacfwd``, ``grad``...) or a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``) is active: then only functional code is safe."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active() if active is not None else torch._C._functorch.maybe_current_level() is not None:
+        return True
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 class ODEModel(abc.ABC):
@@ -135,9 +148,12 @@ class ODEModel(abc.ABC):
         :func:`daml._device.elementwise_rows`; ``tendency`` treats each state on its own) when
         autograd is off (``torch.no_grad``, as in :func:`daml.filters.run`); with autograd on they
         are stepped in one go, so that gradients reach ``x`` and any parameters of ``tendency``
-        through one plain graph.
+        through one plain graph. Inside a ``torch.func`` transform (``vmap``, ``jacfwd``: the
+        tangent-linear map of the EKF, :func:`tangent_linear`) or a forward-mode AD level, the step is
+        always the plain, functional :func:`rk4_step`: a subclass's faster ``_step_no_grad`` may write
+        in place into buffers of its own, which such transforms cannot batch or differentiate.
         """
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or _transformed():
             return rk4_step(self.tendency, x, self.dt)
         rows = _device.elementwise_rows(x)
         if rows is None:
@@ -162,9 +178,26 @@ class ODEModel(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
+def as_real_tensor(value: Any, name: str, *, dtype=None, device=None) -> torch.Tensor:
+    """:func:`daml._device.as_tensor`, refusing text and other non-numeric input (strings, bytes, None,
+    arrays of them) with a :class:`~daml.errors.DtypeError` naming ``name``."""
+    import numpy as np
+
+    if value is None or isinstance(value, (str, bytes)) or (
+            isinstance(value, np.ndarray) and value.dtype.kind in "USVOMm"):
+        raise DtypeError(name, "real numbers", repr(value) if not isinstance(value, np.ndarray)
+                         else f"an array of dtype {value.dtype}")
+    try:
+        return _device.as_tensor(value, name, dtype=dtype, device=device)
+    except DamlError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:      # e.g. nested lists of text or ragged lists
+        raise DtypeError(name, "real numbers", f"{type(value).__name__} ({exc})") from exc
+
+
 def check_state(model: Model, x: Any, name: str = "x", *, dtype=None, device=None) -> torch.Tensor:
     """``x`` as a tensor whose last axis has the model's state size."""
-    t = _device.as_tensor(x, name, dtype=dtype, device=device)
+    t = as_real_tensor(x, name, dtype=dtype, device=device)
     if t.ndim == 0 or t.shape[-1] != model.state_size:
         raise ShapeError(name, f"a last axis of length {model.state_size} (the state size)",
                          f"shape {tuple(t.shape)}")
@@ -173,7 +206,23 @@ def check_state(model: Model, x: Any, name: str = "x", *, dtype=None, device=Non
 
 def propagate(model: Model, x: torch.Tensor, steps: int = 1, seed: _device.Seed = None) -> torch.Tensor:
     """Apply ``steps`` model steps to ``x`` (..., n), adding ``N(0, Q)`` noise after each step if the
-    model has ``noise_cov``. ``seed`` is only used (and required to be reproducible) for noisy models."""
+    model has ``noise_cov``. ``seed`` is only used (and required to be reproducible) for noisy models.
+
+    Raises
+    ------
+    InputError
+        Naming ``model`` for an object without ``state_size`` and ``step``, ``steps`` for anything but
+        an int ``>= 0`` (0 returns ``x``).
+    ShapeError
+        Naming ``x`` when its last axis is not the model's state size.
+    """
+    if not callable(getattr(model, "step", None)) or not isinstance(getattr(model, "state_size", None), int):
+        raise InputError("model", "a model with state_size and step(x) (see daml.models.Model)", type(model).__name__)
+    steps = check_int(steps, "steps", 0, "an int >= 0 (model steps)")
+    if not isinstance(x, torch.Tensor):
+        x = check_state(model, x, "x")
+    elif x.ndim == 0 or x.shape[-1] != model.state_size:
+        raise ShapeError("x", f"a last axis of length {model.state_size} (the state size)", f"shape {tuple(x.shape)}")
     q = getattr(model, "noise_cov", None)
     root = None if q is None else covariance_root(q.to(x))
     g = None if q is None else _device.generator(seed, x.device)
@@ -259,3 +308,38 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "tolist"):
         return v.tolist()
     return v
+
+
+def available_memory(device: Any = None) -> int | None:
+    """Free memory in bytes on ``device`` (CPU: the operating system's ``MemAvailable``; CUDA: the
+    driver's free memory), or ``None`` where it cannot be told."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        if dev.type == "cuda":
+            return int(torch.cuda.mem_get_info(dev)[0])
+        if dev.type == "cpu":
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+            import os
+
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def check_memory(nbytes: int, argument: str, given: str, device: Any = None) -> None:
+    """Refuse, before anything is allocated, arrays that need more than the free memory.
+
+    Raises
+    ------
+    InputError
+        Naming ``argument``, with ``given`` (the sizes as the user gave them) and an estimate of the
+        bytes needed against the bytes free.
+    """
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise InputError(argument, f"sizes whose arrays fit in the free memory ({free / 2**30:.3g} GiB)",
+                         f"{given}, which needs about {nbytes / 2**30:.3g} GiB")

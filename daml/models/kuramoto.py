@@ -43,7 +43,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import ODEModel, _compact_cov
+from .base import ODEModel, _compact_cov, as_real_tensor
 
 __all__ = ["Kuramoto", "order_parameter"]
 
@@ -61,7 +61,7 @@ def order_parameter(theta: torch.Tensor) -> torch.Tensor:
     tensor (...)
         ``r`` in ``[0, 1]``.
     """
-    theta = _device.as_tensor(theta, "theta")
+    theta = as_real_tensor(theta, "theta")
     if theta.ndim == 0 or theta.shape[-1] == 0:
         raise ShapeError("theta", "phases with a non-empty last axis (..., n)", f"shape {tuple(theta.shape)}")
     return torch.hypot(torch.cos(theta).mean(-1), torch.sin(theta).mean(-1))
@@ -97,7 +97,7 @@ class Kuramoto(ODEModel):
             g = _device.generator(seed, "cpu")
             w = torch.randn(n, generator=g, dtype=torch.float64)
         else:
-            w = _device.as_tensor(omega, "omega", dtype=torch.float64, device="cpu")
+            w = as_real_tensor(omega, "omega", dtype=torch.float64, device="cpu")
             if tuple(w.shape) != (n,):
                 raise ShapeError("omega", f"{n} natural frequencies (shape ({n},))", f"shape {tuple(w.shape)}")
             if not torch.isfinite(w).all():

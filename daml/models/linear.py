@@ -51,7 +51,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import ODEModel, _compact_cov, rk4_step
+from .base import ODEModel, _compact_cov, as_real_tensor, rk4_step
 
 __all__ = ["LinearModel", "Identity", "LinearDrag", "rk4_matrix"]
 
@@ -93,7 +93,7 @@ class LinearModel(ODEModel):
     name = "linear"
 
     def __init__(self, matrix: Any, dt: float = 1.0, noise_cov: Any = None, continuous: bool = False):
-        m = _device.as_tensor(matrix, "matrix", dtype=torch.float64, device="cpu")
+        m = as_real_tensor(matrix, "matrix", dtype=torch.float64, device="cpu")
         if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
             raise ShapeError("matrix", "a non-empty square matrix (n, n)", f"shape {tuple(m.shape)}")
         if not torch.isfinite(m).all():
@@ -167,9 +167,9 @@ class LinearDrag(LinearModel):
     dims : int
         Number of spatial dimensions ``d`` (state size ``3 d``, layout ``[p, v, a]`` blocks).
     drag : float
-        Drag coefficient ``c`` (default 0.1).
+        Drag coefficient ``c >= 0`` (default 0.1).
     tau : float
-        Rate ``tau`` at which velocity feeds back on the acceleration (default 0.05).
+        Rate ``tau > 0`` at which velocity feeds back on the acceleration (default 0.05).
     dt : float
         RK4 step per model step (default 0.1).
     noise_cov : scalar, (3d,) or (3d, 3d), optional
@@ -188,8 +188,10 @@ class LinearDrag(LinearModel):
     def __init__(self, dims: int = 2, drag: float = 0.1, tau: float = 0.05, dt: float = 0.1, noise_cov: Any = None):
         d = check_int(dims, "dims", expected="a positive int (spatial dimensions)")
         self.dims = d
-        self.drag = check_real(drag, "drag")
-        self.tau = check_real(tau, "tau")
+        self.drag = check_real(drag, "drag", expected="a non-negative drag coefficient")
+        if self.drag < 0:
+            raise InputError("drag", "a non-negative drag coefficient (a negative one feeds energy in)", repr(drag))
+        self.tau = check_real(tau, "tau", positive=True, expected="a positive restoring rate")
         eye = torch.eye(d, dtype=torch.float64)
         a = torch.zeros(3 * d, 3 * d, dtype=torch.float64)
         a[:d, d:2 * d] = eye

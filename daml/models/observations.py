@@ -25,7 +25,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import as_covariance, batched_jacobian
+from .base import as_covariance, as_real_tensor, batched_jacobian
 
 __all__ = [
     "Observation",
@@ -61,9 +61,17 @@ class Observation:
                  func: Callable[[torch.Tensor], torch.Tensor] | None = None, description: str = ""):
         if (matrix is None) == (func is None):
             raise InputError("matrix/func", "exactly one of a matrix H or a function h", "both or neither")
-        self.state_size = int(state_size)
-        self.noise_cov = noise_cov
-        self.size = int(noise_cov.shape[0])
+        self.state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
+        r = as_real_tensor(noise_cov, "noise_cov")
+        if r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] == 0:
+            raise ShapeError("noise_cov", "a non-empty square covariance R (m, m)", f"shape {tuple(r.shape)}")
+        self.noise_cov = as_covariance(r, r.shape[0], "noise_cov", allow_zero=False)   # symmetric positive definite
+        self.size = int(r.shape[0])
+        if matrix is not None:
+            matrix = as_real_tensor(matrix, "matrix")
+            if tuple(matrix.shape) != (self.size, self.state_size):
+                raise ShapeError("matrix", f"H of shape ({self.size}, {self.state_size}) (R's size, the state size)",
+                                 f"shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self.func = func
         self.description = description
@@ -158,17 +166,15 @@ def observe_indices(state_size: int, indices: Sequence[int], sd: float | None = 
     state_size : int
         ``n``.
     indices : sequence of int
-        Observed variables, each in ``[0, n)``.
+        Observed variables, each an int in ``[0, n)``. Floats (even whole ones) and bools are refused,
+        never truncated. A variable may appear twice: two independent observations of it.
     sd : float, optional
         Noise standard deviation (``R = sd^2 I``); default 1.
     cov : scalar, (m,) or (m, m), optional
         The noise covariance ``R`` instead of ``sd``.
     """
-    idx = torch.as_tensor(list(indices), dtype=torch.int64)
-    if idx.numel() == 0:
-        raise ShapeError("indices", "at least one observed variable", "none")
-    if int(idx.min()) < 0 or int(idx.max()) >= state_size:
-        raise InputError("indices", f"variables in [0, {state_size})", idx.tolist())
+    state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
+    idx = _check_indices(indices, state_size)
     h = torch.zeros(idx.numel(), state_size, dtype=torch.float64)
     h[torch.arange(idx.numel()), idx] = 1.0
     r = _noise(idx.numel(), sd, cov)
@@ -176,8 +182,41 @@ def observe_indices(state_size: int, indices: Sequence[int], sd: float | None = 
                        else f"{idx.numel()} of {state_size} variables")
 
 
+def _check_indices(indices: Any, state_size: int) -> torch.Tensor:
+    """``indices`` as an int64 tensor of variables in ``[0, state_size)``: integers only (a float,
+    even a whole one such as ``2.0``, or a bool is refused rather than truncated or read as 0/1)."""
+    import numbers
+
+    import numpy as np
+
+    if isinstance(indices, (str, bytes)) or indices is None:
+        raise InputError("indices", "a sequence of int variable indices", repr(indices))
+    if isinstance(indices, torch.Tensor):
+        values = indices.reshape(-1).tolist() if indices.ndim <= 1 else None
+    elif isinstance(indices, np.ndarray):
+        values = indices.reshape(-1).tolist() if indices.ndim <= 1 else None
+    else:
+        try:
+            values = list(indices)
+        except TypeError:
+            raise InputError("indices", "a sequence of int variable indices", type(indices).__name__) from None
+    if values is None:
+        raise ShapeError("indices", "a 1-d sequence of variable indices", f"shape {tuple(indices.shape)}")
+    bad = [v for v in values if isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Integral, np.integer))]
+    if bad:
+        raise InputError("indices", "int variable indices", f"{bad[0]!r} ({type(bad[0]).__name__})",
+                         hint="indices are not truncated: pass ints")
+    if not values:
+        raise ShapeError("indices", "at least one observed variable", "none")
+    out = [v for v in values if not 0 <= int(v) < state_size]
+    if out:
+        raise InputError("indices", f"variables in [0, {state_size})", f"{[int(v) for v in values]} ({int(out[0])} is outside)")
+    return torch.as_tensor([int(v) for v in values], dtype=torch.int64)
+
+
 def observe_all(state_size: int, sd: float | None = None, cov: Any = None) -> Observation:
     """Observe every variable: ``H = I``."""
+    state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
     obs = observe_indices(state_size, range(state_size), sd=sd, cov=cov)
     obs.description = f"all {state_size} variables"
     return obs
@@ -185,8 +224,10 @@ def observe_all(state_size: int, sd: float | None = None, cov: Any = None) -> Ob
 
 def observe_every(state_size: int, k: int, sd: float | None = None, cov: Any = None, offset: int = 0) -> Observation:
     """Observe every ``k``-th variable starting at ``offset``."""
+    state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
     k = check_int(k, "k", expected="a positive int")
-    if not isinstance(offset, int) or not 0 <= offset < state_size:
+    offset = check_int(offset, "offset", 0, f"an int in [0, {state_size})")
+    if offset >= state_size:
         raise InputError("offset", f"an int in [0, {state_size})", repr(offset))
     obs = observe_indices(state_size, range(offset, state_size, k), sd=sd, cov=cov)
     obs.description = f"every {k}th of {state_size} variables from {offset}"
@@ -195,7 +236,7 @@ def observe_every(state_size: int, k: int, sd: float | None = None, cov: Any = N
 
 def observe_linear(matrix: Any, sd: float | None = None, cov: Any = None) -> Observation:
     """Observe ``H x`` for any matrix ``H`` of shape ``(m, n)``."""
-    h = _device.as_tensor(matrix, "matrix")
+    h = as_real_tensor(matrix, "matrix")
     if h.ndim != 2 or 0 in h.shape:
         raise ShapeError("matrix", "a non-empty 2-d matrix (m, n)", f"shape {tuple(h.shape)}")
     if not torch.isfinite(h).all():
@@ -208,7 +249,11 @@ def observe_nonlinear(func: Callable[[torch.Tensor], torch.Tensor], state_size: 
     """Observe ``h(x)`` for a batched torch function ``h: (..., n) -> (..., size)``."""
     if not callable(func):
         raise InputError("func", "a callable h(x)", type(func).__name__)
+    state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
+    size = check_int(size, "size", expected="a positive int (the number of observations)")
     probe = func(torch.zeros(2, state_size, dtype=torch.float64))
+    if not isinstance(probe, torch.Tensor):
+        raise InputError("func", "a function returning a torch tensor", type(probe).__name__)
     if tuple(probe.shape) != (2, size):
         raise ShapeError("func", f"outputs of shape (..., {size}) for inputs (..., {state_size})",
                          f"shape {tuple(probe.shape)} for input (2, {state_size})")
