@@ -108,13 +108,16 @@ def as_covariance(value: Any, n: int, name: str, *, dtype=None, device=None, all
     return t
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+_FORWARD_AD = torch.autograd.forward_ad
+
+
 def _transformed() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``jacfwd``, ``grad``...) or a forward-mode AD
     level (``torch.autograd.forward_ad.dual_level``) is active: then only functional code is safe."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if active() if active is not None else torch._C._functorch.maybe_current_level() is not None:
+    if _FUNCTORCH_ACTIVE() if _FUNCTORCH_ACTIVE is not None else torch._C._functorch.maybe_current_level() is not None:
         return True
-    return torch.autograd.forward_ad._current_level >= 0
+    return _FORWARD_AD._current_level >= 0
 
 
 class ODEModel(abc.ABC):
