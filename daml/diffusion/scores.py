@@ -42,7 +42,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..errors import InputError, ShapeError, check_int
+from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..filters.base import weighted_anomalies
 
 __all__ = [
@@ -89,18 +89,47 @@ def check_bandwidth(value, name: str = "bandwidth", upper: float | None = None) 
     return float(value)
 
 
+def _check_points(value, name: str, rows: str = "N") -> torch.Tensor:
+    """A real floating tensor ``(*b, rows, d)`` with at least one row and one column, all finite."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise InputError(name, f"a real floating torch tensor (*b, {rows}, d)",
+                         type(value).__name__ if not isinstance(value, torch.Tensor) else f"dtype {value.dtype}")
+    if value.ndim < 2 or value.shape[-2] < 1 or value.shape[-1] < 1:
+        raise ShapeError(name, f"shape (*b, {rows}, d) with {rows} >= 1 and d >= 1", f"shape {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(name, "finite values", f"{int((~torch.isfinite(value)).sum())} NaN or infinite entries")
+    return value
+
+
+def _check_mixture(mix) -> None:
+    if not isinstance(mix, Mixture):
+        raise InputError("mix", "a daml.diffusion Mixture (kernel_mixture, fitted_mixture, ...)", type(mix).__name__)
+
+
+def _check_noise_level(alpha, sigma2) -> tuple[float, float]:
+    alpha = check_real(alpha, "alpha", positive=True, expected="a positive signal scale alpha_t")
+    sigma2 = check_real(sigma2, "sigma2", positive=True, expected="a positive noise variance sigma_t^2")
+    return alpha, sigma2
+
+
 def _log_weights(members: torch.Tensor, log_weight: torch.Tensor | None) -> torch.Tensor:
     n = members.shape[-2]
     if log_weight is None:
         return torch.full(members.shape[:-1], -math.log(n), dtype=members.dtype, device=members.device)
-    if log_weight.shape != members.shape[:-1]:
-        raise ShapeError("log_weight", f"shape {tuple(members.shape[:-1])}", f"shape {tuple(log_weight.shape)}")
+    if not isinstance(log_weight, torch.Tensor) or log_weight.shape != members.shape[:-1]:
+        raise ShapeError("log_weight", f"shape {tuple(members.shape[:-1])}",
+                         f"shape {tuple(getattr(log_weight, 'shape', ()))}")
+    if bool(torch.isnan(log_weight).any()) or bool((log_weight == math.inf).any()) \
+            or not bool(torch.isfinite(log_weight).any(-1).all()):
+        raise NonFiniteError("log_weight", "finite log-weights (-inf allowed for some members, not all)",
+                             "NaN, +inf, or every member -inf")
     return torch.log_softmax(log_weight.to(members), dim=-1)
 
 
 def kernel_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None, bandwidth: float = 0.0) -> Mixture:
     """Gaussian kernels ``N(x_i, h^2 I)`` on the members ``(*b, N, d)``; ``h = 0``: the ensemble itself."""
     h = check_bandwidth(bandwidth)
+    _check_points(members, "members")
     return Mixture(members, _log_weights(members, log_weight), h * h)
 
 
@@ -111,9 +140,24 @@ def _spectral(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gaussian_mixture(means: torch.Tensor, covs: torch.Tensor, log_weight: torch.Tensor | None = None) -> Mixture:
     """A general mixture from means ``(*b, K, d)`` and covariances ``(*b, K, d, d)`` (eigendecomposed once)."""
-    if covs.shape[-2:] != (means.shape[-1], means.shape[-1]):
-        raise ShapeError("covs", f"(..., {means.shape[-1]}, {means.shape[-1]}) matrices", f"shape {tuple(covs.shape)}")
-    vecs, vals = _spectral(covs.to(means).expand(*means.shape, means.shape[-1]))
+    _check_points(means, "means", "K")
+    if not isinstance(covs, torch.Tensor) or covs.ndim < 2 or covs.shape[-2:] != (means.shape[-1], means.shape[-1]):
+        raise ShapeError("covs", f"(..., {means.shape[-1]}, {means.shape[-1]}) matrices",
+                         f"shape {tuple(getattr(covs, 'shape', ()))}")
+    if not bool(torch.isfinite(covs).all()):
+        raise NonFiniteError("covs", "finite covariances", "NaN or infinite entries")
+    try:
+        covs = covs.to(means).expand(*means.shape, means.shape[-1])
+    except RuntimeError as exc:
+        raise ShapeError("covs", f"one matrix per component, shape {tuple(means.shape) + (means.shape[-1],)}",
+                         f"shape {tuple(covs.shape)}") from exc
+    sym = 0.5 * (covs + covs.transpose(-1, -2))
+    lowest = torch.linalg.eigvalsh(sym).amin(-1)
+    scale = torch.diagonal(sym, dim1=-2, dim2=-1).abs().amax(-1).clamp_min(torch.finfo(means.dtype).tiny)
+    if bool((lowest < -1e-10 * scale).any()):
+        raise InputError("covs", "positive semi-definite covariances",
+                         f"a smallest eigenvalue of {float(lowest.min()):.3g}")
+    vecs, vals = _spectral(covs)
     return Mixture(means, _log_weights(means, log_weight), 0.0, vecs, vals)
 
 
@@ -125,6 +169,7 @@ def gaussian_prior(members: torch.Tensor, log_weight: torch.Tensor | None = None
     anomalies, ``O(N^2 d)``); with a ``(d, d)`` ``taper`` it is the Schur product ``taper o P``, full
     rank and dense (``O(d^3)`` once per analysis).
     """
+    _check_points(members, "members")
     mean, anom = weighted_anomalies(members, _log_weights(members, log_weight).exp())   # P = anom^T anom
     zero = torch.zeros(members.shape[:-2] + (1,), dtype=members.dtype, device=members.device)
     if taper is None:
@@ -147,6 +192,7 @@ def local_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None,
     localises every neighbourhood covariance (Schur product ``taper o C_i``).
     """
     beta = check_bandwidth(bandwidth, upper=1.0)
+    _check_points(members, "members")
     n_mem = members.shape[-2]
     k = check_int(neighbours, "neighbours", 2)
     if k > n_mem:
@@ -179,6 +225,7 @@ def fitted_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None
     diagonal taper the components are axis-aligned.
     """
     k = check_int(components, "components", 1)
+    _check_points(members, "members")
     n_mem, d = members.shape[-2], members.shape[-1]
     if k > n_mem:
         raise InputError("components", f"at most the ensemble size {n_mem}", repr(components))
@@ -279,7 +326,41 @@ def _noised(mix: Mixture, x: torch.Tensor, alpha: float, s2: float, per_componen
 
 def mixture_score(mix: Mixture, x: torch.Tensor, alpha: float, sigma2: float) -> torch.Tensor:
     """Score ``grad log sum_k w_k N(x; alpha mu_k, alpha^2 Sigma_k + sigma^2 I)`` at ``x`` ``(*b, M, d)``."""
+    _check_mixture(mix)
+    _check_particles(x, mix)
+    alpha, sigma2 = _check_noise_level(alpha, sigma2)
     return _noised(mix, x, alpha, sigma2, per_component=False).prior_score
+
+
+def _check_particles(x, mix: Mixture) -> None:
+    _check_points(x, "x", "M")
+    if x.shape[-1] != mix.mean.shape[-1]:
+        raise ShapeError("x", f"particles of length {mix.mean.shape[-1]} (the mixture's)", f"shape {tuple(x.shape)}")
+
+
+def _check_operator(operator, y, state_size: int) -> None:
+    from ..models.observations import Observation
+
+    if not isinstance(operator, Observation):
+        raise InputError("operator", "a daml.models Observation", type(operator).__name__)
+    if operator.state_size != state_size:
+        raise ShapeError("operator", f"an operator on states of length {state_size}",
+                         f"one on states of length {operator.state_size}")
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.ndim < 1:
+        raise InputError("y", f"a real floating torch tensor (*b, {operator.size})", type(y).__name__)
+    if y.shape[-1] != operator.size:
+        raise ShapeError("y", f"{operator.size} observations (the operator's size)", f"shape {tuple(y.shape)}")
+    if bool(torch.isinf(y).any()):
+        raise NonFiniteError("y", "finite observations (NaN marks a missing one)", "infinite entries")
+
+
+def _check_mask(mask, y) -> torch.Tensor:
+    if mask is None:
+        return torch.isfinite(y)
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1:] != y.shape[-1:]:
+        raise InputError("mask", f"a boolean tensor shaped like y {tuple(y.shape)}",
+                         f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
+    return mask.to(torch.bool)
 
 
 class Linearisation(NamedTuple):
@@ -305,10 +386,10 @@ def linearise(mix: Mixture, y: torch.Tensor, operator, mask: torch.Tensor | None
     """
     from ..filters.base import gaussian_loglik
 
+    _check_mixture(mix)
     mu = mix.mean
-    if y.shape[-1] != operator.size:
-        raise ShapeError("y", f"{operator.size} observations (the operator's size)", f"shape {tuple(y.shape)}")
-    mask = torch.isfinite(y) if mask is None else mask.to(torch.bool)
+    _check_operator(operator, y, mu.shape[-1])
+    mask = _check_mask(mask, y)
     innov = operator.residual(y.unsqueeze(-2).to(mu), mu)                    # (*b, K, p)
     loglik = gaussian_loglik(innov, operator.noise_cov, mask)
     zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
@@ -333,6 +414,11 @@ def exact_forcing(mix: Mixture, lin: Linearisation, x: torch.Tensor, alpha: floa
     score plus the forcing, computed without cancellation. ``forcing=False`` skips the prior score
     and returns ``None`` for the forcing (what a sampler needs).
     """
+    _check_mixture(mix)
+    if not isinstance(lin, Linearisation):
+        raise InputError("lin", "a Linearisation from linearise()", type(lin).__name__)
+    _check_particles(x, mix)
+    alpha, sigma2 = _check_noise_level(alpha, sigma2)
     zero_width = mix.isotropic and mix.floor == 0.0
     if zero_width:                      # P_k = 0 and K_k = 0: only the weights change
         mu = mix.mean
@@ -390,6 +476,16 @@ def ensemble_forcing(gauss: Mixture, members: torch.Tensor, loglik: torch.Tensor
     ``gauss`` is a one-component :func:`gaussian_prior` (the joint-Gaussian statistics), ``members``
     ``(*b, N, d)`` with ``loglik`` ``(*b, N)`` ``= log p(y | x_i)``; see the module docstring.
     """
+    _check_mixture(gauss)
+    if gauss.vecs is None or gauss.mean.shape[-2] != 1:
+        raise InputError("gauss", "a one-component gaussian_prior()", f"{gauss.mean.shape[-2]} components")
+    _check_points(members, "members")
+    _check_particles(x, gauss)
+    if not isinstance(loglik, torch.Tensor) or loglik.shape != members.shape[:-1]:
+        raise ShapeError("loglik", f"shape {tuple(members.shape[:-1])}", f"shape {tuple(getattr(loglik, 'shape', ()))}")
+    if bool(torch.isnan(loglik).any()) or bool((loglik == math.inf).any()):
+        raise NonFiniteError("loglik", "log-likelihoods that are finite or -inf", "NaN or +inf")
+    alpha, sigma2 = _check_noise_level(alpha, sigma2)
     m = gauss.mean                                                          # (*b, 1, d)
     gain = lambda s: alpha * s / (alpha * alpha * s + sigma2)               # noqa: E731
     z = (x - alpha * m).unsqueeze(-2)                                       # (*b, M, 1, d)
@@ -411,6 +507,9 @@ def likelihood_score(x: torch.Tensor, y: torch.Tensor, operator, mask: torch.Ten
     through ``operator.residual``; the EnSF likelihood term)."""
     from ..filters.base import gaussian_loglik
 
+    _check_points(x, "x", "M")
+    _check_operator(operator, y, x.shape[-1])
+    mask = _check_mask(mask, y)
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         innov = operator.residual(y.unsqueeze(-2), xr)
