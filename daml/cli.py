@@ -102,9 +102,15 @@ def self_check(out: Path, seed: int = 0, n: int = 20_000) -> list[tuple[str, flo
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import experiment
 
+    from .errors import InputError
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    exp = experiment.load_config(args.config)
+    try:                                   # a bad file or value: one line naming the key, exit status 2
+        exp = experiment.load_config(args.config)
+    except (InputError, FileNotFoundError) as exc:
+        print(f"daml run: {exc}", file=sys.stderr)
+        return 2
     print(f"daml {__version__}: {exp.name} ({'default experiment' if args.config is None else args.config}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     data, scores = experiment.run_experiment(exp, progress=args.progress, only=args.only)

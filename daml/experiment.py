@@ -23,7 +23,7 @@ An experiment file has four tables and a list of methods::
     transform = "identity"  # or "arctan": observe arctan(H x) (strongly nonlinear, as in EnSF)
 
     [prior]
-    x0 = "default"        # the model's default_x0(), or a list
+    x0 = "default"        # the model's default_x0(), "zeros", or a list
     cov = 0.001
     spinup = 0            # model steps to integrate the prior mean before starting
 
@@ -37,6 +37,13 @@ times after ``burn_in``, of the spatial RMS error of the weighted mean; ``rmv.a`
 spread; ``crps`` the mean CRPS over those times and all variables. Each is computed per experiment
 and the median over experiments is reported with the number of experiments. Every method sees the
 same truths and observations (common random numbers). Unknown keys are refused, naming the key.
+
+Everything is checked before anything is computed, and a bad value is refused with the key path
+that holds it (``experiment.experiments``, ``methods[2].members``, ``model.n``): wrong types (a float
+where an int is expected, ``experiments = 1e9``), negative or zero sizes, a ``burn_in`` that leaves no
+analysis time to score (it must be below the time of the last observation), and sizes whose arrays
+cannot fit in the available memory (the truths and observations, and every method's recorded
+analyses, ``experiments x analyses x members x variables`` float64 values, estimated up front).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ import torch
 import xarray as xr
 
 from . import _device, diagnostics, io
-from .errors import DivergenceError, InputError, check_int
+from .errors import DamlError, DivergenceError, InputError, check_fits, check_int, check_real
 from .filters import REGISTRY, make_filter, run
 from .filters.climatology import climatology_from_truth
 from .models import MODELS, make_model, observe_all, observe_every, observe_indices, observe_transformed
@@ -223,13 +230,89 @@ def load_config(source: str | Path | None = None) -> Experiment:
         prior=dict(raw.get("prior", {})),
         methods=[dict(m) for m in methods],
     )
-    if out.burn_in < 0:
-        raise InputError("config key 'experiment.burn_in'", "a non-negative time", out.burn_in)
+    check_experiment(out)
     return out
 
 
 def _int(value: Any, key: str, minimum: int = 1) -> int:
     return check_int(value, f"config key '{key}'", minimum)
+
+
+def _under(key: str, exc: InputError) -> InputError:
+    """``exc`` with its argument put under the config key ``key`` (``methods[2]`` + ``members``)."""
+    arg = str(exc.argument)
+    if arg.startswith("config key"):
+        return exc
+    new = type(exc)(f"config key '{key}.{arg}'", exc.expected, exc.got, exc.hint)
+    new.__cause__ = exc
+    return new
+
+
+def check_experiment(exp: Experiment) -> None:
+    """Check an experiment before computing anything (see the module docstring): the model, the
+    observations and every method are built once (cheap: nothing is allocated by ensemble size), the
+    burn-in must leave at least one analysis time to score, and the arrays the run will hold must fit
+    in the available memory. Raises :class:`InputError` naming the key path."""
+    try:
+        burn_in = check_real(exp.burn_in, "burn_in", expected="a finite non-negative time")
+    except InputError:
+        raise InputError("config key 'experiment.burn_in'", "a finite non-negative time", repr(exp.burn_in)) from None
+    if burn_in < 0:
+        raise InputError("config key 'experiment.burn_in'", "a finite non-negative time", repr(exp.burn_in))
+    params = {k: v for k, v in exp.model.items() if k != "name"}
+    try:
+        model = make_model(exp.model["name"], **params)
+    except InputError as exc:
+        raise _under("model", exc) from None
+    n = int(model.state_size)
+    obs = exp.observations
+    every = _int(obs.get("every", 1), "observations.every")
+    _check_memory(exp, n, n, every, methods=False)     # before building (n, n) matrices
+    try:
+        op = _observation(obs, n)
+    except InputError as exc:
+        raise _under("observations", exc) from None
+    m = int(getattr(op, "size", n))
+    dt = float(getattr(model, "dt", 1.0))
+    last = (exp.steps // every) * every * dt          # the time of the last observation
+    if exp.steps < every:
+        raise InputError("config key 'experiment.steps'", f"at least one observation time (observations.every "
+                         f"= {every} model steps)", exp.steps)
+    if not last > burn_in:
+        raise InputError("config key 'experiment.burn_in'",
+                         f"a time before the last observation ({last:g} = {exp.steps // every * every} model steps "
+                         f"of dt {dt:g}), so that some analyses are scored", repr(exp.burn_in),
+                         hint="lower burn_in or raise experiment.steps")
+    for i, method in enumerate(exp.methods):
+        if method["name"] == "climatology":           # its mean and covariance come from the truth
+            mem = method.get("members", 100)
+            if "members" in method:
+                _int(mem, f"methods[{i}].members", minimum=2)
+            continue
+        try:
+            make_filter(method["name"], **{k: v for k, v in method.items() if k != "name"})
+        except InputError as exc:
+            raise _under(f"methods[{i}]", exc) from None
+    _check_memory(exp, n, m, every)
+
+
+def _check_memory(exp: Experiment, n: int, m: int, every: int, methods: bool = True) -> None:
+    """Refuse sizes whose arrays cannot fit: the truths and observations with the prior covariance,
+    then, cumulatively, every method's recorded analyses (each method's posterior is kept for the
+    scores and the outputs). A lower bound: working copies inside the filters come on top."""
+    f64 = 8.0
+    times = exp.steps + 1.0
+    analyses = float(exp.steps // every)
+    need = f64 * (exp.experiments * times * (n + m) + float(n) * n)
+    check_fits("config keys 'experiment.experiments', 'experiment.steps'", need,
+               what=f"experiments={exp.experiments}, steps={exp.steps} with {n} variables")
+    for i, method in enumerate(exp.methods if methods else []):
+        members = method.get("members", 100 if method["name"] == "climatology" else 2 * n)
+        members = members if isinstance(members, int) else 2 * n
+        need += f64 * exp.experiments * analyses * members * (n + 1.0)
+        check_fits(f"config key 'methods[{i}].members'", need,
+                   what=f"members={members} for {exp.experiments} experiment(s) x {int(analyses)} analyses x "
+                        f"{n} variables, with the truths and the methods before it")
 
 
 def _observation(cfg: dict, n: int):
@@ -254,9 +337,12 @@ def build_data(exp: Experiment):
     op = _observation(exp.observations, model.state_size)
     x0 = exp.prior.get("x0", "default")
     if isinstance(x0, str):
-        if x0 != "default":
-            raise InputError("config key 'prior.x0'", "'default' or a list of numbers", repr(x0))
-        x0 = model.default_x0() if hasattr(model, "default_x0") else torch.zeros(model.state_size)
+        if x0 not in ("default", "zeros"):
+            raise InputError("config key 'prior.x0'", "'default', 'zeros' or a list of numbers", repr(x0))
+        if x0 == "default" and hasattr(model, "default_x0"):
+            x0 = model.default_x0()
+        else:
+            x0 = torch.zeros(model.state_size)
     x0 = torch.as_tensor(x0, dtype=torch.float64)
     spinup = _int(exp.prior.get("spinup", 0), "prior.spinup", minimum=0)
     with torch.no_grad():
@@ -306,8 +392,8 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
         if unknown or not only:
             raise InputError("only", f"names of methods in the experiment ({', '.join(dict.fromkeys(names))})",
                              repr(unknown or only))
+    check_experiment(exp)                           # also for an Experiment built in Python
     model, op, data = build_data(exp)
-    after = data["time"] > exp.burn_in
     scores = []
     clim = None
     seeds = _device.spawn(exp.seed, len(exp.methods))       # one independent stream per method
@@ -326,7 +412,7 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
                                 diverged=f"step {err.step}", index=index))
             continue
         post = res.analysis
-        keep = post.sel(time=post["time"] > exp.burn_in) if bool(after.any()) else post
+        keep = post.sel(time=post["time"] > exp.burn_in)       # not empty: check_experiment
         truth = data["truth"]
         r = diagnostics.rmse(keep, truth)           # (time, experiment)
         s = diagnostics.spread(keep)

@@ -39,13 +39,16 @@ def test_lorenz63_sakov2012():
     assert s["bootstrap"].rmse_a == pytest.approx(0.38, abs=0.05)      # PartFilt N=100 reg 2.4 NER 0.3
 
 
+@pytest.mark.slow
 def test_lorenz96_bocquet2010_particle_filters():
-    # DAPPER's listed values (PartFilt N=100 / 800: 0.43 / 0.29); daml's medians are 0.45 / 0.32
+    # DAPPER's listed values for its bocquet2010.py (R = 1.5 I, X0 = N(0, 0.001 I)): PartFilt N=100 / 800
+    # 0.36 / 0.25 (3-truth re-run of DAPPER: 0.34 / 0.24), scored, as DAPPER does, before the
+    # resampling (the TOML sets record = "before_resampling"). daml's medians at this commit: 0.37 / 0.24.
     exp = experiment.load_config(EXAMPLES / "lorenz96_bocquet2010.toml")
     _, scores = experiment.run_experiment(exp, progress=False)
     boot = {json.loads(s.posterior.attrs["config"])["filter"]["members"]: s for s in scores if s.method == "bootstrap"}
-    assert boot[100].rmse_a == pytest.approx(0.43, abs=0.05)
-    assert boot[800].rmse_a == pytest.approx(0.29, abs=0.05)
+    assert boot[100].rmse_a == pytest.approx(0.36, abs=0.05)
+    assert boot[800].rmse_a == pytest.approx(0.25, abs=0.04)
     assert boot[800].rmse_a < boot[100].rmse_a
     for s in scores:                     # no run lost the truth (climatology is ~3.6 here)
         assert not s.diverged and s.rmse_a < 1.5

@@ -76,6 +76,7 @@ from ..models.base import Model, covariance_root
 from ..models.observations import Observation
 from .base import EnsembleState, Filter, Upcoming, check_members, ensemble_members, register
 from .particle import (NoiseModel, _init_with, deferred_forecast, check_resampling, check_threshold, resample_where, gather_members, gaussian_step, kish_ess,
+                       check_record, particle_members, recorded_state,
                        log_normalise, masked_linear)
 
 __all__ = ["ewpf", "iewpf", "equivalent_weights_step", "EWStep", "mixture_log_density", "tail_map"]
@@ -201,7 +202,7 @@ def _mixture_sample(shape, uniform, gaussian_prob, gaussian_scale, g, dtype, dev
 @register("ewpf")
 def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any = None, uniform: float = 0.5,
          gaussian_prob: float = 0.0, gaussian_scale: float = 1.0, threshold: float = 0.5,
-         resampling: str = "systematic") -> Filter:
+         resampling: str = "systematic", record: str = "after_resampling") -> Filter:
     """Equivalent-weights particle filter (see the module docstring).
 
     Parameters
@@ -230,10 +231,17 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
         step would otherwise absorb the differences by moving the particles).
     resampling : str
         Scheme that replaces the particles that miss the target.
+    record : str
+        What each analysis reports: ``"after_resampling"`` (default), the members carried on;
+        ``"before_resampling"``, the weighted ensemble after the random part and before the
+        resampling that ``threshold`` triggers (as DAPPER scores particle filters). The replacement
+        of the particles that miss the target is part of the proposal and comes before either. The
+        filter's trajectory is the same either way.
     """
     members = check_members(members)
     keep = _check_keep(keep)
     nudging = _check_nudging(nudging)
+    record = check_record(record)
     uniform = check_real(uniform, "uniform", expected="a non-negative half-width")
     gaussian_prob = check_real(gaussian_prob, "gaussian_prob", expected="a probability in [0, 1]")
     gaussian_scale = check_real(gaussian_scale, "gaussian_scale", positive=True, expected="a positive scale")
@@ -274,15 +282,16 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
             new_lw, _ = log_normalise(new_lw - neg, "ewpf")
         ess = kish_ess(new_lw)
         late = ess <= threshold * members
-        x, new_lw, _ = resample_where(x, new_lw, late, resampling, 0.0, g)
+        carried_x, carried_lw, _ = resample_where(x, new_lw, late, resampling, 0.0, g)
         kept = st.kept.to(f.dtype).mean(-1)
-        return EnsembleState(x, new_lw), {"ess": ess, "kept": kept, "resampled": (flag | late).to(f.dtype)}
+        return (recorded_state(carried_x, carried_lw, x, new_lw, record),
+                {"ess": ess, "kept": kept, "resampled": (flag | late).to(f.dtype)})
 
     config = {"members": members, "keep": keep, "nudging": nudging, "model_noise": noise.config(),
               "uniform": uniform, "gaussian_prob": gaussian_prob, "gaussian_scale": gaussian_scale,
-              "threshold": threshold, "resampling": resampling}
+              "threshold": threshold, "resampling": resampling, "record": record}
     return Filter("ewpf", config, _init_with(noise, members), nudged_forecast(noise, nudging, "ewpf"), analysis,
-                  ensemble_members, lookahead=True, inference=True)
+                  particle_members, lookahead=True, inference=True)
 
 
 # -- implicit equal weights -----------------------------------------------------------------------------

@@ -40,6 +40,12 @@ noise (weights unchanged) and only the last step uses the proposal. Every analys
 estimate of ``log p(y_t | y_1:t-1)``: the sum over times estimates the log marginal likelihood, and
 its exponential is unbiased (Del Moral 2004), which the tests check against the Kalman filter.
 
+What an analysis reports (``record`` of :func:`bootstrap` and :func:`optimal`): by default the
+members after the resampling and jitter, which the filter carries on; with
+``record="before_resampling"`` the weighted ensemble before them (the reweighted forecast), as DAPPER
+scores its particle filters. Only the report changes: the resampling still happens inside the
+analysis, on the same random stream, so the members carried into the next forecast are the same.
+
 Model noise: the proposal filters need ``Q``. It is the model's ``noise_cov`` unless the filter is
 given ``model_noise`` (a scalar variance, a vector of variances, a matrix, or a mapping
 ``{"variance": v, "length": L}`` for :func:`daml.models.periodic_covariance`, which TOML files can
@@ -317,14 +323,58 @@ def check_sir(members: Any, threshold: Any, resampling: Any, jitter: Any) -> tup
 
 
 def reweight_and_resample(x: torch.Tensor, log_weight: torch.Tensor, increment: torch.Tensor, who: str,
-                          threshold: float, resampling: str, jitter: float, g: torch.Generator):
+                          threshold: float, resampling: str, jitter: float, g: torch.Generator,
+                          record: str = "after_resampling"):
     """Add the log-weight ``increment`` (NaN counts as impossible), renormalise, resample where
-    ``ESS <= threshold * N``; return the state and the ``info`` of a particle-filter analysis."""
+    ``ESS <= threshold * N``; return the state and the ``info`` of a particle-filter analysis.
+    ``record``: which ensemble the state reports as the analysis (:func:`recorded_state`)."""
     lw, log_z = log_normalise(log_weight + torch.nan_to_num(increment, nan=-math.inf), who)
     ess = kish_ess(lw)
     flag = ess <= threshold * x.shape[-2]
-    x, lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
-    return EnsembleState(x, lw), {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z}
+    new_x, new_lw, _ = resample_where(x, lw, flag, resampling, jitter, g)
+    return (recorded_state(new_x, new_lw, x, lw, record),
+            {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z})
+
+
+# -- what an analysis records: before or after the resampling -------------------------------------------
+
+RECORDS = ("after_resampling", "before_resampling")
+
+
+def check_record(record: Any) -> str:
+    """``record``: ``"after_resampling"`` or ``"before_resampling"``."""
+    if not isinstance(record, str) or record not in RECORDS:
+        raise InputError("record", f"one of {list(RECORDS)}", repr(record))
+    return record
+
+
+class RecordedEnsemble(EnsembleState):
+    """An :class:`EnsembleState` (the resampled, jittered members the filter carries into the next
+    forecast) that also holds ``recorded``, the weighted ensemble before the resampling: what
+    :func:`particle_members`, and so :func:`daml.filters.run`, reports as the analysis. The two
+    differ only in what is reported; the filter's trajectory is the same."""
+
+    def __new__(cls, x: torch.Tensor, log_weight: torch.Tensor,
+                recorded: tuple[torch.Tensor, torch.Tensor]) -> "RecordedEnsemble":
+        self = super().__new__(cls, x, log_weight)
+        self.recorded = recorded
+        return self
+
+
+def recorded_state(x: torch.Tensor, log_weight: torch.Tensor, before_x: torch.Tensor, before_log_weight: torch.Tensor,
+                   record: str) -> EnsembleState:
+    """The state after an analysis: the members ``x`` (after resampling) carried on; with
+    ``record="before_resampling"`` it reports the weighted ensemble ``before_x`` as the analysis."""
+    if record == "before_resampling":
+        return RecordedEnsemble(x, log_weight, (before_x, before_log_weight))
+    return EnsembleState(x, log_weight)
+
+
+def particle_members(state: EnsembleState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members an analysis reports: the weighted ensemble before the resampling where the filter
+    was asked to record it (``record="before_resampling"``), else the ensemble as it is."""
+    recorded = getattr(state, "recorded", None)
+    return recorded if recorded is not None else (state.x, state.log_weight)
 
 
 def masked_linear(operator: Observation, mask: torch.Tensor, like: torch.Tensor,
@@ -438,7 +488,7 @@ def _init_with(noise: NoiseModel, members: int):
 
 @register("bootstrap")
 def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systematic", jitter: float = 0.0,
-              model_noise: Any = None) -> Filter:
+              model_noise: Any = None, record: str = "after_resampling") -> Filter:
     """Bootstrap particle filter (sequential importance resampling with the model as proposal).
 
     Parameters
@@ -454,8 +504,14 @@ def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systemati
         Regularisation of resampled copies (DAPPER's ``reg``), ``0``: none.
     model_noise : scalar, (n,) or (n, n), optional
         ``Q`` for the filter's propagation instead of the model's ``noise_cov``.
+    record : str
+        What each analysis reports: ``"after_resampling"`` (default), the equally weighted, jittered
+        members the filter carries on; ``"before_resampling"``, the weighted ensemble before the
+        resampling and jitter (the reweighted forecast), which is what DAPPER scores as its
+        analysis. The filter's trajectory is the same either way (same seed, same members carried).
     """
     members, threshold, resampling, jitter = check_sir(members, threshold, resampling, jitter)
+    record = check_record(record)
     noise = NoiseModel(model_noise, "bootstrap", required=False)
 
     forecast = deferred_forecast(noise)          # without lookahead: the model and its noise, every step
@@ -464,25 +520,28 @@ def bootstrap(members: int, threshold: float = 0.5, resampling: str = "systemati
                  g: torch.Generator):
         x, lw = state
         ll = gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
-        return reweight_and_resample(x, lw, ll, "bootstrap", threshold, resampling, jitter, g)
+        return reweight_and_resample(x, lw, ll, "bootstrap", threshold, resampling, jitter, g, record)
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
-              "model_noise": noise.config()}
-    return Filter("bootstrap", config, _init_with(noise, members), forecast, analysis, ensemble_members, inference=True)
+              "model_noise": noise.config(), "record": record}
+    return Filter("bootstrap", config, _init_with(noise, members), forecast, analysis, particle_members, inference=True)
 
 
 # -- optimal proposal -----------------------------------------------------------------------------------
 
 @register("optimal")
 def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic", jitter: float = 0.0,
-            model_noise: Any = None) -> Filter:
+            model_noise: Any = None, record: str = "after_resampling") -> Filter:
     """Particle filter with the optimal proposal ``p(x_t | x_t-1, y_t)`` for Gaussian model noise.
 
     Exact for linear Gaussian observations; for a nonlinear ``h`` the proposal is Gaussian around
     ``h`` linearised at each forecast and the weights are the exact importance ratio. Parameters as
-    :func:`bootstrap`; ``Q`` (``model_noise`` or the model's ``noise_cov``) must be positive definite.
+    :func:`bootstrap` (``record="before_resampling"`` reports the particles drawn from the proposal
+    with their weights, before the resampling); ``Q`` (``model_noise`` or the model's ``noise_cov``)
+    must be positive definite.
     """
     members, threshold, resampling, jitter = check_sir(members, threshold, resampling, jitter)
+    record = check_record(record)
     noise = NoiseModel(model_noise, "the optimal-proposal particle filter", required=True)
 
     def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
@@ -498,12 +557,12 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
         else:
             inc = (gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
                    + gaussian_log_density(x, f, q_root) - gaussian_log_density(x, mean, root))
-        return reweight_and_resample(x, lw, inc, "optimal", threshold, resampling, jitter, g)
+        return reweight_and_resample(x, lw, inc, "optimal", threshold, resampling, jitter, g, record)
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
-              "model_noise": noise.config()}
+              "model_noise": noise.config(), "record": record}
     return Filter("optimal", config, _init_with(noise, members), deferred_forecast(noise), analysis,
-                  ensemble_members, lookahead=True, inference=True)
+                  particle_members, lookahead=True, inference=True)
 
 
 # -- auxiliary ------------------------------------------------------------------------------------------
