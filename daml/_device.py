@@ -111,7 +111,7 @@ def resolve_dtype(dtype: Any = None, device: torch.device | str | None = None) -
     else:
         try:
             out = _DTYPE_NAMES[np.dtype(dtype).name]
-        except (TypeError, KeyError) as exc:
+        except (TypeError, KeyError, ValueError) as exc:
             raise DtypeError("dtype", "a floating dtype such as 'float64' or torch.float32",
                              repr(dtype)) from exc
     if not out.is_floating_point:
@@ -147,11 +147,18 @@ def as_tensor(
     if isinstance(x, torch.Tensor):
         t = x
     else:
-        arr = np.asarray(x)
+        if x is None or isinstance(x, (str, bytes, dict)):
+            raise DtypeError(name, "a numeric array or tensor", type(x).__name__)
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+            raise DtypeError(name, "a numeric array or tensor", f"{type(x).__name__} ({exc})") from exc
         if arr.dtype == object:
             raise DtypeError(name, "a numeric array", f"an array of dtype object (shape {arr.shape})")
         if arr.dtype.kind == "c":
             raise DtypeError(name, "real values", f"dtype {arr.dtype}")
+        if arr.dtype.kind not in "biuf":
+            raise DtypeError(name, "a numeric array", f"an array of dtype {arr.dtype} (shape {arr.shape})")
         t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.ndim else torch.tensor(arr[()])
     if floating:
         if t.dtype == torch.bool or t.is_complex():

@@ -50,8 +50,8 @@ import torch
 import xarray as xr
 
 from . import _device
-from .errors import InputError, NonFiniteError, ShapeError, check_fits, check_int
-from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate, weighted_var
+from .errors import DtypeError, InputError, NonFiniteError, ShapeError, check_fits, check_int
+from .posterior import LOG_WEIGHT, MEMBER, _all_finite, member_vars, validate, weighted_var
 
 __all__ = [
     "TIME",
@@ -83,8 +83,43 @@ TIME = "time"
 # torch kernels: member on the last axis, leading dims batched, weights normalised over the last axis
 # ================================================================================================
 
+def _kernel_tensor(value: Any, name: str, min_ndim: int = 1, allow_neg_inf: bool = False) -> torch.Tensor:
+    """Check a kernel input: a float32/float64 torch tensor of at least ``min_ndim`` dims, with a
+    non-empty last axis, finite (``-inf`` allowed where ``allow_neg_inf``: a zero weight)."""
+    if not isinstance(value, torch.Tensor):
+        raise DtypeError(name, "a torch.Tensor (the kernels take tensors; the xarray functions take posteriors)",
+                         type(value).__name__)
+    if value.dtype not in (torch.float32, torch.float64):
+        raise DtypeError(name, "float32 or float64 values", f"dtype {value.dtype}")
+    if value.ndim < min_ndim or (min_ndim and value.shape[-1] == 0):
+        raise ShapeError(name, f"at least {min_ndim} dims with a non-empty last axis", f"shape {tuple(value.shape)}")
+    if not _all_finite(value):
+        bad = torch.isnan(value) | (value == math.inf) if allow_neg_inf else ~torch.isfinite(value)
+        if bool(bad.any()):
+            raise NonFiniteError(name, "finite values" + (" (or -inf for a zero weight)" if allow_neg_inf else ""),
+                                 f"{int(bad.sum())} NaN or infinite entries")
+        if bool(torch.isneginf(value).all(-1).any()):
+            raise NonFiniteError(name, "at least one finite log-weight per row", "a row of only -inf")
+    return value
+
+
+def _kernel_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(name, "True or False", repr(value)[:80])
+    return bool(value)
+
+
+def _kernel_batch(name: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError as exc:
+        raise ShapeError(name, "shapes that broadcast against the ensemble's batch shape",
+                         f"shapes {[tuple(s) for s in shapes]}") from exc
+
+
 def ess_kernel(log_weight: torch.Tensor) -> torch.Tensor:
     """Kish ESS of (unnormalised) log-weights ``(..., N)`` -> ``(...)``."""
+    log_weight = _kernel_tensor(log_weight, "log_weight", allow_neg_inf=True)
     lw = log_weight - torch.logsumexp(log_weight, dim=-1, keepdim=True)
     return torch.exp(-torch.logsumexp(2.0 * lw, dim=-1))
 
@@ -139,6 +174,9 @@ def psis_kernel(log_ratio: torch.Tensor, r_eff: float = 1.0) -> tuple[torch.Tens
     khat : torch.Tensor, shape (...)
         Estimated Pareto shape.
     """
+    log_ratio = _kernel_tensor(log_ratio, "log_ratio", allow_neg_inf=True)
+    if isinstance(r_eff, bool) or not (isinstance(r_eff, (int, float)) and 0 < r_eff <= 1e6):
+        raise InputError("r_eff", "a positive number", repr(r_eff))
     s = log_ratio.shape[-1]
     dtype, dev = log_ratio.dtype, log_ratio.device
     x = log_ratio - log_ratio.max(dim=-1, keepdim=True).values
@@ -183,6 +221,10 @@ def _sum_w_abs_diff(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def crps_kernel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, fair: bool = False) -> torch.Tensor:
     """CRPS of weighted ensembles ``x`` (..., N) with weights ``w`` (..., N) for outcomes ``y`` (...)."""
+    x, w, y = _kernel_tensor(x, "x"), _kernel_tensor(w, "w"), _kernel_tensor(y, "y", 0)
+    fair = _kernel_flag(fair, "fair")
+    _kernel_batch("w", x.shape, w.shape)
+    _kernel_batch("y", x.shape[:-1], y.shape)
     x, w = torch.broadcast_tensors(x, w)
     d = x - y.unsqueeze(-1)                   # shift by the outcome: |x_i - x_j| is unchanged
     spread_term = _sum_w_abs_diff(d, w)
@@ -193,7 +235,12 @@ def crps_kernel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, fair: bool = 
 
 def energy_score_kernel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, fair: bool = False) -> torch.Tensor:
     """Energy score of weighted ensembles ``x`` (..., N, D), weights (..., N), outcomes ``y`` (..., D)."""
-    batch = torch.broadcast_shapes(x.shape[:-2], w.shape[:-1], y.shape[:-1])
+    x, w, y = _kernel_tensor(x, "x", 2), _kernel_tensor(w, "w"), _kernel_tensor(y, "y")
+    fair = _kernel_flag(fair, "fair")
+    if w.shape[-1] != x.shape[-2] or y.shape[-1] != x.shape[-1]:
+        raise ShapeError("w, y", f"w (..., {x.shape[-2]}) and y (..., {x.shape[-1]}) for x of shape {tuple(x.shape)}",
+                         f"shapes {tuple(w.shape)}, {tuple(y.shape)}")
+    batch = _kernel_batch("x, w, y", x.shape[:-2], w.shape[:-1], y.shape[:-1])
     n, d = x.shape[-2], x.shape[-1]
     x = x.expand(*batch, n, d).reshape(-1, n, d)
     w = w.expand(*batch, n).reshape(-1, n)
@@ -208,6 +255,14 @@ def energy_score_kernel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, fair:
 
 def pit_kernel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted PIT ``sum_i w_i 1[x_i < y] + u sum_i w_i 1[x_i = y]`` (``u = 1/2`` when ``None``)."""
+    x, w, y = _kernel_tensor(x, "x"), _kernel_tensor(w, "w"), _kernel_tensor(y, "y", 0)
+    _kernel_batch("w", x.shape, w.shape)
+    _kernel_batch("y", x.shape[:-1], y.shape)
+    if u is not None:
+        u = _kernel_tensor(u, "u", 0)
+        _kernel_batch("u", x.shape[:-1], y.shape, u.shape)
+        if bool(((u < 0) | (u > 1)).any()):
+            raise InputError("u", "tie-breaking uniforms in [0, 1]", "values outside")
     x, w = torch.broadcast_tensors(x, w)
     yy = y.unsqueeze(-1)
     below = (w * (x < yy)).sum(-1)
@@ -236,6 +291,8 @@ def _pick(post: xr.Dataset, var: str | None) -> tuple[xr.DataArray, xr.DataArray
     """The member variable to score and the normalised weights."""
     validate(post)
     names = member_vars(post)
+    if var is not None and not isinstance(var, str):
+        raise InputError("var", f"None or one of {names}", repr(var)[:80])
     if var is None:
         if len(names) != 1:
             raise InputError("var", f"one of {names} (the posterior has several member variables)", None)
@@ -284,6 +341,8 @@ def _truth(truth: Any, x: xr.DataArray, var: str | None) -> xr.DataArray:
 def _reduce_dims(da: xr.DataArray, dim: str | Sequence[str] | None, default_keep: Sequence[str] = ()) -> list[str]:
     if dim is None:
         return [d for d in da.dims if d not in default_keep]
+    if not (isinstance(dim, str) or (isinstance(dim, (list, tuple)) and all(isinstance(d, str) for d in dim))):
+        raise ShapeError("dim", f"a dimension name or a list of names among {da.dims}", repr(dim)[:80])
     dims = [dim] if isinstance(dim, str) else list(dim)
     unknown = [d for d in dims if d not in da.dims]
     if unknown:
@@ -345,7 +404,7 @@ def psis(post: xr.Dataset | xr.DataArray, dim: str = MEMBER, r_eff: float = 1.0)
         ``log_weight`` (same dims as the input) and ``khat`` (without ``dim``). Equal to ArviZ's
         ``psislw(..., reff=r_eff)`` on the same input.
     """
-    if not (isinstance(r_eff, (int, float)) and 0 < r_eff <= 1e6):
+    if isinstance(r_eff, bool) or not (isinstance(r_eff, (int, float)) and 0 < r_eff <= 1e6):
         raise InputError("r_eff", "a positive number", repr(r_eff))
     lw = _log_weights(post, dim)
     out = xr.apply_ufunc(
@@ -356,14 +415,18 @@ def psis(post: xr.Dataset | xr.DataArray, dim: str = MEMBER, r_eff: float = 1.0)
 
 
 def _log_weights(post: Any, dim: str) -> xr.DataArray:
+    if not isinstance(dim, str):
+        raise ShapeError("dim", "the name (str) of the sample dimension", repr(dim)[:80])
     if isinstance(post, xr.Dataset):
+        if dim != MEMBER:
+            raise ShapeError("dim", f"{MEMBER!r} for a posterior Dataset", repr(dim))
         return validate(post)[LOG_WEIGHT]
     if not isinstance(post, xr.DataArray):
         raise InputError("post", "a posterior Dataset or a DataArray of log-weights", type(post).__name__)
     if dim not in post.dims or post.sizes[dim] < 1:
         raise ShapeError("post", f"a non-empty {dim!r} dimension", f"dims {dict(post.sizes)}")
-    if post.dtype.kind != "f":
-        raise InputError("post", "floating log-weights", f"dtype {post.dtype}")
+    if post.dtype.kind != "f" or post.dtype.itemsize < 4:
+        raise InputError("post", "float32 or float64 log-weights", f"dtype {post.dtype}")
     if not np.isfinite(post.values).all():
         raise NonFiniteError("post", "finite log-weights", f"{int((~np.isfinite(post.values)).sum())} NaN or infinite entries")
     return post
@@ -446,7 +509,7 @@ def energy_score(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | 
     fair = _estimator(estimator)
     x, w = _pick(post, var)
     y = _truth(truth, x, var)
-    if dim not in x.dims or dim == MEMBER or dim in w.dims:
+    if not isinstance(dim, str) or dim not in x.dims or dim == MEMBER or dim in w.dims:
         raise ShapeError("dim", f"a state dimension of the member variable among {x.dims} (not a weight dim)", dim)
     if dim not in y.dims:
         raise ShapeError("truth", f"the dimension {dim!r}", f"dims {y.dims}")
@@ -461,7 +524,7 @@ def energy_score(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | 
 
 
 def _estimator(estimator: str) -> bool:
-    if estimator not in ("exact", "fair"):
+    if not isinstance(estimator, str) or estimator not in ("exact", "fair"):
         raise InputError("estimator", "'exact' or 'fair'", repr(estimator))
     return estimator == "fair"
 
@@ -553,8 +616,15 @@ def rank_histogram_flatness(hist: xr.DataArray, dim: str = "rank") -> FlatnessRe
     """
     from scipy import stats
 
+    if not isinstance(dim, str):
+        raise ShapeError("dim", "the name (str) of the bin dimension", repr(dim)[:80])
     if not isinstance(hist, xr.DataArray) or dim not in hist.dims or hist.sizes[dim] < 2:
         raise ShapeError("hist", f"a DataArray with a {dim!r} dimension of 2 or more bins", getattr(hist, "dims", type(hist)))
+    if hist.dtype.kind not in "iuf" or (hist.dtype.kind == "f" and not np.isfinite(hist.values).all()) \
+            or bool((hist < 0).any()):
+        raise InputError("hist", "finite non-negative counts", f"dtype {hist.dtype}")
+    if bool((hist.sum(dim) == 0).any()):
+        raise InputError("hist", "at least one count per histogram", "an empty histogram (all counts 0)")
     total = hist.sum(dim)
     expected = total / hist.sizes[dim]
     stat = ((hist - expected) ** 2 / expected).sum(dim).rename("chi2")

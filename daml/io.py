@@ -40,7 +40,7 @@ class atomic_write_path:
     """
 
     def __init__(self, path: str | os.PathLike, suffix: str = ".tmp"):
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.suffix = suffix
         self.tmp: Path | None = None
 
@@ -142,9 +142,11 @@ def arviz_draws(kish_ess: float) -> int:
     report more effective draws than the weights hold, whatever the noise of its estimate. For
     example 10 -> 10, 200 -> 100, 1000 -> 386.
     """
-    e = float(kish_ess)
+    from .errors import check_real
+
+    e = check_real(kish_ess, "kish_ess", expected="a finite effective sample size >= 1")
     if not e >= 1.0:
-        raise InputError("kish_ess", "an effective sample size >= 1", repr(kish_ess))
+        raise InputError("kish_ess", "a finite effective sample size >= 1", repr(kish_ess))
     def bound(k: int) -> float:
         return k * max(1.0, math.log10(k))
 

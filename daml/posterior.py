@@ -74,8 +74,21 @@ _DEFAULT_DIMS = {1: (MEMBER,), 2: (MEMBER, "variable")}
 
 
 def normalise_log_weight(log_weight: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Subtract ``logsumexp`` along ``dim`` so that the weights sum to one."""
-    return log_weight - torch.logsumexp(log_weight, dim=dim, keepdim=True)
+    """Subtract ``logsumexp`` along ``dim`` so that the weights sum to one.
+
+    ``log_weight`` is a floating tensor (arrays are converted); a row of log-weights that are all
+    ``-inf`` or hold NaN has no normalisation and is refused (:class:`~daml.errors.NonFiniteError`).
+    """
+    if not isinstance(log_weight, torch.Tensor) or not log_weight.is_floating_point():
+        log_weight = _device.as_tensor(log_weight, "log_weight")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) \
+            or not -max(log_weight.ndim, 1) <= dim < max(log_weight.ndim, 1):
+        raise InputError("dim", f"an int axis of the {log_weight.ndim}-d log-weights", repr(dim))
+    total = torch.logsumexp(log_weight, dim=int(dim), keepdim=True)
+    if not _all_finite(total):
+        raise NonFiniteError("log_weight", "log-weights with a finite logsumexp along dim",
+                             f"{int((~torch.isfinite(total)).sum())} rows with NaN, +inf or only -inf")
+    return log_weight - total
 
 
 def from_members(
@@ -135,6 +148,18 @@ def from_members(
     ShapeError, NonFiniteError, DtypeError, InputError
         Naming the argument at fault.
     """
+    if not isinstance(name, str) or not name or name == LOG_WEIGHT:
+        raise InputError("name", f"a non-empty variable name other than {LOG_WEIGHT!r}", repr(name))
+    for arg, value in (("coords", coords), ("attrs", attrs), ("config", config)):
+        if value is not None and not isinstance(value, Mapping):
+            raise InputError(arg, "a mapping (dict) or None", type(value).__name__)
+    for arg, value in (("dims", dims), ("weight_dims", weight_dims)):
+        if value is not None and not isinstance(value, (str, Mapping)) and not (
+                isinstance(value, (list, tuple)) and all(isinstance(d, str) for d in value)):
+            raise InputError(arg, "a sequence of dimension names (str)", repr(value)[:80])
+    if isinstance(members, Mapping) and not all(isinstance(k, str) and k for k in members):
+        raise InputError("members", "a mapping with non-empty str keys (the variable names)",
+                         [k for k in members][:5])
     arrays = dict(members) if isinstance(members, Mapping) else {name: members}
     if not arrays:
         raise ShapeError("members", "at least one array", "an empty mapping")
@@ -146,7 +171,7 @@ def from_members(
     var_dims: dict[str, tuple[str, ...]] = {}
     for key, value in arrays.items():
         arg = "members" if len(arrays) == 1 and not isinstance(members, Mapping) else f"members[{key!r}]"
-        t = _device.as_tensor(value, arg, dtype=dtype)
+        t = _half_to_single(_device.as_tensor(value, arg, dtype=dtype), arg, dtype)
         tensors[key] = t
         var_dims[key] = _dims_for(key, t, dims, arg)
 
@@ -179,7 +204,7 @@ def from_members(
         lw = torch.full((n,), -math.log(n), dtype=data_dtype)
         w_dims: tuple[str, ...] = (MEMBER,)
     else:
-        lw = _device.as_tensor(log_weight, "log_weight", dtype=dtype).cpu()
+        lw = _half_to_single(_device.as_tensor(log_weight, "log_weight", dtype=dtype), "log_weight", dtype).cpu()
         if dtype is None and lw.dtype != data_dtype:
             raise DtypeError("log_weight", f"dtype {data_dtype} like the members", f"dtype {lw.dtype}",
                              hint="pass dtype= to cast both")
@@ -214,6 +239,20 @@ def from_members(
     ds.attrs.update(dict(attrs or {}))
     ds.attrs.update(_method_attrs(method, config, seed))
     return validate(ds)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_to_single(t: torch.Tensor, arg: str, dtype: Any) -> torch.Tensor:
+    """Half-precision input widened (losslessly) to float32: weighted sums and the normalisation
+    check need more than float16's 3 digits; asking for a half ``dtype=`` is refused."""
+    if t.dtype in _HALF:
+        if dtype is not None:
+            raise DtypeError("dtype", "float32 or float64 (half precision is too coarse for weighted sums)",
+                             repr(dtype))
+        return t.float()
+    return t
 
 
 def _dims_for(key: str, t: torch.Tensor, dims: Any, arg: str) -> tuple[str, ...]:
@@ -255,8 +294,13 @@ def weighted_var(x: xr.DataArray | xr.Dataset, weights: xr.DataArray, ddof: int 
     reliability weights (the ``N - 1`` denominator for equal weights); undefined, and refused naming
     ``argument``, when one member holds all the weight.
     """
-    if ddof not in (0, 1):
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof not in (0, 1):
         raise InputError("ddof", "0 or 1", repr(ddof))
+    for arg, value in (("x", x), ("weights", weights)):
+        if not isinstance(value, (xr.DataArray, xr.Dataset) if arg == "x" else xr.DataArray) \
+                or MEMBER not in value.dims:
+            raise InputError(arg, f"an xarray {'DataArray or Dataset' if arg == 'x' else 'DataArray'} with a "
+                             f"{MEMBER!r} dimension", type(value).__name__)
     v = x.weighted(weights).var(MEMBER)
     if ddof == 1:
         w2 = (weights**2).sum(MEMBER)
@@ -269,6 +313,8 @@ def weighted_var(x: xr.DataArray | xr.Dataset, weights: xr.DataArray, ddof: int 
 
 def member_vars(ds: xr.Dataset) -> list[str]:
     """Names of the data variables that have a ``member`` dimension (``log_weight`` excluded)."""
+    if not isinstance(ds, xr.Dataset):
+        raise PosteriorError("ds", "an xarray.Dataset", type(ds).__name__)
     return [str(k) for k, v in ds.data_vars.items() if MEMBER in v.dims and k != LOG_WEIGHT]
 
 
@@ -316,8 +362,9 @@ def validate(ds: Any) -> xr.Dataset:
     lw = ds[LOG_WEIGHT]
     if MEMBER not in lw.dims:
         raise PosteriorError(LOG_WEIGHT, "the 'member' dimension", f"dims {lw.dims}")
-    if lw.dtype.kind != "f":
-        raise DtypeError(LOG_WEIGHT, "real floating values", f"dtype {lw.dtype}")
+    if lw.dtype.kind != "f" or lw.dtype.itemsize < 4:
+        raise DtypeError(LOG_WEIGHT, "float32 or float64 values", f"dtype {lw.dtype}",
+                         hint="half precision is too coarse for normalised weights" if lw.dtype.kind == "f" else None)
     values = lw.values
     if not _all_finite(values):
         raise NonFiniteError(LOG_WEIGHT, "finite log-weights",
@@ -338,8 +385,9 @@ def validate(ds: Any) -> xr.Dataset:
         missing = [d for d in lw.dims if d not in var.dims]
         if missing:
             raise PosteriorError(key, f"the weight dimensions {lw.dims}", f"dims {var.dims}")
-        if var.dtype.kind not in "fiu":
-            raise DtypeError(key, "real numeric members", f"dtype {var.dtype}")
+        if var.dtype.kind not in "fiu" or (var.dtype.kind == "f" and var.dtype.itemsize < 4):
+            raise DtypeError(key, "real numeric members (float32, float64 or integers)", f"dtype {var.dtype}",
+                             hint="cast half precision with .astype('float32')" if var.dtype.kind == "f" else None)
         if var.dtype.kind == "f" and not _all_finite(var.values):
             raise NonFiniteError(key, "finite members", f"{int((~np.isfinite(var.values)).sum())} NaN or infinite entries")
     for key in REQUIRED_ATTRS:
@@ -426,9 +474,13 @@ class PosteriorAccessor:
 
     def quantile(self, q: float | Sequence[float]) -> xr.Dataset:
         """Weighted quantiles over ``member`` (xarray's weighted quantile, linear interpolation)."""
-        qs = np.atleast_1d(np.asarray(q, dtype=float))
-        if qs.size == 0 or not np.all((qs >= 0) & (qs <= 1)):
-            raise InputError("q", "probabilities in [0, 1]", repr(q))
+        try:
+            ok = not isinstance(q, (str, bytes, bool, np.bool_)) and np.asarray(q).dtype.kind in "iuf"
+            qs = np.atleast_1d(np.asarray(q, dtype=float)) if ok else None
+        except (TypeError, ValueError):
+            qs = None
+        if qs is None or qs.ndim != 1 or qs.size == 0 or not np.all((qs >= 0) & (qs <= 1)):
+            raise InputError("q", "probabilities in [0, 1] (a number or a 1-d list)", repr(q)[:80])
         return self._weighted().quantile(q, dim=MEMBER)
 
     # -- diagnostics ---------------------------------------------------------------------------------

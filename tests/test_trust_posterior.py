@@ -239,3 +239,119 @@ def test_sizes_that_cannot_fit_are_refused_before_any_work(rng):
                                    dim=[])
     assert time.perf_counter() - start < 5.0
     assert len(_device.spawn(0, 3)) == 3                # small sizes are untouched
+
+
+# -- item 6: wrong types into every public name of posterior, io, diagnostics, resampling ----------------
+
+_BAD = {"str": "abc", "None": None, "list of str": ["a", "b"], "complex": np.ones((3, 20, 2)) * (1 + 1j),
+        "bool": np.ones((3, 20, 2), bool), "float16": torch.ones(3, 20, 2, dtype=torch.float16),
+        "bfloat16": torch.ones(3, 20, 2, dtype=torch.bfloat16),
+        "object": np.array([1.0, "a", None], dtype=object), "nan": float("nan"), "dict": {"a": 1},
+        "complex scalar": 1 + 2j, "empty": np.zeros((0,))}
+
+
+def _public_calls(tmp_path):
+    from daml import io as IO
+    from daml import posterior as P
+
+    rng = np.random.default_rng(0)
+    post = daml.from_members(rng.normal(size=(3, 20, 2)), rng.normal(size=(3, 20)),
+                             dims=("time", "member", "variable"))
+    truth = xr.DataArray(np.zeros((3, 2)), dims=("time", "variable"))
+    w = torch.rand(3, 10, dtype=torch.float64)
+    nc = str(tmp_path / "a.nc")
+    post.daml.to_netcdf(nc)
+    D, R = diagnostics, resampling
+    x5, w5 = torch.randn(3, 5, dtype=torch.float64), torch.full((3, 5), 0.2, dtype=torch.float64)
+    y3 = torch.zeros(3, dtype=torch.float64)
+    return {
+        "from_members": (P.from_members, dict(members=rng.normal(size=(20, 2)), log_weight=rng.normal(size=20),
+                                              name="x", method="m", config={}, seed=0, dtype=None, dims=None,
+                                              weight_dims=None, coords=None, attrs=None)),
+        "validate": (P.validate, dict(ds=post)),
+        "member_vars": (P.member_vars, dict(ds=post)),
+        "normalise_log_weight": (P.normalise_log_weight, dict(log_weight=torch.zeros(3), dim=-1)),
+        "weighted_var": (P.weighted_var, dict(x=post["x"], weights=np.exp(post["log_weight"]), ddof=0)),
+        ".daml.var": (lambda ddof: post.daml.var(ddof=ddof), dict(ddof=0)),
+        ".daml.quantile": (lambda q: post.daml.quantile(q), dict(q=0.5)),
+        ".daml.psis": (lambda r_eff: post.daml.psis(r_eff=r_eff), dict(r_eff=1.0)),
+        ".daml.resample": (lambda seed, method, n: post.daml.resample(seed=seed, method=method, n=n),
+                           dict(seed=0, method="systematic", n=None)),
+        "to_arviz": (IO.to_arviz, dict(ds=post, resample=True, seed=0, method="systematic", n=None)),
+        "to_netcdf": (IO.to_netcdf, dict(ds=post, path=str(tmp_path / "b.nc"))),
+        "open_posterior": (IO.open_posterior, dict(path=nc)),
+        "arviz_draws": (IO.arviz_draws, dict(kish_ess=10.0)),
+        "atomic_write_path": (IO.atomic_write_path, dict(path=str(tmp_path / "c"))),
+        "ess": (D.ess, dict(post=post, dim="member")),
+        "psis": (D.psis, dict(post=post["log_weight"], dim="member", r_eff=1.0)),
+        "pareto_khat_threshold": (D.pareto_khat_threshold, dict(n=100)),
+        "rmse": (D.rmse, dict(post=post, truth=truth, var=None, dim=None)),
+        "spread": (D.spread, dict(post=post, var=None, dim=None)),
+        "crps": (D.crps, dict(post=post, truth=truth, var=None, estimator="exact")),
+        "energy_score": (D.energy_score, dict(post=post, truth=truth, var=None, dim="variable", estimator="exact")),
+        "pit": (D.pit, dict(post=post, truth=truth, var=None, seed=None)),
+        "rank_histogram": (D.rank_histogram, dict(post=post, truth=truth, var=None, bins=None, dim=None, seed=None)),
+        "rank_histogram_flatness": (D.rank_histogram_flatness, dict(hist=D.rank_histogram(post, truth), dim="rank")),
+        "spread_skill": (D.spread_skill, dict(post=post, truth=truth, var=None, dim=None)),
+        "describe": (D.describe, dict(post=post)),
+        "ess_kernel": (D.ess_kernel, dict(log_weight=torch.zeros(3, 5))),
+        "psis_kernel": (D.psis_kernel, dict(log_ratio=torch.randn(3, 50, dtype=torch.float64), r_eff=1.0)),
+        "crps_kernel": (D.crps_kernel, dict(x=x5, w=w5, y=y3, fair=False)),
+        "energy_score_kernel": (D.energy_score_kernel, dict(x=torch.randn(3, 5, 2, dtype=torch.float64), w=w5,
+                                                            y=torch.zeros(3, 2, dtype=torch.float64), fair=False)),
+        "pit_kernel": (D.pit_kernel, dict(x=x5, w=w5, y=y3, u=None)),
+        **{name: (getattr(R, name), dict(weights=w, n=None, seed=0))
+           for name in ("multinomial", "systematic", "stratified", "residual")},
+        "resample": (R.resample, dict(weights=w, method="systematic", n=None, seed=0)),
+        "offspring_counts": (R.offspring_counts, dict(ancestors=torch.zeros(3, 4, dtype=torch.long), n_particles=10)),
+    }
+
+
+def _has_nan(r) -> bool:
+    if isinstance(r, xr.Dataset):
+        return any(v.dtype.kind == "f" and bool(np.isnan(v.values).any()) for v in r.data_vars.values())
+    if isinstance(r, xr.DataArray):
+        return r.dtype.kind == "f" and bool(np.isnan(r.values).any())
+    if isinstance(r, torch.Tensor):
+        return r.is_floating_point() and bool(torch.isnan(r).any())
+    if isinstance(r, tuple):
+        return any(_has_nan(v) for v in r)
+    return isinstance(r, float) and math.isnan(r)
+
+
+def test_wrong_types_into_every_public_name_give_daml_errors_never_leaks_or_nan(tmp_path):
+    """Every argument of every name in the __all__ of posterior, io, diagnostics and resampling, given
+    each wrong type: a daml error naming the argument (or a posterior-level name), or a finite result;
+    never another library's error, never NaN."""
+    from daml import io as IO
+    from daml import posterior as P
+
+    calls = _public_calls(tmp_path)
+    import inspect
+
+    functions = {name for module in (P, IO, diagnostics, resampling) for name in module.__all__
+                 if inspect.isfunction(getattr(module, name))}
+    assert functions - set(calls) == {"save_figure"}, functions - set(calls)   # save_figure takes a figure
+    leaks, nans, counts = [], [], {"calls": 0, "daml errors": 0, "finite results": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, (f, base) in calls.items():
+            for arg in base:
+                for bad_name, bad in _BAD.items():
+                    kwargs = dict(base, **{arg: bad})
+                    counts["calls"] += 1
+                    try:
+                        result = f(**kwargs)
+                    except DamlError:
+                        counts["daml errors"] += 1
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - what this test hunts for
+                        leaks.append(f"{label}({arg}={bad_name}): {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    if _has_nan(result):
+                        nans.append(f"{label}({arg}={bad_name})")
+                    else:
+                        counts["finite results"] += 1
+    assert not leaks, "\n".join(leaks[:40]) + f"\n... {len(leaks)} leaks"
+    assert not nans, nans
+    assert counts["daml errors"] > 0.9 * counts["calls"], counts
