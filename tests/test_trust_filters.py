@@ -333,3 +333,14 @@ def test_run_refuses_non_numeric_observations():
     bad["y"] = bad["y"].astype(str)
     with pytest.raises(DtypeError, match="data"):
         filters.run(filters.etkf(members=6), model, bad, progress=False)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: models.observe_all(10**12), lambda: models.observe_every(10**12, 2),
+    lambda: models.observe_indices(10**12, [0, 1]), lambda: models.observe_nonlinear(lambda x: x, 10**12, 2),
+    lambda: models.Kuramoto(n=10**13, coupling=1.0), lambda: models.LinearDrag(dims=10**12),
+    lambda: models.Identity(10**12), lambda: models.Lorenz96(n=10**12, noise_cov=1.0),
+])
+def test_sizes_that_cannot_fit_are_refused_before_allocating(make):
+    with pytest.raises(InputError, match="GiB"):
+        make()

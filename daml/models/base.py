@@ -137,6 +137,8 @@ class ODEModel(abc.ABC):
 
     def __init__(self, state_size: int, dt: float, noise_cov: Any = None):
         self.state_size = check_int(state_size, "state_size", expected="a positive int")
+        if noise_cov is not None:
+            check_memory(3 * 8 * self.state_size**2, "noise_cov", f"a {self.state_size} x {self.state_size} covariance")
         self.dt = check_real(dt, "dt", positive=True, expected="a positive time step")
         self.noise_cov = None if noise_cov is None else as_covariance(noise_cov, state_size, "noise_cov")
 

@@ -43,7 +43,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import ODEModel, _compact_cov, as_real_tensor
+from .base import ODEModel, _compact_cov, as_real_tensor, check_memory
 
 __all__ = ["Kuramoto", "order_parameter"]
 
@@ -92,6 +92,7 @@ class Kuramoto(ODEModel):
     def __init__(self, n: int, coupling: float, omega: Any = None, dt: float = 0.01, noise_cov: Any = None,
                  seed: _device.Seed = None):
         n = check_int(n, "n", 2, "an int >= 2 (the number of oscillators)")
+        check_memory(2 * 8 * n, "n", f"{n} oscillators")
         self.coupling = check_real(coupling, "coupling")
         if omega is None:
             g = _device.generator(seed, "cpu")

@@ -51,7 +51,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import ODEModel, _compact_cov, as_real_tensor, rk4_step
+from .base import ODEModel, _compact_cov, as_real_tensor, check_memory, rk4_step
 
 __all__ = ["LinearModel", "Identity", "LinearDrag", "rk4_matrix"]
 
@@ -144,6 +144,7 @@ class Identity(LinearModel):
 
     def __init__(self, n: int, noise_cov: Any = None, dt: float = 1.0):
         n = check_int(n, "n", 1, "a positive int (the state size)")
+        check_memory(4 * 8 * n * n, "n", f"a state of size {n} (an ({n}, {n}) matrix)")
         super().__init__(torch.eye(n, dtype=torch.float64), dt=dt, noise_cov=noise_cov, continuous=False)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +188,7 @@ class LinearDrag(LinearModel):
 
     def __init__(self, dims: int = 2, drag: float = 0.1, tau: float = 0.05, dt: float = 0.1, noise_cov: Any = None):
         d = check_int(dims, "dims", expected="a positive int (spatial dimensions)")
+        check_memory(4 * 8 * (3 * d) ** 2, "dims", f"{d} dimensions (a ({3 * d}, {3 * d}) generator)")
         self.dims = d
         self.drag = check_real(drag, "drag", expected="a non-negative drag coefficient")
         if self.drag < 0:

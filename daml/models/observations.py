@@ -25,7 +25,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import as_covariance, as_real_tensor, batched_jacobian
+from .base import as_covariance, as_real_tensor, batched_jacobian, check_memory
 
 __all__ = [
     "Observation",
@@ -174,6 +174,8 @@ def observe_indices(state_size: int, indices: Sequence[int], sd: float | None = 
         The noise covariance ``R`` instead of ``sd``.
     """
     state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
+    if hasattr(indices, "__len__") and not isinstance(indices, (str, bytes)):       # H is a dense (m, n) matrix
+        check_memory(2 * 8 * len(indices) * state_size, "state_size", f"{len(indices)} x {state_size} entries of H")
     idx = _check_indices(indices, state_size)
     h = torch.zeros(idx.numel(), state_size, dtype=torch.float64)
     h[torch.arange(idx.numel()), idx] = 1.0
@@ -217,6 +219,7 @@ def _check_indices(indices: Any, state_size: int) -> torch.Tensor:
 def observe_all(state_size: int, sd: float | None = None, cov: Any = None) -> Observation:
     """Observe every variable: ``H = I``."""
     state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
+    check_memory(3 * 8 * state_size**2, "state_size", f"{state_size} x {state_size} entries of H and R")
     obs = observe_indices(state_size, range(state_size), sd=sd, cov=cov)
     obs.description = f"all {state_size} variables"
     return obs
@@ -226,6 +229,8 @@ def observe_every(state_size: int, k: int, sd: float | None = None, cov: Any = N
     """Observe every ``k``-th variable starting at ``offset``."""
     state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
     k = check_int(k, "k", expected="a positive int")
+    check_memory(3 * 8 * state_size * (state_size // k + 1), "state_size", f"{state_size // k + 1} x {state_size} "
+                 "entries of H")
     offset = check_int(offset, "offset", 0, f"an int in [0, {state_size})")
     if offset >= state_size:
         raise InputError("offset", f"an int in [0, {state_size})", repr(offset))
@@ -251,6 +256,8 @@ def observe_nonlinear(func: Callable[[torch.Tensor], torch.Tensor], state_size: 
         raise InputError("func", "a callable h(x)", type(func).__name__)
     state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
     size = check_int(size, "size", expected="a positive int (the number of observations)")
+    check_memory(8 * (2 * state_size + 3 * size**2), "state_size" if state_size > size else "size",
+                 f"state_size={state_size}, size={size}")
     probe = func(torch.zeros(2, state_size, dtype=torch.float64))
     if not isinstance(probe, torch.Tensor):
         raise InputError("func", "a function returning a torch tensor", type(probe).__name__)
