@@ -164,13 +164,24 @@ def check_real(value: object, name: str, positive: bool = False, expected: str |
     return float(value)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this process can still allocate without swapping, as the system reports it.
+def available_memory(device: object = None) -> int | None:
+    """Bytes of memory that can still be allocated on ``device`` without swapping, as the system reports it.
 
-    ``psutil.virtual_memory().available`` where psutil is installed, else ``MemAvailable`` of
-    ``/proc/meminfo`` (Linux), else the free physical pages of ``os.sysconf``; ``None`` where none of
-    these is available (then :func:`check_fits` checks nothing).
+    On the CPU (the default): ``psutil.virtual_memory().available`` where psutil is installed, else
+    ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free physical pages of ``os.sysconf``. On a
+    CUDA device: the driver's free memory (``torch.cuda.mem_get_info``). ``None`` where none of these can
+    be read (then :func:`check_fits` checks nothing).
     """
+    kind = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else "cpu")
+    if kind == "cuda":
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError, ValueError, AttributeError):
+            return None
+    if kind != "cpu":
+        return None
     try:
         import psutil  # optional
     except ImportError:
@@ -199,7 +210,7 @@ def available_memory() -> int | None:
     return None
 
 
-def check_fits(name: str, nbytes: float, what: str | None = None) -> None:
+def check_fits(name: str, nbytes: float, what: str | None = None, device: object = None) -> None:
     """Refuse up front a size whose arrays cannot fit in memory.
 
     Call it before allocating (or before spawning one random stream per member), with the bytes the
@@ -214,6 +225,8 @@ def check_fits(name: str, nbytes: float, what: str | None = None) -> None:
         A lower bound of the bytes needed (a float is fine for products that overflow ``int64``).
     what : str, optional
         The size as the user gave it, for the message (for example ``"n_members=1000000000"``).
+    device : str or torch.device, optional
+        Where the arrays will live (default the CPU; a CUDA device is checked against its free memory).
 
     Raises
     ------
@@ -233,7 +246,7 @@ def check_fits(name: str, nbytes: float, what: str | None = None) -> None:
     need = float(nbytes)
     if math.isnan(need):
         raise InputError(name, "a size whose arrays fit in memory", f"{what or 'a size'} needing NaN bytes")
-    avail = available_memory()
+    avail = available_memory(device)
     if avail is None or need <= avail:
         return
     gib = 1024.0 ** 3

@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 
 from .. import _device
-from ..errors import DamlError, DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import DamlError, DtypeError, InputError, NonFiniteError, ShapeError, check_fits, check_int, check_real
 
 __all__ = [
     "Model",
@@ -55,7 +55,6 @@ __all__ = [
     "covariance_root",
     "batched_jacobian",
     "periodic_covariance",
-    "available_memory",
     "check_memory",
 ]
 
@@ -315,36 +314,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def available_memory(device: Any = None) -> int | None:
-    """Free memory in bytes on ``device`` (CPU: the operating system's ``MemAvailable``; CUDA: the
-    driver's free memory), or ``None`` where it cannot be told."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    try:
-        if dev.type == "cuda":
-            return int(torch.cuda.mem_get_info(dev)[0])
-        if dev.type == "cpu":
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-            import os
-
-            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, RuntimeError, AttributeError):
-        return None
-    return None
-
-
 def check_memory(nbytes: int, argument: str, given: str, device: Any = None) -> None:
-    """Refuse, before anything is allocated, arrays that need more than the free memory.
-
-    Raises
-    ------
-    InputError
-        Naming ``argument``, with ``given`` (the sizes as the user gave them) and an estimate of the
-        bytes needed against the bytes free.
-    """
-    free = available_memory(device)
-    if free is not None and nbytes > free:
-        raise InputError(argument, f"sizes whose arrays fit in the free memory ({free / 2**30:.3g} GiB)",
-                         f"{given}, which needs about {nbytes / 2**30:.3g} GiB")
+    """:func:`daml.errors.check_fits` with the models' argument order: refuse, before anything is
+    allocated, arrays of ``nbytes`` that need more than the free memory of ``device``."""
+    check_fits(argument, nbytes, what=given, device=device)
