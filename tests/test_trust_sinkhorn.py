@@ -228,3 +228,155 @@ def test_bad_sizes_raise_named_errors():
             sinkhorn(c, sizes=bad)
     with pytest.raises(InputError, match="a: expected masses summing to one.*sizes"):
         sinkhorn(c, a=torch.full((2, 4), 0.25, dtype=F64), sizes=[[4, 3], [2, 3]])
+
+
+# -- 3. bad input: a daml error naming the argument, never torch's, never a silent NaN ------------------------
+
+def _small():
+    rng = np.random.default_rng(0)
+    c = rng.random((4, 3))
+    return c, np.full(4, 0.25), np.full(3, 1 / 3)
+
+
+def _members():
+    return np.random.default_rng(1).normal(size=(5, 2)), np.zeros(5)
+
+
+NAN = float("nan")
+_C, _A, _B = _small()
+_X, _LW = _members()
+_T = torch.full((5, 5), 0.2, dtype=F64)
+_LW5 = torch.full((5,), -np.log(5.0), dtype=F64)
+_H = np.log(np.full(3, 1 / 3))
+
+BAD = [
+    # sinkhorn: cost
+    (lambda: sinkhorn("abc"), DtypeError, "cost"),
+    (lambda: sinkhorn(None), DtypeError, "cost"),
+    (lambda: sinkhorn([["a", "b"], ["c", "d"]]), DtypeError, "cost"),
+    (lambda: sinkhorn([[1.0, 2.0], [3.0]]), ShapeError, "cost"),
+    (lambda: sinkhorn(_C.astype(complex)), DtypeError, "cost"),
+    (lambda: sinkhorn(_C > 0.5), DtypeError, "cost"),
+    (lambda: sinkhorn(torch.tensor(_C, dtype=torch.float16)), DtypeError, "cost"),
+    (lambda: sinkhorn(torch.tensor(_C, dtype=torch.bfloat16)), DtypeError, "cost"),
+    (lambda: sinkhorn(np.zeros((0, 3))), ShapeError, "cost"),
+    (lambda: sinkhorn(np.zeros((0, 3, 3))), ShapeError, "cost"),
+    (lambda: sinkhorn(np.full((3, 3), NAN)), NonFiniteError, "cost"),
+    (lambda: sinkhorn(torch.zeros(1, 1, dtype=F64).expand(10**6, 10**6)), InputError, "cost.*fit in memory"),
+    # masses
+    (lambda: sinkhorn(_C, [NAN, 0.5, 0.25, 0.25], _B), NonFiniteError, "a"),
+    (lambda: sinkhorn(_C, _A, [np.inf, 0.0, 0.0]), NonFiniteError, "b"),
+    (lambda: sinkhorn(_C, [-0.25, 0.75, 0.25, 0.25], _B), InputError, "a: expected non-negative"),
+    (lambda: sinkhorn(_C, np.zeros(4), _B), InputError, "a: expected masses summing to one"),
+    (lambda: sinkhorn(_C, _A, _B * 0.5), InputError, "b: expected masses summing to one"),
+    (lambda: sinkhorn(_C, "abcd", _B), DtypeError, "a"),
+    (lambda: sinkhorn(_C, _A.astype(complex), _B), DtypeError, "a"),
+    (lambda: sinkhorn(_C, log_a=np.full(4, -np.inf)), InputError, "log_a"),
+    (lambda: sinkhorn(_C, log_b=np.full(3, NAN)), NonFiniteError, "log_b"),
+    # epsilon and parameters
+    (lambda: sinkhorn(_C, epsilon="0.1"), DtypeError, "epsilon"),
+    (lambda: sinkhorn(_C, epsilon=None), DtypeError, "epsilon"),
+    (lambda: sinkhorn(_C, epsilon=NAN), InputError, "epsilon"),
+    (lambda: sinkhorn(_C, epsilon=-0.1), InputError, "epsilon"),
+    (lambda: sinkhorn(_C, epsilon=True), DtypeError, "epsilon"),
+    (lambda: sinkhorn(_C, epsilon=[0.1, 0.2]), ShapeError, "epsilon"),
+    (lambda: sinkhorn(_C, tol=NAN), InputError, "tol"),
+    (lambda: sinkhorn(_C, warn="no"), InputError, "warn"),
+    (lambda: sinkhorn(_C, relaxation=np.array([1.2, 1.3])), InputError, "relaxation"),
+    # SinkhornResult.apply
+    (lambda: sinkhorn(_C).apply(np.full(3, NAN)), NonFiniteError, "x"),
+    (lambda: sinkhorn(_C).apply("abc"), DtypeError, "x"),
+    (lambda: sinkhorn(_C).apply(np.ones(4), transpose="yes"), InputError, "transpose"),
+    # softmin
+    (lambda: softmin(_C, _H, 0.0, -1), InputError, "epsilon"),
+    (lambda: softmin(_C, _H, NAN, -1), InputError, "epsilon"),
+    (lambda: softmin(_C, _H, 0.1, 0), InputError, "dim"),
+    (lambda: softmin(_C, np.zeros(4), 0.1, -1), ShapeError, "h"),
+    (lambda: softmin(_C, np.full(3, NAN), 0.1, -1), NonFiniteError, "h"),
+    (lambda: softmin(_C, np.full(3, -np.inf), 0.1, -1), InputError, "h"),
+    (lambda: softmin(np.full((4, 3), NAN), _H, 0.1, -1), NonFiniteError, "cost"),
+    # ensemble_transform
+    (lambda: ensemble_transform(np.full((5, 2), NAN), _LW), NonFiniteError, "x"),
+    (lambda: ensemble_transform(np.full((5, 2), NAN), _LW, solver="emd"), NonFiniteError, "x"),
+    (lambda: ensemble_transform(_X * 1e200, _LW), NonFiniteError, "x"),
+    (lambda: ensemble_transform("abc", _LW), DtypeError, "x"),
+    (lambda: ensemble_transform(np.ones(5), _LW), ShapeError, "x"),
+    (lambda: ensemble_transform(np.zeros((0, 2)), np.zeros(0)), ShapeError, "x"),
+    (lambda: ensemble_transform(np.ones((5, 0)), _LW), ShapeError, "x"),
+    (lambda: ensemble_transform(torch.tensor(_X, dtype=torch.float16), _LW), DtypeError, "x"),
+    (lambda: ensemble_transform(_X, "abcde"), DtypeError, "log_weight"),
+    (lambda: ensemble_transform(_X, _LW, second_order="yes"), InputError, "second_order"),
+    (lambda: ensemble_transform(_X, _LW, cost=-np.ones((5, 5))), InputError, "cost"),
+    (lambda: ensemble_transform(_X, _LW, cost=-np.ones((5, 5)), solver="emd"), InputError, "cost"),
+    (lambda: ensemble_transform(_X, _LW, cost=np.full((5, 5), NAN), solver="emd"), NonFiniteError, "cost"),
+    (lambda: ensemble_transform(_X, _LW, cost="abc"), DtypeError, "cost"),
+    # second_order_correction
+    (lambda: second_order_correction(_T, torch.full((5,), -np.inf, dtype=F64)), InputError, "log_weight"),
+    (lambda: second_order_correction(torch.full((5, 5), NAN, dtype=F64), _LW5), NonFiniteError, "transform"),
+    (lambda: second_order_correction(_T, torch.full((5,), NAN, dtype=F64)), NonFiniteError, "log_weight"),
+    (lambda: second_order_correction(_T[:, :4], _LW5), ShapeError, "transform"),
+    (lambda: second_order_correction(_T, _LW5[:4]), ShapeError, "log_weight"),
+    (lambda: second_order_correction("abc", "def"), DtypeError, "transform"),
+    (lambda: second_order_correction(torch.zeros(0, 0, dtype=F64), torch.zeros(0, dtype=F64)), ShapeError,
+     "transform"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD, ids=range(len(BAD)))
+def test_bad_input_gives_a_named_daml_error(call, error, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_softmin_takes_any_batch_shape_and_matches_logsumexp():
+    """Regression: a single (n, m) problem came back as (1, n)."""
+    from scipy.special import logsumexp
+    c, _, b = _small()
+    h = np.log(b) + np.array([0.3, -0.2, 0.1])
+    got = softmin(c, h, 0.1, -1)
+    assert got.shape == (4,)
+    assert np.allclose(got.numpy(), -0.1 * logsumexp(h[None] - c / 0.1, axis=1), atol=1e-14)
+    cc = np.stack([c, 2 * c])
+    eps = np.array([0.1, 0.3])
+    got = softmin(cc, np.log(np.full(4, 0.25)), eps, -2)
+    assert got.shape == (2, 3)
+    for k in range(2):
+        want = -eps[k] * logsumexp(np.log(0.25) - cc[k] / eps[k], axis=0)
+        assert np.allclose(got[k].numpy(), want, atol=1e-14)
+
+
+def test_iteration_limits_beyond_int64_are_accepted():
+    c, a, b = _small()
+    res = sinkhorn(c, a, b, epsilon=0.5, tol=1e-10, max_iter=10**30)
+    assert bool(res.converged) and torch.isfinite(res.f).all()
+
+
+def test_a_user_cost_for_the_ensemble_transform_must_be_non_negative():
+    """Regression: a negative cost had a non-positive mean, was taken for a constant one and gave the
+    product plan (every member moved to the weighted mean) without a word."""
+    x, _ = _members()
+    lw = np.linspace(-1, 1, 5)
+    c = ((x[:, None] - x[None]) ** 2).sum(-1)
+    good = ensemble_transform(x, lw, cost=c, tol=1e-10)
+    assert not torch.allclose(good.x, good.x.mean(0).expand(5, 2))
+    with pytest.raises(InputError, match="cost: expected non-negative"):
+        ensemble_transform(x, lw, cost=c - c.max())
+
+
+def test_second_order_correction_normalises_the_log_weights():
+    """Regression: unnormalised log-weights (documented as normalised) were used as they were and gave
+    a transform that matched neither the weighted mean nor the covariance, without a word."""
+    x, _ = _members()
+    x = torch.tensor(x)
+    lw = torch.linspace(-1.0, 1.0, 5, dtype=F64)
+    t = ensemble_transform(x, lw, solver="emd").transform
+    corrected = second_order_correction(t, lw + 3.0)
+    assert torch.allclose(corrected, second_order_correction(t, torch.log_softmax(lw, 0)), atol=1e-13)
+    w = torch.softmax(lw, 0)
+    new = corrected.T @ x
+    mean = (w[:, None] * x).sum(0)
+    cov = ((x - mean).T * w) @ (x - mean)
+    assert torch.allclose(new.mean(0), mean, atol=1e-12)
+    assert torch.allclose((new - mean).T @ (new - mean) / 5, cov, atol=1e-12)

@@ -99,6 +99,7 @@ References
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, NamedTuple
 
@@ -113,19 +114,48 @@ __all__ = ["sinkhorn", "SinkhornResult", "softmin"]
 _OMEGA_MAX = 1.98           # the largest over-relaxation "auto" chooses
 _COMPACT = 8                # ended problems leave the arrays once they are 1/_COMPACT of the running ones
 _CHUNK = 1 << 22            # matrix entries per chunk when a pass must not form a full (B, n, m) temporary
+_MAX_ITER = 1 << 62         # larger iteration limits (never reached) are taken as this
 _L2_ENTRIES = 1 << 15       # entries of a temporary that a pass re-reads at once (256 KiB in float64)
 
 
 # -- the primitive ----------------------------------------------------------------------------------------
 
-def softmin(cost: torch.Tensor, h: torch.Tensor, epsilon: torch.Tensor, dim: int) -> torch.Tensor:
+def softmin(cost: Any, h: Any, epsilon: Any, dim: int) -> torch.Tensor:
     """The soft-min ``-epsilon * logsumexp(h - C / epsilon)`` over ``dim`` of ``C`` (``-1``: over ``j``
     for every row ``i``; ``-2``: over ``i`` for every column ``j``).
 
-    ``cost`` is ``(B, n, m)``; ``h`` is ``(B, m)`` for ``dim=-1`` and ``(B, n)`` for ``dim=-2`` (log-mass
-    plus potential over ``epsilon``); ``epsilon`` is ``(B,)``. Evaluated in chunks of rows or columns,
-    so no temporary larger than about four million entries is formed. Differentiable.
+    ``cost`` is ``(..., n, m)`` (finite; any leading batch dimensions); ``h`` is ``(..., m)`` for
+    ``dim=-1`` and ``(..., n)`` for ``dim=-2`` (log-mass plus potential over ``epsilon``; ``-inf``
+    for zero mass, at least one finite entry per problem), broadcastable to the batch; ``epsilon``
+    is positive, a scalar or broadcastable to the batch. Returns ``(..., n)`` for ``dim=-1``,
+    ``(..., m)`` for ``dim=-2``. Evaluated in chunks of rows or columns, so no temporary larger than
+    about four million entries is formed. Differentiable.
     """
+    if isinstance(dim, bool) or dim not in (-1, -2):
+        raise InputError("dim", "-1 (over j, for every row i) or -2 (over i, for every column j)", repr(dim))
+    c = _as_cost(cost, None, None)
+    lo, hi = torch.aminmax(c.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise NonFiniteError("cost", "finite costs", "NaN or infinite entries")
+    batch, n, m = tuple(c.shape[:-2]), c.shape[-2], c.shape[-1]
+    size = m if dim == -1 else n
+    hh = _tensor(h, "h", "log-masses plus potentials (tensor or array-like)", dtype=c.dtype, device=c.device)
+    try:
+        hh = torch.broadcast_to(hh, (*batch, size))
+    except RuntimeError as exc:
+        raise ShapeError("h", f"shape {(*batch, size)} (the cost's {'columns' if dim == -1 else 'rows'})",
+                         f"shape {tuple(hh.shape)}") from exc
+    if bool(torch.isnan(hh).any()) or bool((hh == math.inf).any()):
+        raise NonFiniteError("h", "values that are finite or -inf", "NaN or +inf entries")
+    if not bool(torch.isfinite(hh).any(-1).all()):
+        raise InputError("h", "at least one finite entry per problem", "all -inf")
+    e = _check_epsilon(epsilon, False, c, batch)
+    out = _softmin(c.reshape(-1, n, m), hh.reshape(-1, size), e, dim)
+    return out.reshape(*batch, n if dim == -1 else m)
+
+
+def _softmin(cost: torch.Tensor, h: torch.Tensor, epsilon: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`softmin` on checked ``(B, n, m)``, ``(B, m or n)``, ``(B,)`` tensors."""
     e = epsilon.view(-1, 1, 1)
     if dim == -1:
         n = cost.shape[-2]
@@ -188,7 +218,11 @@ class SinkhornResult(NamedTuple):
         trailing ``d`` too.
         """
         n, m = self.matrix.shape[-2], self.matrix.shape[-1]
-        x = _device.as_tensor(x, "x", dtype=self.f.dtype, device=self.f.device)
+        if not isinstance(transpose, bool):
+            raise InputError("transpose", "True or False", repr(transpose))
+        x = _tensor(x, "x", "vectors to transport (tensor or array-like)", dtype=self.f.dtype, device=self.f.device)
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError("x", "finite values", "NaN or infinite entries")
         inner = n if transpose else m
         vector = x.ndim >= 1 and x.shape[-1] == inner and (x.ndim == 1 or x.ndim == self.f.ndim)
         if vector:
@@ -211,17 +245,49 @@ class SinkhornResult(NamedTuple):
 
 # -- input checks -----------------------------------------------------------------------------------------
 
+def _tensor(x: Any, name: str, what: str, *, dtype: Any = None, device: Any = None) -> torch.Tensor:
+    """``x`` as a real floating tensor through :func:`daml._device.as_tensor`, with ``None``, strings,
+    ragged sequences and arrays of text refused by a :class:`~daml.errors.DamlError` naming ``name``
+    (``what`` says what was expected)."""
+    if x is None or isinstance(x, (str, bytes)):
+        raise DtypeError(name, what, repr(x))
+    if not isinstance(x, (torch.Tensor, np.ndarray)) and not (hasattr(x, "variable") and hasattr(x, "dims")):
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError) as exc:            # ragged nested sequences
+            raise ShapeError(name, what + " (a regular array)", f"{type(x).__name__} of ragged sequences") from exc
+    if isinstance(x, np.ndarray) and x.dtype.kind in "USVMm":
+        raise DtypeError(name, what, f"an array of dtype {x.dtype}")
+    return _device.as_tensor(x, name, dtype=dtype, device=device)
+
+
+def _check_fits(count: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a batch whose working arrays (the kernels and one temporary as large) cannot fit in the
+    device's memory, before anything is allocated."""
+    need = 2 * count * n * m * torch.finfo(dtype).bits // 8
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+    else:
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):        # no sysconf (Windows): no check
+            return
+    if need > total:
+        raise InputError("cost", f"a batch whose Sinkhorn kernels fit in memory ({total / 2**30:.3g} GiB "
+                         f"on {device.type})", f"{count} problems of {n} x {m}, about {need / 2**30:.3g} GiB",
+                         hint="solve the batch in parts")
+
+
 def _as_cost(cost: Any, dtype: Any, device: Any) -> torch.Tensor:
     """``cost`` as a real floating tensor of shape ``(..., n, m)`` with ``n, m >= 1`` (values not checked)."""
-    if cost is None or isinstance(cost, (str, bytes)):
-        raise DtypeError("cost", "a cost matrix (tensor or array-like of shape (..., n, m))", repr(cost))
-    c = _device.as_tensor(cost, "cost", dtype=dtype, device=device)
+    c = _tensor(cost, "cost", "a cost matrix (tensor or array-like of shape (..., n, m))", dtype=dtype, device=device)
     if c.ndim < 2 or c.shape[-1] == 0 or c.shape[-2] == 0:
         raise ShapeError("cost", "a cost matrix of shape (..., n, m) with n, m >= 1", f"shape {tuple(c.shape)}")
     if c.dtype not in (torch.float32, torch.float64):
         raise DtypeError("cost", "float32 or float64 costs (or pass dtype=)", f"dtype {c.dtype}")
     if c.numel() == 0:
         raise ShapeError("cost", "at least one problem (no batch dimension of size 0)", f"shape {tuple(c.shape)}")
+    _check_fits(math.prod(c.shape[:-2]), c.shape[-2], c.shape[-1], c.dtype, c.device)
     return c
 
 
@@ -266,9 +332,6 @@ def _check_masses(mass: Any, log_mass: Any, name: str, size: int, batch: tuple[i
         raise InputError(name, f"either {name} or log_{name}", "both")
     tol = 1e-6 if like.dtype == torch.float64 else 1e-4
     arg = name if log_mass is None else "log_" + name
-    given = mass if log_mass is None else log_mass
-    if isinstance(given, (str, bytes)):
-        raise DtypeError(arg, "masses (tensor or array-like)", repr(given))
     if valid is not None:
         valid = valid.reshape(*batch, size)
 
@@ -288,7 +351,7 @@ def _check_masses(mass: Any, log_mass: Any, name: str, size: int, batch: tuple[i
             count = valid.sum(-1, keepdim=True).to(like.dtype)
             lm = torch.where(valid, -torch.log(count), -math.inf)
     elif mass is not None:
-        w = _device.as_tensor(mass, name, dtype=like.dtype, device=like.device)
+        w = _tensor(mass, name, "masses (tensor or array-like)", dtype=like.dtype, device=like.device)
         if w.ndim == 0 or w.shape[-1] != size:
             raise ShapeError(name, f"masses of shape (..., {size})", f"shape {tuple(w.shape)}")
         w = padded(w, 0.0)
@@ -304,7 +367,8 @@ def _check_masses(mass: Any, log_mass: Any, name: str, size: int, batch: tuple[i
                              hint="normalise them, or give log-weights as log_" + name)
         lm = torch.log(w) - torch.log(total).unsqueeze(-1)
     else:
-        lw = _device.as_tensor(log_mass, "log_" + name, dtype=like.dtype, device=like.device)
+        lw = _tensor(log_mass, "log_" + name, "log-masses (tensor or array-like)", dtype=like.dtype,
+                     device=like.device)
         if lw.ndim == 0 or lw.shape[-1] != size:
             raise ShapeError("log_" + name, f"log-masses of shape (..., {size})", f"shape {tuple(lw.shape)}")
         lw = padded(lw, -math.inf)
@@ -329,9 +393,8 @@ def _check_epsilon(epsilon: Any, relative: bool, cost: torch.Tensor, batch: tupl
                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """Absolute epsilon per problem ``(B,)``; relative: times the mean cost (over ``counts`` entries
     per problem when padded, the padding being zero)."""
-    if epsilon is None or isinstance(epsilon, (str, bytes)):
-        raise DtypeError("epsilon", "a positive regularisation (float or tensor)", repr(epsilon))
-    e = _device.as_tensor(epsilon, "epsilon", dtype=cost.dtype, device=cost.device)
+    e = _tensor(epsilon, "epsilon", "a positive regularisation (float or tensor)", dtype=cost.dtype,
+                device=cost.device)
     if not bool(torch.isfinite(e).all()) or not bool((e > 0).all()):
         raise InputError("epsilon", "a positive, finite regularisation", repr(epsilon))
     try:
@@ -378,8 +441,8 @@ def _warn_if_padded(cb: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, relati
 def _residual(f, g, cost, log_a, log_b, eps):
     """The soft-min fixed-point equations divided by epsilon (zero at the solution)."""
     e = eps.view(-1, 1)
-    rf = f / e - softmin(cost, log_b + g / e, eps, -1) / e
-    rg = g / e - softmin(cost, log_a + f / e, eps, -2) / e
+    rf = f / e - _softmin(cost, log_b + g / e, eps, -1) / e
+    rg = g / e - _softmin(cost, log_a + f / e, eps, -2) / e
     return rf, rg
 
 
@@ -504,8 +567,8 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     tol = check_real(tol, "tol")
     if tol < 0:
         raise InputError("tol", "a non-negative L1 marginal tolerance", repr(tol))
-    max_iter = check_int(max_iter, "max_iter", 1)
-    check_every = check_int(check_every, "check_every", 1)
+    max_iter = min(check_int(max_iter, "max_iter", 1), _MAX_ITER)    # counts are int64 tensors
+    check_every = min(check_int(check_every, "check_every", 1), _MAX_ITER)
     if anneal is not None:
         anneal = check_real(anneal, "anneal")
         if not 0 < anneal < 1:

@@ -46,9 +46,8 @@ import numpy as np
 import ot
 import torch
 
-from .. import _device
-from ..errors import InputError, ShapeError, check_int, check_real
-from .sinkhorn import sinkhorn
+from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from .sinkhorn import _tensor, sinkhorn
 
 __all__ = ["ensemble_transform", "TransformResult", "second_order_correction", "SOLVERS"]
 
@@ -132,13 +131,40 @@ def second_order_correction(transform: torch.Tensor, log_weight: torch.Tensor) -
     transform : (..., N, N)
         ``T`` with columns summing to one and rows summing to ``N w``.
     log_weight : (..., N)
-        Normalised log-weights ``log w``.
+        Log-weights ``log w`` (normalised here: unnormalised ones give the result of their
+        normalisation; ``-inf`` for zero weight).
 
     Returns
     -------
     torch.Tensor
         ``T + D`` ``(..., N, N)`` (see the module docstring).
+
+    Raises
+    ------
+    ShapeError, DtypeError, NonFiniteError, InputError
+        Naming ``transform`` (not square, empty, not real floating, not finite) or ``log_weight``
+        (wrong shape, NaN or ``+inf``, all ``-inf``).
     """
+    t = _tensor(transform, "transform", "a transform (tensor or array-like of shape (..., N, N))")
+    if t.ndim < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] == 0 or t.numel() == 0:
+        raise ShapeError("transform", "a square transform of shape (..., N, N) with N >= 1", f"shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise DtypeError("transform", "float32 or float64 values", f"dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError("transform", "finite entries", "NaN or infinite entries")
+    lw = _tensor(log_weight, "log_weight", "log-weights (tensor or array-like of shape (..., N))", dtype=t.dtype,
+                 device=t.device)
+    if lw.ndim == 0 or lw.shape[-1] != t.shape[-1]:
+        raise ShapeError("log_weight", f"shape (..., {t.shape[-1]}) (one per member)", f"shape {tuple(lw.shape)}")
+    if bool(torch.isnan(lw).any()) or bool((lw == math.inf).any()):
+        raise NonFiniteError("log_weight", "log-weights that are finite or -inf", "NaN or +inf entries")
+    if not bool(torch.isfinite(lw).any(-1).all()):
+        raise InputError("log_weight", "at least one finite log-weight per ensemble", "all -inf")
+    return _second_order(t, torch.log_softmax(lw, -1))
+
+
+def _second_order(transform: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
+    """:func:`second_order_correction` on checked tensors."""
     n = transform.shape[-1]
     v = _complement_basis(n, transform)
     w = torch.exp(log_weight)
@@ -178,21 +204,50 @@ def ensemble_transform(x: Any, log_weight: Any, *, solver: str = "sinkhorn", eps
     Returns
     -------
     TransformResult
+
+    Raises
+    ------
+    ShapeError, DtypeError, NonFiniteError, InputError
+        Naming ``x`` (no member or no coordinate, not real floating, NaN or infinite entries, or
+        squared distances that overflow), ``log_weight``, ``cost`` (wrong shape, NaN, infinite or
+        negative entries) or a parameter out of range.
     """
-    x = _device.as_tensor(x, "x")
-    lw = _device.as_tensor(log_weight, "log_weight", dtype=x.dtype, device=x.device)
-    if x.ndim < 2 or lw.shape != x.shape[:-1]:
+    x = _tensor(x, "x", "members (tensor or array-like of shape (..., N, d))")
+    if x.ndim < 2 or x.shape[-2] == 0 or x.shape[-1] == 0 or x.numel() == 0:
+        raise ShapeError("x", "members of shape (..., N, d) with N, d >= 1", f"shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise DtypeError("x", "float32 or float64 members", f"dtype {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("x", "finite members", "NaN or infinite entries")
+    lw = _tensor(log_weight, "log_weight", "log-weights (tensor or array-like of shape (..., N))", dtype=x.dtype,
+                 device=x.device)
+    if lw.shape != x.shape[:-1]:
         raise ShapeError("log_weight", f"shape {tuple(x.shape[:-1])} (one per member of x)", f"shape {tuple(lw.shape)}")
     solver = check_solver(solver)
     epsilon, tol, max_iter = check_transport_params(epsilon, tol, max_iter)
+    if not isinstance(second_order, bool):
+        raise InputError("second_order", "True or False", repr(second_order))
     if torch.isnan(lw).any() or (lw == math.inf).any() or not bool(torch.isfinite(lw).any(-1).all()):
         raise InputError("log_weight", "log-weights with at least one finite entry per ensemble and no NaN/+inf",
                          "NaN, +inf or all -inf entries")
     lw = torch.log_softmax(lw, -1)
     n = x.shape[-2]
-    c = squared_distances(x) if cost is None else _device.as_tensor(cost, "cost", dtype=x.dtype, device=x.device)
-    if c.shape != (*x.shape[:-1], n):
-        raise ShapeError("cost", f"shape {(*x.shape[:-1], n)}", f"shape {tuple(c.shape)}")
+    if cost is None:
+        c = squared_distances(x)
+        if not bool(torch.isfinite(c).all()):
+            raise NonFiniteError("x", f"members whose squared distances are finite in {x.dtype}",
+                                 "distances that overflow", hint="rescale the members")
+    else:
+        c = _tensor(cost, "cost", "a cost between members (tensor or array-like of shape (..., N, N))",
+                    dtype=x.dtype, device=x.device)
+        if c.shape != (*x.shape[:-1], n):
+            raise ShapeError("cost", f"shape {(*x.shape[:-1], n)}", f"shape {tuple(c.shape)}")
+        lo, hi = torch.aminmax(c.detach())
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise NonFiniteError("cost", "finite costs", "NaN or infinite entries")
+        if not bool(lo >= 0):
+            raise InputError("cost", "non-negative costs", f"a minimum of {float(lo):.3g}",
+                             hint="OT plans do not change when a constant is added to the cost; shift it")
     batch = x.shape[:-2]
     flat_c = c.reshape(-1, n, n)
     flat_lw = lw.reshape(-1, n)
@@ -212,7 +267,7 @@ def ensemble_transform(x: Any, log_weight: Any, *, solver: str = "sinkhorn", eps
         err, iters, conv = res.error, res.iterations, res.converged
     t = n * plan
     if second_order:
-        t = second_order_correction(t, flat_lw)
+        t = _second_order(t, flat_lw)
     x_new = t.transpose(-1, -2) @ x.reshape(-1, n, x.shape[-1])
     return TransformResult(x_new.reshape(x.shape), t.reshape(*batch, n, n), err.reshape(batch),
                            iters.reshape(batch), conv.reshape(batch))
