@@ -348,7 +348,7 @@ def test_bad_input_is_named():
         causal.q10({"RECO_obs": np.ones(60), "TA": d}, x=("TA",))
     with pytest.raises(InputError, match="reco: expected positive respiration"):
         causal.q10({"RECO_obs": np.r_[-1.0, np.ones(59)], "TA": d, "SW_POT_sm": x[:, 0], "SW_POT_sm_diff": x[:, 1]})
-    with pytest.raises(InputError, match="reco: expected a column or variable named 'R'"):
+    with pytest.raises(InputError, match=r"data: expected the columns 'R' \(reco\), 'TA' \(ta\), .*got columns \['RECO_obs'\]"):
         causal.q10({"RECO_obs": np.ones(60)}, reco="R")
 
 

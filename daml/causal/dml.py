@@ -55,6 +55,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 from typing import Any, Mapping, NamedTuple
 
@@ -63,7 +64,8 @@ import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import DroppedRowsWarning, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import (DivergenceError, DroppedRowsWarning, DtypeError, InputError, NonFiniteError, ShapeError,
+                      check_int, check_real)
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
 
 __all__ = [
@@ -84,6 +86,7 @@ __all__ = [
 SCORES = ("partialling out", "IV-type")
 BOOTSTRAP_WEIGHTS = ("normal", "bayes", "wild")
 AGGREGATIONS = ("interval", "variance")
+_RESIDUAL_FLOOR = 1e-7    # treatment residual RMS / treatment sd below which plr refuses (float32 rounding level)
 
 Splits = list[list[tuple[np.ndarray, np.ndarray]]]
 
@@ -92,9 +95,39 @@ Splits = list[list[tuple[np.ndarray, np.ndarray]]]
 # input checks
 
 
+def _numeric(value: Any, name: str) -> np.ndarray:
+    """``value`` as a float array, or a daml error naming ``name`` (None, text, complex numbers, ragged lists)."""
+    if value is None:
+        raise InputError(name, "an array of numbers", "None")
+    if isinstance(value, (str, bytes)):
+        raise DtypeError(name, "an array of numbers", f"the string {value[:40]!r}")
+    if hasattr(value, "values") and not isinstance(value, np.ndarray) and not callable(value.values):
+        value = value.values                        # pandas / xarray objects (not a dict's .values method)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy() if value.dtype != torch.bfloat16 else value.detach().cpu().double().numpy()
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ShapeError(name, "a rectangular array of numbers", f"{type(value).__name__} ({exc})") from exc
+    if raw.dtype.kind == "c":
+        raise DtypeError(name, "real numbers", f"dtype {raw.dtype}")
+    if raw.dtype.kind in "fiub":
+        return raw.astype(float)
+    try:
+        return raw.astype(float)
+    except (ValueError, TypeError):
+        flat = raw.reshape(-1)
+        for i, v in enumerate(flat):
+            try:
+                float(v)
+            except (ValueError, TypeError):
+                where = tuple(int(k) for k in np.unravel_index(i, raw.shape)) if raw.ndim > 1 else i
+                raise DtypeError(name, "numbers", f"{v!r} at index {where} (dtype {raw.dtype})") from None
+        raise DtypeError(name, "numbers", f"dtype {raw.dtype}") from None
+
+
 def _as_1d(value: Any, name: str) -> np.ndarray:
-    arr = np.asarray(value.values if hasattr(value, "values") and not isinstance(value, np.ndarray) else value,
-                     dtype=float)
+    arr = _numeric(value, name)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -103,8 +136,7 @@ def _as_1d(value: Any, name: str) -> np.ndarray:
 
 
 def _as_2d(value: Any, name: str, n: int) -> np.ndarray:
-    arr = np.asarray(value.values if hasattr(value, "values") and not isinstance(value, np.ndarray) else value,
-                     dtype=float)
+    arr = _numeric(value, name)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
@@ -114,6 +146,23 @@ def _as_2d(value: Any, name: str, n: int) -> np.ndarray:
     if arr.shape[1] < 1:
         raise ShapeError(name, "at least one column", "0 columns")
     return arr
+
+
+def _check_memory(nbytes: float, name: str, what: str) -> None:
+    """Refuse, before allocating, an array of ``nbytes`` that cannot fit in this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        total = 2**40
+    if nbytes > total:
+        raise InputError(name, f"a size whose {what} fits in memory ({total / 2**30:.0f} GiB here)",
+                         f"{nbytes / 2**30:.3g} GiB")
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(name, "True or False", repr(value))
+    return bool(value)
 
 
 def drop_missing(arrays: Mapping[str, np.ndarray], nan: str = "drop") -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -143,12 +192,44 @@ def drop_missing(arrays: Mapping[str, np.ndarray], nan: str = "drop") -> tuple[d
 
 
 def check_learner(learner: Any, name: str) -> Any:
-    """A learner must have ``fit(X, y)`` and ``predict(X)`` (scikit-learn's protocol)."""
+    """A learner must be an *instance* with ``fit(X, y)`` and ``predict(X)`` (scikit-learn's protocol)."""
+    if isinstance(learner, type):
+        raise InputError(name, "a regressor instance with fit(X, y) and predict(X)", f"the class {learner.__name__}",
+                         hint=f"pass an instance, {name}={learner.__name__}(), not the class")
     if learner is None or not (callable(getattr(learner, "fit", None)) and callable(getattr(learner, "predict", None))):
         raise InputError(name, "a regressor with fit(X, y) and predict(X) (scikit-learn protocol), "
                          "e.g. sklearn.ensemble.RandomForestRegressor() or daml.causal.MLPRegressor()",
                          type(learner).__name__)
     return learner
+
+
+def _construct(cls: type, options: dict[str, Any]) -> Any:
+    """``cls(**options)``, with an unknown option reported as an :class:`InputError` naming it."""
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise InputError("options", f"keyword arguments of {cls.__name__}", sorted(options), hint=str(exc)) from exc
+
+
+def _fit_predict(learner: Any, name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 **fit_kw: Any) -> np.ndarray:
+    """Fit a fresh clone of ``learner`` and predict ``x_test``; a learner's own failure (bad settings,
+    data it cannot take) comes back as an :class:`InputError` naming the learner argument."""
+    try:
+        est = _clone(learner)
+        est.fit(x_train, y_train, **fit_kw)
+        pred = np.asarray(est.predict(x_test), dtype=float).reshape(-1)
+    except InputError:
+        raise
+    except DivergenceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any learner's internal error is reported against its argument
+        raise InputError(name, "a learner that can be fitted to these data",
+                         f"{type(learner).__name__} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                         hint="check the learner's settings") from exc
+    if pred.shape[0] != x_test.shape[0]:
+        raise ShapeError(name, f"{x_test.shape[0]} predictions from predict", f"{pred.shape[0]}")
+    return pred
 
 
 def _clone(learner: Any) -> Any:
@@ -197,11 +278,18 @@ def sample_splits(n: int, folds: int = 5, repetitions: int = 1, *, seed: _device
     if n < folds:
         raise InputError("folds", f"at most the number of observations ({n})", folds,
                          hint="use fewer folds or more data")
+    _check_memory(16.0 * n * (repetitions + 1), "n", "index arrays (16 bytes per observation and repetition)")
     if groups is not None:
         groups = np.asarray(groups)
         if groups.shape != (n,):
             raise ShapeError("groups", f"one label per observation, shape ({n},)", f"shape {groups.shape}")
-        labels, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+        if groups.dtype.kind == "f" and np.isnan(groups).any():
+            raise NonFiniteError("groups", "a label for every observation", f"{int(np.isnan(groups).sum())} NaN labels")
+        try:
+            labels, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+        except TypeError as exc:
+            raise DtypeError("groups", "labels of one comparable type (numbers, strings or dates)",
+                             f"mixed labels ({exc})") from exc
         if labels.size < folds:
             raise InputError("groups", f"at least folds={folds} distinct groups", f"{labels.size} groups")
     out: Splits = []
@@ -277,7 +365,14 @@ def cross_fit(learner: Any, x: np.ndarray, target: np.ndarray, splits: Splits, *
     numpy.ndarray, shape (repetitions, n)
     """
     check_learner(learner, name)
-    n = x.shape[0]
+    batched = _check_flag(batched, "batched")
+    target = _as_1d(target, "target")
+    n = target.shape[0]
+    x = _as_2d(x, "x", n)
+    if not (np.isfinite(x).all() and np.isfinite(target).all()):
+        raise NonFiniteError("x" if not np.isfinite(x).all() else "target", "finite values (drop missing rows first)",
+                             f"{int((~np.isfinite(x)).sum() + (~np.isfinite(target)).sum())} NaN or infinite entries")
+    splits = _check_splits(splits, n)
     out = np.full((len(splits), n), np.nan)
     problems = [(r, train, test) for r, rep in enumerate(splits) for train, test in rep]
     if batched and callable(getattr(learner, "fit_many", None)):
@@ -286,9 +381,7 @@ def cross_fit(learner: Any, x: np.ndarray, target: np.ndarray, splits: Splits, *
             out[r, test] = p
     else:
         for r, train, test in problems:
-            est = _clone(learner)
-            est.fit(x[train], target[train])
-            out[r, test] = np.asarray(est.predict(x[test]), dtype=float).reshape(-1)
+            out[r, test] = _fit_predict(learner, name, x[train], target[train], x[test])
     if not np.isfinite(out).all():
         raise NonFiniteError(name, "finite predictions", f"{int((~np.isfinite(out)).sum())} NaN or infinite predictions",
                              hint="check the learner's settings and the scale of the data")
@@ -314,15 +407,23 @@ def solve_linear_score(psi_a: Any, psi_b: Any) -> LinearScore:
     ``psi_a``, ``psi_b`` have shape ``(..., n)``; returns ``theta = -mean(psi_b)/mean(psi_a)`` and
     ``se = sqrt(mean(psi^2) / (J^2 n))``, batched over the leading dimensions.
     """
-    a = torch.as_tensor(psi_a, dtype=torch.float64)
-    b = torch.as_tensor(psi_b, dtype=torch.float64)
+    a = torch.from_numpy(_numeric(psi_a, "psi_a"))
+    b = torch.from_numpy(_numeric(psi_b, "psi_b"))
+    if a.ndim < 1:
+        raise ShapeError("psi_a", "an array of shape (..., n) with one score value per observation", "a scalar")
     if a.shape != b.shape:
         raise ShapeError("psi_b", f"the shape of psi_a {tuple(a.shape)}", tuple(b.shape))
+    if a.numel() == 0:
+        raise ShapeError("psi_a", "at least one observation in every row (shape (..., n) with n >= 1)",
+                         f"shape {tuple(a.shape)}")
+    for key, t in (("psi_a", a), ("psi_b", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(key, "finite score values", f"{int((~torch.isfinite(t)).sum())} NaN or infinite entries")
     n = a.shape[-1]
     J = a.mean(-1)
     if bool((J.abs() <= 1e-12 * b.abs().mean(-1).clamp_min(1e-300)).any()) or bool((J == 0).any()):
-        raise InputError("d", "a treatment with residual variation given the controls",
-                         "mean(psi_a) = 0: the treatment is constant or fully explained by x")
+        raise InputError("psi_a", "a score whose mean(psi_a) is not zero",
+                         "mean(psi_a) = 0 (for the PLR scores: the treatment is constant or fully explained by x)")
     theta = -b.mean(-1) / J
     psi = a * theta[..., None] + b
     se = torch.sqrt((psi**2).mean(-1) / (J**2 * n))
@@ -348,7 +449,16 @@ def aggregate_repetitions(theta_r: Any, se_r: Any, aggregation: str = "interval"
     ``se_r^2 + (theta_r - theta)^2`` (Chernozhukov et al. 2018, section 3.4)."""
     if aggregation not in AGGREGATIONS:
         raise InputError("aggregation", f"one of {AGGREGATIONS}", repr(aggregation))
-    theta_r, se_r = np.asarray(theta_r, dtype=float), np.asarray(se_r, dtype=float)
+    theta_r, se_r = _numeric(theta_r, "theta_r"), _numeric(se_r, "se_r")
+    if theta_r.ndim != 1 or theta_r.size == 0:
+        raise ShapeError("theta_r", "a non-empty 1-d array (one estimate per repetition)", f"shape {theta_r.shape}")
+    if se_r.shape != theta_r.shape:
+        raise ShapeError("se_r", f"the shape of theta_r {theta_r.shape}", f"shape {se_r.shape}")
+    for key, arr in (("theta_r", theta_r), ("se_r", se_r)):
+        if not np.isfinite(arr).all():
+            raise NonFiniteError(key, "finite values", f"{int((~np.isfinite(arr)).sum())} NaN or infinite entries")
+    if (se_r < 0).any():
+        raise InputError("se_r", "non-negative standard errors", f"minimum {float(se_r.min()):.4g}")
     theta = float(np.median(theta_r))
     if aggregation == "interval":
         return theta, float((np.median(theta_r + 1.96 * se_r) - theta) / 1.96)
@@ -360,12 +470,20 @@ def multiplier_bootstrap(score: LinearScore, weights: Any) -> torch.Tensor:
 
     ``weights`` has shape ``(R, B, n)`` (or ``(B, n)`` for one repetition); returns ``(R, B)``.
     """
-    w = torch.as_tensor(weights, dtype=torch.float64)
+    if not all(isinstance(getattr(score, k, None), torch.Tensor) for k in ("psi", "J", "se")):
+        raise InputError("score", "the LinearScore returned by solve_linear_score", type(score).__name__)
+    w = torch.from_numpy(_numeric(weights, "weights"))
     if w.ndim == 2:
         w = w[None]
     n = score.psi.shape[-1]
-    if w.shape[0] != score.psi.shape[0] or w.shape[-1] != n:
-        raise ShapeError("weights", f"shape (R={score.psi.shape[0]}, B, n={n})", tuple(w.shape))
+    if w.ndim != 3 or w.shape[0] != score.psi.shape[0] or w.shape[-1] != n or w.shape[1] < 1:
+        raise ShapeError("weights", f"shape (R={score.psi.shape[0]}, B >= 1, n={n})", tuple(w.shape))
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError("weights", "finite multiplier weights", f"{int((~torch.isfinite(w)).sum())} NaN or infinite")
+    if not bool((score.se > 0).all()):
+        raise InputError("score", "a score with a positive standard error in every repetition",
+                         f"se = {score.se.tolist()}",
+                         hint="the score is zero at every observation: nothing is left to resample")
     scaled = score.psi / score.J[:, None]
     return torch.einsum("rbn,rn->rb", w, scaled) / (n * score.se[:, None])
 
@@ -469,6 +587,11 @@ def plr(
         raise InputError("bootstrap", f"one of {BOOTSTRAP_WEIGHTS}", repr(bootstrap))
     if aggregation not in AGGREGATIONS:
         raise InputError("aggregation", f"one of {AGGREGATIONS}", repr(aggregation))
+    batched = _check_flag(batched, "batched")
+    if predictions is not None and not isinstance(predictions, Mapping):
+        raise InputError("predictions", "a mapping such as {'ml_m': array}", type(predictions).__name__)
+    if coords is not None and not isinstance(coords, Mapping):
+        raise InputError("coords", "a mapping such as {'time': array}", type(coords).__name__)
     predictions = dict(predictions or {})
     unknown = set(predictions) - {"ml_l", "ml_m", "ml_g"}
     if unknown:
@@ -486,6 +609,10 @@ def plr(
     if d_arr.shape[0] != n_all:
         raise ShapeError("d", f"{n_all} values (one per observation of y)", f"{d_arr.shape[0]} values")
     x_arr = _as_2d(x, "x", n_all)
+    if groups is not None and splits is None:
+        groups = np.asarray(groups)
+        if groups.shape != (n_all,):
+            raise ShapeError("groups", f"one label per observation, shape ({n_all},)", f"shape {groups.shape}")
     clean, keep = drop_missing({"y": y_arr, "d": d_arr, "x": x_arr}, nan)
     y_arr, d_arr, x_arr = clean["y"], clean["d"], clean["x"]
     n = y_arr.shape[0]
@@ -496,6 +623,11 @@ def plr(
                          f"{n} observations")
     if np.ptp(d_arr) == 0.0:
         raise InputError("d", "a treatment that varies across observations", f"the constant {d_arr[0]:g}")
+    if np.ptp(y_arr) == 0.0:
+        raise InputError("y", "an outcome that varies across observations", f"the constant {y_arr[0]:g}",
+                         hint="a constant outcome has no effect to estimate and a zero score: check the column")
+    _check_memory(8.0 * 2 * n_boot * n * (repetitions if splits is None and isinstance(repetitions, int) else 1),
+                  "n_boot", "bootstrap weights (8 bytes x 2 x n_boot x n x repetitions)")
 
     split_seed, boot_seed = _device.spawn(seed, 2)
     explicit_splits = splits is not None
@@ -508,7 +640,7 @@ def plr(
 
     def _preds(key: str, learner: Any, target: np.ndarray) -> np.ndarray:
         if key in predictions:
-            p = np.asarray(predictions[key], dtype=float)
+            p = _numeric(predictions[key], f"predictions[{key!r}]")
             if p.ndim == 1:
                 p = np.broadcast_to(p, (R, p.shape[0]))
             if p.shape == (R, n_all) and n_dropped:
@@ -522,6 +654,15 @@ def plr(
 
     m_hat = _preds("ml_m", ml_m, d_arr)
     v_hat = d_arr[None, :] - m_hat
+    # the effect is identified by the treatment's variation left after the controls; a residual at the
+    # rounding level of the learners (or none) leaves nothing to estimate from: refuse, never divide by it
+    resid = np.sqrt((v_hat**2).mean(axis=1))
+    d_sd = float(d_arr.std())
+    if (resid <= _RESIDUAL_FLOOR * d_sd).any():
+        raise InputError("d", "a treatment with variation left after the controls (out-of-fold residual RMS above "
+                         f"{_RESIDUAL_FLOOR:g} x its standard deviation)",
+                         f"residual RMS {float(resid.min()):.3g} for a treatment sd {d_sd:.3g}",
+                         hint="the controls x (nearly) determine the treatment d: its effect is not identified")
     l_hat = _preds("ml_l", ml_l, y_arr)
     g_hat = None
     if score == "partialling out":
@@ -540,6 +681,10 @@ def plr(
         psi_a = -v_hat * d_arr[None, :]
         psi_b = v_hat * (y_arr[None, :] - g_hat)
     sol = solve_linear_score(psi_a, psi_b)
+    if not bool((sol.se > 0).all()) or not bool(torch.isfinite(sol.theta).all() & torch.isfinite(sol.se).all()):
+        raise InputError("y", "an outcome with variation left after the treatment and the controls",
+                         f"a score that is zero at every observation (se_rep = {sol.se.tolist()})",
+                         hint="the learners reproduce y exactly: no standard error or bootstrap can be computed")
 
     # multiplier bootstrap, one weight matrix per repetition
     rng = np.random.default_rng(boot_seed)
@@ -617,6 +762,12 @@ def _describe(learner: Any, external: bool) -> str:
 
 def summary(ds: xr.Dataset, name: str = "theta") -> str:
     """A printable summary of a DML result (:func:`plr` or :func:`daml.causal.q10`)."""
+    needed = ("theta", "se", "ci", "ci_boot", "nuisance_rmse")
+    if not isinstance(ds, xr.Dataset) or any(k not in ds.variables for k in needed):
+        raise InputError("ds", f"a result of daml.causal.plr or daml.causal.q10 (variables {', '.join(needed)})",
+                         type(ds).__name__ if not isinstance(ds, xr.Dataset) else f"variables {list(ds.data_vars)[:12]}")
+    if not isinstance(name, str):
+        raise InputError("name", "a label (str)", repr(name))
     cfg = json.loads(ds.attrs.get("config", "{}"))
     level = float(ds.attrs.get("level", 0.95))
     lines = [f"Double machine learning, partially linear model ({cfg.get('score', '?')} score)",

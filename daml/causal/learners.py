@@ -26,7 +26,7 @@ import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from .. import _device
-from ..errors import InputError, NonFiniteError, ShapeError
+from ..errors import DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
 
 __all__ = ["MLPRegressor", "glorot_stack", "stacked_forward"]
 
@@ -107,16 +107,54 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check(self) -> None:
-        if self.activation not in _ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
             raise InputError("activation", f"one of {sorted(_ACTIVATIONS)}", repr(self.activation))
-        if not 0.0 <= float(self.dropout) < 1.0:
+        dropout = check_real(self.dropout, "dropout", expected="a probability in [0, 1)")
+        if not 0.0 <= dropout < 1.0:
             raise InputError("dropout", "a probability in [0, 1)", self.dropout)
-        if float(self.weight_decay) < 0:
+        if check_real(self.weight_decay, "weight_decay", expected="a non-negative penalty") < 0:
             raise InputError("weight_decay", "a non-negative penalty", self.weight_decay)
-        if int(self.iterations) < 1:
-            raise InputError("iterations", "at least 1", self.iterations)
-        if not all(int(h) >= 1 for h in self.hidden):
-            raise InputError("hidden", "positive layer widths", self.hidden)
+        check_real(self.lr, "lr", positive=True, expected="a positive learning rate")
+        flr = check_real(self.final_lr_fraction, "final_lr_fraction", positive=True, expected="a fraction in (0, 1]")
+        if flr > 1.0:
+            raise InputError("final_lr_fraction", "a fraction in (0, 1]", self.final_lr_fraction)
+        check_int(self.iterations, "iterations", minimum=1)
+        try:
+            _device.seed_sequence(self.random_state)
+        except InputError as exc:
+            raise InputError("random_state", "an int >= 0 or None", repr(self.random_state)) from exc
+        hidden = self.hidden
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+            raise InputError("hidden", "a sequence of positive layer widths such as (16, 16)", repr(hidden))
+        for h in hidden:
+            check_int(h, "hidden", minimum=1, expected="positive integer layer widths such as (16, 16)")
+
+    @staticmethod
+    def _as_x(X: Any, name: str = "X") -> np.ndarray:
+        from .dml import _numeric
+
+        X = _numeric(X, name)
+        X = X[:, None] if X.ndim == 1 else X
+        if X.ndim != 2:
+            raise ShapeError(name, "a 2-d array (rows, features)", f"shape {X.shape}")
+        return X
+
+    @staticmethod
+    def _problems(problems: Any, n: int, name: str) -> list[np.ndarray]:
+        if isinstance(problems, (str, bytes)) or not hasattr(problems, "__len__") or len(problems) == 0:
+            raise InputError("problems", "a non-empty list of (train, test) index arrays", repr(problems)[:80])
+        out = []
+        for k, idx in enumerate(problems):
+            try:
+                a = np.asarray(idx)
+            except (ValueError, TypeError) as exc:
+                raise InputError(f"problems[{k}]", "integer index arrays", repr(idx)[:80]) from exc
+            if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+                raise InputError(f"problems[{k}]", "1-d integer index arrays", f"shape {a.shape}, dtype {a.dtype}")
+            if a.size and (a.min() < 0 or a.max() >= n):
+                raise InputError(f"problems[{k}]", f"{name} indices within 0..{n - 1}", f"{a.min()}..{a.max()}")
+            out.append(a.astype(np.int64))
+        return out
 
     def _init(self, p: int, problems: int, dev: torch.device, dt: torch.dtype) -> list[torch.Tensor]:
         g = _device.generator(self.random_state, "cpu")
@@ -129,9 +167,8 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
 
     # -- scikit-learn protocol ---------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> "MLPRegressor":
-        X = np.asarray(X, dtype=float)
-        X = X[:, None] if X.ndim == 1 else X
-        y = np.asarray(y, dtype=float).reshape(-1)
+        X = self._as_x(X)
+        y = self._as_y(y, X.shape[0])
         self._fit(X, y, [np.arange(X.shape[0])])
         self.n_features_in_ = X.shape[1]
         return self
@@ -139,10 +176,11 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         if not hasattr(self, "params_"):
             raise InputError("MLPRegressor", "a fitted regressor (call fit first)", "an unfitted one")
-        X = np.asarray(X, dtype=float)
-        X = X[:, None] if X.ndim == 1 else X
+        X = self._as_x(X)
         if X.shape[1] != self.n_features_in_:
             raise ShapeError("X", f"{self.n_features_in_} features", X.shape[1])
+        if not np.isfinite(X).all():
+            raise NonFiniteError("X", "finite inputs", f"{int((~np.isfinite(X)).sum())} NaN or infinite entries")
         return self._predict(X, [np.arange(X.shape[0])])[0]
 
     def fit_many(self, X: Any, y: Any, problems: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -151,12 +189,28 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
         Returns a list of prediction arrays, one per problem (the network stays fitted to all
         problems: ``params_`` has a leading problem dimension).
         """
-        X = np.asarray(X, dtype=float)
-        X = X[:, None] if X.ndim == 1 else X
-        y = np.asarray(y, dtype=float).reshape(-1)
-        self._fit(X, y, [np.asarray(tr) for tr, _ in problems])
+        X = self._as_x(X)
+        y = self._as_y(y, X.shape[0])
+        try:
+            pairs = [(tr, te) for tr, te in problems]
+        except (TypeError, ValueError) as exc:
+            raise InputError("problems", "a non-empty list of (train, test) index-array pairs", repr(problems)[:80]) from exc
+        trains = self._problems([tr for tr, _ in pairs], X.shape[0], "train")
+        tests = self._problems([te for _, te in pairs], X.shape[0], "test")
+        self._fit(X, y, trains)
         self.n_features_in_ = X.shape[1]
-        return self._predict(X, [np.asarray(te) for _, te in problems])
+        return self._predict(X, tests)
+
+    @staticmethod
+    def _as_y(y: Any, n: int) -> np.ndarray:
+        from .dml import _numeric
+
+        y = _numeric(y, "y")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ShapeError("y", f"{n} values (one per row of X)", f"shape {y.shape}")
+        return y
 
     # -- the batched core --------------------------------------------------------------------------
     def _fit(self, X: np.ndarray, y: np.ndarray, trains: list[np.ndarray]) -> None:
@@ -191,6 +245,8 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
         xs = (xb - x_mean) / x_sd
         ys = (yb - y_mean) / y_sd
         params = [p.requires_grad_(True) for p in self._init(X.shape[1], P, dev, dt)]
+        with torch.no_grad():
+            start = ((self._forward(params, xs) - ys) ** 2 * mk).sum(1) / cnt[:, 0]
         opt = torch.optim.Adam(params, lr=float(self.lr))
         T = int(self.iterations)
         gamma = float(self.final_lr_fraction) ** (1.0 / T)
@@ -211,6 +267,13 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             loss.backward()
             opt.step()
             sched.step()
+        with torch.no_grad():                  # the trained networks on their own training rows, no dropout
+            final = ((self._forward(params, xs) - ys) ** 2 * mk).sum(1) / cnt[:, 0]
+        # diverged: non-finite, or worse than both the untrained start and the training mean (error 1) by half
+        if not bool(torch.isfinite(final).all()) or bool((final > 1.5 * torch.clamp(start, min=1.0)).any()):
+            worst = float(final.max()) if bool(torch.isfinite(final).all()) else float("nan")
+            raise DivergenceError(f"MLPRegressor training diverged: the standardised training error is {worst:.3g} "
+                                  f"(untrained {float(start.max()):.3g}, the mean gives 1); lower lr, or use float64")
         self.params_ = [p.detach() for p in params]
         self.scale_ = (x_mean, x_sd, y_mean, y_sd)
 

@@ -40,10 +40,10 @@ import numpy as np
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, NonFiniteError, check_int
+from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
-from .dml import _clone, _describe, check_learner, cross_fit, drop_missing, sample_splits
-from .q10 import _column, _time_coord
+from .dml import _clone, _construct, _describe, _fit_predict, check_learner, cross_fit, drop_missing, sample_splits
+from .q10 import _column, _require_columns, _time_coord
 
 __all__ = ["partition", "DEFAULT_MODIFIERS", "default_boosting", "default_final"]
 
@@ -57,7 +57,7 @@ def default_boosting(seed: _device.Seed = None, **options: Any) -> Any:
     state = _device.random_state(seed)
     kw = {"max_iter": 300, "learning_rate": 0.1, "min_samples_leaf": 40, "early_stopping": False,
           "random_state": state, **options}
-    return HistGradientBoostingRegressor(**kw)
+    return _construct(HistGradientBoostingRegressor, kw)
 
 
 def default_final(seed: _device.Seed = None, **options: Any) -> Any:
@@ -65,7 +65,7 @@ def default_final(seed: _device.Seed = None, **options: Any) -> Any:
     from sklearn.ensemble import RandomForestRegressor
 
     state = _device.random_state(seed)
-    return RandomForestRegressor(**{"n_estimators": 200, "min_samples_leaf": 20, "random_state": state, **options})
+    return _construct(RandomForestRegressor, {"n_estimators": 200, "min_samples_leaf": 20, "random_state": state, **options})
 
 
 def partition(
@@ -125,12 +125,17 @@ def partition(
         ``lue_mean`` (mean LUE over the rows).
     """
     members = check_int(members, "members", minimum=2)
+    folds = check_int(folds, "folds", minimum=2)
     if bootstrap not in ("final", "full"):
         raise InputError("bootstrap", "'final' or 'full'", repr(bootstrap))
-    if not 0.0 < level < 1.0:
+    if not 0.0 < check_real(level, "level", expected="a confidence level strictly between 0 and 1") < 1.0:
         raise InputError("level", "a confidence level strictly between 0 and 1", level)
+    for arg, names in (("x", x), ("w", w)):
+        if names is None or not (isinstance(names, str) or hasattr(names, "__iter__")):
+            raise InputError(arg, "a sequence of column names", repr(names))
     x = (x,) if isinstance(x, str) else tuple(x)
     w = (w,) if isinstance(w, str) else tuple(w)
+    _require_columns(data, {"nee": [nee], "sw_in": [sw_in], "x": list(x), "w": list(w)})
     if not x:
         raise InputError("x", "at least one effect modifier", "none")
     if sw_in in x or sw_in in w:
@@ -139,6 +144,10 @@ def partition(
     t_all = _column(data, sw_in, "sw_in")
     xm = np.stack([_column(data, c, "x") for c in x], axis=1)
     xw = np.stack([_column(data, c, "w") for c in w], axis=1) if w else np.empty((y_all.size, 0))
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (y_all.size,):
+            raise ShapeError("groups", f"one label per row, shape ({y_all.size},)", f"shape {groups.shape}")
     clean, keep = drop_missing({"nee": y_all, "sw_in": t_all, "x": xm, **({"w": xw} if w else {})}, nan)
     y, t, xm = clean["nee"], clean["sw_in"], clean["x"]
     xw = clean.get("w", np.empty((y.size, 0)))
@@ -147,6 +156,9 @@ def partition(
         raise InputError("data", f"at least 2 x folds = {2 * folds} rows after dropping NaN", f"{n} rows")
     if np.ptp(t) == 0:
         raise InputError("sw_in", "a treatment that varies", f"the constant {t[0]:g}")
+    if np.ptp(y) == 0:
+        raise InputError("nee", "a flux that varies across rows", f"the constant {y[0]:g}",
+                         hint="a constant NEE has nothing to partition: check the column")
     s_split, s_l, s_m, s_final, s_boot = _device.spawn(seed, 5)
     ml_l = check_learner(ml_l if ml_l is not None else default_boosting(s_l), "ml_l")
     ml_m = check_learner(ml_m if ml_m is not None else default_boosting(s_m), "ml_m")
@@ -170,7 +182,16 @@ def partition(
                 raise
             raise InputError("final", "a regressor whose fit accepts sample_weight (the R-learner weights)",
                              type(final).__name__) from exc
-        return np.asarray(est.predict(xm), dtype=float)
+        except (InputError, NonFiniteError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the learner's own error, reported against its argument
+            raise InputError("final", "a learner that can be fitted to these data",
+                             f"{type(final).__name__} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                             hint="check the learner's settings") from exc
+        theta = np.asarray(est.predict(xm), dtype=float).reshape(-1)
+        if not np.isfinite(theta).all():
+            raise NonFiniteError("final", "finite predictions", f"{int((~np.isfinite(theta)).sum())} NaN or infinite")
+        return theta
 
     theta_hat = fit_theta(np.arange(n), pseudo, weight)
     rng = np.random.default_rng(s_boot)                # the rows (or groups) of each resample
@@ -250,11 +271,12 @@ def _refit_nuisance(learner: Any, controls: np.ndarray, target: np.ndarray, rows
     mean of the fold models' predictions at every original row."""
     oof = np.empty(rows.size)
     everywhere = np.zeros(controls.shape[0])
+    n_rows = controls.shape[0]
     for train, test in splits[0]:
-        est = _clone(learner)
-        est.fit(controls[rows[train]], target[rows[train]])
-        oof[test] = np.asarray(est.predict(controls[rows[test]]), dtype=float).reshape(-1)
-        everywhere += np.asarray(est.predict(controls), dtype=float).reshape(-1) / len(splits[0])
+        both = _fit_predict(learner, name, controls[rows[train]], target[rows[train]],
+                            np.concatenate([controls[rows[test]], controls]))
+        oof[test] = both[:test.size]
+        everywhere += both[test.size:test.size + n_rows] / len(splits[0])
     if not (np.isfinite(oof).all() and np.isfinite(everywhere).all()):
         raise NonFiniteError(name, "finite predictions", "NaN or infinite predictions in a bootstrap refit",
                              hint="check the learner's settings and the scale of the data")

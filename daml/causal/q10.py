@@ -31,13 +31,14 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, ShapeError, check_int, check_real
+from ..errors import DtypeError, InputError, ShapeError, check_int, check_real
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
-from .dml import drop_missing, plr
+from .dml import _check_flag, _check_memory, _construct, check_learner, drop_missing, plr
 from .learners import glorot_stack, stacked_forward
 
 __all__ = ["q10", "q10_end_to_end", "default_learner", "LEARNERS", "DEFAULT_CONTROLS"]
@@ -46,14 +47,61 @@ LEARNERS = ("forest", "network")
 DEFAULT_CONTROLS = ("SW_POT_sm", "SW_POT_sm_diff")
 
 
+ABSOLUTE_ZERO_C = -273.15
+
+
+def _names(data: Any) -> list[str]:
+    """The column / variable names of ``data`` (DataFrame, Dataset or mapping), for messages."""
+    if isinstance(data, xr.Dataset):
+        return [str(k) for k in data.variables]
+    for attr in ("data_vars", "columns"):
+        names = getattr(data, attr, None)
+        if names is not None:
+            return [str(k) for k in names]
+    return [str(k) for k in data.keys()] if hasattr(data, "keys") and callable(data.keys) else []
+
+
+def _check_data(data: Any) -> None:
+    if not (hasattr(data, "__getitem__") and (hasattr(data, "keys") or hasattr(data, "data_vars"))) or \
+            isinstance(data, (str, bytes)):
+        raise InputError("data", "an xarray.Dataset, a pandas.DataFrame or a mapping of column names to arrays",
+                         type(data).__name__)
+
+
+def _require_columns(data: Any, wanted: dict[str, Sequence[str]]) -> None:
+    """Refuse, naming every missing column at once and the ones present, before any is read."""
+    _check_data(data)
+    have = _names(data)
+    missing = []
+    for arg, names in wanted.items():
+        for name in names:
+            if not isinstance(name, str):
+                raise InputError(arg, "column names (str)", repr(name))
+            if name not in have:
+                missing.append(f"{name!r} ({arg})")
+    if missing:
+        raise InputError("data", f"the columns {', '.join(missing)}",
+                         f"columns {have[:30]}" + (f" and {len(have) - 30} more" if len(have) > 30 else ""),
+                         hint="name the columns with the reco=, ta=, x= (and nee=, sw_in=, w=) arguments")
+
+
 def _column(data: Any, name: str, arg: str) -> np.ndarray:
-    try:
-        col = data[name]
-    except (KeyError, IndexError, TypeError) as exc:
-        have = list(getattr(data, "data_vars", None) or getattr(data, "columns", None) or
-                    (data.keys() if hasattr(data, "keys") else []))
-        raise InputError(arg, f"a column or variable named {name!r} in data", f"columns {have[:20]}") from exc
-    arr = np.asarray(getattr(col, "values", col), dtype=float)
+    if not isinstance(name, str):
+        raise InputError(arg, "a column name (str)", repr(name))
+    _require_columns(data, {arg: [name]})
+    col = data[name]
+    raw = np.asarray(getattr(col, "values", col))
+    if raw.dtype.kind == "c":
+        raise DtypeError(arg, f"real numbers in column {name!r}", f"dtype {raw.dtype}")
+    if raw.dtype.kind in "fiub":
+        arr = raw.astype(float)
+    else:
+        num = pd.to_numeric(pd.Series(raw.reshape(-1)), errors="coerce").to_numpy(float)
+        text = np.flatnonzero(np.isnan(num) & ~pd.isna(pd.Series(raw.reshape(-1))).to_numpy())
+        if text.size:
+            raise DtypeError(arg, f"numbers in column {name!r}",
+                             f"{raw.reshape(-1)[text[0]]!r} in row {int(text[0])} ({text.size} non-numeric entries)")
+        arr = num.reshape(raw.shape)
     if arr.ndim != 1:
         raise ShapeError(arg, f"a 1-d column {name!r}", f"shape {arr.shape}")
     return arr
@@ -69,31 +117,44 @@ def _time_coord(data: Any, n: int) -> dict[str, np.ndarray]:
 
 def default_learner(kind: str, seed: _device.Seed = None, **options: Any) -> Any:
     """The nuisance learners of Cohrs et al. (2024): ``"forest"`` (100 trees, min leaf 5) or ``"network"``
-    (two hidden layers of 16 tanh units); ``options`` override their settings."""
+        (two hidden layers of 16 tanh units); ``options`` override their settings."""
+    if not isinstance(kind, str) or kind not in LEARNERS:
+        raise InputError("learner", f"one of {LEARNERS} or a regressor with fit/predict", repr(kind))
     state = _device.random_state(seed)
     if kind == "forest":
         from sklearn.ensemble import RandomForestRegressor
 
         kw = {"n_estimators": 100, "min_samples_leaf": 5, "random_state": state, **options}
-        return RandomForestRegressor(**kw)
+        return _construct(RandomForestRegressor, kw)
     if kind == "network":
         from .learners import MLPRegressor
 
         kw = {"hidden": (16, 16), "activation": "tanh", "random_state": state, **options}
-        return MLPRegressor(**kw)
+        return _construct(MLPRegressor, kw)
     raise InputError("learner", f"one of {LEARNERS} or a regressor with fit/predict", repr(kind))
 
 
 def _respiration_arrays(data: Any, reco: str, ta: str, x: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if isinstance(x, str):
         x = (x,)
+    if x is None or not hasattr(x, "__iter__"):
+        raise InputError("x", "a sequence of control column names", repr(x))
+    x = tuple(x)
     if not x:
         raise InputError("x", "at least one control variable", "none")
+    _require_columns(data, {"reco": [reco], "ta": [ta], "x": list(x)})
     if ta in x:
         raise InputError("x", "controls that exclude the temperature (it is the treatment)", f"{ta!r} among {list(x)}")
     r = _column(data, reco, "reco")
     t = _column(data, ta, "ta")
     xs = np.stack([_column(data, name, "x") for name in x], axis=1)
+    if r.size != t.size or xs.shape[0] != r.size:
+        raise ShapeError("data", "columns of one length", f"reco {r.size}, ta {t.size}, x {xs.shape[0]} rows")
+    cold = np.isfinite(t) & (t < ABSOLUTE_ZERO_C)
+    if cold.any():
+        raise InputError("ta", f"air temperatures in degrees Celsius (>= {ABSOLUTE_ZERO_C}, absolute zero)",
+                         f"{int(cold.sum())} values below it (first in row {int(np.argmax(cold))}: "
+                         f"{float(t[cold][0]):.6g})")
     bad = np.isfinite(r) & (r <= 0)
     if bad.any():
         raise InputError("reco", "positive respiration (the model takes its logarithm)",
@@ -157,7 +218,7 @@ def q10(
     if isinstance(learner, str):
         base = default_learner(learner, learn_seed)
     else:
-        base = learner
+        base = check_learner(learner, "learner")
     y = np.log(r)
     d = (t - tref) / 10.0
     ds = plr(y, d, xs, ml_l=ml_l if ml_l is not None else base, ml_m=ml_m if ml_m is not None else base,
@@ -250,17 +311,32 @@ def q10_end_to_end(
     iterations = check_int(iterations, "iterations", minimum=1)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     check_every = check_int(check_every, "check_every", minimum=1)
-    if not 0.0 < validation < 1.0:
+    if not 0.0 < check_real(validation, "validation", expected="a fraction in (0, 1)") < 1.0:
         raise InputError("validation", "a fraction in (0, 1)", validation)
-    if not 0.0 <= dropout < 1.0:
+    if not 0.0 <= check_real(dropout, "dropout", expected="a probability in [0, 1)") < 1.0:
         raise InputError("dropout", "a probability in [0, 1)", dropout)
-    if weight_decay < 0:
+    if check_real(weight_decay, "weight_decay", expected="a non-negative penalty") < 0:
         raise InputError("weight_decay", "a non-negative penalty", weight_decay)
+    if not 0.0 < check_real(level, "level", expected="a level strictly between 0 and 1") < 1.0:
+        raise InputError("level", "a level strictly between 0 and 1", level)
+    if check_real(q10_init_sd, "q10_init_sd", expected="a non-negative spread") < 0:
+        raise InputError("q10_init_sd", "a non-negative spread", q10_init_sd)
+    lr = check_real(lr, "lr", positive=True)
+    lr_q10 = check_real(lr_q10, "lr_q10", positive=True)
+    include_ta = _check_flag(include_ta, "include_ta")
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise InputError("hidden", "a sequence of positive layer widths such as (16, 16)", repr(hidden))
+    hidden = tuple(check_int(h, "hidden", minimum=1, expected="positive integer layer widths such as (16, 16)")
+                   for h in hidden)
     q10_init = check_real(q10_init, "q10_init", positive=True)
     r, t, xs = _respiration_arrays(data, reco, ta, x)
     clean, keep = drop_missing({"reco": r, "ta": t, "x": xs}, nan)
     r, t, xs = clean["reco"], clean["ta"], clean["x"]
     n = r.size
+    if n < 3:
+        raise InputError("data", "at least 3 rows without NaN (training and validation)", f"{n} rows")
+    _check_memory(8.0 * members * (n + 3 * min(batch_size, n) * (max(hidden, default=1) + 1)), "members",
+                  "index and activation arrays")
     d = (t - tref) / 10.0
     feats = np.concatenate([xs, t[:, None]], axis=1) if include_ta else xs
     n_val = max(1, int(round(validation * n)))

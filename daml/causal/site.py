@@ -43,7 +43,7 @@ import pandas as pd
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, ShapeError, check_int, check_real
+from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..io import atomic_write_path
 
 __all__ = ["synthetic_site", "potential_radiation", "smoothed_potential_radiation", "to_fluxnet_csv",
@@ -54,8 +54,21 @@ _MISSING = -9999.0
 
 
 def saturation_vapour_pressure(ta: Any) -> np.ndarray:
-    """Saturation vapour pressure in hPa over water at air temperature ``ta`` in degrees Celsius (Tetens)."""
-    ta = np.asarray(ta, dtype=float)
+    """Saturation vapour pressure in hPa over water at air temperature ``ta`` in degrees Celsius (Tetens).
+
+    Refuses NaN and infinite values and temperatures at or below -237.3 C, the pole of Tetens' formula
+    (below it the formula returns nonsense; -273.15 C is absolute zero).
+    """
+    from .dml import _numeric
+
+    ta = _numeric(ta, "ta")
+    if not np.isfinite(ta).all():
+        raise NonFiniteError("ta", "finite temperatures (drop missing values first)",
+                             f"{int((~np.isfinite(ta)).sum())} NaN or infinite entries")
+    if ta.size and float(ta.min()) <= -237.3:
+        what = "below absolute zero, -273.15 C" if float(ta.min()) < -273.15 else "at or below the formula's pole"
+        raise InputError("ta", "air temperatures in degrees Celsius above -237.3 (the pole of Tetens' formula)",
+                         f"minimum {float(ta.min()):.6g} ({what})")
     return 6.1078 * np.exp(17.27 * ta / (ta + 237.3))
 
 
@@ -65,14 +78,39 @@ def potential_radiation(time: Any, latitude: float, step_hours: float = 0.5) -> 
     ``time`` holds the interval starts (local solar time is taken as clock time); the sun is evaluated
     at the middle of each interval of ``step_hours``.
     """
-    t = pd.DatetimeIndex(np.asarray(time))
-    doy = t.dayofyear.values.astype(float)
+    latitude = check_real(latitude, "latitude", expected="degrees north within [-90, 90]")
+    if abs(latitude) > 90.0:
+        raise InputError("latitude", "degrees north within [-90, 90]", latitude)
+    step_hours = check_real(step_hours, "step_hours", positive=True, expected="a positive interval length in hours")
+    if step_hours > 24.0:
+        raise InputError("step_hours", "an interval length of at most 24 hours", step_hours)
+    t = _as_times(time, "time")
+    doy = t.day_of_year.values.astype(float)
     hour = t.hour.values + t.minute.values / 60.0 + step_hours / 2.0
     lat = math.radians(latitude)
     decl = np.radians(23.44) * np.sin(2.0 * np.pi * (284.0 + doy) / 365.0)
     omega = np.radians(15.0 * (hour - 12.0))
     cos_z = np.sin(lat) * np.sin(decl) + np.cos(lat) * np.cos(decl) * np.cos(omega)
     return np.maximum(0.0, 1361.0 * (1.0 + 0.033 * np.cos(2.0 * np.pi * doy / 365.0)) * cos_z)
+
+
+def _as_times(time: Any, name: str) -> pd.DatetimeIndex:
+    """``time`` as a DatetimeIndex of dates (numbers and text that is not a date are refused, never read as
+    nanoseconds since 1970)."""
+    if time is None or isinstance(time, (str, bytes)):
+        raise InputError(name, "an array of timestamps (datetime64)", repr(time)[:60])
+    raw = np.atleast_1d(np.asarray(time))
+    if raw.ndim != 1:
+        raise ShapeError(name, "a 1-d array of timestamps", f"shape {raw.shape}")
+    if raw.dtype.kind in "biufc":
+        raise DtypeError(name, "timestamps (datetime64 or pandas Timestamps)", f"numbers of dtype {raw.dtype}")
+    try:
+        t = pd.DatetimeIndex(raw)
+    except (ValueError, TypeError) as exc:
+        raise DtypeError(name, "timestamps (datetime64 or pandas Timestamps)", f"dtype {raw.dtype} ({exc})") from exc
+    if t.hasnans:
+        raise NonFiniteError(name, "timestamps without NaT", f"{int(t.isna().sum())} NaT entries")
+    return t
 
 
 def _moving_average(v: np.ndarray, window: int) -> np.ndarray:
@@ -89,9 +127,18 @@ def smoothed_potential_radiation(sw_in_pot: Any, steps_per_day: int = 48, days: 
     ``1e4`` times the forward difference of ``SW_POT_sm`` per half hour (for hourly data the per-step
     difference is halved). The ends are padded by reflection.
     """
-    v = np.asarray(sw_in_pot, dtype=float)
+    from .dml import _numeric
+
+    v = _numeric(sw_in_pot, "sw_in_pot")
     if v.ndim != 1 or v.size < 2:
         raise ShapeError("sw_in_pot", "a 1-d series of at least two values", f"shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise NonFiniteError("sw_in_pot", "a complete, finite series (potential radiation is computed, never missing)",
+                             f"{int((~np.isfinite(v)).sum())} NaN or infinite values")
+    if float(v.min()) < 0.0:
+        raise InputError("sw_in_pot", "non-negative potential radiation (W m-2)", f"minimum {float(v.min()):.4g}")
+    steps_per_day = check_int(steps_per_day, "steps_per_day", minimum=1)
+    days = check_real(days, "days", positive=True, expected="a positive window length in days")
     window = max(1, int(round(days * steps_per_day)))
     if window >= v.size:
         raise InputError("sw_in_pot", f"a series longer than the {days:g}-day window ({window} steps)",
@@ -146,6 +193,8 @@ def synthetic_site(years: int = 5, *, start: str = "2003-01-01", latitude: float
     years = check_int(years, "years", minimum=1)
     q10 = check_real(q10, "q10", positive=True)
     tref = check_real(tref, "tref")
+    if tref < -273.15:
+        raise InputError("tref", "a reference temperature in degrees Celsius above absolute zero (-273.15)", tref)
     noise = check_real(noise, "noise")
     gpp_noise = noise if gpp_noise is None else check_real(gpp_noise, "gpp_noise")
     if not 0.0 <= noise < 1.0 or not 0.0 <= gpp_noise < 1.0:
@@ -153,16 +202,26 @@ def synthetic_site(years: int = 5, *, start: str = "2003-01-01", latitude: float
     latitude = check_real(latitude, "latitude")
     if abs(latitude) > 66.0:
         raise InputError("latitude", "a latitude within +-66 degrees (no polar night or day)", latitude)
+    if start is None or isinstance(start, (bool, int, float)):
+        raise InputError("start", "a date such as '2003-01-01'", repr(start))
     try:
         t0 = pd.Timestamp(start)
-    except (ValueError, TypeError) as exc:
+        if pd.isna(t0):
+            raise ValueError("NaT")
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InputError("start", "a date such as '2003-01-01'", repr(start)) from exc
-    time = pd.date_range(t0, t0 + pd.DateOffset(years=years), freq="30min", inclusive="left")
+    try:
+        time = pd.date_range(t0, t0 + pd.DateOffset(years=years), freq="30min", inclusive="left")
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError("years", f"a record from {t0.date()} that ends within pandas' date range (before 2262)",
+                         years) from exc
+    if time.size < 2 * 480:
+        raise InputError("years", "a record longer than the 10-day smoothing window", f"{time.size} half-hours")
     n = time.size
     weather_seed, noise_seed = _device.spawn(seed, 2)
     rng = np.random.default_rng(weather_seed)
     sw_pot = potential_radiation(time, latitude)
-    doy = time.dayofyear.values.astype(float)
+    doy = time.day_of_year.values.astype(float)
     hour = time.hour.values + time.minute.values / 60.0 + 0.25
     day = (time.normalize() - time[0].normalize()).days.values
     n_days = int(day[-1]) + 1
@@ -221,7 +280,17 @@ def synthetic_site(years: int = 5, *, start: str = "2003-01-01", latitude: float
 
 def to_fluxnet_csv(site: xr.Dataset, path: str | os.PathLike, *, nee: str = "NEE_obs") -> None:
     """Write ``site`` (from :func:`synthetic_site`) as a FLUXNET2015-style half-hourly CSV (atomically)."""
-    t = pd.DatetimeIndex(site["time"].values)
+    if not isinstance(site, xr.Dataset):
+        raise InputError("site", "an xarray.Dataset from daml.causal.synthetic_site", type(site).__name__)
+    if not isinstance(nee, str):
+        raise InputError("nee", "a variable name (str)", repr(nee))
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError("path", "a file path (str or os.PathLike)", type(path).__name__)
+    needed = ["time", "TA", "SW_IN_POT", "SW_IN", "VPD", nee, "NIGHT"]
+    missing = [k for k in needed if k not in site.variables]
+    if missing:
+        raise InputError("site", f"the variables {needed}", f"a Dataset without {missing} (variables {list(site.variables)[:20]})")
+    t = _as_times(site["time"].values, "site['time']")
     frame = pd.DataFrame({
         "TIMESTAMP_START": t.strftime("%Y%m%d%H%M"),
         "TIMESTAMP_END": (t + pd.Timedelta(minutes=30)).strftime("%Y%m%d%H%M"),
@@ -261,12 +330,30 @@ def read_fluxnet_csv(path: str | os.PathLike, *, max_qc: int = 0, latitude: floa
         Missing columns, values whose units look wrong (Kelvin temperatures, VPD in kPa, fluxes out of
         range), too few usable night-time rows (fewer than ``min_night``).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError("path", "a CSV file path (str or os.PathLike)", type(path).__name__)
+    max_qc = check_int(max_qc, "max_qc", minimum=0)
+    min_night = check_int(min_night, "min_night", minimum=1)
+    if latitude is not None:
+        latitude = check_real(latitude, "latitude", expected="degrees north within [-90, 90]")
+        if abs(latitude) > 90.0:
+            raise InputError("latitude", "degrees north within [-90, 90]", latitude)
+    if os.path.isdir(path):
+        raise InputError("FILE", "a CSV file", f"{path} is a folder")
     try:
         header = pd.read_csv(path, nrows=0).columns
     except FileNotFoundError as exc:
         raise InputError("FILE", "an existing CSV file", str(path)) from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise InputError("FILE", "a CSV file with a header row", f"{path} ({exc})") from exc
+    if len(header) == 1:                              # one column: another separator than the comma?
+        for sep, what in ((";", "semicolon-separated (a decimal-comma export?)"), ("\t", "tab-separated")):
+            if sep in str(header[0]):
+                raise InputError("FILE", "a comma-separated CSV with decimal points (the FLUXNET2015 format)",
+                                 f"{path}, which looks {what}: its header is {str(header[0])[:80]!r}",
+                                 hint="convert it, e.g. pandas.read_csv(path, sep=';', decimal=',').to_csv(new_path, "
+                                      "index=False)" if sep == ";" else "convert it, e.g. pandas.read_csv(path, "
+                                      "sep='\\t').to_csv(new_path, index=False)")
     required = [c for c in FLUXNET_REQUIRED if c not in header]
     if "SW_IN_POT" not in header and latitude is None:
         required.append("SW_IN_POT (or pass latitude)")
@@ -274,7 +361,33 @@ def read_fluxnet_csv(path: str | os.PathLike, *, max_qc: int = 0, latitude: floa
         raise InputError("FILE", f"the FLUXNET2015 columns {', '.join(FLUXNET_REQUIRED)} and SW_IN_POT",
                          f"{path} without {', '.join(required)}")
     cols = [c for c in (*FLUXNET_REQUIRED, "SW_IN_POT", "TA_F_QC") if c in header]
-    frame = pd.read_csv(path, usecols=cols, dtype={"TIMESTAMP_START": str}, na_values=[_MISSING, "-9999"])
+    try:
+        frame = pd.read_csv(path, usecols=cols, dtype={"TIMESTAMP_START": str}, na_values=[_MISSING, "-9999"])
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError("FILE", "a CSV file with the same number of fields on every line",
+                         f"{path} ({str(exc).splitlines()[0][:200]})",
+                         hint="decimal commas in a comma-separated file split numbers into extra fields") from exc
+    if len(frame) < 2:
+        raise InputError("FILE", "a half-hourly or hourly record with data rows", f"{path} with {len(frame)} data rows")
+    for col in cols:
+        if col == "TIMESTAMP_START":
+            continue
+        values = frame[col]
+        if values.dtype.kind not in "fiub":
+            num = pd.to_numeric(values, errors="coerce")
+            text = np.flatnonzero(num.isna().to_numpy() & values.notna().to_numpy())
+            if text.size:
+                decimal_comma = bool(values.astype(str).str.fullmatch(r"-?\d+,\d+").iloc[text].any())
+                raise InputError("FILE", f"numbers in column {col}",
+                                 f"{values.iloc[text[0]]!r} in {path}, data row {int(text[0]) + 1} (line "
+                                 f"{int(text[0]) + 2}); {text.size} non-numeric entries in {col}",
+                                 hint="decimal commas: write the file with decimal points" if decimal_comma else
+                                 "missing values are -9999 in FLUXNET2015 files")
+            frame[col] = num.astype(float)
+        inf = np.flatnonzero(np.isinf(frame[col].to_numpy(float)))
+        if inf.size:
+            raise NonFiniteError("FILE", f"finite numbers in column {col} (-9999 for missing)",
+                                 f"{inf.size} infinite values in {path}, first in data row {int(inf[0]) + 1}")
     try:
         time = pd.to_datetime(frame["TIMESTAMP_START"], format="%Y%m%d%H%M")
     except (ValueError, TypeError) as exc:
@@ -288,12 +401,24 @@ def read_fluxnet_csv(path: str | os.PathLike, *, max_qc: int = 0, latitude: floa
     vpd = frame["VPD_F"].to_numpy(float)
     sw = frame["SW_IN_F"].to_numpy(float)
     nee = frame["NEE_VUT_REF"].to_numpy(float)
-    _check_units(ta, vpd, sw, nee, frame["NIGHT"].to_numpy(float))
+    cold = np.flatnonzero(ta < -273.15)
+    if cold.size:
+        raise InputError("TA_F", "air temperatures in degrees Celsius, above absolute zero (-273.15)",
+                         f"{ta[cold[0]]:.6g} in {path}, data row {int(cold[0]) + 1} ({cold.size} such values)")
+    night_flag = frame["NIGHT"].to_numpy(float)
+    odd = np.flatnonzero(np.isfinite(night_flag) & (night_flag != 0) & (night_flag != 1))
+    if odd.size:
+        raise InputError("NIGHT", "a night flag of 0 or 1", f"{night_flag[odd[0]]:g} in {path}, data row {int(odd[0]) + 1}")
+    _check_units(ta, vpd, sw, nee, night_flag)
     if "SW_IN_POT" in frame:
         sw_pot = frame["SW_IN_POT"].to_numpy(float)
         if np.isnan(sw_pot).any():
             raise InputError("SW_IN_POT", "a complete series (it is computed, never gap-filled)",
                              f"{int(np.isnan(sw_pot).sum())} missing values")
+        if (sw_pot < 0).any():
+            raise InputError("SW_IN_POT", "non-negative potential radiation (W m-2)",
+                             f"{int((sw_pot < 0).sum())} negative values in {path}, first in data row "
+                             f"{int(np.argmax(sw_pot < 0)) + 1}")
     else:
         sw_pot = potential_radiation(time, float(latitude), step_hours=int(step[0]) / 60.0)
     sm, sm_diff = smoothed_potential_radiation(sw_pot, steps_per_day=steps_per_day)
