@@ -55,7 +55,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import warnings
 from typing import Any, Mapping, NamedTuple
 
@@ -65,7 +64,7 @@ import xarray as xr
 
 from .. import _device
 from ..errors import (DivergenceError, DroppedRowsWarning, DtypeError, InputError, NonFiniteError, ShapeError,
-                      check_int, check_real)
+                      check_fits, check_int, check_real)
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
 
 __all__ = [
@@ -149,14 +148,8 @@ def _as_2d(value: Any, name: str, n: int) -> np.ndarray:
 
 
 def _check_memory(nbytes: float, name: str, what: str) -> None:
-    """Refuse, before allocating, an array of ``nbytes`` that cannot fit in this machine's memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        total = 2**40
-    if nbytes > total:
-        raise InputError(name, f"a size whose {what} fits in memory ({total / 2**30:.0f} GiB here)",
-                         f"{nbytes / 2**30:.3g} GiB")
+    """Refuse, before allocating, an array of ``nbytes`` (``what``) that cannot fit in free memory."""
+    check_fits(name, nbytes, what=what)
 
 
 def _check_flag(value: Any, name: str) -> bool:
@@ -293,7 +286,7 @@ def sample_splits(n: int, folds: int = 5, repetitions: int = 1, *, seed: _device
         if labels.size < folds:
             raise InputError("groups", f"at least folds={folds} distinct groups", f"{labels.size} groups")
     out: Splits = []
-    for child in _device.spawn(seed, repetitions):
+    for child in _device.spawn(seed, repetitions, name="repetitions"):
         rng = np.random.default_rng(child)
         if groups is None:
             perm = rng.permutation(n)

@@ -201,7 +201,7 @@ def partition(
         l_b, m_b = l_hat[None], m_hat[None]
     else:
         theta_b, l_b, m_b = np.empty((3, members, n))
-        for b, fold_seed in enumerate(_device.spawn(s_boot, members)):   # children: the replicates' folds
+        for b, fold_seed in enumerate(_device.spawn(s_boot, members, name="members")):   # children: the replicates' folds
             rows = _resample_rows(n, group_kept, rng)
             rep_splits = sample_splits(rows.size, folds, 1, seed=fold_seed,
                                        groups=rows if group_kept is None else group_kept[rows])
