@@ -26,6 +26,11 @@ sys.path.insert(0, ROOT)
 import _fuzz  # noqa: E402
 
 
+SUSPICIOUS = {"nan", "inf", "posinf", "str", "dict", "list_str", "object", "huge", "above_one", "out_of_range",
+              "non_pd", "non_psd", "unknown", "below_absolute_zero", "complex", "nan_mean", "nan_scalar",
+              "nan_member", "inf_member", "nan_log_weight", "unnormalised", "inf_y", "negative", "float"}
+
+
 def summarise(outcomes):
     calls = [o for o in outcomes if o.category != "skip"]
     count = collections.Counter(o.category for o in calls)
@@ -50,6 +55,10 @@ def summarise(outcomes):
         "unnamed": [dict(function=o.func, mutation=o.mutation, detail=o.detail)
                     for o in calls if o.category == "unnamed"],
         "failures": failures,
+        # finished with a finite answer on an input that looks invalid: not counted as a failure (some are
+        # legitimate, e.g. a None that selects a default), listed for review
+        "accepted_suspicious": [dict(function=o.func, mutation=o.mutation) for o in calls
+                                if o.category == "ok" and o.mutation.split("=", 1)[-1] in SUSPICIOUS],
         "seconds_by_function": dict(sorted(((f, round(sum(o.seconds for o in calls if o.func == f), 2))
                                             for f in {o.func for o in calls}), key=lambda kv: -kv[1])),
         "uncovered_public_names": _fuzz.uncovered(_fuzz.build_specs()),
