@@ -223,7 +223,7 @@ def test_bad_sizes_raise_named_errors():
     for bad, err in (([[4, 3]], ShapeError), ([4, 3], ShapeError), ([[4, 3], [5, 3]], InputError),
                      ([[4, 3], [0, 3]], InputError), ([[4, 3], [4, 4]], InputError),
                      ([[4.0, 3.0], [2.0, 2.0]], DtypeError), ("4x3", DtypeError),
-                     ([[True, True], [True, True]], DtypeError)):
+                     ([[True, True], [True, True]], DtypeError), ([[4, 3], [2]], ShapeError)):
         with pytest.raises(err, match="sizes"):
             sinkhorn(c, sizes=bad)
     with pytest.raises(InputError, match="a: expected masses summing to one.*sizes"):

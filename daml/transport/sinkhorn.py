@@ -195,7 +195,8 @@ class SinkhornResult(NamedTuple):
     epsilon: torch.Tensor
     """The regularisation used per problem ``(...)`` (absolute, in the units of the cost)."""
     matrix: torch.Tensor
-    """The cost matrix ``(..., n, m)`` (the caller's tensor, not a copy)."""
+    """The cost matrix ``(..., n, m)`` (the caller's tensor, not a copy; with ``sizes``, a copy whose
+    padded entries are zero)."""
     log_a: torch.Tensor
     """Log source masses ``(..., n)`` (``-inf`` for zero mass)."""
     log_b: torch.Tensor
@@ -262,11 +263,12 @@ def _tensor(x: Any, name: str, what: str, *, dtype: Any = None, device: Any = No
 
 
 def _check_fits(count: int, n: int, m: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse a batch whose working arrays (the kernels and one temporary as large) cannot fit in the
-    device's memory, before anything is allocated."""
-    need = 2 * count * n * m * torch.finfo(dtype).bits // 8
+    """Refuse a batch that cannot fit in the device's memory, before anything is allocated: on the
+    CPU its kernels alone (the loop forms them piece by piece, but a batch of costs as large is
+    already beyond the memory); on CUDA the costs and the kernels of the whole batch."""
+    need = count * n * m * torch.finfo(dtype).bits // 8
     if device.type == "cuda":
-        total = torch.cuda.mem_get_info(device)[1]
+        need, total = 2 * need, torch.cuda.mem_get_info(device)[1]
     else:
         try:
             total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -303,7 +305,11 @@ def _check_cost_values(c: torch.Tensor) -> None:
 def _check_sizes(sizes: Any, batch: tuple[int, ...], n: int, m: int, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row and column masks ``(B, n)``, ``(B, m)`` of the problems' own sizes, and ``n_i m_i`` ``(B,)``."""
-    arr = sizes.detach().cpu().numpy() if isinstance(sizes, torch.Tensor) else np.asarray(sizes)
+    try:
+        arr = sizes.detach().cpu().numpy() if isinstance(sizes, torch.Tensor) else np.asarray(sizes)
+    except (ValueError, TypeError) as exc:                    # ragged nested sequences
+        raise ShapeError("sizes", f"shape {(*batch, 2)} (one pair (n_i, m_i) per problem)",
+                         f"{type(sizes).__name__} of ragged sequences") from exc
     if arr.dtype.kind not in "iu":
         raise DtypeError("sizes", "integer sizes (n_i, m_i), one pair per problem", f"dtype {arr.dtype}")
     if arr.shape != (*batch, 2):
