@@ -41,6 +41,7 @@ def summarise(outcomes):
                 for o in calls if o.category in _fuzz.FAILURES]
     return {
         "calls": len(calls),
+        "skipped_mutations": sum(o.category == "skip" for o in outcomes),
         "clear_daml_errors": count["clear"],
         "unnamed_daml_errors": count["unnamed"],
         "correct_finite_answers": count["ok"],
@@ -116,7 +117,7 @@ def main(argv=None):
         if args.only or args.light:
             ap.error("--write-known needs the full run (no --only, no --light)")
         write_known(known)
-    keys = ["calls", "clear_daml_errors", "unnamed_daml_errors", "correct_finite_answers", "nonfinite_but_warned",
+    keys = ["calls", "skipped_mutations", "clear_daml_errors", "unnamed_daml_errors", "correct_finite_answers", "nonfinite_but_warned",
             "other_errors", "silent_nonfinite", "hangs_or_memory", "baseline_failures"]
     print("\n" + "\n".join(f"{k:24s} {report[k]}" for k in keys) + f"\nseconds                  {seconds:.1f}")
     if report["uncovered_public_names"]:

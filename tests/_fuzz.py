@@ -336,6 +336,16 @@ def mutations(spec: Spec) -> list[tuple[str, str, Callable[[Any], Any]]]:
     return out
 
 
+def _default(spec: Spec, arg: str):
+    """The default of an argument the baseline leaves out (None when there is none)."""
+    target = getattr(spec.call, "__wrapped_target__", spec.call)
+    try:
+        p = inspect.signature(target).parameters.get(arg)
+    except (TypeError, ValueError):
+        return None
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
 def sweep(specs: list[Spec], seconds: float = 10.0, include_heavy: bool = True,
           only: Callable[[str], bool] | None = None) -> list[Outcome]:
     """Baseline and every mutation of every spec, in a fixed order."""
@@ -362,7 +372,7 @@ def sweep(specs: list[Spec], seconds: float = 10.0, include_heavy: bool = True,
         for arg, label, fn in mutations(spec):
             try:
                 kw = spec.base()
-                kw[arg] = fn(kw[arg])
+                kw[arg] = fn(kw[arg] if arg in kw else _default(spec, arg))
             except Exception as e:  # noqa: BLE001
                 out.append(Outcome(spec.name, label, "skip", "mutation not applicable: " + _first_line(e)))
                 continue
@@ -1361,7 +1371,51 @@ def _periodic_pd():
     return float(torch.linalg.eigvalsh(periodic_covariance(4, 1.0, 1.0, dtype=torch.float64)).min()) > 0
 
 
+def _refuses(thunk: Callable[[], Any]) -> bool:
+    """True if ``thunk`` raises a daml error (the right answer to an invalid input)."""
+    from daml.errors import DamlError
+    try:
+        thunk()
+    except DamlError:
+        return True
+    except Exception:  # noqa: BLE001 - another library's error is not right either
+        return False
+    return False
+
+
+def _f64(a):
+    return torch.tensor(a, dtype=torch.float64)
+
+
+def _non_pd_2():
+    return _f64([[1.0, 2.0], [2.0, 1.0]])
+
+
 KNOWN_WRONG: dict[tuple[str, str], tuple[str, Callable[[], bool]]] = {
+    ("daml.filters.gaspari_cohn", "distance=nan"): (
+        "gaspari_cohn([nan], 2.0) = [0.]: a NaN distance becomes a zero taper",
+        lambda: _refuses(lambda: __import__("daml.filters").filters.gaspari_cohn(_f64([math.nan]), 2.0))),
+    ("daml.filters.gaussian_members", "cov=non_pd"): (
+        "gaussian_members(GaussianState(0, [[1, 2], [2, 1]])) returns sigma points of covariance [[2, 2], [2, 2]]",
+        lambda: _refuses(lambda: __import__("daml.filters").filters.gaussian_members(
+            __import__("daml.filters").filters.GaussianState(_f64([0.0, 0.0]), _non_pd_2())))),
+    ("daml.filters.masked_observation", "noise_cov=non_pd"): (
+        "masked_observation(..., noise_cov=[[1, 2], [2, 1]], ...) accepts a non-PD R",
+        lambda: _refuses(lambda: __import__("daml.filters").filters.masked_observation(
+            _f64([1.0, 1.0]), torch.ones(4, 2, dtype=torch.float64), _non_pd_2(), torch.ones(2, dtype=torch.bool)))),
+    ("daml.filters.gaussian_loglik", "mask=nan"): (
+        "gaussian_loglik(..., mask=tensor([nan, 0.5])) treats a float mask (NaN included) as all observed",
+        lambda: _refuses(lambda: __import__("daml.filters").filters.gaussian_loglik(
+            torch.ones(2, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), _f64([math.nan, 0.5])))),
+    ("daml.twin.observation_steps", "steps=float"): (
+        "observation_steps(5.5, 2) = [2, 4, 6]: a float step count is accepted and step 6 > 5.5 is returned",
+        lambda: _refuses(lambda: __import__("daml.twin").twin.observation_steps(5.5, 2))),
+    ("daml.diffusion.VPCosine", "t=negative"): (
+        "VPCosine().alpha(-1.0) = 0.001, sigma2(-1.0) = 1.0: pseudo-times outside [0, 1] are accepted",
+        lambda: _refuses(lambda: __import__("daml.diffusion").diffusion.VPCosine().alpha(-1.0))),
+    ("daml.filters.ensemble_init", "members=negative"): (
+        "ensemble_init(-1) returns an initialiser without a word (the error comes, if at all, at run time)",
+        lambda: _refuses(lambda: __import__("daml.filters").filters.ensemble_init(-1))),
     ("daml.models.periodic_covariance", "n=4,length=1"): (
         "periodic_covariance(4, 1.0, 1.0) has eigenvalue -0.078: exp(-d^2 / 2 l^2) of the ring's grid distance "
         "is not positive definite; the chordal distance (n/pi) sin(pi d/n) keeps it a covariance", _periodic_pd),
@@ -1381,6 +1435,12 @@ KNOWN: dict[tuple[str, str], str] = {
         'hang: MemoryError Unable to allocate 32.0 PiB for an array with shape (3, 1000000000000, 1500) and data type f',
     ('daml.causal.q10_end_to_end', 'iterations=huge'):
         'hang: no answer within 1 s',
+    ('daml.causal.to_fluxnet_csv', 'nee=None'):
+        "other: builtins.TypeError: build_specs.<locals>.csv_roundtrip() got an unexpected keyword argument 'nee'",
+    ('daml.causal.to_fluxnet_csv', 'nee=int'):
+        "other: builtins.TypeError: build_specs.<locals>.csv_roundtrip() got an unexpected keyword argument 'nee'",
+    ('daml.causal.to_fluxnet_csv', 'nee=unknown'):
+        "other: builtins.TypeError: build_specs.<locals>.csv_roundtrip() got an unexpected keyword argument 'nee'",
     ('daml.diagnostics.crps_kernel', 'y=extra_dim'):
         'other: builtins.RuntimeError: Index tensor must have the same number of dimensions as input tensor',
     ('daml.diffusion.Mixture', 'log_weight=all_neginf'):
@@ -1465,10 +1525,36 @@ KNOWN: dict[tuple[str, str], str] = {
         'other: builtins.ValueError: math domain error',
     ('daml.diffusion.VPLinear', 't=str'):
         "other: builtins.TypeError: can't multiply sequence by non-int of type 'float'",
+    ('daml.diffusion.analysis', 'corrector_steps=huge'):
+        'hang: no answer within 10 s',
     ('daml.diffusion.analysis', 'members=scalar'):
         'other: builtins.IndexError: tuple index out of range',
+    ('daml.diffusion.analysis', 'particles=huge'):
+        "other: builtins.RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocat",
     ('daml.diffusion.analysis', 'steps=huge'):
         'hang: no answer within 1 s',
+    ('daml.diffusion.divergence_bound', 'bandwidth=None'):
+        "other: builtins.TypeError: float() argument must be a string or a real number, not 'NoneType'",
+    ('daml.diffusion.divergence_bound', 'bandwidth=complex'):
+        "other: builtins.TypeError: float() argument must be a string or a real number, not 'complex'",
+    ('daml.diffusion.divergence_bound', 'bandwidth=inf'):
+        'nonfinite: 3 non-finite values in the result',
+    ('daml.diffusion.divergence_bound', 'bandwidth=nan'):
+        'nonfinite: 3 non-finite values in the result',
+    ('daml.diffusion.divergence_bound', 'bandwidth=str'):
+        "other: builtins.ValueError: could not convert string to float: 'x'",
+    ('daml.diffusion.divergence_bound', 'log_weight=all_neginf'):
+        "other: builtins.AttributeError: 'numpy.float64' object has no attribute 'to'",
+    ('daml.diffusion.divergence_bound', 'log_weight=dict'):
+        "other: builtins.AttributeError: 'dict' object has no attribute 'to'",
+    ('daml.diffusion.divergence_bound', 'log_weight=list_str'):
+        "other: builtins.AttributeError: 'list' object has no attribute 'to'",
+    ('daml.diffusion.divergence_bound', 'log_weight=nan'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.divergence_bound', 'log_weight=posinf'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.divergence_bound', 'log_weight=str'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
     ('daml.diffusion.divergence_bound', 'members=complex'):
         'other: builtins.RuntimeError: maximum not implemented for complex tensors.',
     ('daml.diffusion.divergence_bound', 'members=inf'):
@@ -1493,6 +1579,32 @@ KNOWN: dict[tuple[str, str], str] = {
         'other: builtins.NotImplementedError: "cholesky_cpu" not implemented for \'BFloat16\'',
     ('daml.diffusion.fitted_mixture', 'members=float16'):
         'other: builtins.NotImplementedError: "cholesky_cpu" not implemented for \'Half\'',
+    ('daml.diffusion.fitted_mixture', 'ridge=None'):
+        "other: builtins.TypeError: unsupported operand type(s) for *: 'NoneType' and 'Tensor'",
+    ('daml.diffusion.fitted_mixture', 'ridge=complex'):
+        'other: builtins.NotImplementedError: clamp is not supported for complex types',
+    ('daml.diffusion.fitted_mixture', 'ridge=inf'):
+        'other: torch._C._LinAlgError: linalg.cholesky: (Batch element 0): The factorization could not be completed bec',
+    ('daml.diffusion.fitted_mixture', 'ridge=nan'):
+        'other: torch._C._LinAlgError: linalg.cholesky: (Batch element 0): The factorization could not be completed bec',
+    ('daml.diffusion.fitted_mixture', 'ridge=negative'):
+        'other: torch._C._LinAlgError: linalg.cholesky: (Batch element 0): The factorization could not be completed bec',
+    ('daml.diffusion.fitted_mixture', 'ridge=str'):
+        'other: builtins.TypeError: only integer tensors of a single element can be converted to an index',
+    ('daml.diffusion.fitted_mixture', 'taper=dict'):
+        "other: builtins.AttributeError: 'dict' object has no attribute 'to'",
+    ('daml.diffusion.fitted_mixture', 'taper=inf'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.fitted_mixture', 'taper=nan'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.fitted_mixture', 'taper=str'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.fitted_mixture', 'tol=None'):
+        "other: builtins.TypeError: '<' not supported between instances of 'Tensor' and 'NoneType'",
+    ('daml.diffusion.fitted_mixture', 'tol=complex'):
+        'other: builtins.NotImplementedError: "lt_cpu" not implemented for \'ComplexDouble\'',
+    ('daml.diffusion.fitted_mixture', 'tol=str'):
+        "other: builtins.TypeError: '<' not supported between instances of 'Tensor' and 'str'",
     ('daml.diffusion.gaussian_mixture', 'means=bfloat16'):
         'other: builtins.NotImplementedError: "linalg_eigh_cpu" not implemented for \'BFloat16\'',
     ('daml.diffusion.gaussian_mixture', 'means=float16'):
@@ -1503,6 +1615,14 @@ KNOWN: dict[tuple[str, str], str] = {
         'other: builtins.NotImplementedError: "linalg_svd_cpu" not implemented for \'Half\'',
     ('daml.diffusion.gaussian_prior', 'members=one_member'):
         'other: torch._C._LinAlgError: linalg.svd: The algorithm failed to converge because the input matrix contained ',
+    ('daml.diffusion.gaussian_prior', 'taper=dict'):
+        "other: builtins.AttributeError: 'dict' object has no attribute 'to'",
+    ('daml.diffusion.gaussian_prior', 'taper=inf'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.gaussian_prior', 'taper=nan'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.gaussian_prior', 'taper=str'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
     ('daml.diffusion.kernel_mixture', 'members=bfloat16'):
         'other: builtins.RuntimeError: expected m1 and m2 to have the same dtype, but got: double != c10::BFloat16',
     ('daml.diffusion.kernel_mixture', 'members=float16'):
@@ -1513,6 +1633,14 @@ KNOWN: dict[tuple[str, str], str] = {
         'other: builtins.NotImplementedError: "cdist" not implemented for \'BFloat16\'',
     ('daml.diffusion.local_mixture', 'members=float16'):
         'other: builtins.NotImplementedError: "cdist" not implemented for \'Half\'',
+    ('daml.diffusion.local_mixture', 'taper=dict'):
+        "other: builtins.AttributeError: 'dict' object has no attribute 'to'",
+    ('daml.diffusion.local_mixture', 'taper=inf'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.local_mixture', 'taper=nan'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.diffusion.local_mixture', 'taper=str'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
     ('daml.diffusion.posterior_score', 'members=bfloat16'):
         'other: builtins.RuntimeError: expected m1 and m2 to have the same dtype, but got: double != c10::BFloat16',
     ('daml.diffusion.posterior_score', 'members=float16'):
@@ -1545,8 +1673,8 @@ KNOWN: dict[tuple[str, str], str] = {
         'hang: no answer within 1 s',
     ('daml.ensembles.equal_weight', 'steps=huge'):
         'hang: no answer within 1 s',
-    ('daml.ensembles.estimate_noise', 'x=int'):
-        'hang: no answer within 1 s',
+    ('daml.ensembles.estimate_noise', 'members=huge'):
+        'hang: no answer within 10 s',
     ('daml.ensembles.fisher', 'ens=None'):
         "other: builtins.AttributeError: 'NoneType' object has no attribute 'likelihood'",
     ('daml.ensembles.fisher', 'ens=dict'):
@@ -1559,6 +1687,12 @@ KNOWN: dict[tuple[str, str], str] = {
         'hang: no answer within 1 s',
     ('daml.ensembles.fit', 'members=huge'):
         'hang: no answer within 1 s',
+    ('daml.ensembles.forward', 'dropout=None'):
+        'other: builtins.ValueError: training mode is expected to be boolean',
+    ('daml.ensembles.forward', 'dropout=int'):
+        'other: builtins.ValueError: training mode is expected to be boolean',
+    ('daml.ensembles.forward', 'dropout=str'):
+        'other: builtins.ValueError: training mode is expected to be boolean',
     ('daml.ensembles.mlp', 'hidden=None'):
         "other: builtins.TypeError: 'NoneType' object is not iterable",
     ('daml.ensembles.mlp', 'hidden=float'):
@@ -1569,18 +1703,10 @@ KNOWN: dict[tuple[str, str], str] = {
         "other: builtins.TypeError: 'float' object is not iterable",
     ('daml.ensembles.mlp', 'inputs=huge'):
         "other: builtins.RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocat",
-    ('daml.ensembles.prior_sd', 'module=None'):
-        "other: builtins.AttributeError: 'NoneType' object has no attribute 'named_parameters'",
-    ('daml.ensembles.prior_sd', 'module=dict'):
-        "other: builtins.AttributeError: 'dict' object has no attribute 'named_parameters'",
-    ('daml.ensembles.prior_sd', 'module=int'):
-        "other: builtins.AttributeError: 'int' object has no attribute 'named_parameters'",
-    ('daml.ensembles.prior_sd', 'module=str'):
-        "other: builtins.AttributeError: 'str' object has no attribute 'named_parameters'",
-    ('daml.ensembles.scale_variance', 'post=None'):
-        "other: builtins.TypeError: argument of type 'NoneType' is not iterable",
-    ('daml.ensembles.scale_variance', 'post=int'):
-        "other: builtins.TypeError: argument of type 'int' is not iterable",
+    ('daml.ensembles.mlp', 'outputs=huge'):
+        "other: builtins.RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocat",
+    ('daml.ensembles.predict', 'dropout_passes=huge'):
+        'hang: no answer within 10 s',
     ('daml.ensembles.uncertainty_sources', 'members=huge'):
         'hang: no answer within 1 s',
     ('daml.ensembles.uncertainty_sources', 'samples=huge'):
@@ -1640,7 +1766,7 @@ KNOWN: dict[tuple[str, str], str] = {
     ('daml.experiment.Experiment', 'steps=str'):
         'other: builtins.TypeError: can only concatenate str (not "float") to str',
     ('daml.experiment.load_config', 'source=missing_file'):
-        "other: builtins.FileNotFoundError: config: expected an existing TOML file, got '/tmp/daml-fuzz-8be9tytz/no-suc",
+        "other: builtins.FileNotFoundError: config: expected an existing TOML file, got '/tmp/daml-fuzz-1ebcwd1c/no-suc",
     ('daml.experiment.run_experiment', 'exp=None'):
         "other: builtins.AttributeError: 'NoneType' object has no attribute 'methods'",
     ('daml.experiment.run_experiment', 'exp=dict'):
@@ -1691,6 +1817,8 @@ KNOWN: dict[tuple[str, str], str] = {
         "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'unsqueeze'",
     ('daml.filters.GaussianState', 'mean=wrong_shape'):
         'other: builtins.RuntimeError: The size of tensor a (2) must match the size of tensor b (3) at non-singleton di',
+    ('daml.filters.diffusion', 'corrector_steps=huge'):
+        'hang: no answer within 10 s',
     ('daml.filters.diffusion', 'steps=huge'):
         'hang: no answer within 1 s',
     ('daml.filters.ensemble_forecast', 'state=None'):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -39,7 +40,12 @@ def _check_against_known(outcomes, known):
     failing = {(o.func, o.mutation): o for o in outcomes if o.category in _fuzz.FAILURES}
     ran = {(o.func, o.mutation) for o in outcomes}
     new = [f"{o.category:9s} {o.func} [{o.mutation}] {o.detail}" for k, o in failing.items() if k not in known]
-    fixed = [f"{k[0]} [{k[1]}]" for k in known if k in ran and k not in failing]
+    fixed = [f"{k[0]} [{k[1]}]" for k in known if k in ran and k not in failing and not known[k].startswith("hang")]
+    # a known hang that finishes now may only have been slow under load once: say so, without failing
+    slow = [f"{k[0]} [{k[1]}]" for k in known if k in ran and k not in failing and known[k].startswith("hang")]
+    if slow:
+        warnings.warn("pairs listed in _fuzz.KNOWN as hangs finish now (remove them if they do so reliably): "
+                      + ", ".join(slow))
     msg = []
     if new:
         msg.append("calls that give another library's error, a silent NaN/inf or hang (not in _fuzz.KNOWN):\n  "
