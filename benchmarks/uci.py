@@ -3,6 +3,9 @@
 For each data set in ``../shared/data/uci`` (or ``--data``) and each of its train/test splits (20;
 protein 5): inputs and targets normalised on the training split (inside :func:`daml.ensembles.fit`),
 one hidden ReLU layer of 50 units (100 for protein), 40 epochs, M = 5, Adam with batch size 32 and learning rate 0.01.
+Since issue 26, ``epochs`` is a cap and :func:`daml.ensembles.fit` adds its Levenberg-Marquardt polish to the
+Gaussian members; ReLU members stall at kinks and are reported unconverged (``ConvergenceWarning``). The stored
+tables in docs/benchmarks.md were measured before that change and have not been re-run.
 Seven columns, all in daml's API:
 
 * ``deep_ensemble``: mean and variance heads, Gaussian NLL, uniform Gaussian mixture;

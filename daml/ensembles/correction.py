@@ -36,7 +36,8 @@ from .. import _device
 from ..errors import InputError, check_int, check_real
 from ..resampling import systematic
 from .training import Ensemble, check_data, flat_params, member_output, unflatten
-from .weights import _prior_var, fisher, gauss_newton, heteroscedastic_log_density
+from .training import check_ensemble, prior_log_prob
+from .weights import _prior_precision, fisher, gauss_newton, heteroscedastic_log_density
 
 
 class CorrectionInfo(NamedTuple):
@@ -50,7 +51,6 @@ class CorrectionInfo(NamedTuple):
 def log_posterior_fn(ens: Ensemble, xn: torch.Tensor, yn: torch.Tensor):
     """``θ -> log p(D | θ) + log p(θ)`` (normalised units, constants dropped) for one member, with the
     ensemble's likelihood: Gaussian with its noise level, or heteroscedastic (the network's variance)."""
-    var = _prior_var(ens).to(xn)
     s2 = ens.noise_sd**2
     module = ens.module
     hetero = ens.likelihood == "heteroscedastic"
@@ -61,7 +61,7 @@ def log_posterior_fn(ens: Ensemble, xn: torch.Tensor, yn: torch.Tensor):
             data = heteroscedastic_log_density(yn, out, v).sum()
         else:
             data = -0.5 * ((yn - out) ** 2).sum() / s2
-        return data - 0.5 * (theta**2 / var).sum()
+        return data + prior_log_prob(ens, theta)
     return logp
 
 
@@ -89,6 +89,7 @@ def equal_weight(ens: Ensemble, x: Any, y: Any, *, steps: int = 200, adapt: int 
     (Ensemble, CorrectionInfo)
         Members with equal log-weights ``-log M``.
     """
+    ens = check_ensemble(ens)
     steps = check_int(steps, "steps", minimum=0)
     adapt = steps // 2 if adapt is None else check_int(adapt, "adapt", minimum=0)
     if adapt > steps:
@@ -117,7 +118,7 @@ def equal_weight(ens: Ensemble, x: Any, y: Any, *, steps: int = 200, adapt: int 
         like_prec = gauss_newton(ens, xt, yt).gtg.mean(0) / ens.noise_sd**2
     else:
         like_prec = fisher(ens, xt, yt).precision.mean(0)
-    a_bar = like_prec + torch.diag(1.0 / _prior_var(ens).to(theta))
+    a_bar = like_prec + _prior_precision(ens, theta)
     chol_a = torch.linalg.cholesky(a_bar)
 
     def precondition(v):                                             # M v for rows v (M, P)

@@ -31,9 +31,9 @@ import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import ConvergenceWarning, InputError, check_int, check_real
+from ..errors import ConvergenceWarning, InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..posterior import from_members
-from .training import Ensemble, check_data, fit, forward
+from .training import Ensemble, as_numeric, check_data, check_ensemble, fit, forward
 
 SOURCES = ("input", "testing", "training", "weights", "model")
 VARIANCE_PARTS = ("members", "input", "testing", "model", "total")
@@ -73,9 +73,12 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     -------
     xarray.Dataset
         A posterior with dims ``(point, member)``: ``loc``, ``scale``, ``y`` (one draw per component),
-        ``log_weight(member)``, and ``variance(source, point)``.
+        ``log_weight(member)``, and ``variance(source, point)``; with the training diagnostics of the
+        member behind each component (``grad_norm``, ``scaled_grad_norm``, ``rel_improvement``,
+        ``converged`` over ``member``) and ``attrs["convergence"]``, ``attrs["weights_trusted"]``.
     """
-    xt = _device.as_tensor(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
+    ens = check_ensemble(ens)
+    xt = as_numeric(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     if xt.ndim == 1:
         xt = xt.unsqueeze(-1) if ens.x_mean.shape[0] == 1 else xt.unsqueeze(0)
     d = ens.x_mean.shape[0]
@@ -101,7 +104,7 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     m = sub.members
 
     if input_sd is not None:
-        isd = _device.as_tensor(input_sd, "input_sd", dtype=xt.dtype, device=xt.device).reshape(-1)
+        isd = as_numeric(input_sd, "input_sd", dtype=xt.dtype, device=xt.device).reshape(-1)
         if isd.numel() not in (1, d) or (isd < 0).any() or not torch.isfinite(isd).all():
             raise InputError("input_sd", f"a standard deviation >= 0, scalar or of length {d}", input_sd)
         s = check_int(input_samples, "input_samples")
@@ -155,12 +158,28 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
         carries.append("weights")
     if dropout_passes:
         carries.append("dropout")
-    post = from_members({"loc": loc_k, "scale": scale_k, "y": y_k}, comp_lw, dims=("point", "member"),
+    conv = ens.convergence
+    member_vars: dict[str, Any] = {}
+    unconverged = 0
+    if conv is not None:
+        owner = torch.repeat_interleave(keep.to(conv["converged"].device), passes * s)        # member of each component
+        for name in ("grad_norm", "scaled_grad_norm", "rel_improvement"):
+            member_vars[name] = conv[name][owner].to(xt.dtype)
+        member_vars["converged"] = conv["converged"][owner].to(torch.int8)
+        unconverged = int((~conv["converged"][keep.to(conv["converged"].device)]).sum())
+    post = from_members({"loc": loc_k, "scale": scale_k, "y": y_k, **member_vars}, comp_lw,
+                        dims={"loc": ("point", "member"), "scale": ("point", "member"), "y": ("point", "member"),
+                              **{k: ("member",) for k in member_vars}},
                         weight_dims=("member",), coords={"point": np.arange(n)}, method="ensemble_predictive",
                         config={**ens.config, "input_sd": None if input_sd is None else _device.to_numpy(isd).tolist(),
                                 "input_samples": s, "test_noise_sd": test, "model_sd": model,
                                 "dropout_passes": dropout_passes, "weights": bool(weights)},
-                        seed=seed, attrs={"members_carry": "+".join(carries) or "none"})
+                        seed=seed, attrs={"members_carry": "+".join(carries) or "none",
+                                          "convergence": ("unknown" if conv is None else
+                                                          "all members converged" if unconverged == 0 else
+                                                          f"{unconverged} of {m} members did not converge"),
+                                          "weights_trusted": ("unknown" if conv is None else
+                                                              "no" if unconverged else "yes")})
     post["variance"] = xr.DataArray(_device.to_numpy(variance), dims=("source", "point"),
                                     coords={"source": list(VARIANCE_PARTS)})
     post["variance"].attrs["description"] = (
@@ -174,7 +193,25 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
 # scores of a Gaussian-mixture predictive
 
 
-def _mixture(post: xr.Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_predictive(post: Any, name: str = "post", positive_scale: bool = True) -> None:
+    expected = "a predictive from daml.ensembles.predict (an xarray.Dataset with loc, scale, log_weight)"
+    if not isinstance(post, xr.Dataset):
+        raise InputError(name, expected, type(post).__name__)
+    missing = [v for v in ("loc", "scale", "log_weight") if v not in post]
+    if missing:
+        raise InputError(name, expected, f"a dataset without {missing}")
+    if set(post["loc"].dims) != {"point", "member"} or post.sizes["member"] < 1:
+        raise ShapeError(name, "loc with dims (point, member) and at least one member", f"dims {post['loc'].dims}")
+    for v in ("loc", "scale", "log_weight"):
+        if not np.isfinite(post[v].values).all():
+            raise NonFiniteError(f"{name}[{v!r}]", "finite values", "NaN or infinite entries")
+    if positive_scale and not (post["scale"].values > 0).all():
+        raise InputError(f"{name}['scale']", "positive component scales (give test_noise_sd > 0 or model_sd > 0 to "
+                         "predict)", "zero scales")
+
+
+def _mixture(post: xr.Dataset, positive_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_predictive(post, positive_scale=positive_scale)
     loc = torch.as_tensor(post["loc"].transpose("point", "member").values)
     scale = torch.as_tensor(post["scale"].transpose("point", "member").values)
     w = torch.exp(torch.as_tensor(post["log_weight"].values))
@@ -192,7 +229,10 @@ def _abs_moment(mu, s):
 
 
 def mixture_quantile(post: xr.Dataset, q: float) -> torch.Tensor:
-    """Quantile ``q`` of the Gaussian-mixture predictive per point (bisection on the CDF)."""
+    """Quantile ``q`` of the Gaussian-mixture predictive per point (bisection on the CDF), ``0 < q < 1``."""
+    q = check_real(q, "q", expected="a probability in (0, 1)")
+    if not 0.0 < q < 1.0:
+        raise InputError("q", "a probability in (0, 1)", q)
     loc, scale, w = _mixture(post)
     lo = (loc - 10 * scale).min(1).values
     hi = (loc + 10 * scale).max(1).values
@@ -206,11 +246,19 @@ def mixture_quantile(post: xr.Dataset, q: float) -> torch.Tensor:
 
 def scores(post: xr.Dataset, y: Any, *, level: float = 0.9) -> dict[str, float]:
     """RMSE of the mixture mean, mean NLL, mean CRPS (closed form for Gaussian mixtures, Grimit et al.
-    2006) and the coverage of the central ``level`` interval, for observed values ``y`` (n,)."""
-    yt = torch.as_tensor(np.asarray(y, dtype=float)).reshape(-1)
+    2006) and the coverage of the central ``level`` interval (``0 < level < 1``), for observed values
+    ``y`` (n,). A NaN or infinite ``y`` is refused (:class:`~daml.errors.NonFiniteError`): drop the
+    points without an observation from both ``post`` and ``y`` first."""
+    level = check_real(level, "level", expected="a probability in (0, 1)")
+    if not 0.0 < level < 1.0:
+        raise InputError("level", "a probability in (0, 1)", level)
     loc, scale, w = _mixture(post)
+    yt = as_numeric(y, "y", dtype=loc.dtype, device="cpu").reshape(-1)
     if yt.shape[0] != loc.shape[0]:
-        raise InputError("y", f"{loc.shape[0]} values, one per point", yt.shape[0])
+        raise ShapeError("y", f"{loc.shape[0]} values, one per point", yt.shape[0])
+    if not bool(torch.isfinite(yt).all()):
+        raise NonFiniteError("y", "finite observed values", f"{int((~torch.isfinite(yt)).sum())} NaN or infinite "
+                             "entries", hint="select the observed points in both post and y")
     mean = (loc * w).sum(1)
     rmse = float(((mean - yt) ** 2).mean().sqrt())
     logpdf = -0.5 * ((yt[:, None] - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)
@@ -256,9 +304,10 @@ def model_error(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | None = 
     """Model-error standard deviation of ``f`` (source 5) from held-out data ``(x, y)``: the part of the
     mean squared residual of the weighted mean not explained by the member spread and the testing noise,
     ``sqrt(max(0, mean r² - mean var_members - test_noise_sd²))``."""
+    ens = check_ensemble(ens)
     xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     post = predict(ens, xt, test_noise_sd=0.0 if test_noise_sd is None else test_noise_sd)
-    loc, scale, w = _mixture(post)
+    loc, scale, w = _mixture(post, positive_scale=False)
     mean = (loc * w).sum(1)
     resid = float(((mean - yt.cpu()) ** 2).mean())
     spread = float(post["variance"].sel(source="members").mean())
@@ -276,6 +325,7 @@ def scale_variance(post: xr.Dataset, factor: float) -> xr.Dataset:
     (multiplied into any earlier one). Use it with :func:`loo_variance_scale`.
     """
     c = check_real(factor, "factor", positive=True, expected="a variance factor > 0")
+    _check_predictive(post, positive_scale=False)
     missing = [v for v in ("loc", "scale", "y", "variance", "log_weight") if v not in post]
     if missing:
         raise InputError("post", "a predictive from daml.ensembles.predict", f"a dataset without {missing}")
@@ -352,6 +402,7 @@ def loo_variance_scale(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | 
     """
     from scipy.optimize import minimize_scalar
 
+    ens = check_ensemble(ens)
     expected = "(low, high) with 0 < low < high, both finite"
     if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
         raise InputError("bounds", expected, repr(bounds))
@@ -360,7 +411,7 @@ def loo_variance_scale(ens: Ensemble, x: Any, y: Any, *, test_noise_sd: float | 
         raise InputError("bounds", expected, repr(bounds))
     xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     post = predict(ens, xt, test_noise_sd=test_noise_sd, model_sd=model_sd)
-    loc, scale, w = _mixture(post)
+    loc, scale, w = _mixture(post, positive_scale=False)
     if not bool((scale > 0).all()):
         raise InputError("test_noise_sd", "a predictive with a positive variance in every component (a Gaussian "
                          "ensemble needs test_noise_sd > 0 or model_sd > 0)", repr(test_noise_sd))
@@ -431,7 +482,7 @@ def uncertainty_sources(module: torch.nn.Module, x: Any, y: Any, x_new: Any, *, 
             out[i] = np.repeat(runs["testing"]["loc"].values[:, :1], samples, axis=1)
             var[i] = 0.0
             continue
-        loc, scale, w = _mixture(post)
+        loc, scale, w = _mixture(post, positive_scale=False)
         idx = torch.multinomial(w, samples, replacement=True, generator=g)
         draw = loc[:, idx] + scale[:, idx] * torch.randn((n, samples), generator=g, dtype=loc.dtype)
         out[i] = draw.numpy()

@@ -16,6 +16,14 @@ literature:
 The member loss, per datum, is ``mean_batch[½ (ỹ - f(x; w))² / σ²] + ½ (w - w0)ᵀ Σ_p⁻¹ (w - w0) / N``
 with ``N`` the size of the training set, so that a full pass is the RML cost divided by ``N``.
 
+Each member is trained to its minimum, not for a fixed number of epochs: Adam with a step size of its
+own (halved when the full-data objective stops decreasing), then Levenberg-Marquardt steps on the exact
+full-data cost, until the scaled gradient norm is below ``tol`` or a cap is reached. The weights of
+:mod:`~daml.ensembles.weights` assume minimised members, so the gradient norm, the last relative
+improvement and a ``converged`` flag are kept per member (``Ensemble.convergence``), and members that
+stopped short are named in a :class:`~daml.errors.ConvergenceWarning`. ``prior=`` replaces the diagonal
+prior by a full-covariance Gaussian or any ``torch.distributions`` prior (docs/ensembles.md).
+
 All members are trained at once: their parameters are stacked along a leading axis and the module is
 called through :func:`torch.func.functional_call` inside :func:`torch.func.vmap`, so one step costs a
 few batched kernels instead of M small ones. Adam acts elementwise, so the stacked optimisation is the
@@ -27,15 +35,17 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from .. import _device
-from ..errors import InputError, ModuleError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import (ConvergenceWarning, DtypeError, InputError, ModuleError, NonFiniteError, ShapeError, check_int,
+                      check_real)
 
 LIKELIHOODS = ("gaussian", "heteroscedastic")
 
@@ -67,9 +77,19 @@ class Ensemble(NamedTuple):
     y_mean: torch.Tensor
     y_sd: torch.Tensor
     history: torch.Tensor
-    """Mean training loss per member and epoch, ``(M, epochs)``."""
+    """Mean training loss per member and epoch, ``(M, epochs run)``; ``nan`` after a member stopped."""
     config: dict[str, Any]
     """How the ensemble was built (JSON-serialisable)."""
+    convergence: dict[str, torch.Tensor] | None = None
+    """Per-member convergence of the training, each ``(M,)``: ``grad_norm`` (norm of the gradient of the
+    member's own full-data objective per datum, normalised units, at the end), ``scaled_grad_norm``
+    (the same times ``sd_noise · sqrt(N)``: the distance to the minimum in posterior standard deviations
+    for a well-determined model; the quantity ``tol`` bounds), ``rel_improvement`` (relative decrease of
+    that objective over the last epoch), ``epochs`` (epochs run) and ``converged`` (bool). ``None`` for
+    ensembles not built by :func:`fit`."""
+    prior: "Prior | None" = None
+    """The prior over the flat parameters (normalised units) when one was given to :func:`fit`;
+    ``None``: the diagonal Gaussian of ``prior_sd``."""
 
     @property
     def members(self) -> int:
@@ -86,11 +106,27 @@ class Ensemble(NamedTuple):
 # input checks
 
 
+def as_numeric(x: Any, name: str, *, dtype: Any = None, device: Any = None) -> torch.Tensor:
+    """:func:`daml._device.as_tensor` with the inputs that numpy or torch would refuse with their own
+    errors (strings, dates, ragged nested lists, None) turned into daml errors naming ``name``."""
+    if x is None:
+        raise DtypeError(name, "a numeric array", "None")
+    if not isinstance(x, torch.Tensor) and not (hasattr(x, "variable") and hasattr(x, "dims")):
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise ShapeError(name, "a rectangular numeric array", f"{type(x).__name__} that numpy cannot stack "
+                             f"({str(exc).splitlines()[0][:120]})") from None
+        if arr.dtype.kind not in "biufc" and arr.dtype != object:
+            raise DtypeError(name, "a numeric array", f"an array of dtype {arr.dtype}")
+    return _device.as_tensor(x, name, dtype=dtype, device=device)
+
+
 def check_data(x: Any, y: Any, *, dtype: Any = None, device: Any = None, x_name: str = "x",
                y_name: str = "y") -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs as ``(n, d)`` and targets as ``(n,)`` tensors, checked for shape and finiteness."""
-    xt = _device.as_tensor(x, x_name, dtype=dtype, device=device)
-    yt = _device.as_tensor(y, y_name, dtype=xt.dtype, device=xt.device)
+    xt = as_numeric(x, x_name, dtype=dtype, device=device)
+    yt = as_numeric(y, y_name, dtype=xt.dtype, device=xt.device)
     if xt.ndim == 1:
         xt = xt.unsqueeze(-1)
     if xt.ndim != 2:
@@ -110,9 +146,12 @@ def check_data(x: Any, y: Any, *, dtype: Any = None, device: Any = None, x_name:
     return xt, yt
 
 
-def _check_module(module: Any) -> nn.Module:
+def _check_module(module: Any, name: str = "module") -> nn.Module:
+    if isinstance(module, type):
+        raise ModuleError(name, "a torch.nn.Module instance", f"the class {module.__name__}",
+                          hint=f"pass an instance, e.g. {module.__name__}(...) or daml.ensembles.mlp(...)")
     if not isinstance(module, nn.Module):
-        raise ModuleError("module", "a torch.nn.Module", type(module).__name__)
+        raise ModuleError(name, "a torch.nn.Module", type(module).__name__)
     if not any(True for _ in module.parameters()):
         raise ModuleError("module", "a module with trainable parameters", "a module without parameters")
     return module
@@ -132,6 +171,14 @@ def _probe_vmap(module: nn.Module, params: dict, buffers: dict, x: torch.Tensor,
                           "such as BatchNorm running statistics)",
                           f"{type(module).__name__} with buffers {names}" if names else type(module).__name__,
                           hint=f"vmap failed with: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def check_ensemble(ens: Any, name: str = "ens") -> "Ensemble":
+    """``ens`` if it is an :class:`Ensemble`, else an :class:`~daml.errors.InputError` naming ``name``."""
+    if not isinstance(ens, Ensemble):
+        raise InputError(name, "a daml.ensembles.Ensemble (from fit, deep_ensemble or mc_dropout)",
+                         f"the class {ens.__name__}" if isinstance(ens, type) else type(ens).__name__)
+    return ens
 
 
 def mlp(inputs: int, hidden: int | Sequence[int] = 50, outputs: int = 1, activation: str = "relu",
@@ -172,6 +219,9 @@ def prior_sd(module: nn.Module, prior_scale: float = 1.0, bias_scale: float = 1.
              dtype: torch.dtype = torch.float64, device: Any = None) -> dict[str, torch.Tensor]:
     """Prior standard deviations per parameter entry: ``prior_scale / sqrt(fan_in)`` for tensors with
     two or more axes (fan-in = product of all but the first axis), ``bias_scale`` for vectors."""
+    module = _check_module(module)
+    prior_scale = check_real(prior_scale, "prior_scale", positive=True)
+    bias_scale = check_real(bias_scale, "bias_scale", positive=True)
     out = {}
     for name, p in module.named_parameters():
         if p.ndim >= 2:
@@ -185,6 +235,118 @@ def prior_sd(module: nn.Module, prior_scale: float = 1.0, bias_scale: float = 1.
 
 def _draw_prior(sd: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s.shape, generator=g, dtype=s.dtype, device=s.device) * s for k, s in sd.items()}
+
+
+class Prior(NamedTuple):
+    """A prior over the flat parameter vector ``(P,)`` of one member (normalised units).
+
+    ``kind`` is ``"gaussian"`` (``N(mean, cov)`` exactly: a ``MultivariateNormal``, a
+    ``LowRankMultivariateNormal`` or independent ``Normal`` entries) or ``"distribution"`` (any other
+    ``torch.distributions`` prior; ``mean`` and ``cov`` are then those of its Gaussian surrogate, used
+    for the anchor and the curvature, while ``dist.log_prob`` is the prior density of the weights).
+    """
+
+    kind: str
+    mean: torch.Tensor           # (P,)
+    cov: torch.Tensor            # (P, P)
+    chol: torch.Tensor           # (P, P) lower Cholesky factor of cov
+    precision: torch.Tensor      # (P, P)
+    dist: Any = None             # the torch distribution (kind "distribution"), else None
+
+    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        """Prior log-density of flat parameters ``(..., P)``; works under ``vmap`` and ``grad``."""
+        if self.dist is None:
+            d = theta - self.mean
+            z = torch.linalg.solve_triangular(self.chol, d.unsqueeze(-1), upper=False).squeeze(-1)
+            logdet = 2 * torch.log(torch.diagonal(self.chol)).sum()
+            return -0.5 * (z**2).sum(-1) - 0.5 * logdet - 0.5 * d.shape[-1] * math.log(2 * math.pi)
+        dt = self.mean.dtype
+        return self.dist.log_prob(theta.to(_dist_dtype(self.dist))).to(dt)
+
+
+def _dist_dtype(dist: Any) -> torch.dtype:
+    return dist.mean.dtype
+
+
+def _as_prior(prior: Any, n_params: int, dtype: torch.dtype, device: torch.device, seed: Any) -> Prior:
+    """Check ``prior`` (a ``torch.distributions.Distribution`` over ``P`` parameters) and build a :class:`Prior`."""
+    from torch.distributions import (Distribution, Independent, LowRankMultivariateNormal, MultivariateNormal,
+                                     Normal, constraints)
+
+    expected = (f"a torch.distributions.Distribution over the {n_params} flat parameters of the module "
+                f"(event shape ({n_params},), or batch shape ({n_params},) of scalar distributions), with "
+                "log_prob and rsample, on the real line")
+    if isinstance(prior, type):
+        raise InputError("prior", expected, f"the class {prior.__name__} (pass an instance)")
+    if not isinstance(prior, Distribution):
+        raise InputError("prior", expected, type(prior).__name__)
+    shape = tuple(prior.batch_shape) + tuple(prior.event_shape)
+    if shape != (n_params,):
+        raise ShapeError("prior", expected, f"batch shape {tuple(prior.batch_shape)}, event shape "
+                         f"{tuple(prior.event_shape)}")
+    support = prior.support
+    base = support.base_constraint if isinstance(support, constraints.independent) else support
+    if not isinstance(base, type(constraints.real)):
+        raise InputError("prior", expected, f"support {support}")
+    if len(prior.event_shape) == 0:
+        prior = Independent(prior, 1)
+    try:
+        mean = prior.mean.detach().to(device=device, dtype=dtype).reshape(-1)
+    except NotImplementedError:
+        mean = None
+    if isinstance(prior, (MultivariateNormal, LowRankMultivariateNormal)) or (
+            isinstance(prior, Independent) and isinstance(prior.base_dist, Normal)):
+        cov = (prior.covariance_matrix if not isinstance(prior, Independent)
+               else torch.diag(prior.base_dist.scale.reshape(-1) ** 2)).detach().to(device=device, dtype=dtype)
+        kind, dist = "gaussian", None
+    else:
+        kind, dist = "distribution", copy.copy(prior)
+        dist._validate_args = False                        # data-dependent checks cannot run under vmap
+        try:
+            cov = getattr(prior, "covariance_matrix", None)
+            cov = torch.diag(prior.variance.reshape(-1)) if cov is None else cov
+            cov = cov.detach().to(device=device, dtype=dtype)
+        except NotImplementedError:
+            cov = None
+        if mean is None or cov is None or not bool(torch.isfinite(mean).all() & torch.isfinite(cov).all()):
+            with _device.scoped_global_stream(seed, "cpu"):
+                draws = prior.sample((4096,)).detach().to(device=device, dtype=dtype)
+            mean, cov = draws.mean(0), torch.cov(draws.T).reshape(n_params, n_params)
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(cov).all()):
+        raise InputError("prior", "a prior with a finite mean and covariance", "non-finite moments")
+    cov = 0.5 * (cov + cov.T)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        raise InputError("prior", "a prior with a positive-definite covariance", "a singular or indefinite one")
+    return Prior(kind=kind, mean=mean, cov=cov, chol=chol, precision=torch.cholesky_inverse(chol), dist=dist)
+
+
+def _draw_flat_prior(prior: Prior, g: torch.Generator, seed: np.random.SeedSequence) -> torch.Tensor:
+    """One draw ``(P,)`` of the prior from member stream ``g`` (Gaussian) or ``seed`` (other distributions,
+    whose samplers read torch's global stream, here forked and fixed)."""
+    if prior.dist is None:
+        z = torch.randn(prior.mean.shape, generator=g, dtype=prior.mean.dtype, device=prior.mean.device)
+        return prior.mean + prior.chol @ z
+    with _device.scoped_global_stream(seed, "cpu"):
+        draw = prior.dist.sample()
+    return draw.detach().to(dtype=prior.mean.dtype, device=prior.mean.device).reshape(-1)
+
+
+def prior_moments(ens: "Ensemble") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(P,)``, lower Cholesky factor ``(P, P)`` of the covariance and precision ``(P, P)`` of the
+    (Gaussian or surrogate) prior of ``ens`` over its flat parameters."""
+    if ens.prior is not None:
+        return ens.prior.mean, ens.prior.chol, ens.prior.precision
+    sd = torch.cat([s.reshape(-1) for s in ens.prior_sd.values()])
+    return torch.zeros_like(sd), torch.diag(sd), torch.diag(1.0 / sd**2)
+
+
+def prior_log_prob(ens: "Ensemble", theta: torch.Tensor) -> torch.Tensor:
+    """Prior log-density of flat parameters ``(..., P)`` of ``ens`` (vmap- and grad-safe)."""
+    if ens.prior is not None:
+        return ens.prior.log_prob(theta)
+    var = torch.cat([s.reshape(-1) for s in ens.prior_sd.values()]).to(theta) ** 2
+    return -0.5 * (theta**2 / var).sum(-1) - 0.5 * torch.log(2 * math.pi * var).sum()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +375,11 @@ def _member_loss(module, likelihood, noise_var, n_total, anchor, params, buffers
     else:
         data = 0.5 * ((yb - mean) ** 2).mean() / noise_var
     if anchor:
-        reg = sum((0.5 * (params[k] - w0[k]) ** 2 * prec[k]).sum() for k in params)
+        if isinstance(prec, dict):                      # the diagonal prior of prior_sd
+            reg = sum((0.5 * (params[k] - w0[k]) ** 2 * prec[k]).sum() for k in params)
+        else:                                           # a dense prior precision over the flat parameters
+            d = torch.cat([(params[k] - w0[k]).reshape(-1) for k in params])
+            reg = 0.5 * d @ (prec @ d)
         data = data + reg / n_total
     return data
 
@@ -231,6 +397,22 @@ def _resolve_noise(noise_sd: Any, likelihood: str, y_sd: float) -> float:
     return check_real(noise_sd, "noise_sd", positive=True) / y_sd
 
 
+DEFAULT_EPOCHS = 2000
+"""Default cap on the epochs of :func:`fit` (training stops earlier once every member has converged)."""
+DEFAULT_TOL = 1e-2
+"""Default convergence tolerance of :func:`fit` on the scaled gradient norm."""
+_PATIENCE = 2          # epochs whose full-data objective did not decrease before a member's step is halved
+_STOCHASTIC_HALVINGS = 8
+_POLISH_AFTER = 3      # step halvings after which a member of a deterministic Gaussian model goes to the polish
+_POLISH_ITERATIONS = 500
+_POLISH_PATIENCE = 80
+_POLISH_MAX_PARAMS = 4000
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
 def fit(
     module: nn.Module,
     x: Any,
@@ -244,7 +426,10 @@ def fit(
     common_prior_draw: bool = False,
     prior_scale: float = 1.0,
     bias_scale: float = 1.0,
-    epochs: int = 40,
+    prior: Any = None,
+    epochs: int = DEFAULT_EPOCHS,
+    tol: float = DEFAULT_TOL,
+    polish: bool | None = None,
     batch_size: int = 32,
     lr: float = 1e-2,
     normalise: bool = True,
@@ -254,13 +439,13 @@ def fit(
     dtype: Any = None,
     progress: bool | None = None,
 ) -> Ensemble:
-    """Train ``members`` copies of ``module`` from prior draws, all at once.
+    """Train ``members`` copies of ``module`` from prior draws, all at once, each to its minimum.
 
     Parameters
     ----------
     module : torch.nn.Module
-        The architecture, mapping ``(n, d)`` inputs to ``(n, 1)`` outputs (``(n, 2)``: mean and raw
-        variance, for ``likelihood="heteroscedastic"``). Its own parameter values are ignored.
+        The architecture (an instance), mapping ``(n, d)`` inputs to ``(n, 1)`` outputs (``(n, 2)``: mean
+        and raw variance, for ``likelihood="heteroscedastic"``). Its own parameter values are ignored.
     x : array-like, shape (n, d) or (n,)
         Training inputs.
     y : array-like, shape (n,) or (n, 1)
@@ -280,9 +465,28 @@ def fit(
         Start (and anchor) every member at the same prior draw, so that only the target perturbations
         differ: the ensemble then carries the training-data uncertainty alone.
     prior_scale, bias_scale : float
-        Prior standard deviations (see :func:`prior_sd`), in normalised units.
-    epochs, batch_size, lr : int, int, float
-        Adam optimisation settings; every member sees every training pair once per epoch.
+        Prior standard deviations of the default diagonal prior (see :func:`prior_sd`), normalised units.
+    prior : torch.distributions.Distribution, optional
+        A prior over the flat parameter vector (``P`` entries in ``named_parameters`` order, normalised
+        units), replacing the diagonal one: a ``MultivariateNormal`` (full covariance) or any distribution
+        with ``log_prob`` and ``sample`` on the real line. Members start from (and are anchored to) its
+        draws; the anchor is ``½ (w - w0)ᵀ C⁻¹ (w - w0)`` with ``C`` its covariance (docs/ensembles.md).
+    epochs : int
+        Cap on the number of epochs. A member stops as soon as it has converged (``tol``).
+    tol : float
+        Convergence tolerance on the scaled gradient norm ``‖∇J_i‖ · sd_noise · sqrt(N)`` of the member's
+        full-data objective per datum ``J_i`` (normalised units; ``sd_noise = 1`` for the heteroscedastic
+        likelihood): roughly the distance to the minimum in posterior standard deviations. The step size of
+        a member is halved whenever its full-data objective has not improved for 5 epochs. Members with
+        dropout layers (a stochastic objective) count as converged once their step size has been halved
+        8 times.
+    polish : bool, optional
+        Finish each member with Levenberg-Marquardt steps on its exact full-data cost (Gauss-Newton matrix
+        ``GᵀG/σ² + P``, ``O(P²)`` memory and an ``O(P³)`` solve per member and step) once Adam stalls
+        (its step halved, or less than 1 % improvement per epoch) or reaches ``epochs``. Default: on for
+        the Gaussian likelihood, modules without dropout or buffers, and ``P <= 4000`` parameters.
+    batch_size, lr : int, float
+        Adam minibatch size and initial step size; every member sees every training pair once per epoch.
     normalise : bool
         Standardise inputs and targets with the training mean and standard deviation.
     vectorize : bool
@@ -298,16 +502,23 @@ def fit(
     Returns
     -------
     Ensemble
-        With equal log-weights; :func:`~daml.ensembles.weigh` gives the importance weights.
+        With equal log-weights (:func:`~daml.ensembles.weigh` gives the importance weights) and the
+        per-member ``convergence`` diagnostics. A :class:`~daml.errors.ConvergenceWarning` names the
+        members that reached the cap ``epochs`` before ``tol``.
     """
     module = _check_module(module)
     members = check_int(members, "members")
-    if likelihood not in LIKELIHOODS:
+    if not isinstance(likelihood, str) or likelihood not in LIKELIHOODS:
         raise InputError("likelihood", f"one of {LIKELIHOODS}", repr(likelihood))
+    for name, flag in (("anchor", anchor), ("perturb_targets", perturb_targets),
+                       ("common_prior_draw", common_prior_draw), ("normalise", normalise), ("vectorize", vectorize)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InputError(name, "True or False", repr(flag))
     if perturb_targets and likelihood != "gaussian":
         raise InputError("perturb_targets", "False with the heteroscedastic likelihood (target "
                          "perturbations need a known noise level)", perturb_targets)
     epochs = check_int(epochs, "epochs")
+    tol = check_real(tol, "tol", positive=True, expected="a tolerance > 0")
     batch_size = check_int(batch_size, "batch_size")
     lr = check_real(lr, "lr", positive=True)
     prior_scale = check_real(prior_scale, "prior_scale", positive=True)
@@ -330,23 +541,38 @@ def fit(
 
     template = copy.deepcopy(module).to(device=dev, dtype=dt)
     template.train()
-    sd = prior_sd(template, prior_scale, bias_scale, dt, dev)
-    prec = {k: 1.0 / s**2 for k, s in sd.items()}
     root = _device.seed_sequence(seed)
-    gens = [_device.generator(child, dev) for child in root.spawn(members)]
+    children = root.spawn(members)
+    gens = [_device.generator(child, dev) for child in children]
     rng_seed = int(root.generate_state(1, dtype=np.uint32)[0])   # the stream of dropout layers
-    draws, targets, orders = [], [], []
-    for g in gens:
-        w0 = _draw_prior(sd, g)
+    shapes = {k: p.shape for k, p in template.named_parameters()}
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    pri = None
+    if prior is not None:
+        pri = _as_prior(prior, n_params, dt, dev, root.spawn(1)[0])
+        sd_flat = torch.diagonal(pri.cov).sqrt()
+        sd, i = {}, 0
+        for k, s in shapes.items():
+            size = int(np.prod(s))
+            sd[k] = sd_flat[i:i + size].reshape(s)
+            i += size
+        prec: Any = pri.precision
+    else:
+        sd = prior_sd(template, prior_scale, bias_scale, dt, dev)
+        prec = {k: 1.0 / s**2 for k, s in sd.items()}
+    draws, targets = [], []
+    for child, g in zip(children, gens):
+        if pri is None:
+            w0 = _draw_prior(sd, g)
+        else:
+            w0 = _unflatten_shapes(_draw_flat_prior(pri, g, child.spawn(1)[0]), shapes)
         if common_prior_draw and draws:
             w0 = draws[0]
         draws.append(w0)
         eps = torch.randn(n, generator=g, dtype=dt, device=dev) * noise if perturb_targets else None
         targets.append(yn + eps if eps is not None else yn)
-        orders.append(torch.stack([torch.randperm(n, generator=g, device=dev) for _ in range(epochs)]))
     w0_stack = {k: torch.stack([d[k] for d in draws]) for k in sd}
     y_stack = torch.stack(targets)                                  # (M, n)
-    order = torch.stack(orders)                                     # (M, epochs, n)
     buffers = {k: b.unsqueeze(0).expand(members, *b.shape).clone() for k, b in template.named_buffers()}
     _probe_vmap(template, {k: v.clone() for k, v in w0_stack.items()}, {k: v.clone() for k, v in buffers.items()},
                 xn, members)
@@ -354,80 +580,303 @@ def fit(
     config = dict(members=members, noise_sd=None if likelihood != "gaussian" else float(noise * y_sd),
                   likelihood=likelihood, anchor=bool(anchor), perturb_targets=bool(perturb_targets),
                   common_prior_draw=bool(common_prior_draw), prior_scale=prior_scale, bias_scale=bias_scale,
-                  epochs=epochs, batch_size=batch_size, lr=lr, normalise=bool(normalise),
+                  prior="diagonal" if pri is None else f"{pri.kind}: {type(prior).__name__}",
+                  epochs=epochs, tol=tol, batch_size=batch_size, lr=lr, normalise=bool(normalise),
                   module=type(module).__name__, seed=_device.seed_to_attr(seed))
     loss_args = (template, likelihood, noise**2 if likelihood == "gaussian" else 1.0, float(n), bool(anchor))
+    scale = math.sqrt(n) * (noise if likelihood == "gaussian" else 1.0)
+    stochastic = _has_dropout(template)
+    can_polish = likelihood == "gaussian" and not stochastic and not buffers
+    if polish is None:
+        polish = can_polish and n_params <= _POLISH_MAX_PARAMS
+    elif not isinstance(polish, (bool, np.bool_)):
+        raise InputError("polish", "True, False or None", repr(polish))
+    elif polish and not can_polish:
+        raise InputError("polish", "False or None for this ensemble (the polish needs the Gaussian likelihood and "
+                         "a module without dropout or buffers)", polish)
+    config["polish"] = bool(polish)
+    train_kw = dict(batch_size=batch_size, lr=lr, epochs=epochs, tol=tol, grad_scale=scale, stochastic=stochastic,
+                    polish=bool(polish), dev=dev, progress=progress)
     if vectorize:
-        params, history = _train_vmapped(loss_args, w0_stack, buffers, prec, xn, y_stack, order, batch_size,
-                                         lr, epochs, rng_seed, dev, progress)
+        params, history, conv, buffers = _train(loss_args, w0_stack, buffers, prec, xn, y_stack, gens,
+                                                rng_seed=rng_seed, desc="ensemble", **train_kw)
     else:
         outs = []
         for i in range(members):
-            p_i, h_i = _train_one(loss_args, {k: v[i] for k, v in w0_stack.items()},
-                                  {k: v[i] for k, v in buffers.items()}, prec, xn, y_stack[i], order[i],
-                                  batch_size, lr, epochs, rng_seed + i, i, dev, progress)
-            outs.append((p_i, h_i))
-        params = {k: torch.stack([o[0][k] for o in outs]) for k in w0_stack}
-        history = torch.stack([o[1] for o in outs])
+            outs.append(_train(loss_args, {k: v[i:i + 1] for k, v in w0_stack.items()},
+                               {k: v[i:i + 1] for k, v in buffers.items()}, prec, xn, y_stack[i:i + 1], [gens[i]],
+                               rng_seed=rng_seed + i, desc=f"member {i}", **train_kw))
+        params = {k: torch.cat([o[0][k] for o in outs]) for k in w0_stack}
+        buffers = {k: torch.cat([o[3][k] for o in outs]) for k in buffers}
+        width = max(o[1].shape[1] for o in outs)
+        history = torch.full((members, width), math.nan, dtype=dt, device=dev)
+        for i, o in enumerate(outs):
+            history[i, :o[1].shape[1]] = o[1][0]
+        conv = {k: torch.cat([o[2][k] for o in outs]) for k in outs[0][2]}
     if not all(torch.isfinite(v).all() for v in params.values()):
         raise NonFiniteError("lr", "a learning rate at which training stays finite", lr,
                              hint="training produced NaN or infinite parameters; lower lr")
-    return Ensemble(module=template, params=params, buffers=buffers, prior_sd=sd, prior_draw=w0_stack,
-                    log_weight=torch.full((members,), -math.log(members), dtype=dt, device=dev),
-                    noise_sd=noise, likelihood=likelihood, x_mean=x_mean, x_sd=x_sd, y_mean=y_mean, y_sd=y_sd,
-                    history=history, config=config)
+    ens = Ensemble(module=template, params=params, buffers=buffers, prior_sd=sd, prior_draw=w0_stack,
+                   log_weight=torch.full((members,), -math.log(members), dtype=dt, device=dev),
+                   noise_sd=noise, likelihood=likelihood, x_mean=x_mean, x_sd=x_sd, y_mean=y_mean, y_sd=y_sd,
+                   history=history, config=config, convergence=conv, prior=pri)
+    warn_unconverged(ens, "fit", stacklevel=2)
+    return ens
+
+
+def warn_unconverged(ens: Ensemble, who: str, stacklevel: int = 2) -> int:
+    """Issue a :class:`~daml.errors.ConvergenceWarning` when members of ``ens`` did not converge;
+    return their number (0 when all did, or when ``ens`` carries no diagnostics)."""
+    conv = ens.convergence
+    if conv is None:
+        return 0
+    bad = (~conv["converged"]).nonzero().reshape(-1).tolist()
+    if bad:
+        worst = float(conv["scaled_grad_norm"].max())
+        more = " ..." if len(bad) > 10 else ""
+        warnings.warn(f"{who}: {len(bad)} of {ens.members} members did not converge within epochs="
+                      f"{ens.config.get('epochs')} (scaled gradient norm up to {worst:.3g} > "
+                      f"tol={ens.config.get('tol')}; members {bad[:10]}{more}): their importance weights assume "
+                      "minimised members and cannot be trusted (raise epochs; ReLU networks stall at their kinks: "
+                      "use a smooth activation)", ConvergenceWarning, stacklevel=stacklevel + 1)
+    return len(bad)
+
+
+def _unflatten_shapes(theta: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k, s in shapes.items():
+        size = int(np.prod(s))
+        out[k] = theta[i:i + size].reshape(s)
+        i += size
+    return out
 
 
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def _train_vmapped(loss_args, w0, buffers, prec, x, y_stack, order, batch_size, lr, epochs, rng_seed, dev, progress):
+def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, epochs, tol, grad_scale, stochastic,
+           polish, rng_seed, dev, progress, desc):
+    """Adam on ``M`` stacked members (one vmapped loss), each to its own convergence.
+
+    Adam is written out with a step size per member, so that a member's arithmetic does not depend on the
+    others (``M = 1`` gives the sequential reference). After every epoch the full-data objective and its
+    gradient are evaluated per member: a member whose scaled gradient norm is below ``tol`` stops (its
+    parameters are frozen); one whose objective has not improved for ``_PATIENCE`` epochs has its step
+    halved. Returns the parameters, the loss history ``(M, epochs run)`` and the diagnostics.
+    """
     from tqdm.auto import tqdm
 
-    members = y_stack.shape[0]
-    params = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    members, n = y_stack.shape
+    dt = x.dtype
+    params = {k: v.clone() for k, v in w0.items()}
+    m1 = {k: torch.zeros_like(v) for k, v in params.items()}
+    m2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    step_size = torch.full((members,), lr, dtype=dt, device=dev)
 
     def loss_one(p, b, w0_i, xb, yb):
         return _member_loss(*loss_args, p, b, w0_i, prec, xb, yb)
 
     batched = vmap(loss_one, randomness="different")
-    history = torch.zeros(members, epochs, dtype=x.dtype, device=dev)
-    n = x.shape[0]
+    x_all = x.unsqueeze(0).expand(members, *x.shape)
+
+    def check(p):
+        """Full-data objective and gradient norm per member (buffers copied: BatchNorm updates them)."""
+        req = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+        with _device.scoped_global_stream(rng_seed + 1, dev):
+            obj = batched(req, {k: v.clone() for k, v in buffers.items()}, w0, x_all, y_stack)
+        grads = torch.autograd.grad(obj.sum(), list(req.values()))
+        gn = torch.sqrt(sum((g.reshape(members, -1) ** 2).sum(1) for g in grads))
+        return obj.detach(), gn.detach()
+
+    def bcast(v, like):
+        return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+    obj_prev, gn = check(params)
+    bad = torch.zeros(members, dtype=torch.long, device=dev)
+    halvings = torch.zeros(members, dtype=torch.long, device=dev)
+    active = torch.ones(members, dtype=torch.bool, device=dev)
+    converged = gn * grad_scale <= tol
+    active &= ~converged
+    rel = torch.zeros(members, dtype=dt, device=dev)
+    epochs_run = torch.zeros(members, dtype=torch.long, device=dev)
+    history: list[torch.Tensor] = []
+    t = 0
     with _device.scoped_global_stream(rng_seed, dev):
-        for e in tqdm(range(epochs), desc="ensemble", disable=(None if progress is None else not progress),
-                      leave=False):
-            for s, t in _batches(n, batch_size):
-                idx = order[:, e, s:t]                                  # (M, B)
-                xb = x[idx]                                             # (M, B, d)
-                yb = torch.gather(y_stack, 1, idx)                      # (M, B)
-                opt.zero_grad(set_to_none=True)
-                losses = batched(params, buffers, w0, xb, yb)           # (M,)
-                losses.sum().backward()
-                opt.step()
-                history[:, e] += losses.detach() * (t - s) / n
-    return {k: v.detach() for k, v in params.items()}, history
+        for e in tqdm(range(epochs), desc=desc, disable=(None if progress is None else not progress), leave=False):
+            if not bool(active.any()):
+                break
+            order = torch.stack([torch.randperm(n, generator=g, device=dev) for g in gens])     # (M, n)
+            h = torch.zeros(members, dtype=dt, device=dev)
+            for s, u in _batches(n, batch_size):
+                idx = order[:, s:u]                                     # (M, B)
+                req = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                losses = batched(req, buffers, w0, x[idx], torch.gather(y_stack, 1, idx))
+                grads = torch.autograd.grad(losses.sum(), list(req.values()))
+                t += 1
+                c1, c2 = 1 - b1**t, 1 - b2**t
+                for (k, p), g in zip(params.items(), grads):
+                    a = bcast(active, p)
+                    m1[k] = torch.where(a, b1 * m1[k] + (1 - b1) * g, m1[k])
+                    m2[k] = torch.where(a, b2 * m2[k] + (1 - b2) * g * g, m2[k])
+                    upd = bcast(step_size, p) * (m1[k] / c1) / ((m2[k] / c2).sqrt() + eps)
+                    params[k] = torch.where(a, p - upd, p)
+                h += losses.detach() * (u - s) / n
+            history.append(torch.where(active, h, torch.full_like(h, math.nan)))
+            obj, gn_new = check(params)
+            upd_rel = (obj_prev - obj) / obj_prev.abs().clamp(min=1e-300)
+            rel = torch.where(active, upd_rel, rel)
+            gn = torch.where(active, gn_new, gn)
+            epochs_run += active.long()
+            bad = torch.where(active & (obj >= obj_prev), bad + 1, bad)
+            decay = active & (bad >= _PATIENCE)
+            step_size = torch.where(decay, step_size / 2, step_size)
+            halvings += decay.long()
+            bad = torch.where(decay, torch.zeros_like(bad), bad)
+            done = active & (gn * grad_scale <= tol)
+            if stochastic:
+                done |= active & (halvings >= _STOCHASTIC_HALVINGS)
+            converged |= done
+            active &= ~done
+            if polish:                 # Levenberg-Marquardt finishes the job once Adam stalls or slows down
+                active &= halvings < _POLISH_AFTER
+            obj_prev = torch.where(active | done, obj, obj_prev)
+    hist = torch.stack(history, 1) if history else torch.zeros(members, 0, dtype=dt, device=dev)
+    lm_steps = torch.zeros(members, dtype=torch.long, device=dev)
+    if polish and not bool(converged.all()):
+        p_new, gn_lm, rel_lm, lm_steps, conv_lm = _polish(loss_args, params, buffers, w0, prec, x, y_stack, ~converged,
+                                                          tol=tol, grad_scale=grad_scale, iterations=_POLISH_ITERATIONS)
+        todo = ~converged
+        params = {k: torch.where(bcast(todo, v), p_new[k], v) for k, v in params.items()}
+        gn = torch.where(todo, gn_lm, gn)
+        rel = torch.where(todo & (lm_steps > 0), rel_lm, rel)
+        converged |= conv_lm
+    conv = {"grad_norm": gn, "scaled_grad_norm": gn * grad_scale, "rel_improvement": rel, "epochs": epochs_run,
+            "polish_steps": lm_steps, "converged": converged}
+    return {k: v.detach() for k, v in params.items()}, hist, conv, buffers
 
 
-def _train_one(loss_args, w0, buffers, prec, x, y, order, batch_size, lr, epochs, rng_seed, index, dev, progress):
-    from tqdm.auto import tqdm
+def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad_scale, iterations):
+    """Levenberg-Marquardt on the exact RML cost of every member in ``todo`` (Gaussian likelihood).
 
-    params = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
-    history = torch.zeros(epochs, dtype=x.dtype, device=dev)
+    In flat parameters ``θ`` the total cost of member ``i`` is ``½‖ỹ_i - f(θ)‖²/σ² + ½ (θ - θ0_i)ᵀ P
+    (θ - θ0_i)``; its gradient ``-Gᵀr/σ² + P (θ - θ0_i)`` is exact and its Gauss-Newton matrix is
+    ``GᵀG/σ² + P``. A step ``(H + λ diag H)⁻¹ g`` is kept when it lowers the cost (then ``λ /= 3``, else
+    ``λ *= 5``); a member stops once its scaled gradient norm is below ``tol``. For a model linear in
+    its parameters the first step lands on the minimum. Returns the parameters, the per-datum gradient
+    norms, the last relative improvements, the iterations used and the converged flags.
+    """
+    module, _, noise_var, n_total, anchor = loss_args
+    shapes = {k: v.shape[1:] for k, v in params.items()}
+    members = y_stack.shape[0]
     n = x.shape[0]
-    with _device.scoped_global_stream(rng_seed, dev):
-        for e in tqdm(range(epochs), desc=f"member {index}", disable=(None if progress is None else not progress),
-                      leave=False):
-            for s, t in _batches(n, batch_size):
-                idx = order[e, s:t]
-                opt.zero_grad(set_to_none=True)
-                loss = _member_loss(*loss_args, params, buffers, w0, prec, x[idx], y[idx])
-                loss.backward()
-                opt.step()
-                history[e] += loss.detach() * (t - s) / n
-    return {k: v.detach() for k, v in params.items()}, history
+
+    def flat(d):
+        return torch.cat([d[k].reshape(members, -1) for k in shapes], 1)
+
+    def unflat(th):
+        out, i = {}, 0
+        for k, s in shapes.items():
+            size = int(np.prod(s))
+            out[k] = th[..., i:i + size].reshape(*th.shape[:-1], *s)
+            i += size
+        return out
+
+    theta, theta0 = flat(params), flat(w0)
+    p_mat = torch.diag(torch.cat([prec[k].reshape(-1) for k in shapes])) if isinstance(prec, dict) else prec
+    if not anchor:
+        p_mat = torch.zeros_like(p_mat)
+    eye = torch.eye(theta.shape[1], dtype=theta.dtype, device=theta.device)
+
+    def f(th, b, xc):
+        return functional_call(module, (unflat(th), b), (xc,)).reshape(xc.shape[0])
+
+    def f1(th, b, x1):
+        return f(th, b, x1.unsqueeze(0))[0]
+
+    jac = vmap(vmap(grad(f1), in_dims=(None, None, 0)), in_dims=(0, 0, None))
+    fwd = vmap(f, in_dims=(0, 0, None))
+    step = max(1, int(2e7 // max(1, members * theta.shape[1])))
+
+    def prior_part(th):
+        d = th - theta0
+        pd = d @ p_mat
+        return 0.5 * (pd * d).sum(1), pd
+
+    def cost(th):
+        rtr = torch.zeros(members, dtype=th.dtype, device=th.device)
+        with torch.no_grad():
+            for s in range(0, n, step):
+                rtr += ((y_stack[:, s:s + step] - fwd(th, buffers, x[s:s + step])) ** 2).sum(1)
+        return 0.5 * rtr / noise_var + prior_part(th)[0]
+
+    def stats(th):
+        p = th.shape[1]
+        gtg = torch.zeros(members, p, p, dtype=th.dtype, device=th.device)
+        gtr = torch.zeros(members, p, dtype=th.dtype, device=th.device)
+        rtr = torch.zeros(members, dtype=th.dtype, device=th.device)
+        for s in range(0, n, step):
+            xc = x[s:s + step]
+            with torch.no_grad():
+                r = y_stack[:, s:s + step] - fwd(th, buffers, xc)
+            g = jac(th, buffers, xc).detach()
+            gtg += g.transpose(1, 2) @ g
+            gtr += torch.einsum("mcp,mc->mp", g, r)
+            rtr += (r**2).sum(1)
+        reg, pd = prior_part(th)
+        gn = gtg / noise_var + p_mat
+        return gn, gn, -gtr / noise_var + pd, 0.5 * rtr / noise_var + reg
+
+    active = todo.clone()
+    converged = torch.zeros_like(todo)
+    lam = torch.full((members,), 1e-3, dtype=theta.dtype, device=theta.device)
+    rel = torch.zeros(members, dtype=theta.dtype, device=theta.device)
+    used = torch.zeros(members, dtype=torch.long, device=theta.device)
+    nu = torch.full((members,), 2.0, dtype=theta.dtype, device=theta.device)
+    best = torch.full((members,), math.inf, dtype=theta.dtype, device=theta.device)
+    since = torch.zeros(members, dtype=torch.long, device=theta.device)
+    h, gnm, g, c = stats(theta)
+    for _ in range(iterations + 1):
+        scaled = g.norm(dim=1) / n * grad_scale
+        done = active & (scaled <= tol)
+        converged |= done
+        active &= ~done
+        # a member whose gradient has not reached a new low for _POLISH_PATIENCE steps has stalled (for
+        # example at a kink of a ReLU network, where the gradient does not vanish): it stops, unconverged
+        better = scaled < 0.9 * best
+        best = torch.where(better, scaled, best)
+        since = torch.where(better, torch.zeros_like(since), since + 1)
+        active &= since < _POLISH_PATIENCE
+        if not bool(active.any()):
+            break
+        if int(used.max()) >= iterations:
+            break
+        hd = h + lam[:, None, None] * torch.diag_embed(torch.diagonal(gnm, dim1=-2, dim2=-1)) + 1e-12 * eye
+        chol, info = torch.linalg.cholesky_ex(hd)
+        pos = info == 0                     # (a failed factorisation counts as a rejected step)
+        chol = torch.where(pos[:, None, None], chol, eye.expand_as(chol))
+        delta = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+        delta = torch.where(pos[:, None], delta, torch.zeros_like(delta))
+        trial = theta - delta
+        c_trial = torch.where(pos, cost(trial), torch.full_like(c, math.inf))
+        # gain ratio of the actual to the decrease the Gauss-Newton model predicts (Nielsen's damping rule)
+        predicted = (delta * g).sum(1) - 0.5 * (delta * torch.einsum("mpq,mq->mp", h, delta)).sum(1)
+        ratio = (c - c_trial) / predicted.clamp(min=1e-300)
+        ok = active & torch.isfinite(c_trial) & (c_trial <= c)
+        used += active.long()
+        if bool(ok.any()):
+            theta = torch.where(ok[:, None], trial, theta)
+            rel = torch.where(ok, (c - c_trial) / c.abs().clamp(min=1e-300), rel)
+            h_new, gnm_new, g_new, c_new = stats(theta)
+            h = torch.where(ok[:, None, None], h_new, h)
+            gnm = torch.where(ok[:, None, None], gnm_new, gnm)
+            g = torch.where(ok[:, None], g_new, g)
+            c = torch.where(ok, c_new, c)
+        shrink = torch.clamp(1 - (2 * ratio.clamp(max=1.0) - 1) ** 3, min=1 / 3)
+        lam = torch.where(ok, lam * shrink, torch.where(active, lam * nu, lam))
+        nu = torch.where(ok, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
+    return unflat(theta), g.norm(dim=1) / n, rel, used, converged
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,7 +889,8 @@ def forward(ens: Ensemble, x: Any, *, normalised_input: bool = False, dropout: b
 
     ``dropout=True`` keeps dropout layers active (one MC-dropout pass per call, seeded).
     """
-    xt = _device.as_tensor(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
+    ens = check_ensemble(ens)
+    xt = as_numeric(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     if xt.ndim == 1:
         xt = xt.unsqueeze(-1)
     if xt.ndim != 2 or xt.shape[1] != ens.x_mean.shape[0]:
@@ -465,6 +915,7 @@ def forward(ens: Ensemble, x: Any, *, normalised_input: bool = False, dropout: b
 
 def flat_params(ens: Ensemble) -> torch.Tensor:
     """Member parameters flattened to ``(M, P)`` in ``named_parameters`` order."""
+    ens = check_ensemble(ens)
     return torch.cat([v.reshape(v.shape[0], -1) for v in ens.params.values()], dim=1)
 
 

@@ -47,8 +47,9 @@ import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
 from ..diagnostics import ess_kernel, psis_kernel
-from ..errors import InputError, ShapeError, check_int
-from .training import Ensemble, check_data, flat_params, heteroscedastic_variance, unflatten
+from ..errors import InputError, NonFiniteError, ShapeError, check_int
+from .training import (Ensemble, check_data, check_ensemble, flat_params, heteroscedastic_variance, prior_log_prob, prior_moments,
+                       unflatten, warn_unconverged)
 
 ESTIMATORS = ("rml", "laplace", "none")
 
@@ -74,9 +75,12 @@ class MemberWeights(NamedTuple):
     khat: float                   # PSIS Pareto k-hat of the raw log-weights
     psis_log_weight: torch.Tensor  # (M,) Pareto-smoothed, normalised
     estimator: str
+    converged: torch.Tensor | None = None   # (M,) bool: the member reached its minimum (fit's tol); None: unknown
+    trusted: bool = True          # False when some members did not converge: the weights assume minima
 
 
 def _require_gaussian(ens: Ensemble, who: str) -> None:
+    check_ensemble(ens)
     if ens.likelihood != "gaussian":
         raise InputError("ens", f"an ensemble trained with likelihood='gaussian' for {who}",
                          f"likelihood={ens.likelihood!r}")
@@ -85,6 +89,7 @@ def _require_gaussian(ens: Ensemble, who: str) -> None:
 def _normalised_data(ens: Ensemble, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data ``(x, y)`` (original units) checked and normalised as the ensemble was trained, and
     the flat member parameters ``(M, P)``."""
+    check_ensemble(ens)
     xt, yt = check_data(x, y, dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     if xt.shape[1] != ens.x_mean.shape[0]:
         raise ShapeError("x", f"inputs with {ens.x_mean.shape[0]} columns", f"{xt.shape[1]} columns")
@@ -189,7 +194,13 @@ def fisher(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> Fisher
 
 
 def _prior_var(ens: Ensemble) -> torch.Tensor:
+    """Marginal prior variances ``(P,)`` (of the Gaussian surrogate for a non-Gaussian prior)."""
     return torch.cat([s.reshape(-1) for s in ens.prior_sd.values()]) ** 2          # (P,)
+
+
+def _prior_precision(ens: Ensemble, like: torch.Tensor) -> torch.Tensor:
+    """Prior precision ``(P, P)`` (of the Gaussian surrogate for a non-Gaussian prior)."""
+    return prior_moments(ens)[2].to(like)
 
 
 def log_likelihood(ens: Ensemble, x: Any = None, y: Any = None, *, stats: GaussNewton | None = None) -> torch.Tensor:
@@ -201,16 +212,16 @@ def log_likelihood(ens: Ensemble, x: Any = None, y: Any = None, *, stats: GaussN
 
 
 def log_prior(ens: Ensemble) -> torch.Tensor:
-    """``log N(w_i; 0, Σ_p)`` per member ``(M,)``."""
-    theta = flat_params(ens)
-    var = _prior_var(ens).to(theta)
-    return -0.5 * (theta**2 / var).sum(1) - 0.5 * torch.log(2 * math.pi * var).sum()
+    """``log p(w_i)`` per member ``(M,)``: the diagonal Gaussian ``N(0, Σ_p)`` of ``prior_sd``, or the prior
+    given to :func:`~daml.ensembles.fit`."""
+    check_ensemble(ens)
+    return prior_log_prob(ens, flat_params(ens))
 
 
 def _precision_eig(ens: Ensemble, st: GaussNewton, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of ``B = Σ_p^½ GᵀG Σ_p^½ / σ²`` per member, truncated to ``rank``."""
-    sd = _prior_var(ens).to(st.theta).sqrt()
-    b = sd[:, None] * st.gtg * sd[None, :] / ens.noise_sd**2
+    """Eigenpairs of ``B = Lᵀ GᵀG L / σ²`` per member (``Σ_p = L Lᵀ``), truncated to ``rank``."""
+    chol = prior_moments(ens)[1].to(st.theta)
+    b = chol.T @ st.gtg @ chol / ens.noise_sd**2
     lam, vec = torch.linalg.eigh(b)                               # ascending
     lam = lam.clamp(min=0.0)
     if rank is not None and rank < lam.shape[-1]:
@@ -221,16 +232,16 @@ def _precision_eig(ens: Ensemble, st: GaussNewton, rank: int | None) -> tuple[to
 def log_weight_rml(ens: Ensemble, st: GaussNewton, rank: int | None = None) -> torch.Tensor:
     """Unnormalised RML log-weights ``log N(y - f + G w; 0, G Σ_p Gᵀ + σ² I)`` (see module docs)."""
     s2 = ens.noise_sd**2
-    sd = _prior_var(ens).to(st.theta).sqrt()
-    theta = st.theta
+    mean, chol, _ = (t.to(st.theta) for t in prior_moments(ens))
+    theta = st.theta - mean                       # w0 ~ N(μ, Σ_p): the linearised evidence of the centred model
     gtg_w = torch.einsum("mpq,mq->mp", st.gtg, theta)
     # u = r + G w:  uᵀu and Gᵀu from the accumulated statistics
     utu = st.rtr + 2 * (st.gtr * theta).sum(1) + (theta * gtg_w).sum(1)
     gtu = st.gtr + gtg_w
     lam, vec = _precision_eig(ens, st, rank)
-    # uᵀ S⁻¹ u = uᵀu/σ² - zᵀ (I + B)⁻¹ z with z = Σ_p^½ Gᵀu / σ² (Woodbury), and with the (possibly
+    # uᵀ S⁻¹ u = uᵀu/σ² - zᵀ (I + B)⁻¹ z with z = Lᵀ Gᵀu / σ² (Woodbury), and with the (possibly
     # truncated) eigenpairs of B: (I + B)⁻¹ = I - V diag(λ / (1 + λ)) Vᵀ; log det S = n log σ² + Σ log(1 + λ)
-    z = sd * gtu / s2
+    z = gtu @ chol / s2
     zc = torch.einsum("mpk,mp->mk", vec, z)
     quad = utu / s2 - ((z**2).sum(1) - (zc**2 * lam / (1 + lam)).sum(1))
     logdet = st.n * math.log(s2) + torch.log1p(lam).sum(1)
@@ -245,8 +256,7 @@ def _gaussian_fisher(ens: Ensemble, st: GaussNewton) -> Fisher:
 def log_proposal_laplace(ens: Ensemble, st: Fisher) -> torch.Tensor:
     """``log (1/M) Σ_j N(w_i; w_j, A_j⁻¹)``, ``A_j = Σ_p⁻¹ + F_j`` with ``F_j`` the Fisher matrix of the
     likelihood (``G_jᵀG_j/σ²`` for the Gaussian one), per member ``(M,)``."""
-    var = _prior_var(ens).to(st.theta)
-    a = st.precision + torch.diag_embed(1.0 / var).expand_as(st.precision)
+    a = st.precision + _prior_precision(ens, st.theta).expand_as(st.precision)
     chol = torch.linalg.cholesky(a)                                         # (M, P, P)
     logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # log det A_j
     diff = st.theta[:, None, :] - st.theta[None, :, :]                      # (i, j, P)
@@ -282,7 +292,8 @@ def weigh(ens: Ensemble, x: Any, y: Any, *, estimator: str = "rml", rank: int | 
     (Ensemble, MemberWeights)
         The ensemble with its ``log_weight`` set, and the terms with ESS and k-hat.
     """
-    if estimator not in ESTIMATORS:
+    ens = check_ensemble(ens)
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise InputError("estimator", f"one of {ESTIMATORS}", repr(estimator))
     if ens.members < 2:
         raise InputError("ens", "an ensemble of at least 2 members to weigh", f"{ens.members} member")
@@ -300,7 +311,17 @@ def weigh(ens: Ensemble, x: Any, y: Any, *, estimator: str = "rml", rank: int | 
     lp = log_prior(ens)
     if estimator == "rml":
         lw_raw = log_weight_rml(ens, gn, rank)
-        lq = ll + lp - lw_raw
+        if ens.prior is not None and ens.prior.kind == "distribution":
+            # members started from draws of a non-Gaussian prior p, anchored with its Gaussian surrogate g:
+            # log q = log q_g(w) + log p(w0) - log g(w0) at the member's own draw (exact for Gaussian p),
+            # and the target uses log p(w) itself
+            g_prior = ens.prior._replace(kind="gaussian", dist=None)
+            w0 = torch.cat([v.reshape(v.shape[0], -1) for v in ens.prior_draw.values()], 1)
+            lq_g = ll + g_prior.log_prob(gn.theta) - lw_raw
+            lq = lq_g + ens.prior.log_prob(w0) - g_prior.log_prob(w0)
+            lw_raw = ll + lp - lq
+        else:
+            lq = ll + lp - lw_raw
     elif estimator == "laplace":
         lq = log_proposal_laplace(ens, fi)
         lw_raw = ll + lp - lq
@@ -312,8 +333,17 @@ def weigh(ens: Ensemble, x: Any, y: Any, *, estimator: str = "rml", rank: int | 
     if float(lw_raw.max() - lw_raw.min()) <= 1e-9 * (1.0 + float(lw_raw.abs().max())):
         # equal weights (to rounding) have no tail; PSIS would fit noise
         smoothed, khat = lw, torch.tensor(-math.inf)
+    if not bool(torch.isfinite(lw_raw).all()):
+        raise NonFiniteError("ens", "members whose log-likelihood, log-prior and log-proposal are finite",
+                             f"{int((~torch.isfinite(lw_raw)).sum())} members with a non-finite log-weight",
+                             hint="a member sits where the prior density is zero or the likelihood overflows")
+    converged = None if ens.convergence is None else ens.convergence["converged"]
+    unconverged = 0
+    if estimator != "none":
+        unconverged = warn_unconverged(ens, "weigh", stacklevel=2)
     info = MemberWeights(log_weight=lw, log_likelihood=ll, log_prior=lp, log_proposal=lq,
                          ess=float(ess_kernel(lw_raw)), khat=float(khat), psis_log_weight=smoothed,
-                         estimator=estimator)
+                         estimator=estimator, converged=converged, trusted=unconverged == 0)
     return ens.replace(log_weight=smoothed if smooth else lw,
-                       config={**ens.config, "weights": estimator, "rank": rank, "smooth": bool(smooth)}), info
+                       config={**ens.config, "weights": estimator, "rank": rank, "smooth": bool(smooth),
+                               "weights_unconverged_members": unconverged}), info
