@@ -31,6 +31,30 @@ SUSPICIOUS = {"nan", "inf", "posinf", "str", "dict", "list_str", "object", "huge
               "nan_member", "inf_member", "nan_log_weight", "unnormalised", "inf_y", "negative", "float"}
 
 
+def source_file(func: str) -> str:
+    """The daml source file behind a fuzzed name (``daml.filters.kf`` -> daml/filters/kalman.py)."""
+    import importlib
+    import inspect
+    name = func.split("[")[0]
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            registry = getattr(importlib.import_module(".".join(parts[:cut])), "REGISTRY", {})
+            obj = registry.get(parts[cut], obj)
+        try:
+            return os.path.relpath(inspect.getsourcefile(inspect.unwrap(obj)), ROOT)
+        except TypeError:
+            return ".".join(parts[:cut])
+    return name
+
+
 def summarise(outcomes):
     calls = [o for o in outcomes if o.category != "skip"]
     count = collections.Counter(o.category for o in calls)
@@ -56,6 +80,9 @@ def summarise(outcomes):
         "unnamed": [dict(function=o.func, mutation=o.mutation, detail=o.detail)
                     for o in calls if o.category == "unnamed"],
         "failures": failures,
+        "failures_by_file": {f: [f"{x['function']} [{x['mutation']}] {x['category']}: {x['detail'][:160]}"
+                                 for x in failures if source_file(x["function"]) == f]
+                             for f in sorted({source_file(x["function"]) for x in failures})},
         # finished with a finite answer on an input that looks invalid: not counted as a failure (some are
         # legitimate, e.g. a None that selects a default), listed for review
         "accepted_suspicious": [dict(function=o.func, mutation=o.mutation) for o in calls

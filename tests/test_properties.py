@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -386,3 +387,36 @@ def test_saturation_vapour_pressure_is_positive_and_increasing(ta):
     ta = np.sort(ta)
     es = np.asarray(saturation_vapour_pressure(ta), dtype=float)
     assert np.all(es > 0) and np.all(np.diff(es) >= 0)
+
+
+def _weighted_case(data, max_m=6, d=2):
+    m = data.draw(st.integers(2, max_m))
+    x = data.draw(hnp.arrays(np.float64, (m, d), elements=st.floats(-50, 50)))
+    lw = data.draw(hnp.arrays(np.float64, m, elements=st.floats(-4, 4)))
+    y = data.draw(hnp.arrays(np.float64, d, elements=st.floats(-50, 50)))
+    w = np.exp(lw - np.logaddexp.reduce(lw))
+    post = daml.from_members(x, lw)
+    return x, w, y, post, xr.DataArray(y, dims=("variable",))
+
+
+@SETTINGS
+@given(st.data())
+def test_weighted_scores_match_their_closed_forms(data):
+    """CRPS, PIT, RMSE, spread and ESS of a weighted ensemble against the formulas in their docstrings."""
+    x, w, y, post, truth = _weighted_case(data)
+    crps = w @ np.abs(x - y) - 0.5 * np.einsum("i,j,ijk->k", w, w, np.abs(x[:, None] - x[None]))
+    assert np.allclose(dg.crps(post, truth)["x"].values if hasattr(dg.crps(post, truth), "data_vars")
+                       else dg.crps(post, truth).values, crps, rtol=1e-9, atol=1e-9)
+    pit = w @ (x < y) + 0.5 * (w @ (x == y))
+    got = dg.pit(post, truth)
+    assert np.allclose(got["x"].values if hasattr(got, "data_vars") else got.values, pit, atol=1e-12)
+    mean = w @ x
+    rmse = dg.rmse(post, truth)
+    assert np.allclose(float(rmse["x"] if hasattr(rmse, "data_vars") else rmse),
+                       np.sqrt(np.mean((mean - y) ** 2)), rtol=1e-9, atol=1e-9)
+    s2 = w @ (x - mean) ** 2 / (1 - np.sum(w**2))
+    spread = dg.spread(post)
+    if np.sum(w**2) < 1 - 1e-6:
+        assert np.allclose(float(spread["x"] if hasattr(spread, "data_vars") else spread), np.sqrt(np.mean(s2)),
+                           rtol=1e-6, atol=1e-9)
+    assert np.isclose(float(dg.ess(post)), 1 / np.sum(w**2), rtol=1e-9)
