@@ -420,3 +420,49 @@ def test_weighted_scores_match_their_closed_forms(data):
         assert np.allclose(float(spread["x"] if hasattr(spread, "data_vars") else spread), np.sqrt(np.mean(s2)),
                            rtol=1e-6, atol=1e-9)
     assert np.isclose(float(dg.ess(post)), 1 / np.sum(w**2), rtol=1e-9)
+
+
+@SETTINGS
+@given(st.integers(2, 6), st.data())
+def test_ensemble_transform_keeps_the_weighted_mean(m, data):
+    """The ETPF transform is a Markov matrix with the weights as stationary row sums: the new equal-weight
+    mean is the old weighted mean (to the solver's tolerance); with second_order also the covariance."""
+    from daml.transport import ensemble_transform
+    x = data.draw(hnp.arrays(np.float64, (m, 2), elements=st.floats(-10, 10)))
+    lw = data.draw(hnp.arrays(np.float64, m, elements=st.floats(-3, 3)))
+    second = data.draw(st.booleans())
+    cat, res = _run(lambda: ensemble_transform(torch.as_tensor(x), torch.as_tensor(lw), max_iter=5000, tol=1e-10,
+                                               second_order=second), "daml.transport.ensemble_transform", "x", x)
+    if cat != "ok" or not bool(res.converged.all()):
+        return
+    w = np.exp(lw - np.logaddexp.reduce(lw))
+    scale = 1 + np.abs(x).max()
+    assert np.allclose(res.x.numpy().mean(0), w @ x, atol=1e-6 * scale)
+    if second:
+        c_new = np.cov(res.x.numpy().T, bias=True)
+        c_w = np.cov(x.T, aweights=w, bias=True)
+        assert np.allclose(c_new, c_w, atol=1e-5 * scale**2)
+
+
+@settings(SETTINGS, max_examples=12)
+@given(st.integers(1, 5), st.floats(0.02, 1.0), st.data())
+def test_sinkhorn_linear_cost_is_at_least_the_exact_optimum(n, eps, data):
+    """<P, C> of any plan with uniform marginals is >= the assignment optimum / n (Birkhoff)."""
+    from scipy.optimize import linear_sum_assignment
+    from daml.transport import sinkhorn
+    c = data.draw(hnp.arrays(np.float64, (n, n), elements=st.floats(0, 10)))
+    res = sinkhorn(torch.as_tensor(c), epsilon=eps, max_iter=5000, tol=1e-10, warn=False)
+    if not bool(res.converged.all()):
+        return
+    r, k = linear_sum_assignment(c)
+    assert float(res.value_linear) >= c[r, k].sum() / n - 1e-6 * (1 + c.max())
+
+
+def test_resampling_schemes_are_unbiased():
+    """E[offspring of i] = n w_i for every scheme: mean counts over 500 seeds within 5 standard errors."""
+    w = np.array([0.05, 0.4, 0.15, 0.3, 0.1])
+    n, runs = len(w), 500
+    for method in sorted(R.METHODS):
+        counts = np.stack([np.bincount(R.resample(w, method, seed=s).numpy(), minlength=n) for s in range(runs)])
+        se = counts.std(0) / np.sqrt(runs) + 1e-12
+        assert np.all(np.abs(counts.mean(0) - n * w) <= 5 * se + 1e-9), (method, counts.mean(0), n * w)
