@@ -252,6 +252,7 @@ class Prior(NamedTuple):
     chol: torch.Tensor           # (P, P) lower Cholesky factor of cov
     precision: torch.Tensor      # (P, P)
     dist: Any = None             # the torch distribution (kind "distribution"), else None
+    dist_dtype: Any = None       # the dtype its log_prob expects
 
     def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
         """Prior log-density of flat parameters ``(..., P)``; works under ``vmap`` and ``grad``."""
@@ -260,12 +261,7 @@ class Prior(NamedTuple):
             z = torch.linalg.solve_triangular(self.chol, d.unsqueeze(-1), upper=False).squeeze(-1)
             logdet = 2 * torch.log(torch.diagonal(self.chol)).sum()
             return -0.5 * (z**2).sum(-1) - 0.5 * logdet - 0.5 * d.shape[-1] * math.log(2 * math.pi)
-        dt = self.mean.dtype
-        return self.dist.log_prob(theta.to(_dist_dtype(self.dist))).to(dt)
-
-
-def _dist_dtype(dist: Any) -> torch.dtype:
-    return dist.mean.dtype
+        return self.dist.log_prob(theta.to(self.dist_dtype)).to(self.mean.dtype)
 
 
 def _as_prior(prior: Any, n_params: int, dtype: torch.dtype, device: torch.device, seed: Any) -> Prior:
@@ -318,7 +314,12 @@ def _as_prior(prior: Any, n_params: int, dtype: torch.dtype, device: torch.devic
     chol, info = torch.linalg.cholesky_ex(cov)
     if int(info) != 0:
         raise InputError("prior", "a prior with a positive-definite covariance", "a singular or indefinite one")
-    return Prior(kind=kind, mean=mean, cov=cov, chol=chol, precision=torch.cholesky_inverse(chol), dist=dist)
+    dist_dtype = None
+    if dist is not None:
+        with _device.scoped_global_stream(seed, "cpu"):
+            dist_dtype = prior.sample().dtype
+    return Prior(kind=kind, mean=mean, cov=cov, chol=chol, precision=torch.cholesky_inverse(chol), dist=dist,
+                 dist_dtype=dist_dtype)
 
 
 def _draw_flat_prior(prior: Prior, g: torch.Generator, seed: np.random.SeedSequence) -> torch.Tensor:
