@@ -466,3 +466,32 @@ def test_resampling_schemes_are_unbiased():
         counts = np.stack([np.bincount(R.resample(w, method, seed=s).numpy(), minlength=n) for s in range(runs)])
         se = counts.std(0) / np.sqrt(runs) + 1e-12
         assert np.all(np.abs(counts.mean(0) - n * w) <= 5 * se + 1e-9), (method, counts.mean(0), n * w)
+
+
+FILTER_PARAMS = {"climatology": dict(mean=np.zeros(3), cov=np.eye(3) * 50, members=6), "kf": {}, "ekf": {},
+                 "enkf": dict(members=6), "etkf": dict(members=6), "letkf": dict(members=6, radius=2.0),
+                 "bootstrap": dict(members=20), "optimal": dict(members=20), "auxiliary": dict(members=20),
+                 "ewpf": dict(members=20), "iewpf": dict(members=20), "etpf": dict(members=20),
+                 "letpf": dict(members=20, radius=2.0), "diffusion": dict(members=6, steps=20),
+                 "ensf": dict(members=6, steps=20)}
+PF_NOISE = {"bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "etpf", "letpf"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sd", [0.01, 1.0, 10.0])
+@pytest.mark.parametrize("name", sorted(FILTER_PARAMS))
+def test_every_filter_is_bounded_or_refuses(name, sd):
+    """Lorenz-63 stays within |x| < 60: an analysis beyond 1e3 is a blow-up that must raise, not be returned."""
+    from daml import filters as F, models as M
+    if name == "kf":
+        pytest.skip("needs a linear model")
+    params = dict(FILTER_PARAMS[name])
+    if name in PF_NOISE:
+        params["model_noise"] = 0.5 * np.eye(3)
+    data = daml.simulate(M.Lorenz63(), 15, M.observe_all(3, sd=sd), x0=np.ones(3), x0_cov=1.0, seed=0)
+    cat, detail, res = _fuzz.classify(lambda: F.run(F.make_filter(name, **params), M.Lorenz63(), data, seed=0),
+                                      None, 0, 120.0)
+    assert cat in ("ok", "clear", "unnamed"), f"{name} sd={sd}: {cat} {detail}"
+    if cat == "ok":
+        big = float(np.abs(res.analysis["x"].values).max())
+        assert big < 1e3, f"{name} sd={sd}: analysis members up to {big:.3g} returned without an error"
