@@ -495,3 +495,17 @@ def test_every_filter_is_bounded_or_refuses(name, sd):
     if cat == "ok":
         big = float(np.abs(res.analysis["x"].values).max())
         assert big < 1e3, f"{name} sd={sd}: analysis members up to {big:.3g} returned without an error"
+
+
+@settings(SETTINGS, max_examples=10)
+@given(st.integers(1, 5), st.sampled_from([np.float64, np.float32]), st.data())
+def test_netcdf_round_trip_is_exact(tmp_path_factory, m, dtype, data):
+    x = data.draw(hnp.arrays(dtype, (m, 2), elements=st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=False).filter(lambda v: abs(v) < 1e30)))
+    lw = data.draw(hnp.arrays(np.float64, m, elements=st.floats(-20, 20))).astype(dtype)
+    post = daml.from_members(x, lw)
+    path = tmp_path_factory.mktemp("nc") / "p.nc"
+    daml.to_netcdf(post, path)
+    back = daml.open_posterior(path)
+    for name in ("x", "log_weight"):
+        assert back[name].dtype == post[name].dtype
+        assert np.array_equal(back[name].values, post[name].values)
