@@ -406,7 +406,7 @@ _PATIENCE = 2          # epochs whose full-data objective did not decrease befor
 _STOCHASTIC_HALVINGS = 8
 _POLISH_AFTER = 3      # step halvings after which a member of a deterministic Gaussian model goes to the polish
 _POLISH_ITERATIONS = 500
-_POLISH_PATIENCE = 80
+_POLISH_PATIENCE = 200
 _POLISH_MAX_PARAMS = 4000
 
 
