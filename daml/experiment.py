@@ -416,7 +416,7 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
         truth = data["truth"]
         r = diagnostics.rmse(keep, truth)           # (time, experiment)
         s = diagnostics.spread(keep)
-        c = diagnostics.crps(keep, truth)
+        c = _chunked_crps(keep, truth)
         per_exp = [d for d in r.dims if d != "time"]
         per_truth = r.mean("time")
         scores.append(Score(
@@ -429,6 +429,19 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
             rmse_a_each=tuple(float(v) for v in np.ravel(per_truth.values)), index=index,
         ))
     return data, scores
+
+
+def _chunked_crps(post: xr.Dataset, truth: xr.DataArray, cells: int = 2_000_000) -> xr.DataArray:
+    """:func:`daml.diagnostics.crps` over blocks of times of at most about ``cells`` member values
+    each (its sorting works on copies of the members: thousands of members over all times at once
+    would need tens of GB), concatenated along time; the same values as in one call."""
+    per_time = max(1, int(np.prod([n for d, n in post["x"].sizes.items() if d != "time"])))
+    step = max(1, cells // per_time)
+    if post.sizes["time"] <= step:
+        return diagnostics.crps(post, truth)
+    parts = [diagnostics.crps(post.isel(time=slice(i, i + step)), truth)
+             for i in range(0, post.sizes["time"], step)]
+    return xr.concat(parts, dim="time")
 
 
 def format_table(exp: Experiment, scores: list[Score]) -> str:

@@ -230,3 +230,16 @@ def test_zero_mean_prior_and_a_good_file_still_run():
     assert all(np.isfinite(s.rmse_a) for s in scores)
     with pytest.raises(InputError, match="prior.x0"):
         experiment.build_data(experiment.load_config(_toml().replace("cov = 0.1", 'x0 = "zero"\ncov = 0.1')))
+
+
+def test_scores_of_large_ensembles_are_computed_in_blocks_of_times_with_the_same_values():
+    # the CRPS of thousands of members over all times at once needs tens of GB (the m40 TOML with 3000
+    # particles was killed for memory); in blocks of times it is the same array
+    from daml import diagnostics
+
+    model, op, data = _l96_twin(experiments=2, steps=30)
+    post = filters.run(filters.bootstrap(members=30, jitter=1.0), model, data, seed=2, progress=False).analysis
+    whole = diagnostics.crps(post, data["truth"])
+    blocks = experiment._chunked_crps(post, data["truth"], cells=2 * 30 * 10 * 4)     # 4 times per block
+    assert blocks.dims == whole.dims
+    np.testing.assert_array_equal(blocks.values, whole.values)
