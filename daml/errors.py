@@ -27,6 +27,7 @@ __all__ = [
     "DivergenceError",
     "ConvergenceWarning",
     "DroppedRowsWarning",
+    "PaddingWarning",
     "check_int",
     "check_real",
     "available_memory",
@@ -134,6 +135,11 @@ class DroppedRowsWarning(UserWarning):
     Raised as a warning (the fit goes on with the complete rows) so the loss is never silent; the count
     is also kept in the result's ``attrs["n_dropped"]``.
     """
+
+
+class PaddingWarning(UserWarning):
+    """A batch looks zero-padded (some problems, not all, end in an all-zero row or column) and the
+    padding would change the result; :func:`daml.transport.sinkhorn` says to pass ``sizes=``."""
 
 
 def _rebuild_divergence(message: str, step: int | None) -> DivergenceError:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from daml.errors import ConvergenceWarning, DtypeError, InputError, NonFiniteError, ShapeError
+from daml.errors import ConvergenceWarning, DtypeError, InputError, NonFiniteError, PaddingWarning, ShapeError
 from daml.transport import ensemble_transform, second_order_correction, sinkhorn, softmin
 
 F64 = torch.float64
@@ -198,7 +198,7 @@ def test_zero_padding_without_sizes_is_a_different_problem_and_warns(relative):
     sizes = torch.tensor(SHAPES)
     inside = (torch.arange(7)[:, None] < sizes[:, None, :1]) & (torch.arange(7)[None, :] < sizes[:, None, 1:2])
     cost = torch.where(inside, cost, 0.0)
-    with pytest.warns(UserWarning, match="pass sizes="):
+    with pytest.warns(PaddingWarning, match="pass sizes="):
         naive = sinkhorn(cost, epsilon=0.3, relative=relative, tol=1e-10, max_iter=100000)
     right = sinkhorn(cost, epsilon=0.3, relative=relative, sizes=sizes, tol=1e-10, max_iter=100000)
     n, m = SHAPES[0]
@@ -380,3 +380,21 @@ def test_second_order_correction_normalises_the_log_weights():
     cov = ((x - mean).T * w) @ (x - mean)
     assert torch.allclose(new.mean(0), mean, atol=1e-12)
     assert torch.allclose((new - mean).T @ (new - mean) / 5, cov, atol=1e-12)
+
+
+def test_ensemble_transform_never_warns_of_padding():
+    """The ensemble transform builds its own unpadded batches: a cost whose last row is zero in one
+    problem of the batch (members that coincide, or distances lost to cancellation in a collapsed
+    ensemble) is not padding, and must not warn that it is (seen in the Lorenz-63 ETPF golden run)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, 2, generator=g, dtype=torch.float64)
+    lw = torch.log_softmax(torch.randn(3, 6, generator=g, dtype=torch.float64), -1)
+    c = torch.cdist(x, x) ** 2
+    c[1, -1, :] = 0.0
+    c[1, :, -1] = 0.0
+    with pytest.warns(PaddingWarning):          # the plain solver does warn on this batch
+        sinkhorn(c, log_a=lw, epsilon=0.05, relative=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PaddingWarning)
+        res = ensemble_transform(x, lw, cost=c)
+    assert torch.isfinite(res.transform).all()

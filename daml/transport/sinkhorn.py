@@ -107,7 +107,8 @@ import numpy as np
 import torch
 
 from .. import _device
-from ..errors import ConvergenceWarning, DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import (ConvergenceWarning, DtypeError, InputError, NonFiniteError, PaddingWarning, ShapeError,
+                      check_int, check_real)
 
 __all__ = ["sinkhorn", "SinkhornResult", "softmin"]
 
@@ -444,7 +445,7 @@ def _warn_if_padded(cb: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, relati
                       "column of the cost, as zero padding does. If they are padded, pass sizes= (each "
                       "problem's own (n_i, m_i)): padding without it " +
                       ("changes the relative epsilon (the mean cost includes the padded zeros)" if relative else
-                       "gives the padded rows or columns mass") + " and so the result.", UserWarning, stacklevel=3)
+                       "gives the padded rows or columns mass") + " and so the result.", PaddingWarning, stacklevel=3)
 
 
 # -- implicit differentiation of the potentials -----------------------------------------------------------
@@ -552,7 +553,10 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
         theory (Lehmann et al.), only upwards and at most 1.98. Either way a problem whose error grows
         between checks drops to plain Sinkhorn.
     warn : bool
-        Emit a :class:`~daml.errors.ConvergenceWarning` when problems end unconverged.
+        Emit a :class:`~daml.errors.ConvergenceWarning` when problems end unconverged, and a
+        :class:`~daml.errors.PaddingWarning` when, without ``sizes``, the batch looks zero-padded.
+        Callers that build their own unpadded batches and check convergence themselves (the ensemble
+        transform) pass ``False``.
     dtype, device : optional
         Resolved through :mod:`daml._device`; default: those of ``cost`` (float64 for non-float input).
 
@@ -603,7 +607,7 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, *, log_a: Any = None, log_
     lb = _check_masses(b, log_b, "b", m, batch, c, cols_ok)
     cb = c.reshape(-1, n, m)
     eps = _check_epsilon(epsilon, relative, c, batch, counts)
-    if sizes is None:
+    if sizes is None and warn:
         _warn_if_padded(cb, la, lb, relative)
 
     # the loop runs in inference mode (less bookkeeping per operation than no_grad); its results are
