@@ -600,7 +600,6 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.diagnostics.describe", dg.describe, lambda: dict(post=post()), {"post": "post"}))
 
     def flat_hist():
-        h = dg.rank_histogram(post(20), truth(), seed=0) if False else None
         return xr.DataArray(np.array([3.0, 5.0, 4.0, 6.0]), dims=("rank",))
     add(S("daml.diagnostics.rank_histogram_flatness", dg.rank_histogram_flatness, lambda: dict(hist=flat_hist()),
           {"hist": {"negative": lambda h: h * -1, "nan": lambda h: h.where(h != 3.0, math.nan),
@@ -637,7 +636,7 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
         return _target(call, cls)
     add(S("daml.models.Lorenz63", model_and_step(M.Lorenz63, {}), lambda: {}, {}))
     add(S("daml.models.Lorenz96", model_and_step(M.Lorenz96, {}), lambda: dict(n=6), {"n": "int"},
-          skip=[("n", "huge")] if False else ()))
+))
     add(S("daml.models.Kuramoto", model_and_step(M.Kuramoto, {}), lambda: dict(n=4, coupling=1.0, omega=np.linspace(0.5, 1.5, 4), seed=0),
           {"n": "int", "coupling": "real", "omega": "array"}, skip=[("omega", "None")]))
     add(S("daml.models.LinearDrag", model_and_step(M.LinearDrag, {}), lambda: {}, {}))
@@ -700,7 +699,7 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
           {"func": "obj", "state_size": "int", "size": "int", "sd": "real", "cov": "cov"},
           skip=[("cov", "None")], auto_skip=("description",)))
     add(S("daml.models.observe_transformed", obs_call(M.observe_transformed),
-          lambda: dict(base=M.observe_all(3, sd=1.0), transform="log1p_abs" if False else (lambda x: torch.tanh(x))),
+          lambda: dict(base=M.observe_all(3, sd=1.0), transform=lambda x: torch.tanh(x)),
           {"base": "obj", "transform": {**CHOICE}}, auto_skip=("name",)))
 
     # ---- daml.twin --------------------------------------------------------------------------------------
@@ -747,7 +746,7 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
         if name == "climatology":
             kinds.update(mean="array", cov="cov")
         add(S(f"daml.filters.{name}", run_filter(name), base, kinds,
-              skip=[("members", "huge")] if False else (), auto_skip=("positions",)))
+              auto_skip=("positions",)))
     for fname, fn in [("make_filter", F.make_filter)]:
         add(S("daml.filters.make_filter", fn, lambda: dict(name="etkf", members=4), {"name": "choice",
                                                                                       "members": "int"}, auto=False,
@@ -804,9 +803,12 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
           lambda: dict(mean=t64(np.zeros(3)), cov=t64(spd(3))), {"mean": "array", "cov": "cov"}))
     add(S("daml.filters.gaussian_members", F.gaussian_members,
           lambda: dict(state=F.GaussianState(t64(np.zeros(3)), t64(spd(3)))), {"state": "obj"}))
-    add(S("daml.filters.ensemble_init", lambda members, mean, cov: F.ensemble_init(members)(
-        mean, cov, torch.Generator().manual_seed(0)) if False else F.ensemble_init(members),
-        lambda: dict(members=4, mean=None, cov=None), {"members": "int"}, auto=False))
+    def init_call(members, mean, cov):
+        init = F.ensemble_init(members)
+        return init(M.Lorenz63(), mean, cov, torch.Generator().manual_seed(0))
+    add(S("daml.filters.ensemble_init", _target(init_call, F.ensemble_init),
+          lambda: dict(members=4, mean=t64(np.zeros(3)), cov=t64(spd(3))),
+          {"members": "int", "mean": "array", "cov": "cov"}, auto=False))
     add(S("daml.filters.ensemble_forecast", F.ensemble_forecast,
           lambda: dict(state=ens_state(), model=M.Lorenz63(), g=torch.Generator().manual_seed(0)),
           {"state": "obj", "model": "obj", "g": "obj"}))
@@ -1082,7 +1084,7 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.causal.MLPRegressor.fit", lambda x, y: causal.MLPRegressor(hidden=(4,), iterations=10).fit(x, y)
           .predict(np.zeros((2, 2))), lambda: dict(x=_mlp_xy()[0], y=_mlp_xy()[1]), {"x": "members", "y": "array"},
           auto=False))
-    add(S("daml.causal.default_learner", causal.default_learner, lambda: dict(kind="linear" if False else "forest",
+    add(S("daml.causal.default_learner", causal.default_learner, lambda: dict(kind="forest",
                                                                                seed=0),
           {"kind": "choice", "seed": "seed"}, auto=False))
     add(S("daml.causal.default_boosting", causal.default_boosting, lambda: dict(seed=0), {"seed": "seed"}))
@@ -1326,6 +1328,7 @@ NOT_CALLABLE = {
     "daml.errors.DamlError": "an exception base class with no arguments of its own",
     "daml.errors.ConvergenceWarning": "a warning class",
     "daml.errors.DroppedRowsWarning": "a warning class",
+    "daml.errors.PaddingWarning": "a warning class",
     "daml.diagnostics.PSISResult": "a result NamedTuple (built by psis)",
     "daml.diagnostics.FlatnessResult": "a result NamedTuple (built by rank_histogram_flatness)",
     "daml.transport.SinkhornResult": "a result NamedTuple (built by sinkhorn)",
@@ -1428,7 +1431,7 @@ KNOWN_WRONG: dict[tuple[str, str], tuple[str, Callable[[], bool]]] = {
         "VPCosine().alpha(-1.0) = 0.001, sigma2(-1.0) = 1.0: pseudo-times outside [0, 1] are accepted",
         lambda: _refuses(lambda: __import__("daml.diffusion").diffusion.VPCosine().alpha(-1.0))),
     ("daml.filters.ensemble_init", "members=negative"): (
-        "ensemble_init(-1) returns an initialiser without a word (the error comes, if at all, at run time)",
+        "ensemble_init(-1) returns an initialiser without a word (its call then fails in torch.randn)",
         lambda: _refuses(lambda: __import__("daml.filters").filters.ensemble_init(-1))),
     ("daml.models.periodic_covariance", "n=4,length=1"): (
         "periodic_covariance(4, 1.0, 1.0) has eigenvalue -0.078: exp(-d^2 / 2 l^2) of the ring's grid distance "
@@ -1784,7 +1787,7 @@ KNOWN: dict[tuple[str, str], str] = {
     ('daml.experiment.Experiment', 'steps=str'):
         'other: builtins.TypeError: can only concatenate str (not "float") to str',
     ('daml.experiment.load_config', 'source=missing_file'):
-        "other: builtins.FileNotFoundError: config: expected an existing TOML file, got '/tmp/daml-fuzz-6gsn14tv/no-suc",
+        "other: builtins.FileNotFoundError: config: expected an existing TOML file, got '/tmp/daml-fuzz-t5hrsl7f/no-suc",
     ('daml.experiment.run_experiment', 'exp=None'):
         "other: builtins.AttributeError: 'NoneType' object has no attribute 'methods'",
     ('daml.experiment.run_experiment', 'exp=dict'):
@@ -1847,6 +1850,54 @@ KNOWN: dict[tuple[str, str], str] = {
         "other: builtins.AttributeError: 'int' object has no attribute 'x'",
     ('daml.filters.ensemble_forecast', 'state=str'):
         "other: builtins.AttributeError: 'str' object has no attribute 'x'",
+    ('daml.filters.ensemble_init', 'cov=None'):
+        "other: builtins.AttributeError: 'NoneType' object has no attribute 'to'",
+    ('daml.filters.ensemble_init', 'cov=dict'):
+        "other: builtins.AttributeError: 'dict' object has no attribute 'to'",
+    ('daml.filters.ensemble_init', 'cov=inf'):
+        'nonfinite: 4 non-finite values in the result',
+    ('daml.filters.ensemble_init', 'cov=nan'):
+        'other: torch._C._LinAlgError: linalg.eigh: The algorithm failed to converge because the input matrix is ill-co',
+    ('daml.filters.ensemble_init', 'cov=str'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'to'",
+    ('daml.filters.ensemble_init', 'cov=wrong_shape'):
+        'other: builtins.RuntimeError: linalg.cholesky: A must be batches of square matrices, but they are 3 by 2 matri',
+    ('daml.filters.ensemble_init', 'mean=None'):
+        "other: builtins.AttributeError: 'NoneType' object has no attribute 'shape'",
+    ('daml.filters.ensemble_init', 'mean=bfloat16'):
+        'other: builtins.NotImplementedError: "cholesky_cpu" not implemented for \'BFloat16\'',
+    ('daml.filters.ensemble_init', 'mean=dict'):
+        "other: builtins.AttributeError: 'dict' object has no attribute 'shape'",
+    ('daml.filters.ensemble_init', 'mean=empty'):
+        'other: builtins.RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x0 and 3x3)',
+    ('daml.filters.ensemble_init', 'mean=float16'):
+        'other: builtins.NotImplementedError: "cholesky_cpu" not implemented for \'Half\'',
+    ('daml.filters.ensemble_init', 'mean=inf'):
+        'nonfinite: 4 non-finite values in the result',
+    ('daml.filters.ensemble_init', 'mean=int'):
+        'other: builtins.RuntimeError: linalg.cholesky: Expected a floating point or complex tensor as input. Got Long',
+    ('daml.filters.ensemble_init', 'mean=list_str'):
+        "other: builtins.AttributeError: 'list' object has no attribute 'shape'",
+    ('daml.filters.ensemble_init', 'mean=nan'):
+        'nonfinite: 4 non-finite values in the result',
+    ('daml.filters.ensemble_init', 'mean=object'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'element_size'",
+    ('daml.filters.ensemble_init', 'mean=scalar'):
+        'other: builtins.IndexError: tuple index out of range',
+    ('daml.filters.ensemble_init', 'mean=str'):
+        "other: builtins.AttributeError: 'numpy.ndarray' object has no attribute 'element_size'",
+    ('daml.filters.ensemble_init', 'mean=wrong_shape'):
+        'other: builtins.RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x2 and 3x3)',
+    ('daml.filters.ensemble_init', 'members=None'):
+        "other: builtins.TypeError: unsupported operand type(s) for *: 'int' and 'NoneType'",
+    ('daml.filters.ensemble_init', 'members=bool'):
+        'other: builtins.TypeError: randn() received an invalid combination of arguments - got (bool, int, device=torch',
+    ('daml.filters.ensemble_init', 'members=float'):
+        'other: builtins.TypeError: randn() received an invalid combination of arguments - got (float, int, device=torc',
+    ('daml.filters.ensemble_init', 'members=negative'):
+        'other: builtins.RuntimeError: Trying to create tensor with negative dimension -1: [-1, 3]',
+    ('daml.filters.ensemble_init', 'members=zero'):
+        'other: builtins.ValueError: math domain error',
     ('daml.filters.ensemble_members', 'state=None'):
         "other: builtins.AttributeError: 'NoneType' object has no attribute 'x'",
     ('daml.filters.ensemble_members', 'state=dict'):
