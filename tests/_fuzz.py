@@ -1787,7 +1787,7 @@ KNOWN: dict[tuple[str, str], str] = {
     ('daml.experiment.Experiment', 'steps=str'):
         'other: builtins.TypeError: can only concatenate str (not "float") to str',
     ('daml.experiment.load_config', 'source=missing_file'):
-        "other: builtins.FileNotFoundError: config: expected an existing TOML file, got '/tmp/daml-fuzz-t5hrsl7f/no-suc",
+        "other: builtins.FileNotFoundError: config: expected an existing TOML file, got '/tmp/daml-fuzz-5r9hf2y0/no-suc",
     ('daml.experiment.run_experiment', 'exp=None'):
         "other: builtins.AttributeError: 'NoneType' object has no attribute 'methods'",
     ('daml.experiment.run_experiment', 'exp=dict'):
