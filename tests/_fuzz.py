@@ -324,6 +324,19 @@ def accepted_names(spec: Spec, arg: str) -> tuple:
     return (arg, *(KIND_ALIASES.get(kind, ()) if isinstance(kind, str) else ()), *spec.aliases.get(arg, ()))
 
 
+# Pure iteration counts: loops whose memory does not grow with the count (optimiser epochs, MCMC
+# steps, model steps applied in place). A huge count is a long run that the user asked for, not a
+# size that cannot fit, so only its type, sign and NaN are fuzzed; sizes that allocate in proportion
+# (members, particles, samples, time grids) keep the "huge" mutation and must be refused up front.
+ITERATION_COUNTS = {
+    ("daml.causal.MLPRegressor", "iterations"),
+    ("daml.causal.q10_end_to_end", "iterations"),
+    ("daml.ensembles.fit", "epochs"),
+    ("daml.ensembles.equal_weight", "steps"),
+    ("daml.models.propagate", "steps"),
+}
+
+
 def mutations(spec: Spec) -> list[tuple[str, str, Callable[[Any], Any]]]:
     """``(argument, label, transform)`` for every mutation of ``spec`` (label is ``arg=kind``)."""
     out = []
@@ -331,6 +344,8 @@ def mutations(spec: Spec) -> list[tuple[str, str, Callable[[Any], Any]]]:
         table = KINDS[kind] if isinstance(kind, str) else kind
         for label, fn in table.items():
             if (arg, label) in spec.skip or (arg, "*") in spec.skip:
+                continue
+            if label == "huge" and (spec.name, arg) in ITERATION_COUNTS:
                 continue
             out.append((arg, f"{arg}={label}", fn))
     return out
