@@ -232,7 +232,7 @@ def test_kernel_mixture_and_the_other_builders_refuse_nan_members():
     (lambda e, y, op: dif.check_sampler(steps=1.5), InputError, "steps"),
     (lambda e, y, op: dif.make_schedule(None), InputError, "schedule"),
     (lambda e, y, op: dif.VE(float("inf")), InputError, "sigma_max"),
-    (lambda e, y, op: dif.divergence_bound(e, factor=0.0), InputError, "max_distance"),
+    (lambda e, y, op: dif.divergence_bound(e, factor=0.0), InputError, "factor"),
     (lambda e, y, op: dif.ensf(10, max_growth=0.5), InputError, "max_growth"),
     (lambda e, y, op: dif.ensf_growth(float("nan")), InputError, "curvature"),
     (lambda e, y, op: dif.diffusion(10, max_distance=-1.0), InputError, "max_distance"),

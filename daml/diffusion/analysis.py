@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from .. import _device
-from ..errors import DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError, check_fits, check_int, check_real
 from ..filters.base import (EnsembleState, Filter, check_members, ensemble_forecast, ensemble_init,
                            ensemble_members, register)
 from ..filters.letkf import _check_radius, ring_taper
@@ -36,7 +36,7 @@ from ..filters.particle import kish_ess
 from .samplers import (DIVERGENCE_FACTOR, SamplerSettings, check_sampler, divergence_bound, reverse, terminal_sample,
                        time_grid)
 from .schedules import Schedule, VPLinear, make_schedule
-from .scores import (check_bandwidth, ensemble_forcing, exact_forcing, fitted_mixture, gaussian_prior, kernel_mixture,
+from .scores import (_HALF, check_bandwidth, ensemble_forcing, exact_forcing, fitted_mixture, gaussian_prior, kernel_mixture,
                      likelihood_score, linearise, local_mixture, mixture_score)
 
 __all__ = ["FORCINGS", "analysis", "posterior_score", "diffusion", "ensf", "ensf_growth", "ENSF_CLIP"]
@@ -84,6 +84,8 @@ def posterior_score(members: torch.Tensor, y: torch.Tensor, operator, *, mask: t
     if operator.state_size != members.shape[-1]:
         raise ShapeError("members", f"states of length {operator.state_size} (the operator's)",
                          f"shape {tuple(members.shape)}")
+    if members.dtype in _HALF:      # widened losslessly (half precision has no eigh, cdist or Cholesky)
+        members = members.float()
     mask = torch.isfinite(y) if mask is None else mask.to(torch.bool)
     taper = None if radius is None else ring_taper(members.shape[-1], _check_radius(radius)).to(members)
 
@@ -220,14 +222,22 @@ def analysis(members: Any, y: Any, operator, *, mask: Any = None, log_weight: An
     dt = _device.resolve_dtype(dtype, dev)
     x0 = _tensor(members, "members", dt, dev)
     yy = _tensor(y, "y", dt, dev)
-    mk = None if mask is None else _tensor(mask, "mask", torch.bool, dev, floating=False)
+    mk = None if mask is None else _tensor(mask, "mask", None, dev, floating=False)
+    if mk is not None and mk.dtype != torch.bool:
+        raise DtypeError("mask", "a boolean array (True where observed)", f"dtype {mk.dtype}")
     lw = None if log_weight is None else _tensor(log_weight, "log_weight", dt, dev)
     settings = check_sampler(sampler, steps, t_min, noise, corrector_steps, corrector_size, clip, spacing)
     sched = make_schedule(schedule)
-    m = x0.shape[-2] if particles is None else check_int(particles, "particles", 1)
+    max_distance = check_real(max_distance, "max_distance", positive=True,
+                              expected="a positive number of prior standard deviations")
     score = posterior_score(x0, yy, operator, mask=mk, log_weight=lw, forcing=forcing, bandwidth=bandwidth,
                             neighbours=neighbours, components=components, radius=radius, conditional=conditional,
                             schedule=sched)
+    m = x0.shape[-2] if particles is None else check_int(particles, "particles", 1)
+    # at least the (*b, M, d) particles themselves: refuse up front what cannot fit
+    batch = x0[..., 0, 0].numel()
+    check_fits("particles", float(m) * batch * x0.shape[-1] * x0.element_size(),
+               what=f"particles={m} of length {x0.shape[-1]} in {batch} problems", device=x0.device)
     bound = divergence_bound(x0, lw, max_distance, bandwidth if neighbours is None else 0.0)
     g = _device.generator(seed, dev)
     mean, var = _moments(x0, lw)

@@ -43,8 +43,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..errors import DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import DivergenceError, InputError, NonFiniteError, SeedError, ShapeError, check_fits, check_int, check_real
 from .schedules import Schedule
+from .scores import _check_points, _log_weights, check_bandwidth
 
 __all__ = ["SAMPLERS", "SPACINGS", "SamplerSettings", "check_sampler", "reverse", "terminal_sample", "time_grid",
            "DivergenceBound", "divergence_bound", "DIVERGENCE_FACTOR"]
@@ -80,7 +81,7 @@ def check_sampler(method: Any = "sde", steps: Any = 100, t_min: Any = 1e-3, nois
     ODE and the deterministic exponential integrator."""
     if not isinstance(method, str) or method not in SAMPLERS:
         raise InputError("sampler", f"one of {SAMPLERS}", repr(method))
-    steps = check_int(steps, "steps", 1)
+    steps = _check_steps(steps)
     t_min = _check_t_min(t_min)
     if noise is None:
         noise = 1.0 if method in ("sde", "interpolant") else 0.0
@@ -98,6 +99,23 @@ def check_sampler(method: Any = "sde", steps: Any = 100, t_min: Any = 1e-3, nois
                            spacing)
 
 
+_GRID_BYTES = 32
+"""Bytes per pseudo-time of :func:`time_grid`'s list (a Python float and its slot)."""
+
+
+def _check_steps(steps: Any) -> int:
+    """``steps`` as an int >= 1 whose time grid (``steps + 1`` floats) fits in memory."""
+    steps = check_int(steps, "steps", 1)
+    check_fits("steps", (steps + 1) * _GRID_BYTES, what=f"steps={steps} (a time grid of {steps + 1} pseudo-times)")
+    return steps
+
+
+def _check_generator(generator: Any) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise SeedError("generator", "a torch.Generator (daml._device.generator(seed))", type(generator).__name__)
+    return generator
+
+
 def _check_t_min(t_min: Any) -> float:
     import numbers
 
@@ -112,7 +130,7 @@ def time_grid(steps: int, t_min: float, spacing: str = "log") -> list[float]:
     (``"log"``, ``t_k = t_min^(k / steps)``: the score's scale grows like ``1 / sigma_t^2``, so the
     steps shrink with ``t``). Raises :class:`~daml.errors.InputError` naming ``steps``, ``t_min`` or
     ``spacing`` for values outside these."""
-    steps = check_int(steps, "steps", 1)
+    steps = _check_steps(steps)
     t_min = _check_t_min(t_min)
     if not isinstance(spacing, str) or spacing not in SPACINGS:
         raise InputError("spacing", f"one of {SPACINGS}", repr(spacing))
@@ -129,6 +147,7 @@ def terminal_sample(schedule: Schedule, mean: torch.Tensor, var: torch.Tensor, p
     if not isinstance(schedule, Schedule):
         raise InputError("schedule", "a daml.diffusion Schedule", type(schedule).__name__)
     particles = check_int(particles, "particles", 1)
+    _check_generator(generator)
     for name, value in (("mean", mean), ("var", var)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise InputError(name, "a real floating torch tensor (*b, d)", type(value).__name__)
@@ -140,6 +159,8 @@ def terminal_sample(schedule: Schedule, mean: torch.Tensor, var: torch.Tensor, p
         raise ShapeError("var", f"the shape of mean {tuple(mean.shape)}", f"shape {tuple(var.shape)}")
     if bool((var < 0).any()):
         raise InputError("var", "non-negative variances", f"a minimum of {float(var.min()):.3g}")
+    check_fits("particles", float(particles) * mean.numel() * mean.element_size(),
+               what=f"particles={particles} of {mean.numel()} values each", device=mean.device)
     a, s2 = schedule.alpha(1.0), schedule.sigma2(1.0)
     sd = torch.sqrt(a * a * var + s2)
     xi = torch.randn(*mean.shape[:-1], particles, mean.shape[-1], generator=generator, dtype=mean.dtype,
@@ -166,18 +187,13 @@ def divergence_bound(members: torch.Tensor, log_weight: torch.Tensor | None = No
     coordinates (so a coordinate without spread does not turn every move into a divergence), and at
     ``1e-8 (1 + |centre_j|)`` for an ensemble of identical members.
     """
-    factor = check_real(factor, "max_distance", positive=True,
-                        expected="a positive number of prior standard deviations")
-    if not isinstance(members, torch.Tensor) or members.ndim < 2 or members.shape[-2] < 1 or members.shape[-1] < 1:
-        raise ShapeError("members", "a tensor (*b, N, d) with N, d >= 1",
-                         f"shape {tuple(getattr(members, 'shape', ()))}")
-    if log_weight is None:
-        w = torch.full(members.shape[:-1], 1.0 / members.shape[-2], dtype=members.dtype, device=members.device)
-    else:
-        w = torch.softmax(log_weight.to(members), -1)
+    factor = check_real(factor, "factor", positive=True, expected="a positive number of prior standard deviations")
+    h = check_bandwidth(bandwidth)
+    members = _check_points(members, "members")
+    w = _log_weights(members, log_weight).exp()
     w = w.unsqueeze(-1)
     centre = (w * members).sum(-2)
-    var = (w * (members - centre.unsqueeze(-2)) ** 2).sum(-2) + float(bandwidth) ** 2
+    var = (w * (members - centre.unsqueeze(-2)) ** 2).sum(-2) + h * h
     rms = var.mean(-1, keepdim=True)
     scale = torch.sqrt(torch.maximum(var, 1e-4 * rms))
     scale = torch.maximum(scale, 1e-8 * (1.0 + centre.abs()))
@@ -227,6 +243,7 @@ def reverse(score: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tenso
         raise InputError("x", "a real floating torch tensor (*b, M, d)", type(x).__name__)
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError("x", "finite starting particles", "NaN or infinite entries")
+    _check_generator(generator)
     ts = time_grid(settings.steps, settings.t_min, settings.spacing)
     noise = settings.noise
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from typing import Any
 
 from ..errors import InputError, check_real
@@ -56,8 +57,13 @@ class Schedule(abc.ABC):
         return self.dsigma2(t) - 2.0 * self.drift(t) * self.sigma2(t)
 
     def log_snr(self, t: float) -> float:
-        """``lambda_t = log alpha_t - log sigma_t``."""
-        return math.log(self.alpha(t)) - 0.5 * math.log(self.sigma2(t))
+        """``lambda_t = log alpha_t - log sigma_t`` (refused where ``sigma_t = 0``: at ``t = 0`` of
+        :class:`VE` and of :class:`VPLinear` with ``eps_sigma = 0``)."""
+        a, s2 = self.alpha(t), self.sigma2(t)
+        if not (a > 0 and s2 > 0):
+            raise InputError("t", f"a pseudo-time where alpha_t > 0 and sigma_t^2 > 0 for {self!r}",
+                             f"t = {t!r} (alpha_t = {a:g}, sigma_t^2 = {s2:g})")
+        return math.log(a) - 0.5 * math.log(s2)
 
     def config(self) -> dict:
         return {"schedule": self.name}
@@ -80,15 +86,19 @@ class VPLinear(Schedule):
         self.eps_sigma = _fraction(eps_sigma, "eps_sigma", open_left=False)
 
     def alpha(self, t):
+        t = _check_t(t)
         return 1.0 - (1.0 - self.eps_alpha) * t
 
     def dalpha(self, t):
+        t = _check_t(t)
         return -(1.0 - self.eps_alpha)
 
     def sigma2(self, t):
+        t = _check_t(t)
         return self.eps_sigma + (1.0 - self.eps_sigma) * t
 
     def dsigma2(self, t):
+        t = _check_t(t)
         return 1.0 - self.eps_sigma
 
     def config(self):
@@ -106,15 +116,19 @@ class VPCosine(Schedule):
         self.omega = math.acos(math.sqrt(self.eta))
 
     def alpha(self, t):
+        t = _check_t(t)
         return math.cos(self.omega * t) ** 2
 
     def dalpha(self, t):
+        t = _check_t(t)
         return -2.0 * self.omega * math.cos(self.omega * t) * math.sin(self.omega * t)
 
     def sigma2(self, t):
+        t = _check_t(t)
         return 1.0 - self.alpha(t) ** 2 + self.eta**2
 
     def dsigma2(self, t):
+        t = _check_t(t)
         return -2.0 * self.alpha(t) * self.dalpha(t)
 
     def config(self):
@@ -131,15 +145,19 @@ class VE(Schedule):
         self.sigma_max = check_real(sigma_max, "sigma_max", positive=True, expected="a positive terminal sd")
 
     def alpha(self, t):
+        t = _check_t(t)
         return 1.0
 
     def dalpha(self, t):
+        t = _check_t(t)
         return 0.0
 
     def sigma2(self, t):
+        t = _check_t(t)
         return self.sigma_max**2 * t
 
     def dsigma2(self, t):
+        t = _check_t(t)
         return self.sigma_max**2
 
     def config(self):
@@ -171,3 +189,11 @@ def _fraction(value: Any, name: str, open_left: bool) -> float:
     if not ok:
         raise InputError(name, "a number in (0, 1)" if open_left else "a number in [0, 1)", repr(value))
     return float(value)
+
+
+def _check_t(t: Any) -> float:
+    """A pseudo-time: a real number in ``[0, 1]`` (every schedule method refuses anything else, so a NaN
+    or out-of-range ``t`` never turns into a silent NaN or a ``math domain error``)."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
+        raise InputError("t", "a pseudo-time in [0, 1]", repr(t))
+    return float(t)

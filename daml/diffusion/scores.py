@@ -42,7 +42,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
+from .. import _device
+from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..filters.base import weighted_anomalies
 
 __all__ = [
@@ -61,22 +62,78 @@ __all__ = [
 ]
 
 
-class Mixture(NamedTuple):
-    """A Gaussian mixture ``sum_k exp(log_weight_k) N(mean_k, V_k diag(vals_k) V_k^T + floor (I - V_k V_k^T))``.
+_HALF = (torch.float16, torch.bfloat16)
 
-    ``mean`` ``(*b, K, d)``, ``log_weight`` ``(*b, K)`` (normalised), ``floor`` a float, ``vecs``
-    ``(*b, K, d, r)`` and ``vals`` ``(*b, K, r)``, or both ``None`` for isotropic components.
-    """
 
+class _MixtureFields(NamedTuple):
     mean: torch.Tensor
     log_weight: torch.Tensor
     floor: float = 0.0
     vecs: torch.Tensor | None = None
     vals: torch.Tensor | None = None
 
+
+class Mixture(_MixtureFields):
+    """A Gaussian mixture ``sum_k exp(log_weight_k) N(mean_k, V_k diag(vals_k) V_k^T + floor (I - V_k V_k^T))``.
+
+    ``mean`` ``(*b, K, d)``, ``log_weight`` ``(*b, K)`` (normalised on construction), ``floor`` a float
+    ``>= 0``, ``vecs`` ``(*b, K, d, r)`` and ``vals`` ``(*b, K, r)`` (``>= 0``), or both ``None`` for
+    isotropic components.
+
+    Checked on construction: real floating tensors of these shapes, finite (``log_weight`` may hold
+    ``-inf`` for some components, not all), else a :mod:`daml.errors` error naming the field. Half
+    precision (float16, bfloat16) is widened to float32, losslessly (as :func:`daml.posterior.from_members`
+    does); the other fields take the dtype of ``mean``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, mean: torch.Tensor, log_weight: torch.Tensor, floor: float = 0.0,
+                vecs: torch.Tensor | None = None, vals: torch.Tensor | None = None) -> "Mixture":
+        mean = _check_points(mean, "mean", "K")
+        log_weight = _log_weights(mean, log_weight, required=True, rows="component of mean")
+        floor = check_real(floor, "floor", expected="a non-negative variance off the eigenvectors' span")
+        if floor < 0:
+            raise InputError("floor", "a non-negative variance off the eigenvectors' span", repr(floor))
+        if (vecs is None) != (vals is None):
+            raise InputError("vecs", "vecs and vals both given, or both None (isotropic components)",
+                             f"vecs {type(vecs).__name__}, vals {type(vals).__name__}")
+        if vecs is not None:
+            d = mean.shape[-1]
+            for name, value in (("vecs", vecs), ("vals", vals)):
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    raise DtypeError(name, "a real floating torch tensor",
+                                     f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__)
+            if vecs.ndim < 2 or vecs.shape[:-2] != mean.shape[:-1] or vecs.shape[-2] != d:
+                raise ShapeError("vecs", f"shape {tuple(mean.shape)} + (r,) (eigenvectors per component of mean)",
+                                 f"shape {tuple(vecs.shape)}")
+            if vals.shape != vecs.shape[:-2] + vecs.shape[-1:]:
+                raise ShapeError("vals", f"shape {tuple(vecs.shape[:-2] + vecs.shape[-1:])} (one per column of vecs)",
+                                 f"shape {tuple(vals.shape)}")
+            vecs, vals = vecs.to(mean), vals.to(mean)
+            if not bool(torch.isfinite(vecs).all()):
+                raise NonFiniteError("vecs", "finite eigenvectors", "NaN or infinite entries")
+            if not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()):
+                raise NonFiniteError("vals", "finite non-negative eigenvalues", "NaN, infinite or negative entries")
+        return super().__new__(cls, mean, log_weight, floor, vecs, vals)
+
     @property
     def isotropic(self) -> bool:
         return self.vecs is None
+
+
+def _as_dtype(mix: Mixture, dtype: torch.dtype) -> Mixture:
+    """``mix`` in ``dtype`` (no copy, no re-check when it already is)."""
+    if mix.mean.dtype == dtype:
+        return mix
+    conv = lambda t: None if t is None else t.to(dtype)                   # noqa: E731
+    return Mixture._make((conv(mix.mean), conv(mix.log_weight), mix.floor, conv(mix.vecs), conv(mix.vals)))
+
+
+def _common(mix: Mixture, x: torch.Tensor) -> tuple[Mixture, torch.Tensor]:
+    """The mixture and the particles in their common (promoted) floating dtype."""
+    dtype = torch.promote_types(mix.mean.dtype, x.dtype)
+    return _as_dtype(mix, dtype), x.to(dtype)
 
 
 def check_bandwidth(value, name: str = "bandwidth", upper: float | None = None) -> float:
@@ -90,20 +147,36 @@ def check_bandwidth(value, name: str = "bandwidth", upper: float | None = None) 
 
 
 def _check_points(value, name: str, rows: str = "N") -> torch.Tensor:
-    """A real floating tensor ``(*b, rows, d)`` with at least one row and one column, all finite."""
+    """A real floating tensor ``(*b, rows, d)`` with at least one row and one column, all finite; half
+    precision is returned widened to float32 (use the returned tensor)."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise InputError(name, f"a real floating torch tensor (*b, {rows}, d)",
+        raise DtypeError(name, f"a real floating torch tensor (*b, {rows}, d)",
                          type(value).__name__ if not isinstance(value, torch.Tensor) else f"dtype {value.dtype}")
     if value.ndim < 2 or value.shape[-2] < 1 or value.shape[-1] < 1:
         raise ShapeError(name, f"shape (*b, {rows}, d) with {rows} >= 1 and d >= 1", f"shape {tuple(value.shape)}")
+    if value.dtype in _HALF:
+        value = value.float()
     if not bool(torch.isfinite(value).all()):
         raise NonFiniteError(name, "finite values", f"{int((~torch.isfinite(value)).sum())} NaN or infinite entries")
     return value
 
 
-def _check_mixture(mix) -> None:
+def _check_mixture(mix, name: str = "mix") -> None:
     if not isinstance(mix, Mixture):
-        raise InputError("mix", "a daml.diffusion Mixture (kernel_mixture, fitted_mixture, ...)", type(mix).__name__)
+        raise InputError(name, "a daml.diffusion Mixture (kernel_mixture, fitted_mixture, ...)", type(mix).__name__)
+
+
+def _check_taper(taper, members: torch.Tensor) -> torch.Tensor | None:
+    """``None``, or a finite ``(d, d)`` taper in the members' dtype and device."""
+    if taper is None:
+        return None
+    d = members.shape[-1]
+    t = _device.as_tensor(taper, "taper", dtype=members.dtype, device=members.device)
+    if t.shape != (d, d):
+        raise ShapeError("taper", f"a ({d}, {d}) matrix (the state length of members)", f"shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError("taper", "finite taper weights", f"{int((~torch.isfinite(t)).sum())} NaN or infinite entries")
+    return t
 
 
 def _check_noise_level(alpha, sigma2) -> tuple[float, float]:
@@ -112,13 +185,20 @@ def _check_noise_level(alpha, sigma2) -> tuple[float, float]:
     return alpha, sigma2
 
 
-def _log_weights(members: torch.Tensor, log_weight: torch.Tensor | None) -> torch.Tensor:
+def _log_weights(members: torch.Tensor, log_weight: torch.Tensor | None, required: bool = False,
+                 rows: str = "member") -> torch.Tensor:
+    """Normalised log-weights ``(*b, N)`` in the dtype of ``members`` (equal ones for ``None``)."""
     n = members.shape[-2]
-    if log_weight is None:
+    if log_weight is None and not required:
         return torch.full(members.shape[:-1], -math.log(n), dtype=members.dtype, device=members.device)
-    if not isinstance(log_weight, torch.Tensor) or log_weight.shape != members.shape[:-1]:
-        raise ShapeError("log_weight", f"shape {tuple(members.shape[:-1])}",
-                         f"shape {tuple(getattr(log_weight, 'shape', ()))}")
+    if not isinstance(log_weight, torch.Tensor):
+        raise DtypeError("log_weight", f"a real torch tensor of shape {tuple(members.shape[:-1])}",
+                         type(log_weight).__name__)
+    if log_weight.is_complex() or log_weight.dtype == torch.bool:
+        raise DtypeError("log_weight", "real log-weights", f"dtype {log_weight.dtype}")
+    if log_weight.shape != members.shape[:-1]:
+        raise ShapeError("log_weight", f"shape {tuple(members.shape[:-1])} (one per {rows})",
+                         f"shape {tuple(log_weight.shape)}")
     if bool(torch.isnan(log_weight).any()) or bool((log_weight == math.inf).any()) \
             or not bool(torch.isfinite(log_weight).any(-1).all()):
         raise NonFiniteError("log_weight", "finite log-weights (-inf allowed for some members, not all)",
@@ -129,7 +209,7 @@ def _log_weights(members: torch.Tensor, log_weight: torch.Tensor | None) -> torc
 def kernel_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None, bandwidth: float = 0.0) -> Mixture:
     """Gaussian kernels ``N(x_i, h^2 I)`` on the members ``(*b, N, d)``; ``h = 0``: the ensemble itself."""
     h = check_bandwidth(bandwidth)
-    _check_points(members, "members")
+    members = _check_points(members, "members")
     return Mixture(members, _log_weights(members, log_weight), h * h)
 
 
@@ -140,7 +220,7 @@ def _spectral(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gaussian_mixture(means: torch.Tensor, covs: torch.Tensor, log_weight: torch.Tensor | None = None) -> Mixture:
     """A general mixture from means ``(*b, K, d)`` and covariances ``(*b, K, d, d)`` (eigendecomposed once)."""
-    _check_points(means, "means", "K")
+    means = _check_points(means, "means", "K")
     if not isinstance(covs, torch.Tensor) or covs.ndim < 2 or covs.shape[-2:] != (means.shape[-1], means.shape[-1]):
         raise ShapeError("covs", f"(..., {means.shape[-1]}, {means.shape[-1]}) matrices",
                          f"shape {tuple(getattr(covs, 'shape', ()))}")
@@ -169,13 +249,14 @@ def gaussian_prior(members: torch.Tensor, log_weight: torch.Tensor | None = None
     anomalies, ``O(N^2 d)``); with a ``(d, d)`` ``taper`` it is the Schur product ``taper o P``, full
     rank and dense (``O(d^3)`` once per analysis).
     """
-    _check_points(members, "members")
+    members = _check_points(members, "members")
+    taper = _check_taper(taper, members)
     mean, anom = weighted_anomalies(members, _log_weights(members, log_weight).exp())   # P = anom^T anom
     zero = torch.zeros(members.shape[:-2] + (1,), dtype=members.dtype, device=members.device)
     if taper is None:
         _, sv, vt = torch.linalg.svd(anom, full_matrices=False)
         return Mixture(mean, zero, 0.0, vt.transpose(-1, -2).unsqueeze(-3), (sv**2).unsqueeze(-2))
-    cov = (anom.transpose(-1, -2) @ anom) * taper.to(members)
+    cov = (anom.transpose(-1, -2) @ anom) * taper
     vecs, vals = _spectral(cov)
     return Mixture(mean, zero, 0.0, vecs.unsqueeze(-3), vals.unsqueeze(-2))
 
@@ -192,7 +273,8 @@ def local_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None,
     localises every neighbourhood covariance (Schur product ``taper o C_i``).
     """
     beta = check_bandwidth(bandwidth, upper=1.0)
-    _check_points(members, "members")
+    members = _check_points(members, "members")
+    taper = _check_taper(taper, members)
     n_mem = members.shape[-2]
     k = check_int(neighbours, "neighbours", 2)
     if k > n_mem:
@@ -205,7 +287,7 @@ def local_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None,
     anom = nb - local_mean.unsqueeze(-2)
     cov = anom.transpose(-1, -2) @ anom / (k - 1)
     if taper is not None:
-        cov = cov * taper.to(members)
+        cov = cov * taper
     centre = local_mean + math.sqrt(1.0 - beta) * (members - local_mean)
     vecs, vals = _spectral(beta * cov)
     return Mixture(centre, _log_weights(members, log_weight), 0.0, vecs, vals)
@@ -225,10 +307,16 @@ def fitted_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None
     diagonal taper the components are axis-aligned.
     """
     k = check_int(components, "components", 1)
-    _check_points(members, "members")
+    members = _check_points(members, "members")
     n_mem, d = members.shape[-2], members.shape[-1]
     if k > n_mem:
         raise InputError("components", f"at most the ensemble size {n_mem}", repr(components))
+    iterations = check_int(iterations, "iterations", 1)
+    tol = check_real(tol, "tol", expected="a non-negative tolerance")
+    if tol < 0:
+        raise InputError("tol", "a non-negative tolerance", repr(tol))
+    ridge = check_real(ridge, "ridge", positive=True, expected="a positive ridge (fraction of the mean variance)")
+    taper = _check_taper(taper, members)
     lw = _log_weights(members, log_weight)
     w = lw.exp()
     # farthest-point initialisation
@@ -246,8 +334,12 @@ def fitted_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None
     cov = (total[..., None, None, None] * eye).expand(*mean.shape, d).clone()
     logpi = torch.full(mean.shape[:-1], -math.log(k), dtype=members.dtype, device=members.device)
     previous = None
-    for _ in range(check_int(iterations, "iterations", 1)):
-        chol = torch.linalg.cholesky(cov)                                          # (*b, K, d, d)
+    for _ in range(iterations):
+        chol, info = torch.linalg.cholesky_ex(cov)                                 # (*b, K, d, d)
+        if bool((info != 0).any()):
+            raise InputError("ridge", "a ridge that keeps every fitted covariance positive definite",
+                             f"ridge={ridge!r}" + (" with this taper" if taper is not None else ""),
+                             hint="raise ridge" + (", or use a positive semi-definite taper" if taper is not None else ""))
         diff = members.unsqueeze(-3) - mean.unsqueeze(-2)                          # (*b, K, N, d)
         white = torch.linalg.solve_triangular(chol, diff.transpose(-1, -2), upper=False)   # (*b, K, d, N)
         logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
@@ -261,7 +353,7 @@ def fitted_mixture(members: torch.Tensor, log_weight: torch.Tensor | None = None
         diff = members.unsqueeze(-3) - mean.unsqueeze(-2)
         cov = (diff * resp.unsqueeze(-1)).transpose(-1, -2) @ diff / mass[..., None, None]
         if taper is not None:
-            cov = cov * taper.to(members)
+            cov = cov * taper
         cov = cov + (ridge * total.clamp_min(torch.finfo(members.dtype).tiny))[..., None, None, None] * eye
         if previous is not None and bool(((score - previous).abs() < tol).all()):
             break
@@ -327,15 +419,16 @@ def _noised(mix: Mixture, x: torch.Tensor, alpha: float, s2: float, per_componen
 def mixture_score(mix: Mixture, x: torch.Tensor, alpha: float, sigma2: float) -> torch.Tensor:
     """Score ``grad log sum_k w_k N(x; alpha mu_k, alpha^2 Sigma_k + sigma^2 I)`` at ``x`` ``(*b, M, d)``."""
     _check_mixture(mix)
-    _check_particles(x, mix)
+    mix, x = _common(mix, _check_particles(x, mix))
     alpha, sigma2 = _check_noise_level(alpha, sigma2)
     return _noised(mix, x, alpha, sigma2, per_component=False).prior_score
 
 
-def _check_particles(x, mix: Mixture) -> None:
-    _check_points(x, "x", "M")
+def _check_particles(x, mix: Mixture) -> torch.Tensor:
+    x = _check_points(x, "x", "M")
     if x.shape[-1] != mix.mean.shape[-1]:
         raise ShapeError("x", f"particles of length {mix.mean.shape[-1]} (the mixture's)", f"shape {tuple(x.shape)}")
+    return x
 
 
 def _check_operator(operator, y, state_size: int) -> None:
@@ -360,7 +453,11 @@ def _check_mask(mask, y) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.shape[-1:] != y.shape[-1:]:
         raise InputError("mask", f"a boolean tensor shaped like y {tuple(y.shape)}",
                          f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
-    return mask.to(torch.bool)
+    mask = mask.to(torch.bool)
+    if bool((mask & torch.isnan(y)).any()):
+        raise NonFiniteError("y", "finite observations where mask is True (NaN only where unobserved)",
+                             f"{int((mask & torch.isnan(y)).sum())} NaN entries marked observed")
+    return mask
 
 
 class Linearisation(NamedTuple):
@@ -417,7 +514,8 @@ def exact_forcing(mix: Mixture, lin: Linearisation, x: torch.Tensor, alpha: floa
     _check_mixture(mix)
     if not isinstance(lin, Linearisation):
         raise InputError("lin", "a Linearisation from linearise()", type(lin).__name__)
-    _check_particles(x, mix)
+    mix, x = _common(mix, _check_particles(x, mix))
+    lin = _lin_as(lin, x.dtype)
     alpha, sigma2 = _check_noise_level(alpha, sigma2)
     zero_width = mix.isotropic and mix.floor == 0.0
     if zero_width:                      # P_k = 0 and K_k = 0: only the weights change
@@ -451,6 +549,12 @@ def exact_forcing(mix: Mixture, lin: Linearisation, x: torch.Tensor, alpha: floa
     return (post - pri.prior_score if forcing else None), post
 
 
+def _lin_as(lin: Linearisation, dtype: torch.dtype) -> Linearisation:
+    if lin.innovation.dtype == dtype:
+        return lin
+    return Linearisation(*(None if t is None else t.to(dtype) for t in lin))
+
+
 def _per_k(hmat: torch.Tensor, mix: Mixture) -> torch.Tensor:
     """``H`` with a component axis: ``(*b, K, p, d)`` (a view for a shared matrix)."""
     if hmat.ndim == 2:
@@ -476,16 +580,26 @@ def ensemble_forcing(gauss: Mixture, members: torch.Tensor, loglik: torch.Tensor
     ``gauss`` is a one-component :func:`gaussian_prior` (the joint-Gaussian statistics), ``members``
     ``(*b, N, d)`` with ``loglik`` ``(*b, N)`` ``= log p(y | x_i)``; see the module docstring.
     """
-    _check_mixture(gauss)
+    _check_mixture(gauss, "gauss")
     if gauss.vecs is None or gauss.mean.shape[-2] != 1:
         raise InputError("gauss", "a one-component gaussian_prior()", f"{gauss.mean.shape[-2]} components")
-    _check_points(members, "members")
-    _check_particles(x, gauss)
-    if not isinstance(loglik, torch.Tensor) or loglik.shape != members.shape[:-1]:
-        raise ShapeError("loglik", f"shape {tuple(members.shape[:-1])}", f"shape {tuple(getattr(loglik, 'shape', ()))}")
-    if bool(torch.isnan(loglik).any()) or bool((loglik == math.inf).any()):
-        raise NonFiniteError("loglik", "log-likelihoods that are finite or -inf", "NaN or +inf")
+    members = _check_points(members, "members")
+    if members.shape[-1] != gauss.mean.shape[-1] or members.shape[:-2] != gauss.mean.shape[:-2]:
+        raise ShapeError("members", f"shape {tuple(gauss.mean.shape[:-2])} + (N, {gauss.mean.shape[-1]}) "
+                         "(the batch and state length of gauss)", f"shape {tuple(members.shape)}")
+    x = _check_particles(x, gauss)
+    if not isinstance(loglik, torch.Tensor):
+        raise DtypeError("loglik", f"a real torch tensor of shape {tuple(members.shape[:-1])}", type(loglik).__name__)
+    loglik = _device.as_tensor(loglik, "loglik")
+    if loglik.shape != members.shape[:-1]:
+        raise ShapeError("loglik", f"shape {tuple(members.shape[:-1])} (one per member)", f"shape {tuple(loglik.shape)}")
+    if bool(torch.isnan(loglik).any()) or bool((loglik == math.inf).any()) \
+            or not bool(torch.isfinite(loglik).any(-1).all()):
+        raise NonFiniteError("loglik", "log-likelihoods that are finite or -inf (not -inf for every member)",
+                             "NaN, +inf, or every member -inf")
     alpha, sigma2 = _check_noise_level(alpha, sigma2)
+    dtype = torch.promote_types(torch.promote_types(gauss.mean.dtype, x.dtype), members.dtype)
+    gauss, x, members, loglik = _as_dtype(gauss, dtype), x.to(dtype), members.to(dtype), loglik.to(dtype)
     m = gauss.mean                                                          # (*b, 1, d)
     gain = lambda s: alpha * s / (alpha * alpha * s + sigma2)               # noqa: E731
     z = (x - alpha * m).unsqueeze(-2)                                       # (*b, M, 1, d)
@@ -507,7 +621,7 @@ def likelihood_score(x: torch.Tensor, y: torch.Tensor, operator, mask: torch.Ten
     through ``operator.residual``; the EnSF likelihood term)."""
     from ..filters.base import gaussian_loglik
 
-    _check_points(x, "x", "M")
+    x = _check_points(x, "x", "M")
     _check_operator(operator, y, x.shape[-1])
     mask = _check_mask(mask, y)
     with torch.enable_grad():
