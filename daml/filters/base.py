@@ -30,13 +30,16 @@ TOML configurations and by the contract test).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 
-from ..errors import InputError, ShapeError, check_int, check_real
-from ..models.base import Model, check_memory, covariance_root, propagate
+from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..models.base import Model, as_covariance, as_real_tensor, check_memory, covariance_root, propagate
 
 __all__ = [
     "Filter",
@@ -109,8 +112,96 @@ class GaussianState(NamedTuple):
 REGISTRY: dict[str, Callable[..., Filter]] = {}
 
 
+# -- input checks of the public building blocks ------------------------------------------------------------
+
+_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("daml_filters_checks", default=True)
+
+
+@contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """Inside this block the public building blocks of this module (:func:`ensemble_members`,
+    :func:`gaussian_members`, :func:`masked_observation`, :func:`gaussian_loglik`,
+    :func:`ensemble_forecast`) skip their input checks.
+
+    :func:`daml.filters.run` runs its time loop inside it: it validates the data and prior once, and
+    checks the members and weights for divergence after every analysis, so checking the inputs of
+    every building block again on every cycle would only cost time (and would report a divergence as
+    bad input). Called anywhere else, the building blocks check everything.
+    """
+    token = _CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
+
+
+def _real(value: Any, name: str, ndim: int = 1, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` as a float32/float64 tensor with at least ``ndim`` dims, none of them empty (in the
+    dtype and on the device of ``like`` if given), else a daml error naming ``name``."""
+    t = as_real_tensor(value, name, dtype=None if like is None else like.dtype,
+                       device=None if like is None else like.device)
+    if t.dtype not in (torch.float32, torch.float64):
+        raise DtypeError(name, "float32 or float64 values", f"dtype {t.dtype}")
+    if t.ndim < ndim or 0 in t.shape:
+        raise ShapeError(name, f"a non-empty array with at least {ndim} dims", f"shape {tuple(t.shape)}")
+    return t
+
+
+def _finite(t: torch.Tensor, name: str, what: str = "finite values") -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(name, what, "NaN or infinite entries")
+
+
+def _bool_mask(value: Any, name: str, m: int, like: torch.Tensor) -> torch.Tensor:
+    """A bool mask ``(*batch, m)``: a float or int mask is refused (``0.5`` or NaN is no answer to
+    "observed?")."""
+    if isinstance(value, torch.Tensor):
+        t = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise DtypeError(name, "a bool array (True where observed)", type(value).__name__) from exc
+        if arr.dtype != bool:
+            raise DtypeError(name, "a bool array (True where observed)", f"{type(value).__name__} of dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype != torch.bool:
+        raise DtypeError(name, "a bool tensor (True where observed)", f"dtype {t.dtype}")
+    if t.ndim == 0 or t.shape[-1] != m:
+        raise ShapeError(name, f"a last axis of length {m} (one flag per observation)", f"shape {tuple(t.shape)}")
+    return t.to(like.device)
+
+
+def _broadcast(name: str, *shapes: tuple[int, ...]) -> None:
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError as exc:
+        raise ShapeError(name, "batch dims that broadcast with the other arguments'",
+                         f"shapes {[tuple(s) for s in shapes]}") from exc
+
+
+def _check_cov(c: torch.Tensor, name: str, n: int, semidefinite: bool = False) -> None:
+    """``c`` ``(*batch, n, n)``: finite, symmetric (to rounding) and positive definite (or, with
+    ``semidefinite``, no eigenvalue below rounding of zero), else a daml error naming ``name``."""
+    if c.ndim < 2 or tuple(c.shape[-2:]) != (n, n):
+        raise ShapeError(name, f"a covariance of shape (..., {n}, {n})", f"shape {tuple(c.shape)}")
+    _finite(c, name, "a finite covariance")
+    scale = float(c.abs().max()) if c.numel() else 0.0
+    tol = max(1e-12, 10 * n * torch.finfo(c.dtype).eps)
+    if float((c - c.transpose(-1, -2)).abs().max()) > tol * scale:
+        raise InputError(name, "a symmetric covariance", "an asymmetric matrix")
+    _, info = torch.linalg.cholesky_ex(c)
+    if int(info.max()) != 0:
+        eig_min = float(torch.linalg.eigvalsh(c).min())
+        if not (semidefinite and eig_min >= -tol * scale):
+            raise InputError(name, "a positive-semidefinite covariance" if semidefinite else
+                             "a positive-definite covariance", f"smallest eigenvalue {eig_min:.3g}")
+
+
 def register(name: str) -> Callable[[Callable[..., Filter]], Callable[..., Filter]]:
-    """Decorator registering a filter constructor under ``name``."""
+    """Decorator registering a filter constructor under ``name`` (a non-empty string)."""
+    if not isinstance(name, str) or not name:
+        raise InputError("name", "a non-empty string (the filter's registry name)", repr(name))
 
     def deco(fn: Callable[..., Filter]) -> Callable[..., Filter]:
         REGISTRY[name] = fn
@@ -149,14 +240,30 @@ def check_members(members: Any, minimum: int = 2) -> int:
 # -- ensembles ------------------------------------------------------------------------------------------
 
 def ensemble_init(members: int) -> Callable[..., EnsembleState]:
-    """``init`` drawing ``members`` equally weighted members from ``N(mean, cov)``."""
+    """``init`` drawing ``members`` equally weighted members from ``N(mean, cov)``.
+
+    ``members`` is checked at once (an int ``>= 1``); the returned ``init(model, mean, cov, g)``
+    checks ``mean`` (finite, ``(*batch, n)`` with ``n`` the model's state size), ``cov`` (a finite,
+    symmetric, positive-semidefinite ``(n, n)`` matrix) and ``g`` (a ``torch.Generator``), and that the
+    draws fit in memory.
+    """
+    members = check_members(members, minimum=1)
 
     def init(model: Model, mean: torch.Tensor, cov: torch.Tensor, g: torch.Generator) -> EnsembleState:
+        mean = _real(mean, "mean")
+        _finite(mean, "mean", "a finite prior mean")
+        size = getattr(model, "state_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and mean.shape[-1] != size:
+            raise ShapeError("mean", f"a last axis of length {size} (the model's state size)",
+                             f"shape {tuple(mean.shape)}")
+        if not isinstance(g, torch.Generator):
+            raise InputError("g", "a torch.Generator (the random stream of the draws)", type(g).__name__)
         # the draws, the members and the product's temporary: three arrays of the ensemble's size
         nbytes = 3 * math.prod(mean.shape[:-1]) * members * mean.shape[-1] * mean.element_size()
         check_memory(nbytes, "members", f"{members} members of {mean.shape[-1]} variables"
                      + (f" in {math.prod(mean.shape[:-1])} experiments" if mean.ndim > 1 else ""), mean.device)
-        root = covariance_root(cov.to(mean))
+        cov = as_covariance(cov, mean.shape[-1], "cov", dtype=mean.dtype, device=mean.device)
+        root = covariance_root(cov)
         z = torch.randn(*mean.shape[:-1], members, mean.shape[-1], generator=g, dtype=mean.dtype, device=mean.device)
         x = mean.unsqueeze(-2) + z @ root.T
         lw = torch.full(x.shape[:-1], -math.log(members), dtype=mean.dtype, device=mean.device)
@@ -167,6 +274,8 @@ def ensemble_init(members: int) -> Callable[..., EnsembleState]:
 
 def ensemble_forecast(state: EnsembleState, model: Model, g: torch.Generator) -> EnsembleState:
     """Propagate every member one model step (noise from ``model.noise_cov`` if any); weights unchanged."""
+    if _CHECKS.get() and not isinstance(state, EnsembleState):
+        raise InputError("state", "an EnsembleState(x, log_weight)", type(state).__name__)
     return EnsembleState(propagate(model, state.x, 1, seed=g), state.log_weight)
 
 
@@ -186,13 +295,50 @@ def weighted_anomalies(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def ensemble_members(state: EnsembleState) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ensemble as it is."""
-    return state.x, state.log_weight
+    """The ensemble as it is, after checking it: ``x`` ``(*batch, N, n)`` and ``log_weight``
+    ``(*batch, N)`` real and finite (a NaN, an infinite member or a weight of ``exp(inf)`` or of
+    zero for every member would be recorded as a posterior)."""
+    if not _CHECKS.get():
+        return state.x, state.log_weight
+    if not isinstance(state, EnsembleState):
+        raise InputError("state", "an EnsembleState(x, log_weight)", type(state).__name__)
+    x = _real(state.x, "x", ndim=2)
+    lw = _real(state.log_weight, "log_weight", like=x)
+    if tuple(lw.shape) != tuple(x.shape[:-1]):
+        raise ShapeError("log_weight", f"shape {tuple(x.shape[:-1])} (one per member of x)", f"shape {tuple(lw.shape)}")
+    _finite(x, "x", "finite members")
+    _finite(lw, "log_weight", "finite log-weights")
+    return x, lw
 
 
 def gaussian_members(state: GaussianState) -> tuple[torch.Tensor, torch.Tensor]:
     """``2n`` sigma points ``mean +- sqrt(n) L e_i`` with equal weights: their weighted mean and
-    (plug-in) covariance are exactly ``mean`` and ``cov``."""
+    (plug-in) covariance are exactly ``mean`` and ``cov``.
+
+    Raises
+    ------
+    InputError
+        Naming ``state``, ``mean`` or ``cov`` (its subclasses as fit): not a :class:`GaussianState`,
+        not real, wrong shapes, NaN or infinite entries, a ``cov`` that is not symmetric positive
+        semidefinite (its sigma points would have another covariance).
+    """
+    if _CHECKS.get():
+        if not isinstance(state, GaussianState):
+            raise InputError("state", "a GaussianState(mean, cov)", type(state).__name__)
+        mean = _real(state.mean, "mean")
+        cov = _real(state.cov, "cov", ndim=2, like=mean)
+        n = mean.shape[-1]
+        if tuple(cov.shape[-2:]) != (n, n):
+            raise ShapeError("cov", f"shape (..., {n}, {n}) ({n}: the last axis of mean)", f"shape {tuple(cov.shape)}")
+        _finite(mean, "mean", "a finite mean")
+        _check_cov(cov, "cov", n, semidefinite=True)
+        _broadcast("cov", tuple(mean.shape[:-1]), tuple(cov.shape[:-2]))
+        state = GaussianState(mean, cov)
+    return _gaussian_members(state)
+
+
+def _gaussian_members(state: GaussianState) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gaussian_members` without the checks."""
     n = state.mean.shape[-1]
     root = covariance_root(state.cov) * math.sqrt(n)          # (*batch, n, n), columns L e_i
     pts = torch.cat([state.mean.unsqueeze(-2) + root.transpose(-1, -2),
@@ -225,7 +371,37 @@ def masked_observation(innovation: torch.Tensor, obs_anomalies: torch.Tensor, no
         of the identity, shape ``(*batch, m, m)``. The Gaussian likelihood of the returned quantities
         equals that of the observed sub-vector alone: the unobserved block is decoupled and carries
         zero innovation and zero sensitivity.
+
+    Raises
+    ------
+    InputError
+        Naming the argument (its subclasses as fit): not real, shapes that do not match, a ``mask``
+        that is not bool, NaN or infinite entries where observed, or an ``R`` whose observed block is
+        not symmetric positive definite.
     """
+    if not _CHECKS.get():
+        return _masked_observation(innovation, obs_anomalies, noise_cov, mask)
+    innovation = _real(innovation, "innovation")
+    m = innovation.shape[-1]
+    obs_anomalies = _real(obs_anomalies, "obs_anomalies", ndim=2, like=innovation)
+    if obs_anomalies.shape[-1] != m:
+        raise ShapeError("obs_anomalies", f"a last axis of length {m} (that of innovation)",
+                         f"shape {tuple(obs_anomalies.shape)}")
+    noise_cov = _real(noise_cov, "noise_cov", ndim=2, like=innovation)
+    if tuple(noise_cov.shape) != (m, m):
+        raise ShapeError("noise_cov", f"shape ({m}, {m}) ({m}: the length of innovation)", f"shape {tuple(noise_cov.shape)}")
+    mask = _bool_mask(mask, "mask", m, innovation)
+    _broadcast("mask", tuple(mask.shape), tuple(innovation.shape), tuple(obs_anomalies.shape[:-2]) + (m,))
+    innov, anom, r = _masked_observation(innovation, obs_anomalies, noise_cov, mask)
+    _finite(innov, "innovation", "finite values where observed")
+    _finite(anom, "obs_anomalies", "finite values where observed")
+    _check_cov(r, "noise_cov", m)
+    return innov, anom, r
+
+
+def _masked_observation(innovation: torch.Tensor, obs_anomalies: torch.Tensor, noise_cov: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`masked_observation` without the checks."""
     zero = torch.zeros((), dtype=innovation.dtype, device=innovation.device)
     innov = torch.where(mask, innovation, zero)          # where, not a product: NaN * 0 would stay NaN
     anom = torch.where(mask.unsqueeze(-2), obs_anomalies, zero)
@@ -247,8 +423,32 @@ def gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: tor
     ------
     InputError
         Naming ``noise_cov`` when ``C`` (restricted to the observed entries) is not positive definite:
-        the density does not exist, and a NaN or a wrong number would pass for one.
+        the density does not exist, and a NaN or a wrong number would pass for one. Naming the
+        other arguments (its subclasses as fit) when they are not real, their shapes do not match,
+        ``mask`` is not bool, or an observed innovation is NaN or infinite.
     """
+    if not _CHECKS.get():
+        return _gaussian_loglik(innovation, noise_cov, mask)
+    innovation = _real(innovation, "innovation", ndim=2)
+    m = innovation.shape[-1]
+    noise_cov = _real(noise_cov, "noise_cov", ndim=2, like=innovation)
+    if tuple(noise_cov.shape[-2:]) != (m, m) or noise_cov.ndim > innovation.ndim + 1:
+        raise ShapeError("noise_cov", f"shape (..., {m}, {m}) with at most {innovation.ndim + 1} dims (those of "
+                         f"innovation, shape {tuple(innovation.shape)})",
+                         f"shape {tuple(noise_cov.shape)}")
+    _finite(noise_cov, "noise_cov", "a finite covariance")
+    mask = _bool_mask(mask, "mask", m, innovation)
+    _broadcast("mask", tuple(mask.shape[:-1]), tuple(innovation.shape[:-2]))
+    out = _gaussian_loglik(innovation, noise_cov, mask)
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError("innovation", "finite values where observed (and small enough that their squares "
+                             "are finite)", "NaN or infinite entries, or a log-density that overflows")
+    return out
+
+
+def _gaussian_loglik(innovation: torch.Tensor, noise_cov: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`gaussian_loglik` without the input checks (``noise_cov`` is still factorised with a
+    check: the density does not exist without it)."""
     zero = torch.zeros((), dtype=innovation.dtype, device=innovation.device)
     if noise_cov.ndim == 2 and bool(mask.all()):          # fast path: one R, everything observed
         r = noise_cov.to(innovation)
@@ -314,6 +514,8 @@ def inflate(filt: Filter, factor: float) -> Filter:
 
     Returns a new :class:`Filter` named ``"<name>"`` with ``config["inflation"] = factor``.
     """
+    if not isinstance(filt, Filter):
+        raise InputError("filt", "a daml.filters.Filter to inflate", type(filt).__name__)
     factor = check_real(factor, "inflation", positive=True, expected="a positive factor (1 = none, typically 1.01-1.1)")
 
     def analysis(state, y, operator, mask, g):

@@ -71,10 +71,11 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import resampling as _resampling
-from ..errors import InputError, check_real
+from ..errors import InputError, NonFiniteError, ShapeError, check_real
 from ..models.base import Model, covariance_root
 from ..models.observations import Observation
-from .base import EnsembleState, Filter, Upcoming, check_members, ensemble_members, register
+from .base import (EnsembleState, Filter, Upcoming, _bool_mask, _broadcast, _check_cov, _finite, _real, check_members,
+                   ensemble_members, register)
 from .particle import (NoiseModel, _init_with, deferred_forecast, check_resampling, check_threshold, resample_where, gather_members, gaussian_step, kish_ess,
                        check_record, particle_members, recorded_state,
                        log_normalise, masked_linear)
@@ -157,9 +158,63 @@ def equivalent_weights_step(f: torch.Tensor, log_weight: torch.Tensor, y: torch.
     ``log_weight`` are the particles' log-weights before the observation (``c_i = -log w_i``). Every
     kept particle ends with ``neg_log_weight`` equal to ``target`` (to rounding); the others keep their
     best reachable weight (``alpha = 1``) and ``kept`` is ``False``.
+
+    Parameters
+    ----------
+    f : (*batch, N, n)
+        Finite deterministic forecasts.
+    log_weight : (*batch, N)
+        Finite log-weights.
+    y : (*batch, m)
+        Observations, finite where ``mask`` is ``True``.
+    operator : Observation
+        A linear observation operator of ``m`` observations of states of size ``n``.
+    mask : (*batch, m) bool
+        Observed entries.
+    q : (n, n) or (*batch, n, n)
+        The model noise covariance ``Q``: finite, symmetric positive definite.
+    keep : float in (0, 1]
+        Fraction of particles that reach the target.
+
+    Raises
+    ------
+    InputError
+        Naming the argument (its subclasses as fit) for any of the above not met.
     """
+    if not isinstance(operator, Observation):
+        raise InputError("operator", "a linear daml.models.Observation", type(operator).__name__)
     _require_linear(operator, "the equivalent-weights step")
     keep = _check_keep(keep)
+    f = _real(f, "f", ndim=2)
+    n, m = f.shape[-1], operator.size
+    if n != operator.state_size:
+        raise ShapeError("f", f"a last axis of length {operator.state_size} (the operator's state size)",
+                         f"shape {tuple(f.shape)}")
+    _finite(f, "f", "finite forecasts")
+    log_weight = _real(log_weight, "log_weight", like=f)
+    if tuple(log_weight.shape) != tuple(f.shape[:-1]):
+        raise ShapeError("log_weight", f"shape {tuple(f.shape[:-1])} (one per member of f)",
+                         f"shape {tuple(log_weight.shape)}")
+    _finite(log_weight, "log_weight", "finite log-weights")
+    y = _real(y, "y", like=f)
+    if y.shape[-1] != m:
+        raise ShapeError("y", f"a last axis of length {m} (the operator's observations)", f"shape {tuple(y.shape)}")
+    mask = _bool_mask(mask, "mask", m, f)
+    _broadcast("y", tuple(y.shape[:-1]), tuple(mask.shape[:-1]), tuple(f.shape[:-2]))
+    _finite(torch.where(mask, y, torch.zeros((), dtype=y.dtype, device=y.device)), "y", "finite values where observed")
+    q = _real(q, "q", ndim=2, like=f)
+    _check_cov(q, "q", n)
+    _broadcast("q", tuple(q.shape[:-2]), tuple(f.shape[:-2]))
+    st = _equivalent_weights_step(f, log_weight, y, operator, mask, q, keep)
+    if not (bool(torch.isfinite(st.x).all()) and bool(torch.isfinite(st.neg_log_weight).all())):
+        raise NonFiniteError("f", "forecasts, observations and log-weights whose step stays finite",
+                             "values whose equivalent-weights step overflows")
+    return st
+
+
+def _equivalent_weights_step(f: torch.Tensor, log_weight: torch.Tensor, y: torch.Tensor, operator: Observation,
+                             mask: torch.Tensor, q: torch.Tensor, keep: float) -> EWStep:
+    """:func:`equivalent_weights_step` without the input checks (the filter's per-cycle call)."""
     st = gaussian_step(f, y, operator, mask, q)
     d, u = st.innovation, st.s_inv_d
     chol_r = torch.linalg.cholesky(st.r)
@@ -260,7 +315,8 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
                  g: torch.Generator):
         f, lw = state
         q, _ = noise.get(f, lw)
-        st = equivalent_weights_step(f, lw, y, operator, mask, q, keep)
+        _require_linear(operator, "the equivalent-weights step")
+        st = _equivalent_weights_step(f, lw, y, operator, mask, q, keep)
         det_lw = torch.where(st.kept, -st.neg_log_weight, torch.full_like(lw, -math.inf))
         det_lw, _ = log_normalise(det_lw, "ewpf")
         flag = ~st.kept.all(-1)

@@ -88,7 +88,8 @@ from ..errors import DivergenceError, InputError, ShapeError
 from ..models.base import Model, model_config, tangent_linear
 from ..models.observations import Observation
 from ..posterior import from_members, validate
-from .base import Filter, GaussianState, gaussian_members, masked_logpdf_chol, masked_observation, register
+from .base import (Filter, GaussianState, _gaussian_members, _masked_observation, gaussian_members, masked_logpdf_chol,
+                   register)
 
 __all__ = ["kalman_filter", "extended_kalman_filter", "kalman_smoother"]
 
@@ -165,7 +166,7 @@ def _linear_update(mean: torch.Tensor, cov: torch.Tensor, innovation: torch.Tens
     n, m = mean.shape[-1], innovation.shape[-1]
     mask = mask.expand(*batch, m)
     ht = jac.transpose(-1, -2).expand(*batch, n, m)
-    d, ht, r = masked_observation(innovation, ht, noise_cov, mask)       # unobserved: zero / identity
+    d, ht, r = _masked_observation(innovation, ht, noise_cov, mask)      # unobserved: zero / identity
     pht = cov @ ht                                                        # (*batch, n, m)
     s = _sym(ht.transpose(-1, -2) @ pht + r)                              # (*batch, m, m)
     chol, bad = torch.linalg.cholesky_ex(s)
@@ -326,6 +327,8 @@ def kalman_smoother(
     dt, dev, n = p.dtype, p.device, model.state_size
     batch_shape = tuple(p.mean.shape[:-1])
     n_times = y_da.sizes["time"]
+    if n_times == 0:
+        raise ShapeError("data", "observations y with at least one time", "an empty time dimension")
     mean0, cov0 = p.mean, p.cov
 
     filt = kalman_filter()
@@ -368,7 +371,7 @@ def kalman_smoother(
 
         s_mean = torch.stack([s.mean for s in smoothed])
         s_cov = torch.stack([s.cov for s in smoothed])
-        x, lw = gaussian_members(GaussianState(s_mean, s_cov))       # (T+1, *batch, 2n, n)
+        x, lw = _gaussian_members(GaussianState(s_mean, s_cov))      # (T+1, *batch, 2n, n)
         f_mean = torch.stack([s.mean for s in filt_states])
         f_cov = torch.stack([s.cov for s in filt_states])
 

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError
+from ..errors import InputError, NonFiniteError, ShapeError
 from ..models.observations import Observation, selection_positions
 from .base import (EnsembleState, Filter, check_members, ensemble_forecast, ensemble_init, ensemble_members,
                    register)
@@ -92,7 +92,8 @@ def gaspari_cohn(distance: Any, support: float) -> torch.Tensor:
     Parameters
     ----------
     distance : tensor or array-like
-        Distances, any shape (the sign is ignored).
+        Distances, any shape (the sign is ignored; NaN is refused with a
+        :class:`~daml.errors.NonFiniteError`, ``inf`` gives 0).
     support : float
         Where the taper reaches zero (positive; ``inf`` gives 1 everywhere).
 
@@ -104,6 +105,8 @@ def gaspari_cohn(distance: Any, support: float) -> torch.Tensor:
     if isinstance(support, bool) or not isinstance(support, (int, float)) or not support > 0:
         raise InputError("support", "a positive distance", repr(support))
     d = _device.as_tensor(distance, "distance")
+    if bool(torch.isnan(d).any()):             # a NaN distance is no distance: never a zero taper
+        raise NonFiniteError("distance", "distances that are not NaN (inf gives 0)", "NaN entries")
     z = d.abs() / (float(support) / 2.0)
     inner = 1.0 + z**2 * (-5.0 / 3.0 + z * (5.0 / 8.0 + z * (0.5 - 0.25 * z)))
     zo = z.clamp(1.0, 2.0)  # keeps 1/z finite in the branch that torch.where discards

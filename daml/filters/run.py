@@ -44,7 +44,7 @@ from ..errors import DivergenceError, DtypeError, InputError, NonFiniteError, Sh
 from ..models.base import Model, as_covariance, as_real_tensor, check_memory, model_config
 from ..models.observations import Observation, observe_linear
 from ..posterior import from_members
-from .base import Filter, Upcoming
+from .base import Filter, Upcoming, unchecked
 
 __all__ = ["run", "RunResult", "operator_from_data", "prepare_data", "PreparedData", "DIVERGENCE_FACTOR",
            "divergence_bounds"]
@@ -67,6 +67,8 @@ class RunResult(NamedTuple):
 
 def operator_from_data(data: xr.Dataset) -> Observation:
     """The linear observation operator stored in a twin Dataset (variables ``H`` and ``R``)."""
+    if not isinstance(data, xr.Dataset):
+        raise InputError("data", "an xarray Dataset holding the linear operator H and R", type(data).__name__)
     if "H" not in data or "R" not in data:
         raise InputError("operator", "an Observation (the data hold no linear operator H, R)", None)
     return observe_linear(data["H"].values, cov=data["R"].values)
@@ -241,7 +243,9 @@ def run(
     try:
         # inference mode where the filter declares it never differentiates: a few microseconds less
         # per operation, which adds up over the hundreds of small operations of a cycle
-        with (torch.inference_mode() if filt.inference else torch.no_grad()):
+        # the building blocks' input checks off (base.unchecked): the data and prior were checked
+        # above, and the members and weights are checked for divergence after every analysis
+        with (torch.inference_mode() if filt.inference else torch.no_grad()), unchecked():
             upcoming, k_next, k_prev = None, -1, 0
             for k in range(1, n_times):
                 if filt.lookahead:
