@@ -120,7 +120,10 @@ def _kernel_batch(name: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
 def ess_kernel(log_weight: torch.Tensor) -> torch.Tensor:
     """Kish ESS of (unnormalised) log-weights ``(..., N)`` -> ``(...)``."""
     log_weight = _kernel_tensor(log_weight, "log_weight", allow_neg_inf=True)
-    lw = log_weight - torch.logsumexp(log_weight, dim=-1, keepdim=True)
+    # shifted by the row's maximum first: subtracting logsumexp from log-weights of large magnitude
+    # (1e17) would cancel every digit of the differences between them
+    shifted = log_weight - log_weight.amax(-1, keepdim=True)
+    lw = shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
     return torch.exp(-torch.logsumexp(2.0 * lw, dim=-1))
 
 
@@ -224,8 +227,10 @@ def crps_kernel(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, fair: bool = 
     x, w, y = _kernel_tensor(x, "x"), _kernel_tensor(w, "w"), _kernel_tensor(y, "y", 0)
     fair = _kernel_flag(fair, "fair")
     _kernel_batch("w", x.shape, w.shape)
-    _kernel_batch("y", x.shape[:-1], y.shape)
     x, w = torch.broadcast_tensors(x, w)
+    batch = _kernel_batch("y", x.shape[:-1], y.shape)
+    if tuple(batch) != tuple(x.shape[:-1]):   # y has more (or longer) batch dims: every outcome its ensemble
+        x, w = x.expand(*batch, x.shape[-1]), w.expand(*batch, w.shape[-1])
     d = x - y.unsqueeze(-1)                   # shift by the outcome: |x_i - x_j| is unchanged
     spread_term = _sum_w_abs_diff(d, w)
     if fair:

@@ -237,7 +237,8 @@ def check_fits(name: str, nbytes: float, what: str | None = None, device: object
     Raises
     ------
     InputError
-        When ``nbytes`` exceeds :func:`available_memory`; nothing is checked where that is unknown.
+        Naming ``name`` when ``nbytes`` exceeds :func:`available_memory` (nothing is checked where
+        that is unknown) or is NaN; naming ``nbytes`` when it is not a real number.
 
     Examples
     --------
@@ -248,7 +249,10 @@ def check_fits(name: str, nbytes: float, what: str | None = None, device: object
     available), got n_members=10**9, needing 298.0 GiB
     """
     import math
+    import numbers
 
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Real):
+        raise InputError("nbytes", "a real number of bytes", f"{type(nbytes).__name__} {nbytes!r}"[:120])
     need = float(nbytes)
     if math.isnan(need):
         raise InputError(name, "a size whose arrays fit in memory", f"{what or 'a size'} needing NaN bytes")

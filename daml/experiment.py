@@ -186,9 +186,11 @@ def load_config(source: str | Path | None = None) -> Experiment:
         text, where = DEFAULT_CONFIG, "the default experiment"
     elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith(".toml")):
         p = Path(source)
-        if not p.is_file():
-            raise FileNotFoundError(f"config: expected an existing TOML file, got {str(p)!r}")
-        text, where = p.read_text(), str(p)
+        try:
+            text, where = p.read_text(), str(p)
+        except OSError as exc:            # missing, a folder, unreadable: daml's error, naming the path
+            raise InputError("config", "an existing, readable TOML file", repr(str(p)),
+                             hint=f"{type(exc).__name__}: {exc.strerror or exc}") from exc
     else:
         text, where = str(source), "the given text"
     try:
@@ -253,6 +255,7 @@ def check_experiment(exp: Experiment) -> None:
     observations and every method are built once (cheap: nothing is allocated by ensemble size), the
     burn-in must leave at least one analysis time to score, and the arrays the run will hold must fit
     in the available memory. Raises :class:`InputError` naming the key path."""
+    _check_fields(exp)
     try:
         burn_in = check_real(exp.burn_in, "burn_in", expected="a finite non-negative time")
     except InputError:
@@ -294,6 +297,27 @@ def check_experiment(exp: Experiment) -> None:
         except InputError as exc:
             raise _under(f"methods[{i}]", exc) from None
     _check_memory(exp, n, m, every)
+
+
+def _check_fields(exp: Any) -> None:
+    """The types of an :class:`Experiment`'s fields (one built in Python skips :func:`load_config`)."""
+    if not isinstance(exp, Experiment):
+        raise InputError("exp", "an Experiment (see daml.experiment.load_config)", type(exp).__name__)
+    _int(exp.steps, "experiment.steps")
+    _int(exp.experiments, "experiment.experiments")
+    _int(exp.seed, "experiment.seed", minimum=0)
+    for key in ("model", "observations", "prior"):
+        if not isinstance(getattr(exp, key), dict):
+            raise InputError(f"config key '{key}'", "a table (dict)", type(getattr(exp, key)).__name__)
+    if exp.model.get("name") not in MODELS:
+        raise InputError("config key 'model.name'", f"one of {sorted(MODELS)}", repr(exp.model.get("name")))
+    if not isinstance(exp.methods, list) or not exp.methods:
+        raise InputError("config key 'methods'", "a non-empty list of [[methods]] tables",
+                         repr(exp.methods)[:80] if not isinstance(exp.methods, list) else "none")
+    for i, m in enumerate(exp.methods):
+        if not isinstance(m, dict) or m.get("name") not in REGISTRY:
+            raise InputError(f"config key 'methods[{i}].name'", f"one of {sorted(REGISTRY)}",
+                             repr(m.get("name") if isinstance(m, dict) else m)[:80])
 
 
 def _check_memory(exp: Experiment, n: int, m: int, every: int, methods: bool = True) -> None:
@@ -385,6 +409,7 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
     ``only``: run just the methods of these names. Each method keeps the random stream of its place
     in the list, so its scores are those of the full run.
     """
+    _check_fields(exp)
     names = [m["name"] for m in exp.methods]
     if only is not None:
         only = [only] if isinstance(only, str) else list(only)

@@ -25,7 +25,7 @@ import numpy as np
 import xarray as xr
 
 from . import _device
-from .errors import DamlError, InputError
+from .errors import DamlError, InputError, check_real
 from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate
 
 __all__ = ["to_netcdf", "open_posterior", "to_arviz", "arviz_draws", "atomic_write_path", "save_figure"]
@@ -73,8 +73,18 @@ def _check_attrs(attrs: dict[str, Any], where: str) -> None:
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write a matplotlib figure as PNG atomically (its folder is created), close it, return the path."""
-    path = Path(path)
+    """Write a matplotlib figure as PNG atomically (its folder is created), close it, return the path.
+
+    Raises
+    ------
+    InputError
+        Naming ``path`` when it is not a str or path-like, ``dpi`` when it is not a positive finite
+        number, ``fig`` when it has no ``savefig``.
+    """
+    path = _as_path(path)
+    dpi = check_real(dpi, "dpi", positive=True, expected="a positive number of dots per inch")
+    if not callable(getattr(fig, "savefig", None)):
+        raise InputError("fig", "a matplotlib Figure", type(fig).__name__)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")

@@ -88,7 +88,10 @@ def normalise_log_weight(log_weight: torch.Tensor, dim: int = -1) -> torch.Tenso
     if not _all_finite(total):
         raise NonFiniteError("log_weight", "log-weights with a finite logsumexp along dim",
                              f"{int((~torch.isfinite(total)).sum())} rows with NaN, +inf or only -inf")
-    return log_weight - total
+    # subtract the row's maximum first: the differences between log-weights of large magnitude (1e17)
+    # would otherwise be lost to the rounding of max + log(sum exp)
+    shifted = log_weight - log_weight.amax(dim=int(dim), keepdim=True)
+    return shifted - torch.logsumexp(shifted, dim=int(dim), keepdim=True)
 
 
 def from_members(

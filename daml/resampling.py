@@ -77,6 +77,7 @@ tensor([4, 4])
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -605,6 +606,9 @@ def offspring_counts(ancestors: ArrayLike, n_particles: int) -> torch.Tensor:
     if a.ndim == 0:
         raise ShapeError("ancestors", "an array of shape (..., n)", "a 0-d scalar")
     a = a.to(torch.int64)
+    check_fits("n_particles", 8.0 * math.prod(a.shape[:-1]) * float(n_particles),
+               what=f"n_particles={int(n_particles)} (counts of shape {(*a.shape[:-1], int(n_particles))})",
+               device=a.device)
     counts = torch.zeros(*a.shape[:-1], int(n_particles), dtype=torch.int64, device=a.device)
     if a.numel() == 0:
         return counts

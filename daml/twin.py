@@ -37,8 +37,8 @@ import xarray as xr
 from . import _device
 from ._version import __version__
 from .errors import InputError, NonFiniteError, check_int
-from .models.base import (Model, as_covariance, check_memory, check_state, covariance_root, model_config,
-                          propagate)
+from .models.base import (Model, _propagate, as_covariance, check_memory, check_state, covariance_root,
+                          model_config)
 from .models.observations import Observation
 
 __all__ = ["simulate", "observation_steps"]
@@ -46,7 +46,16 @@ __all__ = ["simulate", "observation_steps"]
 
 def observation_steps(steps: int, every: int | None = 1, at: Sequence[int] | None = None) -> np.ndarray:
     """Model steps (in ``1..steps``) at which observations are taken: every ``every`` steps, or the
-    steps listed in ``at`` (sorted, unique)."""
+    steps listed in ``at`` (sorted, unique).
+
+    Raises
+    ------
+    InputError
+        Naming ``steps`` for anything but a positive int (a float such as ``5.5`` is refused, not
+        rounded) or a count whose array of steps cannot fit in memory; ``every`` or ``at`` for
+        non-int steps, both given, or no observation time in ``1..steps``.
+    """
+    steps = check_int(steps, "steps", expected="a positive int (model steps)")
     if at is not None:
         if every not in (None, 1):
             raise InputError("every/at", "one of every or at", "both")
@@ -66,6 +75,7 @@ def observation_steps(steps: int, every: int | None = 1, at: Sequence[int] | Non
     if every > steps:
         raise InputError("every", f"an int <= steps = {steps} (at least one observation time)", repr(every),
                          hint="observe more often or simulate more steps")
+    check_memory(8.0 * (steps // every), "steps", f"steps={steps} with every={every} (one int64 per observation time)")
     return np.arange(every, steps + 1, every, dtype=np.int64)
 
 
@@ -157,7 +167,7 @@ def simulate(
     truth[..., 0, :] = x
     with torch.no_grad():
         for k in range(1, steps + 1):
-            x = propagate(model, x, 1, seed=g_model)
+            x = _propagate(model, x, 1, g_model)
             truth[..., k, :] = x
         if not torch.isfinite(truth).all():
             bad = int(torch.nonzero((~torch.isfinite(truth)).reshape(-1, steps + 1, n).any(-1).any(0))[0])

@@ -51,7 +51,7 @@ import torch
 
 from .. import _device
 from ..errors import InputError, ShapeError, check_int, check_real
-from .base import ODEModel, _compact_cov, as_real_tensor, check_memory, rk4_step
+from .base import ODEModel, _compact_cov, _rk4, as_real_tensor, check_memory
 
 __all__ = ["LinearModel", "Identity", "LinearDrag", "rk4_matrix"]
 
@@ -211,7 +211,7 @@ class LinearDrag(LinearModel):
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One RK4 step of the elementwise tendency: equal to ``x @ step_matrix.T`` up to rounding, and
         exactly the same for a batch as row by row (a batched matrix product is not)."""
-        return rk4_step(self.tendency, x, self.dt)
+        return _rk4(self.tendency, x, self.dt)
 
     def config(self) -> dict:
         """The constructor arguments."""

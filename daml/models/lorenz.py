@@ -49,7 +49,7 @@ import torch
 
 from .. import _device
 from ..errors import check_int, check_real
-from .base import ODEModel, _compact_cov
+from .base import ODEModel, _compact_cov, check_memory
 
 __all__ = ["Lorenz63", "Lorenz96"]
 
@@ -120,6 +120,7 @@ class Lorenz96(ODEModel):
 
     def __init__(self, n: int = 40, forcing: float = 8.0, dt: float = 0.05, noise_cov: Any = None):
         n = check_int(n, "n", 4, "an int >= 4 (the ring needs neighbours i-2, i-1, i+1 distinct from i)")
+        check_memory(8 * 8 * n, "n", f"n={n} (RK4 stages of a state of {n} variables)")
         self.forcing = check_real(forcing, "forcing")
         super().__init__(state_size=n, dt=dt, noise_cov=noise_cov)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import _device
-from ..errors import InputError, ShapeError, check_int, check_real
+from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
 from .base import as_covariance, as_real_tensor, batched_jacobian, check_memory
 
 __all__ = [
@@ -72,6 +72,9 @@ class Observation:
             if tuple(matrix.shape) != (self.size, self.state_size):
                 raise ShapeError("matrix", f"H of shape ({self.size}, {self.state_size}) (R's size, the state size)",
                                  f"shape {tuple(matrix.shape)}")
+            if not bool(torch.isfinite(matrix).all()):
+                raise NonFiniteError("matrix", "finite entries of H",
+                                     f"{int((~torch.isfinite(matrix)).sum())} NaN or infinite entries")
         self.matrix = matrix
         self.func = func
         self.description = description
@@ -174,8 +177,12 @@ def observe_indices(state_size: int, indices: Sequence[int], sd: float | None = 
         The noise covariance ``R`` instead of ``sd``.
     """
     state_size = check_int(state_size, "state_size", expected="a positive int (the state size)")
-    if hasattr(indices, "__len__") and not isinstance(indices, (str, bytes)):       # H is a dense (m, n) matrix
-        check_memory(2 * 8 * len(indices) * state_size, "state_size", f"{len(indices)} x {state_size} entries of H")
+    try:                                                            # H is a dense (m, n) matrix
+        m = None if isinstance(indices, (str, bytes)) else len(indices)
+    except TypeError:                                               # a scalar or 0-d array: refused below
+        m = None
+    if m is not None:
+        check_memory(2 * 8 * m * state_size, "state_size", f"{m} x {state_size} entries of H")
     idx = _check_indices(indices, state_size)
     h = torch.zeros(idx.numel(), state_size, dtype=torch.float64)
     h[torch.arange(idx.numel()), idx] = 1.0
@@ -193,10 +200,8 @@ def _check_indices(indices: Any, state_size: int) -> torch.Tensor:
 
     if isinstance(indices, (str, bytes)) or indices is None:
         raise InputError("indices", "a sequence of int variable indices", repr(indices))
-    if isinstance(indices, torch.Tensor):
-        values = indices.reshape(-1).tolist() if indices.ndim <= 1 else None
-    elif isinstance(indices, np.ndarray):
-        values = indices.reshape(-1).tolist() if indices.ndim <= 1 else None
+    if isinstance(indices, (torch.Tensor, np.ndarray)):
+        values = indices.reshape(-1).tolist() if indices.ndim == 1 else None
     else:
         try:
             values = list(indices)
@@ -279,6 +284,8 @@ def observe_transformed(base: Observation, transform: str | Callable[[torch.Tens
     batched elementwise torch function. The noise covariance is ``base``'s. When ``base`` selects one
     variable per observation, ``positions`` records which (localising filters read it).
     """
+    if not isinstance(base, Observation):
+        raise InputError("base", "a linear Observation (see daml.models.observe_all)", type(base).__name__)
     if not base.linear:
         raise InputError("base", "a linear observation operator", base.description)
     if isinstance(transform, str):
