@@ -349,7 +349,11 @@ def tangent_linear(model: Model, x: torch.Tensor) -> torch.Tensor:
         entries.
     """
     _check_model(model)
-    x = _check_finite_state(x, "x", model)
+    return _tangent_linear(model, _check_finite_state(x, "x", model))
+
+
+def _tangent_linear(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """:func:`tangent_linear` without the checks of its arguments (for callers that checked them once)."""
     own = getattr(model, "tangent_linear", None)
     if callable(own):
         return own(x)
