@@ -278,3 +278,9 @@ def test_schedules_accept_the_unit_interval_and_refuse_log_snr_without_noise():
             assert math.isfinite(s.alpha(t)) and math.isfinite(s.sigma2(t)) and math.isfinite(s.diffusion2(t))
     refuses(lambda: dif.VE().log_snr(0.0), InputError, "t")          # sigma_0 = 0
     assert math.isfinite(dif.VPCosine().log_snr(0.0))                  # sigma_0^2 = eta^2 > 0
+
+
+def test_mask_that_would_enlarge_y_is_refused():
+    x, y = ens(), torch.tensor([0.5, -0.2], dtype=F64)
+    refuses(lambda: dif.analysis(x, y, op(), mask=torch.tensor([[[True, False]]]), steps=4, seed=0), ShapeError, "mask")
+    refuses(lambda: dif.linearise(dif.gaussian_prior(x), y, op(), torch.ones(3, 2, dtype=torch.bool)), ShapeError, "mask")

@@ -36,7 +36,7 @@ from ..filters.particle import kish_ess
 from .samplers import (DIVERGENCE_FACTOR, SamplerSettings, check_sampler, divergence_bound, reverse, terminal_sample,
                        time_grid)
 from .schedules import Schedule, VPLinear, make_schedule
-from .scores import (_HALF, check_bandwidth, ensemble_forcing, exact_forcing, fitted_mixture, gaussian_prior, kernel_mixture,
+from .scores import (_HALF, _broadcasts_to, check_bandwidth, ensemble_forcing, exact_forcing, fitted_mixture, gaussian_prior, kernel_mixture,
                      likelihood_score, linearise, local_mixture, mixture_score)
 
 __all__ = ["FORCINGS", "analysis", "posterior_score", "diffusion", "ensf", "ensf_growth", "ENSF_CLIP"]
@@ -134,13 +134,13 @@ def _check_inputs(members, y, operator, log_weight, mask) -> None:
                              "infinite entries")
     if log_weight is not None:
         if not isinstance(log_weight, torch.Tensor) or log_weight.shape != members.shape[:-1]:
-            raise ShapeError("log_weight", f"a tensor of shape {tuple(members.shape[:-1])}",
+            raise ShapeError("log_weight", f"a tensor of shape {tuple(members.shape[:-1])} (one per member of members)",
                              f"shape {tuple(getattr(log_weight, 'shape', ()))}")
         if bool(torch.isnan(log_weight).any()) or bool((log_weight == math.inf).any()) \
                 or not bool(torch.isfinite(log_weight).any(-1).all()):
             raise NonFiniteError("log_weight", "finite log-weights (-inf allowed for some members, not all)",
                                  "NaN, +inf, or every member -inf")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape[-1:] != y.shape[-1:]):
+    if mask is not None and (not isinstance(mask, torch.Tensor) or not _broadcasts_to(mask.shape, y.shape)):
         raise ShapeError("mask", f"a boolean tensor shaped like y {tuple(y.shape)}",
                          f"shape {tuple(getattr(mask, 'shape', ()))}")
     if mask is not None and bool((mask.to(torch.bool) & torch.isnan(y)).any()):

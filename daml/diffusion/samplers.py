@@ -80,7 +80,7 @@ def check_sampler(method: Any = "sde", steps: Any = 100, t_min: Any = 1e-3, nois
     """Validate sampler parameters; ``noise=None`` means 1 for ``"sde"``/``"interpolant"``, 0 for the
     ODE and the deterministic exponential integrator."""
     if not isinstance(method, str) or method not in SAMPLERS:
-        raise InputError("sampler", f"one of {SAMPLERS}", repr(method))
+        raise InputError("sampler", f"one of {SAMPLERS} (the sampler method)", repr(method))
     steps = _check_steps(steps)
     t_min = _check_t_min(t_min)
     if noise is None:

@@ -447,11 +447,19 @@ def _check_operator(operator, y, state_size: int) -> None:
         raise NonFiniteError("y", "finite observations (NaN marks a missing one)", "infinite entries")
 
 
+def _broadcasts_to(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def _check_mask(mask, y) -> torch.Tensor:
     if mask is None:
         return torch.isfinite(y)
-    if not isinstance(mask, torch.Tensor) or mask.shape[-1:] != y.shape[-1:]:
-        raise InputError("mask", f"a boolean tensor shaped like y {tuple(y.shape)}",
+    if not isinstance(mask, torch.Tensor) or not _broadcasts_to(mask.shape, y.shape):
+        raise ShapeError("mask", f"a boolean tensor shaped like y {tuple(y.shape)}",
                          f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
     mask = mask.to(torch.bool)
     if bool((mask & torch.isnan(y)).any()):
