@@ -284,3 +284,9 @@ def test_mask_that_would_enlarge_y_is_refused():
     x, y = ens(), torch.tensor([0.5, -0.2], dtype=F64)
     refuses(lambda: dif.analysis(x, y, op(), mask=torch.tensor([[[True, False]]]), steps=4, seed=0), ShapeError, "mask")
     refuses(lambda: dif.linearise(dif.gaussian_prior(x), y, op(), torch.ones(3, 2, dtype=torch.bool)), ShapeError, "mask")
+
+
+def test_scalar_mask_broadcasts_to_every_observation():
+    x, y = ens(2), torch.tensor([0.5, -0.2], dtype=F64)
+    torch.testing.assert_close(dif.likelihood_score(x, y, op(), torch.tensor(True)),
+                               dif.likelihood_score(x, y, op(), torch.ones(2, dtype=torch.bool)))

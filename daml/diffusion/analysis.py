@@ -86,7 +86,7 @@ def posterior_score(members: torch.Tensor, y: torch.Tensor, operator, *, mask: t
                          f"shape {tuple(members.shape)}")
     if members.dtype in _HALF:      # widened losslessly (half precision has no eigh, cdist or Cholesky)
         members = members.float()
-    mask = torch.isfinite(y) if mask is None else mask.to(torch.bool)
+    mask = torch.isfinite(y) if mask is None else mask.to(torch.bool).expand(y.shape)
     taper = None if radius is None else ring_taper(members.shape[-1], _check_radius(radius)).to(members)
 
     if forcing == "gaussian":

@@ -461,7 +461,7 @@ def _check_mask(mask, y) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or not _broadcasts_to(mask.shape, y.shape):
         raise ShapeError("mask", f"a boolean tensor shaped like y {tuple(y.shape)}",
                          f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
-    mask = mask.to(torch.bool)
+    mask = mask.to(torch.bool).expand(y.shape)
     if bool((mask & torch.isnan(y)).any()):
         raise NonFiniteError("y", "finite observations where mask is True (NaN only where unobserved)",
                              f"{int((mask & torch.isnan(y)).sum())} NaN entries marked observed")
