@@ -344,3 +344,17 @@ def test_run_refuses_non_numeric_observations():
 def test_sizes_that_cannot_fit_are_refused_before_allocating(make):
     with pytest.raises(InputError, match="GiB"):
         make()
+
+
+@pytest.mark.parametrize("name", ["etkf", "bootstrap", "ekf"])
+def test_blow_up_between_observations_is_a_divergence_not_bad_input(name):
+    """A model that overflows between two observation times, inside run's loop, is the filter's
+    divergence (DivergenceError with the step and the partial posterior), not an input error of the
+    model step (the public propagate/tangent_linear refuse non-finite states; run's loop must not)."""
+    model = models.LinearModel(1e120 * np.eye(2))
+    obs = models.observe_all(2, sd=1.0)
+    data = daml.simulate(models.LinearModel(0.5 * np.eye(2)), 10, obs, every=5, x0=np.ones(2), x0_cov=0.1, seed=0)
+    params = {"etkf": {"members": 8}, "bootstrap": {"members": 16}, "ekf": {}}[name]
+    with pytest.raises(daml.errors.DivergenceError) as info:
+        filters.run(filters.make_filter(name, **params), model, data, seed=1, progress=False)
+    assert info.value.step is not None

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
-from ..models.base import Model, as_covariance, as_real_tensor, check_memory, covariance_root, propagate
+from ..models.base import Model, _propagate, as_covariance, as_real_tensor, check_memory, covariance_root, propagate
 
 __all__ = [
     "Filter",
@@ -274,7 +274,9 @@ def ensemble_init(members: int) -> Callable[..., EnsembleState]:
 
 def ensemble_forecast(state: EnsembleState, model: Model, g: torch.Generator) -> EnsembleState:
     """Propagate every member one model step (noise from ``model.noise_cov`` if any); weights unchanged."""
-    if _CHECKS.get() and not isinstance(state, EnsembleState):
+    if not _CHECKS.get():      # inside run's loop: a blow-up is run's DivergenceError, not bad input
+        return EnsembleState(_propagate(model, state.x, 1, g), state.log_weight)
+    if not isinstance(state, EnsembleState):
         raise InputError("state", "an EnsembleState(x, log_weight)", type(state).__name__)
     return EnsembleState(propagate(model, state.x, 1, seed=g), state.log_weight)
 

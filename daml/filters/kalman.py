@@ -85,11 +85,11 @@ import xarray as xr
 
 from .. import _device
 from ..errors import DivergenceError, InputError, ShapeError
-from ..models.base import Model, model_config, tangent_linear
+from ..models.base import Model, _tangent_linear, model_config, tangent_linear
 from ..models.observations import Observation
 from ..posterior import from_members, validate
-from .base import (Filter, GaussianState, _gaussian_members, _masked_observation, gaussian_members, masked_logpdf_chol,
-                   register)
+from .base import (_CHECKS, Filter, GaussianState, _gaussian_members, _masked_observation, gaussian_members,
+                   masked_logpdf_chol, register)
 
 __all__ = ["kalman_filter", "extended_kalman_filter", "kalman_smoother"]
 
@@ -247,7 +247,7 @@ def extended_kalman_filter() -> Filter:
     """
 
     def forecast(state: GaussianState, model: Model, g: torch.Generator) -> GaussianState:
-        jac = tangent_linear(model, state.mean)
+        jac = (_tangent_linear if not _CHECKS.get() else tangent_linear)(model, state.mean)
         mean = model.step(state.mean)
         return GaussianState(mean, _propagate_cov(state.cov, jac, _noise(model, state.mean)))
 
