@@ -271,8 +271,13 @@ def sample_splits(n: int, folds: int = 5, repetitions: int = 1, *, seed: _device
     if n < folds:
         raise InputError("folds", f"at most the number of observations ({n})", folds,
                          hint="use fewer folds or more data")
-    _check_memory(16.0 * n * (repetitions + 1), "n", "index arrays (16 bytes per observation and repetition)")
+    _check_memory(32.0 * n, "n", f"index arrays of n={n} observations (16 bytes per observation and repetition)")
+    _check_memory(16.0 * n * (repetitions + 1), "repetitions",
+                  f"index arrays of repetitions={repetitions} x n={n} (16 bytes per observation and repetition)")
     if groups is not None:
+        if isinstance(groups, torch.Tensor):       # numpy has no half-precision types of torch (bfloat16)
+            groups = groups.detach().cpu()
+            groups = (groups.double() if groups.is_floating_point() and groups.dtype != torch.float64 else groups).numpy()
         groups = np.asarray(groups)
         if groups.shape != (n,):
             raise ShapeError("groups", f"one label per observation, shape ({n},)", f"shape {groups.shape}")
@@ -344,6 +349,18 @@ def _check_splits(splits: Any, n: int) -> Splits:
 # cross-fitting
 
 
+def _splits_size(splits: Any) -> int | None:
+    """The number of observations that ``splits`` partition (the sizes of the test sets of its first
+    repetition), or ``None`` when that cannot be read (``_check_splits`` then says what is wrong)."""
+    try:
+        rep = splits[0]
+        if isinstance(rep, tuple) and len(rep) == 2 and np.ndim(rep[0]) == 1:
+            rep = splits                     # one repetition given as a flat list of pairs
+        return int(sum(np.size(test) for _, test in rep))
+    except Exception:  # noqa: BLE001 - any malformed splits: no size to compare with
+        return None
+
+
 def cross_fit(learner: Any, x: np.ndarray, target: np.ndarray, splits: Splits, *, name: str = "learner",
               batched: bool = True) -> np.ndarray:
     """Out-of-fold predictions of ``target`` from ``x``, one array per repetition.
@@ -361,6 +378,10 @@ def cross_fit(learner: Any, x: np.ndarray, target: np.ndarray, splits: Splits, *
     batched = _check_flag(batched, "batched")
     target = _as_1d(target, "target")
     n = target.shape[0]
+    x = _numeric(x, "x")
+    if x.ndim in (1, 2) and x.shape[0] != n and x.shape[0] == _splits_size(splits):
+        # the splits index the rows of x: the target is the one of the wrong length
+        raise ShapeError("target", f"{x.shape[0]} values, one per row of x (and of the splits)", f"{n} values")
     x = _as_2d(x, "x", n)
     if not (np.isfinite(x).all() and np.isfinite(target).all()):
         raise NonFiniteError("x" if not np.isfinite(x).all() else "target", "finite values (drop missing rows first)",

@@ -42,7 +42,7 @@ import xarray as xr
 from .. import _device
 from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
-from .dml import _clone, _construct, _describe, _fit_predict, check_learner, cross_fit, drop_missing, sample_splits
+from .dml import _check_memory, _clone, _construct, _describe, _fit_predict, check_learner, cross_fit, drop_missing, sample_splits
 from .q10 import _column, _require_columns, _time_coord
 
 __all__ = ["partition", "DEFAULT_MODIFIERS", "default_boosting", "default_final"]
@@ -159,6 +159,8 @@ def partition(
     if np.ptp(y) == 0:
         raise InputError("nee", "a flux that varies across rows", f"the constant {y[0]:g}",
                          hint="a constant NEE has nothing to partition: check the column")
+    # the replicates hold theta, both nuisances, LUE, GPP and RECO (and their row draws) for every row
+    _check_memory(8.0 * 7 * members * n, "members", f"members={members} bootstrap replicates of {n} rows")
     s_split, s_l, s_m, s_final, s_boot = _device.spawn(seed, 5)
     ml_l = check_learner(ml_l if ml_l is not None else default_boosting(s_l), "ml_l")
     ml_m = check_learner(ml_m if ml_m is not None else default_boosting(s_m), "ml_m")

@@ -31,9 +31,9 @@ import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import ConvergenceWarning, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import ConvergenceWarning, InputError, NonFiniteError, ShapeError, check_fits, check_int, check_real
 from ..posterior import from_members
-from .training import Ensemble, as_numeric, check_data, check_ensemble, fit, forward
+from .training import Ensemble, _check_module, as_numeric, check_data, check_ensemble, fit, forward
 
 SOURCES = ("input", "testing", "training", "weights", "model")
 VARIANCE_PARTS = ("members", "input", "testing", "model", "total")
@@ -41,6 +41,24 @@ VARIANCE_PARTS = ("members", "input", "testing", "model", "total")
 
 def _opt_sd(value: Any, name: str) -> float:
     return 0.0 if value is None else check_real(value, name, expected="a standard deviation >= 0")
+
+
+def _new_inputs(x: Any, ens_or_d: Any, name: str) -> torch.Tensor:
+    """New inputs ``(n, d)`` (``n >= 1``, finite) for an ensemble (or ``d`` columns), checked under ``name``."""
+    if isinstance(ens_or_d, Ensemble):
+        d, dtype, device = ens_or_d.x_mean.shape[0], ens_or_d.x_mean.dtype, ens_or_d.x_mean.device
+    else:
+        d, dtype, device = int(ens_or_d), None, None
+    xt = as_numeric(x, name, dtype=dtype, device=device)
+    if xt.ndim == 1:
+        xt = xt.unsqueeze(-1) if d == 1 else xt.unsqueeze(0)
+    if xt.ndim != 2 or xt.shape[1] != d:
+        raise ShapeError(name, f"inputs of shape (n, {d})", f"shape {tuple(xt.shape)}")
+    if xt.shape[0] < 1:
+        raise ShapeError(name, "at least one input row", "0 rows")
+    if not bool(torch.isfinite(xt).all()):
+        raise NonFiniteError(name, "finite inputs", f"{int((~torch.isfinite(xt)).sum())} NaN or infinite entries")
+    return xt
 
 
 def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int = 20,
@@ -78,13 +96,19 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
         ``converged`` over ``member``) and ``attrs["convergence"]``, ``attrs["weights_trusted"]``.
     """
     ens = check_ensemble(ens)
-    xt = as_numeric(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
-    if xt.ndim == 1:
-        xt = xt.unsqueeze(-1) if ens.x_mean.shape[0] == 1 else xt.unsqueeze(0)
+    xt = _new_inputs(x, ens, "x")
     d = ens.x_mean.shape[0]
-    if xt.ndim != 2 or xt.shape[1] != d:
-        raise InputError("x", f"inputs of shape (n, {d})", f"shape {tuple(xt.shape)}")
     n = xt.shape[0]
+    dropout_passes = check_int(dropout_passes, "dropout_passes", minimum=0)
+    s_req = 1 if input_sd is None else check_int(input_samples, "input_samples")
+    # the components (member, dropout pass, input draw) at every point: loc, scale, draws, variances
+    item = xt.element_size()
+    m_req = ens.members if weights else 1
+    check_fits("input_samples", 2.0 * m_req * s_req * n * max(d, 1) * item, what=f"input_samples={s_req}",
+               device=xt.device)
+    check_fits("dropout_passes", 8.0 * m_req * max(dropout_passes, 1) * s_req * n * item,
+               what=f"dropout_passes={dropout_passes} with {m_req} members, {s_req} input draws and {n} points",
+               device=xt.device)
     root = _device.seed_sequence(seed)
     s_in, s_drop, s_y = root.spawn(3)
     g_in = _device.generator(s_in, xt.device)
@@ -93,7 +117,6 @@ def predict(ens: Ensemble, x: Any, *, input_sd: Any = None, input_samples: int =
     test = (0.0 if hetero else float(ens.noise_sd * y_sd)) if test_noise_sd is None else \
         _opt_sd(test_noise_sd, "test_noise_sd")
     model = _opt_sd(model_sd, "model_sd")
-    dropout_passes = check_int(dropout_passes, "dropout_passes", minimum=0)
     lw_members = ens.log_weight
     keep = torch.arange(ens.members, device=xt.device)
     if not weights:
@@ -456,7 +479,21 @@ def uncertainty_sources(module: torch.nn.Module, x: Any, y: Any, x_new: Any, *, 
     from .correction import equal_weight
     from .weights import weigh
 
+    # every argument is checked before the first of the three trainings
+    _check_module(module)
+    xt, _ = check_data(x, y)
+    n_new = _new_inputs(x_new, xt.shape[1], "x_new").shape[0]
+    noise_sd = check_real(noise_sd, "noise_sd", positive=True)
+    members = check_int(members, "members", minimum=2, expected="an int >= 2 (the members are weighted and resampled)")
     samples = check_int(samples, "samples")
+    correction_steps = check_int(correction_steps, "correction_steps", minimum=0)
+    _opt_sd(test_noise_sd, "test_noise_sd")
+    _opt_sd(model_sd, "model_sd")
+    if input_sd is not None:
+        isd = as_numeric(input_sd, "input_sd").reshape(-1)
+        if isd.numel() not in (1, xt.shape[1]) or not bool(torch.isfinite(isd).all()) or bool((isd < 0).any()):
+            raise InputError("input_sd", f"a standard deviation >= 0, scalar or of length {xt.shape[1]}", input_sd)
+    check_fits("samples", 8.0 * 8 * n_new * samples, what=f"samples={samples} at {n_new} points")
     ss = _device.seed_sequence(seed).spawn(6)
     base = dict(noise_sd=noise_sd, **fit_kw)
     ens_w = fit(module, x, y, members=members, perturb_targets=False, seed=ss[0], **base)

@@ -44,8 +44,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import _device
-from ..errors import (ConvergenceWarning, DtypeError, InputError, ModuleError, NonFiniteError, ShapeError, check_int,
-                      check_real)
+from ..errors import (ConvergenceWarning, DtypeError, InputError, ModuleError, NonFiniteError, ShapeError, check_fits,
+                      check_int, check_real)
 
 LIKELIHOODS = ("gaussian", "heteroscedastic")
 
@@ -188,19 +188,36 @@ def mlp(inputs: int, hidden: int | Sequence[int] = 50, outputs: int = 1, activat
     ``dropout`` > 0 puts a dropout layer before every linear layer after the first (the MC-dropout
     architecture of Gal & Ghahramani 2016 on the UCI benchmark).
     """
+    import numbers
+
     inputs = check_int(inputs, "inputs")
     outputs = check_int(outputs, "outputs")
-    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    hidden_expected = "an int >= 1 or a sequence of ints >= 1 (layer widths; () for a linear model)"
+    if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+        widths = [hidden]
+    elif isinstance(hidden, (str, bytes)) or not isinstance(hidden, (Sequence, np.ndarray, torch.Tensor)):
+        raise InputError("hidden", hidden_expected, repr(hidden))
+    else:
+        widths = list(hidden)
+    widths = [check_int(h, "hidden", expected=hidden_expected) for h in widths]
     acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
     if activation not in acts:
         raise InputError("activation", f"one of {sorted(acts)}", repr(activation))
     dropout = check_real(dropout, "dropout")
     if not 0.0 <= dropout < 1.0:
         raise InputError("dropout", "a probability in [0, 1)", dropout)
+    # refuse up front widths whose weight matrices cannot fit (each layer blamed on its wider side)
+    names = ["inputs", *(["hidden"] * len(widths)), "outputs"]
+    sizes = [inputs, *widths, outputs]
+    item = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    for (a, wa), (b, wb) in zip(zip(names, sizes), zip(names[1:], sizes[1:])):
+        check_fits(a if wa >= wb else b, 1.0 * (wa + 1) * wb * item,
+                   what=f"{a}={wa}, {b}={wb} (a {wa} x {wb} weight matrix)")
+    check_fits("hidden" if widths else "inputs", 1.0 * item * sum((wa + 1) * wb for wa, wb in zip(sizes, sizes[1:])),
+               what=f"layer widths {sizes}")
     layers: list[nn.Module] = []
     width = inputs
     for h in widths:
-        h = check_int(h, "hidden")
         if dropout > 0 and layers:
             layers.append(nn.Dropout(dropout))
         layers += [nn.Linear(width, h), acts[activation]()]
@@ -542,12 +559,27 @@ def fit(
 
     template = copy.deepcopy(module).to(device=dev, dtype=dt)
     template.train()
+    shapes = {k: p.shape for k, p in template.named_parameters()}
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    stochastic = _has_dropout(template)
+    can_polish = likelihood == "gaussian" and not stochastic and not any(True for _ in template.buffers())
+    if polish is None:
+        polish = can_polish and n_params <= _POLISH_MAX_PARAMS
+    elif not isinstance(polish, (bool, np.bool_)):
+        raise InputError("polish", "True, False or None", repr(polish))
+    elif polish and not can_polish:
+        raise InputError("polish", "False or None for this ensemble (the polish needs the Gaussian likelihood and "
+                         "a module without dropout or buffers)", polish)
+    # memory per member, refused before any stream is spawned: parameters, prior draw, Adam moments and
+    # gradients (about 8 copies of P), perturbed targets and minibatch order (3 n), a random generator
+    # (about 5 kB), and the P x P Gauss-Newton matrices of the polish (3 P²)
+    item = torch.empty((), dtype=dt).element_size()
+    per_member = item * (8.0 * n_params + 3.0 * n + (3.0 * n_params**2 if polish else 0.0)) + 5000.0
+    check_fits("members", members * per_member, what=f"members={members} ({n_params} parameters each)", device=dev)
     root = _device.seed_sequence(seed)
     children = root.spawn(members)
     gens = [_device.generator(child, dev) for child in children]
     rng_seed = int(root.generate_state(1, dtype=np.uint32)[0])   # the stream of dropout layers
-    shapes = {k: p.shape for k, p in template.named_parameters()}
-    n_params = sum(int(np.prod(s)) for s in shapes.values())
     pri = None
     if prior is not None:
         pri = _as_prior(prior, n_params, dt, dev, root.spawn(1)[0])
@@ -586,18 +618,26 @@ def fit(
                   module=type(module).__name__, seed=_device.seed_to_attr(seed))
     loss_args = (template, likelihood, noise**2 if likelihood == "gaussian" else 1.0, float(n), bool(anchor))
     scale = math.sqrt(n) * (noise if likelihood == "gaussian" else 1.0)
-    stochastic = _has_dropout(template)
-    can_polish = likelihood == "gaussian" and not stochastic and not buffers
-    if polish is None:
-        polish = can_polish and n_params <= _POLISH_MAX_PARAMS
-    elif not isinstance(polish, (bool, np.bool_)):
-        raise InputError("polish", "True, False or None", repr(polish))
-    elif polish and not can_polish:
-        raise InputError("polish", "False or None for this ensemble (the polish needs the Gaussian likelihood and "
-                         "a module without dropout or buffers)", polish)
     config["polish"] = bool(polish)
     train_kw = dict(batch_size=batch_size, lr=lr, epochs=epochs, tol=tol, grad_scale=scale, stochastic=stochastic,
                     polish=bool(polish), dev=dev, progress=progress)
+    with torch.enable_grad():        # the training needs autograd, also when called under torch.no_grad()
+        params, history, conv, buffers = _train_members(vectorize, members, loss_args, w0_stack, buffers, prec, xn,
+                                                        y_stack, gens, rng_seed, dt, dev, train_kw)
+    if not all(torch.isfinite(v).all() for v in params.values()):
+        raise NonFiniteError("lr", "a learning rate at which training stays finite", lr,
+                             hint="training produced NaN or infinite parameters; lower lr")
+    ens = Ensemble(module=template, params=params, buffers=buffers, prior_sd=sd, prior_draw=w0_stack,
+                   log_weight=torch.full((members,), -math.log(members), dtype=dt, device=dev),
+                   noise_sd=noise, likelihood=likelihood, x_mean=x_mean, x_sd=x_sd, y_mean=y_mean, y_sd=y_sd,
+                   history=history, config=config, convergence=conv, prior=pri)
+    warn_unconverged(ens, "fit", stacklevel=2)
+    return ens
+
+
+def _train_members(vectorize, members, loss_args, w0_stack, buffers, prec, xn, y_stack, gens, rng_seed, dt, dev,
+                   train_kw):
+    """All members in one vmapped pass (``vectorize``) or one after the other (the reference loop)."""
     if vectorize:
         params, history, conv, buffers = _train(loss_args, w0_stack, buffers, prec, xn, y_stack, gens,
                                                 rng_seed=rng_seed, desc="ensemble", **train_kw)
@@ -614,15 +654,7 @@ def fit(
         for i, o in enumerate(outs):
             history[i, :o[1].shape[1]] = o[1][0]
         conv = {k: torch.cat([o[2][k] for o in outs]) for k in outs[0][2]}
-    if not all(torch.isfinite(v).all() for v in params.values()):
-        raise NonFiniteError("lr", "a learning rate at which training stays finite", lr,
-                             hint="training produced NaN or infinite parameters; lower lr")
-    ens = Ensemble(module=template, params=params, buffers=buffers, prior_sd=sd, prior_draw=w0_stack,
-                   log_weight=torch.full((members,), -math.log(members), dtype=dt, device=dev),
-                   noise_sd=noise, likelihood=likelihood, x_mean=x_mean, x_sd=x_sd, y_mean=y_mean, y_sd=y_sd,
-                   history=history, config=config, convergence=conv, prior=pri)
-    warn_unconverged(ens, "fit", stacklevel=2)
-    return ens
+    return params, history, conv, buffers
 
 
 def warn_unconverged(ens: Ensemble, who: str, stacklevel: int = 2) -> int:
@@ -891,6 +923,10 @@ def forward(ens: Ensemble, x: Any, *, normalised_input: bool = False, dropout: b
     ``dropout=True`` keeps dropout layers active (one MC-dropout pass per call, seeded).
     """
     ens = check_ensemble(ens)
+    for name, flag in (("dropout", dropout), ("normalised_input", normalised_input)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InputError(name, "True or False", repr(flag))
+    dropout = bool(dropout)
     xt = as_numeric(x, "x", dtype=ens.x_mean.dtype, device=ens.x_mean.device)
     if xt.ndim == 1:
         xt = xt.unsqueeze(-1)

@@ -159,6 +159,7 @@ def fisher(ens: Ensemble, x: Any, y: Any, *, chunk: int | None = None) -> Fisher
     ``g_μ``, ``g_s`` of the two outputs, ``F = Σ_n g_μ g_μᵀ / v + g_s g_sᵀ sigmoid(s)² / (2 v²)``
     (``dv/ds = sigmoid(s)``). Positive semi-definite, and the expected Hessian of ``-log p(D | w)``.
     """
+    ens = check_ensemble(ens)
     if ens.likelihood == "gaussian":
         return _gaussian_fisher(ens, gauss_newton(ens, x, y, chunk=chunk))
     xn, yn, theta = _normalised_data(ens, x, y)
