@@ -178,3 +178,15 @@ def test_partition_refuses_members_that_cannot_fit():
 def test_iteration_counts_refuse_non_ints(iterations):
     with pytest.raises(InputError, match="^iterations:"):
         causal.MLPRegressor(hidden=(4,), iterations=iterations).fit(np.zeros((6, 2)), np.arange(6.0))
+
+
+def test_causal_errors_name_the_argument_at_fault(tmp_path):
+    site = causal.synthetic_site(years=1, seed=0)
+    _refused(lambda: causal.default_learner("no-such-kind"), "kind")
+    _refused(lambda: causal.to_fluxnet_csv(site, tmp_path / "x.csv", nee="no-such-variable"), "nee")
+    with pytest.raises(InputError, match="steps_per_day=10000"):
+        causal.smoothed_potential_radiation(np.ones(960), steps_per_day=10**4)
+    frame = site.to_dataframe()
+    _refused(lambda: causal.q10(frame.iloc[:0], folds=2, seed=0), "data", ShapeError)
+    with pytest.raises(InputError, match="^learner:"):       # q10's own argument, not default_learner's
+        causal.q10(frame.iloc[:200], learner="no-such-kind", folds=2, seed=0)

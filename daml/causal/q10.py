@@ -99,7 +99,7 @@ def _column(data: Any, name: str, arg: str) -> np.ndarray:
         num = pd.to_numeric(pd.Series(raw.reshape(-1)), errors="coerce").to_numpy(float)
         text = np.flatnonzero(np.isnan(num) & ~pd.isna(pd.Series(raw.reshape(-1))).to_numpy())
         if text.size:
-            raise DtypeError(arg, f"numbers in column {name!r}",
+            raise DtypeError(arg, f"numbers in column {name!r} of data",
                              f"{raw.reshape(-1)[text[0]]!r} in row {int(text[0])} ({text.size} non-numeric entries)")
         arr = num.reshape(raw.shape)
     if arr.ndim != 1:
@@ -118,8 +118,13 @@ def _time_coord(data: Any, n: int) -> dict[str, np.ndarray]:
 def default_learner(kind: str, seed: _device.Seed = None, **options: Any) -> Any:
     """The nuisance learners of Cohrs et al. (2024): ``"forest"`` (100 trees, min leaf 5) or ``"network"``
         (two hidden layers of 16 tanh units); ``options`` override their settings."""
+    return _default_learner(kind, seed, "kind", **options)
+
+
+def _default_learner(kind: str, seed: _device.Seed, argument: str, **options: Any) -> Any:
+    """:func:`default_learner`, its errors naming ``argument`` (``learner`` when called by :func:`q10`)."""
     if not isinstance(kind, str) or kind not in LEARNERS:
-        raise InputError("learner", f"one of {LEARNERS} or a regressor with fit/predict", repr(kind))
+        raise InputError(argument, f"one of {LEARNERS} or a regressor with fit/predict", repr(kind))
     state = _device.random_state(seed)
     if kind == "forest":
         from sklearn.ensemble import RandomForestRegressor
@@ -131,7 +136,7 @@ def default_learner(kind: str, seed: _device.Seed = None, **options: Any) -> Any
 
         kw = {"hidden": (16, 16), "activation": "tanh", "random_state": state, **options}
         return _construct(MLPRegressor, kw)
-    raise InputError("learner", f"one of {LEARNERS} or a regressor with fit/predict", repr(kind))
+    raise InputError(argument, f"one of {LEARNERS} or a regressor with fit/predict", repr(kind))
 
 
 def _respiration_arrays(data: Any, reco: str, ta: str, x: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,6 +155,8 @@ def _respiration_arrays(data: Any, reco: str, ta: str, x: Sequence[str]) -> tupl
     xs = np.stack([_column(data, name, "x") for name in x], axis=1)
     if r.size != t.size or xs.shape[0] != r.size:
         raise ShapeError("data", "columns of one length", f"reco {r.size}, ta {t.size}, x {xs.shape[0]} rows")
+    if r.size == 0:
+        raise ShapeError("data", "at least one row", "0 rows")
     cold = np.isfinite(t) & (t < ABSOLUTE_ZERO_C)
     if cold.any():
         raise InputError("ta", f"air temperatures in degrees Celsius (>= {ABSOLUTE_ZERO_C}, absolute zero)",
@@ -216,7 +223,7 @@ def q10(
     r, t, xs = _respiration_arrays(data, reco, ta, x)
     learn_seed, dml_seed = _device.spawn(seed, 2)
     if isinstance(learner, str):
-        base = default_learner(learner, learn_seed)
+        base = _default_learner(learner, learn_seed, "learner")
     else:
         base = check_learner(learner, "learner")
     y = np.log(r)

@@ -141,8 +141,8 @@ def smoothed_potential_radiation(sw_in_pot: Any, steps_per_day: int = 48, days: 
     days = check_real(days, "days", positive=True, expected="a positive window length in days")
     window = max(1, int(round(days * steps_per_day)))
     if window >= v.size:
-        raise InputError("sw_in_pot", f"a series longer than the {days:g}-day window ({window} steps)",
-                         f"{v.size} steps")
+        raise InputError("sw_in_pot", f"a series longer than the {days:g}-day window (days={days:g} x "
+                         f"steps_per_day={steps_per_day} = {window} steps)", f"{v.size} steps")
     sm = _moving_average(v, window)
     diff = np.diff(sm, append=sm[-1] + (sm[-1] - sm[-2])) * (48.0 / steps_per_day)
     return sm, _moving_average(1e4 * diff, window)
@@ -286,6 +286,8 @@ def to_fluxnet_csv(site: xr.Dataset, path: str | os.PathLike, *, nee: str = "NEE
         raise InputError("nee", "a variable name (str)", repr(nee))
     if not isinstance(path, (str, os.PathLike)):
         raise InputError("path", "a file path (str or os.PathLike)", type(path).__name__)
+    if nee not in site.variables:
+        raise InputError("nee", f"the name of a variable of site ({sorted(map(str, site.data_vars))[:20]})", repr(nee))
     needed = ["time", "TA", "SW_IN_POT", "SW_IN", "VPD", nee, "NIGHT"]
     missing = [k for k in needed if k not in site.variables]
     if missing:
@@ -435,7 +437,7 @@ def read_fluxnet_csv(path: str | os.PathLike, *, max_qc: int = 0, latitude: floa
     report["non_positive"] = int((usable & ~positive).sum())
     report["kept"] = int(positive.sum())
     if report["kept"] < min_night:
-        raise InputError("FILE", f"at least {min_night} usable night-time rows (NIGHT = 1, NEE_VUT_REF_QC <= {max_qc}, "
+        raise InputError("FILE", f"at least {min_night} usable night-time rows (min_night; NIGHT = 1, NEE_VUT_REF_QC <= {max_qc}, "
                          "NEE_VUT_REF > 0, drivers present)",
                          f"{report['kept']} in {path} ({report})")
     out = pd.DataFrame({"time": time[positive].values, "RECO": nee[positive], "TA": ta[positive],
