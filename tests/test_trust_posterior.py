@@ -319,10 +319,11 @@ def _has_nan(r) -> bool:
     return isinstance(r, float) and math.isnan(r)
 
 
-def test_wrong_types_into_every_public_name_give_daml_errors_never_leaks_or_nan(tmp_path):
+def test_wrong_types_into_every_public_name_give_daml_errors_never_leaks_or_nan(tmp_path, monkeypatch):
     """Every argument of every name in the __all__ of posterior, io, diagnostics and resampling, given
     each wrong type: a daml error naming the argument (or a posterior-level name), or a finite result;
     never another library's error, never NaN."""
+    monkeypatch.chdir(tmp_path)     # a path given as the string "abc" is a valid path: written here
     from daml import io as IO
     from daml import posterior as P
 
