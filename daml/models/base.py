@@ -51,12 +51,10 @@ __all__ = [
     "tangent_linear",
     "model_config",
     "check_state",
-    "as_real_tensor",
     "as_covariance",
     "covariance_root",
     "batched_jacobian",
     "periodic_covariance",
-    "check_memory",
 ]
 
 
@@ -217,19 +215,14 @@ class ODEModel(abc.ABC):
 
 
 def as_real_tensor(value: Any, name: str, *, dtype=None, device=None) -> torch.Tensor:
-    """:func:`daml._device.as_tensor`, refusing text and other non-numeric input (strings, bytes, None,
-    arrays of them) with a :class:`~daml.errors.DtypeError` naming ``name``."""
-    import numpy as np
-
-    if value is None or isinstance(value, (str, bytes)) or (
-            isinstance(value, np.ndarray) and value.dtype.kind in "USVOMm"):
-        raise DtypeError(name, "real numbers", repr(value) if not isinstance(value, np.ndarray)
-                         else f"an array of dtype {value.dtype}")
+    """:func:`daml._device.as_tensor` (which refuses text, None and other non-numeric input with a
+    :class:`~daml.errors.DtypeError` naming ``name``), with any other conversion failure (nested lists of
+    text, ragged lists) turned into that error too. Internal helper of the models and filters."""
     try:
         return _device.as_tensor(value, name, dtype=dtype, device=device)
     except DamlError:
         raise
-    except (TypeError, ValueError, RuntimeError) as exc:      # e.g. nested lists of text or ragged lists
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise DtypeError(name, "real numbers", f"{type(value).__name__} ({exc})") from exc
 
 
@@ -397,5 +390,5 @@ def _jsonable(v: Any) -> Any:
 
 def check_memory(nbytes: int, argument: str, given: str, device: Any = None) -> None:
     """:func:`daml.errors.check_fits` with the models' argument order: refuse, before anything is
-    allocated, arrays of ``nbytes`` that need more than the free memory of ``device``."""
+    allocated, arrays of ``nbytes`` that need more than the free memory of ``device``. Internal helper."""
     check_fits(argument, nbytes, what=given, device=device)
