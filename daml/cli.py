@@ -27,6 +27,7 @@ import argparse
 import math
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +36,20 @@ import torch
 import xarray as xr
 
 from . import __version__, _device, diagnostics, io, posterior
+from .errors import DamlError
+
+USER_ERRORS = (DamlError, OSError, tomllib.TOMLDecodeError)
+"""Errors of the user's input (files, keys, arguments, the output folder): one line on stderr and exit
+status 2 (a traceback only with ``daml --debug``). ``FileNotFoundError`` is an ``OSError``."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: daml's message, or for an ``OSError`` its reason and file."""
+    if isinstance(exc, OSError) and not isinstance(exc, DamlError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename!s}" if exc.filename is not None else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def self_check(out: Path, seed: int = 0, n: int = 20_000) -> list[tuple[str, float, str, float, float, bool]]:
@@ -102,21 +117,27 @@ def self_check(out: Path, seed: int = 0, n: int = 20_000) -> list[tuple[str, flo
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import experiment
 
-    from .errors import InputError
-
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    try:                                   # a bad file or value: one line naming the key, exit status 2
-        exp = experiment.load_config(args.config)
-    except (InputError, FileNotFoundError) as exc:
-        print(f"daml run: {exc}", file=sys.stderr)
-        return 2
+    exp = experiment.load_config(args.config)       # every check before anything is computed or written
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(20, "the output folder (--out) is not a folder", str(out))
     print(f"daml {__version__}: {exp.name} ({'default experiment' if args.config is None else args.config}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    data, scores = experiment.run_experiment(exp, progress=args.progress, only=args.only)
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    log = None if show else (lambda line: print(f"daml run: {line}", file=sys.stderr, flush=True))
+    try:
+        data, scores = experiment.run_experiment(exp, progress=show, only=args.only, out=out, log=log)
+    except KeyboardInterrupt:
+        kept = sorted(p.name for p in out.glob(f"{exp.name}_*.nc")) if out.is_dir() else []
+        print(f"daml run: interrupted; {len(kept)} finished file(s) kept in {out}"
+              + (f" ({', '.join(kept)})" if kept else ""), file=sys.stderr, flush=True)
+        return 130
     print(experiment.format_table(exp, scores))
-    written = experiment.write_outputs(exp, data, scores, Path(args.out))
-    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - t0:.1f} s")
+    written = experiment.write_outputs(exp, data, scores, out)
+    total = sum(p.stat().st_size for p in written if p.is_file())
+    print(f"wrote {', '.join(str(p) for p in written)} ({total / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -136,29 +157,58 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    failed = 0
     for path in args.files:
-        ds = io.open_posterior(path)
+        try:
+            text = _describe_file(Path(path))
+        except USER_ERRORS as exc:
+            if args.debug:
+                raise
+            print(f"daml info: {path}: {one_line(exc)}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
         print(f"== {path}")
-        print(diagnostics.describe(ds))
-    return 0
+        print(text, flush=True)
+    return 2 if failed else 0
+
+
+def _describe_file(path: Path) -> str:
+    """What a saved posterior or summary holds (opened lazily where this daml's io can)."""
+    if hasattr(io, "open_dataset"):
+        ds = io.open_dataset(path, lazy=True)
+    else:
+        ds = io.open_posterior(path)
+    try:
+        if ds.attrs.get("daml_kind") == "summary":
+            return _describe_summary(ds)
+        return diagnostics.describe(ds)
+    finally:
+        ds.close()
+
+
+def _describe_summary(ds: xr.Dataset) -> str:
+    """A few lines on a summary file (``keep = "summary"``): no members, their statistics."""
+    lines = [f"summary of a posterior (no members): method {ds.attrs.get('method', '?')}, "
+             f"{ds.attrs.get('members', '?')} members, every {ds.attrs.get('thin', 1)}-th analysis",
+             f"config: {ds.attrs.get('config', '')}",
+             "dims: " + ", ".join(f"{d}={s}" for d, s in ds.sizes.items()),
+             "variables: " + ", ".join(f"{k}{tuple(ds[k].dims)} {ds[k].dtype}" for k in ds.data_vars)]
+    if "ess" in ds:
+        e = ds["ess"]
+        lines.append(f"ESS min {float(e.min()):.2f}, mean {float(e.mean()):.2f}, max {float(e.max()):.2f}")
+    return "\n".join(lines)
 
 
 def _cmd_q10(args: argparse.Namespace) -> int:
     try:
         from . import causal
     except ImportError as exc:  # scikit-learn lives in the causal extra
-        print(f"daml q10 needs the causal extra (pip install 'daml[causal]'): {exc}", file=sys.stderr)
+        print(f"daml q10: needs the causal extra (pip install 'daml[causal]'): {one_line(exc)}", file=sys.stderr)
         return 2
-    from .errors import InputError
-
     t0 = time.perf_counter()
-    path = Path(args.file)
-    try:
-        data, report = causal.read_fluxnet_csv(path, max_qc=args.max_qc, latitude=args.latitude,
-                                               min_night=args.min_night)
-    except InputError as exc:
-        print(f"daml q10: {exc}", file=sys.stderr)
-        return 2
+    path = Path(args.file)            # a bad file, column or option: main prints one line, exit status 2
+    data, report = causal.read_fluxnet_csv(path, max_qc=args.max_qc, latitude=args.latitude,
+                                           min_night=args.min_night)
     print(f"{path}: {report['rows']} rows, {report['night']} night-time; dropped {report['bad_qc']} with "
           f"NEE_VUT_REF_QC > {args.max_qc}, {report['missing']} with missing values, {report['non_positive']} with "
           f"NEE <= 0; {report['kept']} night-time respiration values kept")
@@ -168,13 +218,9 @@ def _cmd_q10(args: argparse.Namespace) -> int:
         groups = data["time"].dt.floor("D").to_numpy()
     elif args.block == "week":
         groups = data["time"].dt.to_period("W").astype(str).to_numpy()
-    try:
-        ds = causal.q10(data, reco="RECO", ta="TA", x=controls, tref=args.tref, learner=args.learner,
-                        folds=args.folds, repetitions=args.repetitions, aggregation=args.aggregation,
-                        groups=groups, seed=args.seed)
-    except InputError as exc:
-        print(f"daml q10: {exc}", file=sys.stderr)
-        return 2
+    ds = causal.q10(data, reco="RECO", ta="TA", x=controls, tref=args.tref, learner=args.learner,
+                    folds=args.folds, repetitions=args.repetitions, aggregation=args.aggregation,
+                    groups=groups, seed=args.seed)
     ds.attrs.update({"source_file": str(path), "blocked_by": args.block,
                      **{f"rows_{k}": v for k, v in report.items()}})
     print(causal.summary(ds))
@@ -189,8 +235,22 @@ def _cmd_q10(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daml", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"daml {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (default: one line naming the file, key or argument)")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment (default: the Lorenz-96 Sakov 2008 comparison)")
+    from .filters import REGISTRY
+    from .models import MODELS
+
+    run = sub.add_parser(
+        "run", help="run an experiment (default: the Lorenz-96 Sakov 2008 comparison)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run an experiment written as TOML (default: the embedded Lorenz-96 comparison), print the "
+                    "score table and write\neach method's file as soon as it finishes.",
+        epilog="models ([model] name):\n  " + ", ".join(sorted(MODELS))
+               + "\nmethods ([[methods]] name):\n  " + ", ".join(sorted(REGISTRY))
+               + "\n\nThe TOML schema ([experiment], [model], [observations], [prior], [output], [[methods]]),"
+                 "\nthe output files and the exit statuses (0 done, 2 a bad file, key or argument, 130"
+                 "\ninterrupted): docs/cli.md, or python -c 'import daml.experiment as e; help(e)'.")
     run.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded one)")
     run.add_argument("--out", default="daml-output", help="output folder (default: %(default)s)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -238,8 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 a failed self-check, 2 a user error,
+    130 interrupted). User errors print one line naming the file, key or argument; ``--debug``
+    shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"daml {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"daml {args.command}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

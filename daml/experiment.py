@@ -27,10 +27,17 @@ An experiment file has four tables and a list of methods::
     cov = 0.001
     spinup = 0            # model steps to integrate the prior mean before starting
 
+    [output]              # optional: what the result files hold (docs/cli.md)
+    keep = "auto"         # "members", "summary", or "auto": members when they fit in MEMBERS_BUDGET
+    thin = 1              # record every thin-th analysis
+    dtype = "float64"     # or "float32" (storage only; the scores use the computed values)
+    compression = 1       # zlib level 0-9 of the netCDF files (0: none)
+
     [[methods]]
     name = "etkf"         # a key of daml.filters.REGISTRY; other keys are its parameters
     members = 24
     inflation = 1.02
+    note = "..."          # optional: why this row is there (for example to show a failure)
 
 Scores (DAPPER's conventions, :mod:`daml.diagnostics`): ``rmse.a`` is the time average, over analysis
 times after ``burn_in``, of the spatial RMS error of the weighted mean; ``rmv.a`` the same for the
@@ -48,12 +55,15 @@ analyses, ``experiments x analyses x members x variables`` float64 values, estim
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +75,7 @@ from .filters import REGISTRY, make_filter, run
 from .filters.climatology import climatology_from_truth
 from .models import MODELS, make_model, observe_all, observe_every, observe_indices, observe_transformed
 from .models.observations import TRANSFORMS
+from .posterior import MEMBER
 from .twin import simulate
 
 __all__ = ["DEFAULT_CONFIG", "Experiment", "load_config", "run_experiment", "Score"]
@@ -143,6 +154,7 @@ model_noise = {variance = 0.1, length = 1.0, ensemble = 4.0, radius = 4.0}
 [[methods]]
 name = "etpf"
 members = 100
+note = "shown as a failure: one global transport of 100 particles degenerates in 40 dimensions (rmse.a above climatology's); letpf below is the working, local version"
 solver = "emd"
 second_order = true
 rejuvenation = 0.5
@@ -161,8 +173,24 @@ _SECTIONS = {
     "model": None,          # free: the model's parameters
     "observations": {"kind", "sd", "cov", "every", "k", "offset", "indices", "missing", "transform"},
     "prior": {"x0", "cov", "spinup"},
+    "output": {"keep", "thin", "dtype", "compression"},
     "methods": None,
 }
+
+RESERVED_METHOD_KEYS = ("name", "note")
+"""Keys of a ``[[methods]]`` table that are not the method's parameters: ``name`` picks the method,
+``note`` (a string) explains why the row is there (for example to show a failure)."""
+
+MEMBERS_BUDGET = 16 * 2**20
+"""``keep = "auto"`` records a method's members when their values (``experiments x recorded analyses
+x members x (variables + 1)`` at the storage dtype) take at most this many bytes (16 MiB), and
+summary statistics otherwise (docs/cli.md)."""
+
+OUTPUT_DEFAULTS = {"keep": "auto", "thin": 1, "dtype": "float64", "compression": 1}
+"""The ``[output]`` table's defaults."""
+
+QUANTILES = (0.05, 0.5, 0.95)
+"""Quantiles recorded in a summary."""
 
 
 @dataclass
@@ -178,19 +206,28 @@ class Experiment:
     observations: dict
     prior: dict
     methods: list[dict] = field(default_factory=list)
+    output: dict = field(default_factory=dict)
 
 
 def load_config(source: str | Path | None = None) -> Experiment:
-    """Parse and check an experiment: a path to a TOML file, TOML text, or ``None`` for the default."""
+    """Parse and check an experiment: a path to a TOML file, TOML text, or ``None`` for the default.
+
+    Raises
+    ------
+    InputError
+        Naming the config key path (``methods[2].members``, ``output.keep``) of the first bad value,
+        or ``config`` for a missing or unreadable file and for invalid TOML.
+    """
     if source is None:
         text, where = DEFAULT_CONFIG, "the default experiment"
     elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith(".toml")):
         p = Path(source)
         try:
             text, where = p.read_text(), str(p)
-        except OSError as exc:            # missing, a folder, unreadable: daml's error, naming the path
+        except (OSError, UnicodeDecodeError) as exc:   # missing, a folder, unreadable: naming the path
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise InputError("config", "an existing, readable TOML file", repr(str(p)),
-                             hint=f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+                             hint=f"{type(exc).__name__}: {why}") from exc
     else:
         text, where = str(source), "the given text"
     try:
@@ -200,6 +237,12 @@ def load_config(source: str | Path | None = None) -> Experiment:
     for key, value in raw.items():
         if key not in _SECTIONS:
             raise InputError(f"config key {key!r}", f"one of {sorted(_SECTIONS)}", key)
+        if key == "methods":
+            if not isinstance(value, list):
+                raise InputError("config key 'methods'", "a list of [[methods]] tables", type(value).__name__)
+            continue
+        if not isinstance(value, dict):
+            raise InputError(f"config key '{key}'", f"a table [{key}]", f"{type(value).__name__} {value!r}"[:80])
         allowed = _SECTIONS[key]
         if allowed is not None:
             for sub in value:
@@ -215,22 +258,33 @@ def load_config(source: str | Path | None = None) -> Experiment:
     if not methods:
         raise InputError("config key 'methods'", "at least one [[methods]] entry", "none")
     for i, m in enumerate(methods):
+        if not isinstance(m, dict):
+            raise InputError(f"config key 'methods[{i}]'", "a [[methods]] table", repr(m)[:80])
         if "name" not in m or m["name"] not in REGISTRY:
             raise InputError(f"config key 'methods[{i}].name'", f"one of {sorted(REGISTRY)}", repr(m.get("name")))
     transform = raw.get("observations", {}).get("transform", "identity")
     if transform != "identity" and transform not in TRANSFORMS:
         raise InputError("config key 'observations.transform'", f"'identity' or one of {sorted(TRANSFORMS)}",
                          repr(transform))
+    name = exp.get("name", "experiment")
+    if not isinstance(name, str):
+        raise InputError("config key 'experiment.name'", "a string (the output files' prefix)", repr(name)[:80])
+    burn_in = exp.get("burn_in", 0.0)
+    try:
+        burn_in = check_real(burn_in, "burn_in", expected="a finite non-negative time")
+    except InputError:
+        raise InputError("config key 'experiment.burn_in'", "a finite non-negative time", repr(burn_in)) from None
     out = Experiment(
-        name=str(exp.get("name", "experiment")),
+        name=name,
         steps=_int(exp.get("steps", 1000), "experiment.steps"),
-        burn_in=float(exp.get("burn_in", 0.0)),
+        burn_in=burn_in,
         experiments=_int(exp.get("experiments", 1), "experiment.experiments"),
         seed=_int(exp.get("seed", 0), "experiment.seed", minimum=0),
         model=model,
         observations=dict(raw.get("observations", {"kind": "all"})),
         prior=dict(raw.get("prior", {})),
         methods=[dict(m) for m in methods],
+        output=dict(raw.get("output", {})),
     )
     check_experiment(out)
     return out
@@ -250,10 +304,58 @@ def _under(key: str, exc: InputError) -> InputError:
     return new
 
 
+def output_settings(exp: Experiment) -> dict:
+    """The ``[output]`` table of ``exp`` checked and completed with :data:`OUTPUT_DEFAULTS`.
+
+    Raises
+    ------
+    InputError
+        Naming ``output.<key>``: ``keep`` not one of ``"auto"``, ``"members"``, ``"summary"``; ``thin``
+        not an int >= 1; ``dtype`` not ``"float64"`` or ``"float32"``; ``compression`` not an int in
+        0..9; an unknown key.
+    """
+    _check_fields(exp)
+    given = exp.output
+    for key in given:
+        if key not in OUTPUT_DEFAULTS:
+            raise InputError(f"config key 'output.{key}'", f"one of {sorted(OUTPUT_DEFAULTS)}", key)
+    cfg = {**OUTPUT_DEFAULTS, **given}
+    if cfg["keep"] not in ("auto", "members", "summary"):
+        raise InputError("config key 'output.keep'", "'auto', 'members' or 'summary'", repr(cfg["keep"])[:80])
+    cfg["thin"] = _int(cfg["thin"], "output.thin")
+    if cfg["dtype"] not in ("float64", "float32"):
+        raise InputError("config key 'output.dtype'", "'float64' or 'float32'", repr(cfg["dtype"])[:80])
+    level = cfg["compression"]
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise InputError("config key 'output.compression'", "an int from 0 (none) to 9 (zlib level)",
+                         repr(level)[:80])
+    if cfg["keep"] != "members" and not _RUN_KEEPS:
+        # filters.run cannot record summaries in this version: members it is (explicit requests refused)
+        if "keep" in given:
+            raise InputError("config key 'output.keep'", "'members' (this daml's filters.run records members only)",
+                             repr(cfg["keep"]))
+        cfg["keep"] = "members"
+    if cfg["thin"] != 1 and not _RUN_KEEPS:
+        raise InputError("config key 'output.thin'", "1 (this daml's filters.run records every analysis)", cfg["thin"])
+    for key, value in (("dtype", "float64"), ("compression", 0)):
+        if cfg[key] != value and key not in _TO_NETCDF:
+            if key in given:
+                raise InputError(f"config key 'output.{key}'", f"{value!r} (not supported by this daml's io.to_netcdf)",
+                                 repr(cfg[key]))
+            cfg[key] = value
+    return cfg
+
+
+def _params(method: dict) -> dict:
+    """A method table's parameters: every key but the reserved ones (``name``, ``note``)."""
+    return {k: v for k, v in method.items() if k not in RESERVED_METHOD_KEYS}
+
+
 def check_experiment(exp: Experiment) -> None:
     """Check an experiment before computing anything (see the module docstring): the model, the
-    observations and every method are built once (cheap: nothing is allocated by ensemble size), the
-    burn-in must leave at least one analysis time to score, and the arrays the run will hold must fit
+    observations, the prior (one cheap simulated step) and every method are built once (nothing is
+    allocated by ensemble size), the burn-in must leave at least one analysis time to score, the
+    ``[output]`` table and the methods' ``note`` are checked, and the arrays the run will hold must fit
     in the available memory. Raises :class:`InputError` naming the key path."""
     _check_fields(exp)
     try:
@@ -262,6 +364,10 @@ def check_experiment(exp: Experiment) -> None:
         raise InputError("config key 'experiment.burn_in'", "a finite non-negative time", repr(exp.burn_in)) from None
     if burn_in < 0:
         raise InputError("config key 'experiment.burn_in'", "a finite non-negative time", repr(exp.burn_in))
+    if not isinstance(exp.name, str) or not exp.name or "/" in exp.name or "\\" in exp.name or exp.name.startswith("."):
+        raise InputError("config key 'experiment.name'", "a non-empty string without '/' (the output files' prefix)",
+                         repr(exp.name)[:80])
+    output_settings(exp)
     params = {k: v for k, v in exp.model.items() if k != "name"}
     try:
         model = make_model(exp.model["name"], **params)
@@ -286,17 +392,49 @@ def check_experiment(exp: Experiment) -> None:
                          f"a time before the last observation ({last:g} = {exp.steps // every * every} model steps "
                          f"of dt {dt:g}), so that some analyses are scored", repr(exp.burn_in),
                          hint="lower burn_in or raise experiment.steps")
+    _check_prior(exp, model, op, every)
     for i, method in enumerate(exp.methods):
+        note = method.get("note", "")
+        if not isinstance(note, str):
+            raise InputError(f"config key 'methods[{i}].note'", "a string (why this row is there)", repr(note)[:80])
         if method["name"] == "climatology":           # its mean and covariance come from the truth
             mem = method.get("members", 100)
             if "members" in method:
                 _int(mem, f"methods[{i}].members", minimum=2)
+            unknown = sorted(set(_params(method)) - {"members", "inflation"})
+            if unknown:
+                raise InputError(f"config key 'methods[{i}].{unknown[0]}'", "members or inflation (climatology "
+                                 "takes its mean and covariance from the truth)", unknown[0])
+            if "inflation" in method:
+                try:
+                    make_filter("climatology", mean=torch.zeros(n, dtype=torch.float64),
+                                cov=torch.eye(n, dtype=torch.float64), **_params(method))
+                except InputError as exc:
+                    raise _under(f"methods[{i}]", exc) from None
             continue
         try:
-            make_filter(method["name"], **{k: v for k, v in method.items() if k != "name"})
+            make_filter(method["name"], **_params(method))
         except InputError as exc:
             raise _under(f"methods[{i}]", exc) from None
     _check_memory(exp, n, m, every)
+
+
+def _check_prior(exp: Experiment, model: Any, op: Any, every: int) -> None:
+    """The prior and the observation options through one simulated observation of one truth (cheap),
+    their errors named by config key."""
+    names = {"x0": "prior.x0", "x0_cov": "prior.cov", "missing": "observations.missing",
+             "every": "observations.every", "spinup": "prior.spinup"}
+    try:
+        x0 = _prior_x0(exp, model)
+        simulate(model, every, op, every=every, x0=x0, x0_cov=exp.prior.get("cov", 0.0),
+                 missing=exp.observations.get("missing", 0.0), experiments=1, seed=0)
+    except InputError as exc:
+        arg = str(exc.argument)
+        if arg.startswith("config key"):
+            raise
+        key = names.get(arg.split("[")[0].split(" ")[0], f"prior ({arg})")
+        new = type(exc)(f"config key '{key}'", exc.expected, exc.got, exc.hint)
+        raise new from None
 
 
 def _check_fields(exp: Any) -> None:
@@ -306,7 +444,7 @@ def _check_fields(exp: Any) -> None:
     _int(exp.steps, "experiment.steps")
     _int(exp.experiments, "experiment.experiments")
     _int(exp.seed, "experiment.seed", minimum=0)
-    for key in ("model", "observations", "prior"):
+    for key in ("model", "observations", "prior", "output"):
         if not isinstance(getattr(exp, key), dict):
             raise InputError(f"config key '{key}'", "a table (dict)", type(getattr(exp, key)).__name__)
     if exp.model.get("name") not in MODELS:
@@ -320,10 +458,51 @@ def _check_fields(exp: Any) -> None:
                              repr(m.get("name") if isinstance(m, dict) else m)[:80])
 
 
+def _members_of(method: dict, n: int) -> int:
+    members = method.get("members", 100 if method["name"] == "climatology" else 2 * n)
+    return members if isinstance(members, int) and not isinstance(members, bool) else 2 * n
+
+
+def output_plan(exp: Experiment) -> list[dict]:
+    """What each method's file will hold: a list (one per method, in order) of dicts with ``keep``
+    (``"members"`` or ``"summary"``, ``"auto"`` resolved with :data:`MEMBERS_BUDGET`), ``thin``,
+    ``members``, ``analyses`` (recorded), ``members_bytes`` and ``summary_bytes`` (the recorded values at
+    the storage dtype, before compression) and ``bytes`` (those of the chosen ``keep``).
+
+    Raises
+    ------
+    InputError
+        As :func:`check_experiment`.
+    """
+    check_experiment(exp)
+    cfg = output_settings(exp)
+    model = make_model(exp.model["name"], **{k: v for k, v in exp.model.items() if k != "name"})
+    n = int(model.state_size)
+    every = int(exp.observations.get("every", 1))
+    analyses = exp.steps // every
+    recorded = -(-analyses // cfg["thin"])
+    item = 4 if cfg["dtype"] == "float32" else 8
+    cells = float(exp.experiments) * recorded
+    # a summary: mean, sd, the quantiles, crps and pit per variable, and the ESS per time
+    summary = item * cells * (n * (2 + len(QUANTILES) + 2) + 1)
+    plan = []
+    for method in exp.methods:
+        members = _members_of(method, n)
+        full = item * cells * members * (n + 1.0)
+        keep = cfg["keep"]
+        if keep == "auto":
+            keep = "members" if full <= MEMBERS_BUDGET else "summary"
+        plan.append({"keep": keep, "thin": cfg["thin"], "members": members, "analyses": recorded,
+                     "members_bytes": full, "summary_bytes": summary,
+                     "bytes": full if keep == "members" else summary})
+    return plan
+
+
 def _check_memory(exp: Experiment, n: int, m: int, every: int, methods: bool = True) -> None:
     """Refuse sizes whose arrays cannot fit: the truths and observations with the prior covariance,
-    then, cumulatively, every method's recorded analyses (each method's posterior is kept for the
-    scores and the outputs). A lower bound: working copies inside the filters come on top."""
+    then, cumulatively, every method's recorded analyses (from Python, without ``out``, each method's
+    posterior is kept for the scores and the outputs). A lower bound: working copies inside the
+    filters come on top."""
     f64 = 8.0
     times = exp.steps + 1.0
     analyses = float(exp.steps // every)
@@ -331,8 +510,7 @@ def _check_memory(exp: Experiment, n: int, m: int, every: int, methods: bool = T
     check_fits("config keys 'experiment.experiments', 'experiment.steps'", need,
                what=f"experiments={exp.experiments}, steps={exp.steps} with {n} variables")
     for i, method in enumerate(exp.methods if methods else []):
-        members = method.get("members", 100 if method["name"] == "climatology" else 2 * n)
-        members = members if isinstance(members, int) else 2 * n
+        members = _members_of(method, n)
         need += f64 * exp.experiments * analyses * members * (n + 1.0)
         check_fits(f"config key 'methods[{i}].members'", need,
                    what=f"members={members} for {exp.experiments} experiment(s) x {int(analyses)} analyses x "
@@ -354,11 +532,7 @@ def _observation(cfg: dict, n: int):
     return op if transform == "identity" else observe_transformed(op, transform)
 
 
-def build_data(exp: Experiment):
-    """The model, the observation operator and the twin Dataset of an experiment."""
-    params = {k: v for k, v in exp.model.items() if k != "name"}
-    model = make_model(exp.model["name"], **params)
-    op = _observation(exp.observations, model.state_size)
+def _prior_x0(exp: Experiment, model: Any) -> torch.Tensor:
     x0 = exp.prior.get("x0", "default")
     if isinstance(x0, str):
         if x0 not in ("default", "zeros"):
@@ -367,11 +541,24 @@ def build_data(exp: Experiment):
             x0 = model.default_x0()
         else:
             x0 = torch.zeros(model.state_size)
+    if not isinstance(x0, (list, tuple, torch.Tensor, np.ndarray)) or (
+            isinstance(x0, (list, tuple)) and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in x0)):
+        raise InputError("config key 'prior.x0'", "'default', 'zeros' or a list of numbers", repr(x0)[:80])
     x0 = torch.as_tensor(x0, dtype=torch.float64)
     spinup = _int(exp.prior.get("spinup", 0), "prior.spinup", minimum=0)
     with torch.no_grad():
         for _ in range(spinup):
             x0 = model.step(x0)
+    return x0
+
+
+def build_data(exp: Experiment):
+    """The model, the observation operator and the twin Dataset of an experiment."""
+    params = {k: v for k, v in exp.model.items() if k != "name"}
+    model = make_model(exp.model["name"], **params)
+    op = _observation(exp.observations, model.state_size)
+    x0 = _prior_x0(exp, model)
     data = simulate(model, exp.steps, op, every=exp.observations.get("every", 1), x0=x0,
                     x0_cov=exp.prior.get("cov", 0.0), missing=exp.observations.get("missing", 0.0),
                     experiments=exp.experiments, seed=exp.seed)
@@ -381,7 +568,17 @@ def build_data(exp: Experiment):
 @dataclass
 class Score:
     """Scores of one method: medians over experiments (``nan`` where it diverged); ``rmse_a_each``
-    holds the rmse.a of every experiment (truth), whose median is ``rmse_a``."""
+    holds the rmse.a of every experiment (truth), whose median is ``rmse_a``.
+
+    ``label`` is a short label, distinct among the experiment's methods; ``config_label`` the full
+    ``name(key=value, ...)``; ``note`` the method's ``note`` from the TOML; ``flag`` why the row lost
+    the truth ("" if it did not; see :mod:`daml.report`); ``status`` ``"done"`` or ``"diverged"``;
+    ``keep`` what was recorded (``"members"`` or ``"summary"``); ``rmse_t`` the RMSE of the mean at every
+    analysis time ``(time[, experiment])``; ``rank_counts`` the rank-histogram counts over dim ``rank``
+    (the PIT of the truth after the burn-in, every 5th analysis, ``min(20, N + 1)`` bins, pooled over
+    experiments and variables) and ``rank_pvalue`` its chi-square flatness p-value
+    (:func:`daml.diagnostics.rank_histogram_flatness`); ``path`` the file written (``posterior`` is then
+    ``None``: it is not kept in memory once on disk)."""
 
     method: str
     label: str
@@ -395,19 +592,69 @@ class Score:
     rmse_a_each: tuple[float, ...] = ()
     index: int = -1
     """Position of the method in the experiment's list (its random stream and output name follow it)."""
+    config_label: str = ""
+    note: str = ""
+    flag: str = ""
+    status: str = "done"
+    keep: str = "members"
+    rank_counts: xr.DataArray | None = None
+    rank_pvalue: float = math.nan
+    path: Path | None = None
+    seconds: float = math.nan
 
 
 def _label(m: dict) -> str:
-    extras = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+    extras = ", ".join(f"{k}={v}" for k, v in _params(m).items())
     return f"{m['name']}({extras})" if extras else m["name"]
 
 
+def _labels(methods: list[dict]) -> list[str]:
+    """Short distinct labels (:func:`daml.report.labels` when present; else the full configuration)."""
+    report = _report()
+    if report is not None and hasattr(report, "labels"):
+        return list(report.labels([{k: v for k, v in m.items() if k != "note"} for m in methods]))
+    return [_label(m) for m in methods]
+
+
+def _report():
+    try:
+        from . import report
+    except ImportError:
+        return None
+    return report
+
+
+def _tag(exp: Experiment, index: int) -> str:
+    """The method's part of its file name: a method listed more than once gets its place among them
+    in the experiment's list as a suffix (``diffusion-1``, ``diffusion-2``), also when only some run."""
+    names = [m["name"] for m in exp.methods]
+    name = names[index]
+    return name if names.count(name) <= 1 else f"{name}-{names[:index + 1].count(name)}"
+
+
 def run_experiment(exp: Experiment, progress: bool | None = None,
-                   only: Sequence[str] | None = None) -> tuple[xr.Dataset, list[Score]]:
+                   only: Sequence[str] | None = None, *, out: str | Path | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[xr.Dataset, list[Score]]:
     """Run every method of ``exp`` on the same twin data; return the data and the scores.
 
-    ``only``: run just the methods of these names. Each method keeps the random stream of its place
-    in the list, so its scores are those of the full run.
+    Parameters
+    ----------
+    exp : Experiment
+        As made by :func:`load_config`; checked again (:func:`check_experiment`) before anything runs.
+    progress : bool, optional
+        Progress bars: one over the methods (method k of M, time left) and one per run. Default:
+        only when stderr is a terminal.
+    only : sequence of str, optional
+        Run just the methods of these names. Each method keeps the random stream of its place in
+        the list, so its scores are those of the full run.
+    out : str or path-like, optional
+        Output folder (created). Each method's file is written as soon as it finishes
+        (``<name>_<tag>.nc``; a diverged method's partial result ``<name>_<tag>_partial.nc``) and the
+        scores JSON is rewritten with a status per method; the posterior is then dropped from memory
+        (``Score.posterior`` is ``None``, ``Score.path`` names the file). Without ``out`` nothing is
+        written and every posterior stays in its :class:`Score`.
+    log : callable, optional
+        Called with one line per method started and finished (its time and rmse.a).
     """
     _check_fields(exp)
     names = [m["name"] for m in exp.methods]
@@ -417,43 +664,164 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
         if unknown or not only:
             raise InputError("only", f"names of methods in the experiment ({', '.join(dict.fromkeys(names))})",
                              repr(unknown or only))
+    if log is not None and not callable(log):
+        raise InputError("log", "None or a callable taking one line (str)", type(log).__name__)
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise InputError("progress", "None, True or False", repr(progress))
     check_experiment(exp)                           # also for an Experiment built in Python
+    plan = output_plan(exp)
+    cfg = output_settings(exp)
+    folder = None
+    if out is not None:
+        if not isinstance(out, (str, Path)):
+            raise InputError("out", "None or an output folder (str or Path)", type(out).__name__)
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
     model, op, data = build_data(exp)
-    scores = []
+    labels = _labels(exp.methods)
+    chosen = [i for i, m in enumerate(exp.methods) if only is None or m["name"] in only]
+    scores: list[Score] = []
     clim = None
     seeds = _device.spawn(exp.seed, len(exp.methods))       # one independent stream per method
-    for index, (m, method_seed) in enumerate(zip(exp.methods, seeds)):
-        if only is not None and m["name"] not in only:
-            continue
-        params = {k: v for k, v in m.items() if k != "name"}
-        if m["name"] == "climatology":
-            clim = clim or climatology_from_truth(data["truth"].values)
-            params = {"mean": clim[0], "cov": clim[1], **params}
-        try:
-            filt = make_filter(m["name"], **params)
-            res = run(filt, model, data, operator=op, seed=method_seed, progress=progress)
-        except DivergenceError as err:
-            scores.append(Score(m["name"], _label(m), math.nan, math.nan, math.nan, math.nan,
-                                diverged=f"step {err.step}", index=index))
-            continue
-        post = res.analysis
-        keep = post.sel(time=post["time"] > exp.burn_in)       # not empty: check_experiment
-        truth = data["truth"]
-        r = diagnostics.rmse(keep, truth)           # (time, experiment)
+    show = bool(progress) if progress is not None else sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(chosen), desc=exp.name, unit="method", disable=not show, leave=True)
+    try:
+        for k, index in enumerate(chosen):
+            m = exp.methods[index]
+            bar.set_description(f"{exp.name}: method {k + 1}/{len(chosen)} {labels[index]}")
+            if log is not None:
+                log(f"[{k + 1}/{len(chosen)}] {labels[index]}: started")
+            if m["name"] == "climatology":
+                clim = clim or climatology_from_truth(data["truth"].values)
+            t0 = time.perf_counter()
+            score = _run_method(exp, index, m, seeds[index], model, op, data, clim, plan[index], show)
+            score.label, score.seconds = labels[index], time.perf_counter() - t0
+            if folder is not None:
+                _write_method(exp, score, folder, cfg)
+            scores.append(score)
+            if folder is not None:
+                write_scores(exp, scores, folder / f"{exp.name}_scores.json")
+            bar.update(1)
+            if log is not None:
+                what = (f"diverged at {score.diverged}" if score.diverged else f"rmse.a {score.rmse_a:.3f}")
+                log(f"[{k + 1}/{len(chosen)}] {labels[index]}: {what}, {score.seconds:.1f} s")
+    finally:
+        bar.close()
+    _flag(scores)
+    if folder is not None:
+        write_scores(exp, scores, folder / f"{exp.name}_scores.json")
+    return data, scores
+
+
+try:                                    # the options this version's filters.run and io.to_netcdf know
+    _RUN_KEEPS = "keep" in inspect.signature(run).parameters
+except (TypeError, ValueError):         # pragma: no cover
+    _RUN_KEEPS = False
+try:
+    _TO_NETCDF = set(inspect.signature(io.to_netcdf).parameters)
+except (TypeError, ValueError):         # pragma: no cover
+    _TO_NETCDF = set()
+
+
+def _run_method(exp: Experiment, index: int, m: dict, seed: Any, model: Any, op: Any, data: xr.Dataset,
+                clim: Any, plan: dict, show: bool) -> Score:
+    """Run one method and score it (the posterior stays in the Score until it is written)."""
+    params = _params(m)
+    if m["name"] == "climatology":
+        params = {"mean": clim[0], "cov": clim[1], **params}
+    kw = {"keep": plan["keep"], "thin": plan["thin"], "quantiles": QUANTILES} if _RUN_KEEPS else {}
+    base = dict(method=m["name"], label=_label(m), config_label=_label(m), note=str(m.get("note", "")),
+                index=index, keep=plan["keep"])
+    try:
+        filt = make_filter(m["name"], **params)
+        res = run(filt, model, data, operator=op, seed=seed, progress=show, **kw)
+    except DivergenceError as err:
+        partial = getattr(err, "partial", None)
+        if partial is not None:
+            partial = partial.assign_attrs(daml_partial=f"diverged at model step {err.step}; the analyses up to "
+                                                        "the last good one", diverged_at_step=int(err.step or -1))
+        return Score(rmse_a=math.nan, rmv_a=math.nan, crps=math.nan, cycles_per_second=math.nan,
+                     diverged=f"step {err.step}", status="diverged", posterior=partial, **base)
+    post = res.analysis
+    s = _scores_of(post, data["truth"], exp.burn_in, plan["members"])
+    return Score(rmse_a=s["rmse_a"], rmv_a=s["rmv_a"], crps=s["crps"],
+                 cycles_per_second=float(post.attrs.get("cycles_per_second", math.nan)), posterior=post,
+                 rmse_t=s["rmse_t"], rmse_a_each=s["rmse_a_each"], rank_counts=s["rank_counts"],
+                 rank_pvalue=s["rank_pvalue"], **base)
+
+
+def _scores_of(post: xr.Dataset, truth: xr.DataArray, burn_in: float, members: int) -> dict:
+    """rmse.a, rmv.a, crps (medians over experiments), rmse per truth and per time, and the rank
+    histogram of a posterior with members or of a summary (its mean, sd, crps and pit)."""
+    after = post["time"] > burn_in                         # not empty: check_experiment
+    if MEMBER in post.dims:
+        keep = post.sel(time=after)
+        r_all = diagnostics.rmse(post, truth)              # (time, experiment)
         s = diagnostics.spread(keep)
         c = _chunked_crps(keep, truth)
-        per_exp = [d for d in r.dims if d != "time"]
-        per_truth = r.mean("time")
-        scores.append(Score(
-            m["name"], _label(m),
-            rmse_a=float(per_truth.median() if per_exp else per_truth),
-            rmv_a=float(s.mean("time").median() if per_exp else s.mean("time")),
-            crps=float(c.mean([d for d in c.dims if d not in per_exp]).median()),
-            cycles_per_second=float(post.attrs["cycles_per_second"]),
-            posterior=post, rmse_t=diagnostics.rmse(post, truth),
-            rmse_a_each=tuple(float(v) for v in np.ravel(per_truth.values)), index=index,
-        ))
-    return data, scores
+        c = c.mean([d for d in c.dims if d not in r_all.dims])
+        thinned = keep.isel(time=slice(None, None, 5))      # thin: consecutive analyses are correlated
+        u = diagnostics.pit(thinned, truth)
+        n_members = post.sizes[MEMBER]
+    else:
+        from .filters import summary_scores
+
+        sc = summary_scores(post, truth)
+        r_all, s, c = sc["rmse"], sc["spread"].sel(time=after), sc["crps"].sel(time=after)
+        u = post["pit"].sel(time=after).isel(time=slice(None, None, 5)) if "pit" in post else None
+        n_members = int(post.attrs.get("members", members))
+    r = r_all.sel(time=after)
+    per_exp = [d for d in r.dims if d != "time"]
+    per_truth = r.mean("time")
+    out = {
+        "rmse_a": float(per_truth.median() if per_exp else per_truth),
+        "rmv_a": float(s.mean("time").median() if per_exp else s.mean("time")),
+        "crps": float(c.mean("time").median() if per_exp else c.mean("time")),
+        "rmse_t": r_all,
+        "rmse_a_each": tuple(float(v) for v in np.ravel(per_truth.values)),
+        "rank_counts": None,
+        "rank_pvalue": math.nan,
+    }
+    if u is not None:
+        counts = rank_counts(u, min(20, n_members + 1))
+        out["rank_counts"] = counts
+        if int(counts.sum()) > 0:
+            out["rank_pvalue"] = float(diagnostics.rank_histogram_flatness(counts).pvalue)
+    return out
+
+
+def rank_counts(pit: xr.DataArray, bins: int) -> xr.DataArray:
+    """Counts of PIT values in ``bins`` equal bins of [0, 1], pooled over every dim (as
+    :func:`daml.diagnostics.rank_histogram` bins them): a DataArray over dim ``rank``.
+
+    Raises
+    ------
+    InputError
+        Naming ``pit`` (not a DataArray of finite values in [0, 1]) or ``bins`` (not an int >= 2).
+    """
+    if not isinstance(pit, xr.DataArray) or pit.dtype.kind != "f":
+        raise InputError("pit", "a DataArray of PIT values in [0, 1]", type(pit).__name__)
+    bins = check_int(bins, "bins", 2)
+    u = np.asarray(pit.values, dtype=np.float64).ravel()
+    u = u[np.isfinite(u)]
+    if u.size and (u.min() < 0 or u.max() > 1):
+        raise InputError("pit", "PIT values in [0, 1]", f"values in [{u.min():g}, {u.max():g}]")
+    idx = np.clip(np.floor(u * bins).astype(np.int64), 0, bins - 1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return xr.DataArray(np.bincount(idx, minlength=bins), dims="rank",
+                        coords={"rank": np.arange(bins), "lower": ("rank", edges[:-1]),
+                                "upper": ("rank", edges[1:])}, name="rank_histogram")
+
+
+def _flag(scores: list[Score]) -> None:
+    """Set each score's ``flag`` from :func:`daml.report.lost_truth` (when present)."""
+    report = _report()
+    if report is None or not hasattr(report, "lost_truth") or not scores:
+        return
+    for s, reason in zip(scores, report.lost_truth(scores)):
+        s.flag = reason or ""
 
 
 def _chunked_crps(post: xr.Dataset, truth: xr.DataArray, cells: int = 2_000_000) -> xr.DataArray:
@@ -470,7 +838,10 @@ def _chunked_crps(post: xr.Dataset, truth: xr.DataArray, cells: int = 2_000_000)
 
 
 def format_table(exp: Experiment, scores: list[Score]) -> str:
-    """The comparison as a text table."""
+    """The comparison as a text table (:func:`daml.report.format_table` when present)."""
+    report = _report()
+    if report is not None and hasattr(report, "format_table"):
+        return report.format_table(exp, scores)
     width = max(len(s.label) for s in scores)
     lines = [f"{exp.name}: {exp.experiments} experiment(s), {exp.steps} model steps, burn-in {exp.burn_in} "
              f"(medians over experiments)",
@@ -484,28 +855,75 @@ def format_table(exp: Experiment, scores: list[Score]) -> str:
     return "\n".join(lines)
 
 
+def _write_method(exp: Experiment, score: Score, folder: Path, cfg: dict) -> None:
+    """Write a method's posterior (or a diverged one's partial result) and drop it from memory."""
+    if score.posterior is None:
+        return
+    suffix = "_partial" if score.status == "diverged" else ""
+    path = folder / f"{exp.name}_{_tag(exp, score.index)}{suffix}.nc"
+    kw = {}
+    if "compression" in _TO_NETCDF:
+        kw["compression"] = cfg["compression"]
+    if "dtype" in _TO_NETCDF:
+        kw["dtype"] = None if cfg["dtype"] == "float64" else cfg["dtype"]
+    post = score.posterior.assign_attrs(label=score.label, config_label=score.config_label,
+                                        **({"note": score.note} if score.note else {}))
+    io.to_netcdf(post, path, **kw)
+    score.path, score.posterior = path, None
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float as ``None`` (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_scores(exp: Experiment, scores: list[Score], path: str | Path) -> Path:
+    """Write the scores as strict JSON (``null`` for a missing number), atomically: one entry per
+    method of the experiment with its ``status``: ``"done"``, ``"diverged"`` or ``"not run"`` (not
+    yet, or left out by ``only``)."""
+    _check_fields(exp)
+    path = Path(path)
+    by_index = {s.index: s for s in scores}
+    labels = _labels(exp.methods)
+    table = []
+    for i, m in enumerate(exp.methods):
+        s = by_index.get(i)
+        row = {"method": m["name"], "label": labels[i], "config": _label(m), "note": str(m.get("note", "")),
+               "status": "not run"}
+        if s is not None:
+            row.update({"label": s.label, "status": s.status, "rmse_a": s.rmse_a, "rmv_a": s.rmv_a,
+                        "crps": s.crps, "cycles_per_second": s.cycles_per_second, "diverged": s.diverged,
+                        "flag": s.flag, "keep": s.keep, "rank_pvalue": s.rank_pvalue,
+                        "seconds": s.seconds, "rmse_a_per_experiment": list(s.rmse_a_each),
+                        "file": None if s.path is None else s.path.name})
+        table.append(row)
+    doc = _strict({"experiment": exp.name, "scores": table})
+    if hasattr(io, "write_json"):
+        io.write_json(doc, path)
+    else:
+        with io.atomic_write_path(path, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, allow_nan=False))
+    return path
+
+
 def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -> list[Path]:
-    """Posteriors (netCDF), the score table (JSON) and a figure (PNG, if matplotlib is installed)."""
+    """Posteriors still in memory (netCDF), the score table (JSON) and a figure (PNG, if matplotlib
+    is installed); returns the paths written, with the files written earlier by
+    :func:`run_experiment` (``out=``) first."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    names = [m["name"] for m in exp.methods]
-    for k, s in enumerate(scores):
+    cfg = output_settings(exp)
+    for s in scores:
         if s.posterior is not None:
-            # a method listed more than once (with other parameters) gets its place among them in the
-            # experiment's list as a suffix, so no posterior overwrites another: diffusion-1.nc,
-            # diffusion-2.nc (the same names when only some methods were run)
-            at = s.index if 0 <= s.index < len(names) else k
-            place = names[:at + 1].count(s.method)
-            tag = s.method if names.count(s.method) <= 1 else f"{s.method}-{place}"
-            path = out / f"{exp.name}_{tag}.nc"
-            io.to_netcdf(s.posterior, path)
-            written.append(path)
-    table = [{"method": s.label, "rmse_a": s.rmse_a, "rmv_a": s.rmv_a, "crps": s.crps,
-              "cycles_per_second": s.cycles_per_second, "diverged": s.diverged,
-              "rmse_a_per_experiment": list(s.rmse_a_each)} for s in scores]
-    with io.atomic_write_path(out / f"{exp.name}_scores.json", suffix=".json") as tmp:
-        tmp.write_text(json.dumps({"experiment": exp.name, "scores": table}, indent=2, allow_nan=True))
-    written.append(out / f"{exp.name}_scores.json")
+            _write_method(exp, s, out, cfg)
+    written = [s.path for s in scores if s.path is not None]
+    written.append(write_scores(exp, scores, out / f"{exp.name}_scores.json"))
     fig_path = _figure(exp, data, scores, out)
     if fig_path is not None:
         written.append(fig_path)
@@ -513,6 +931,9 @@ def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: P
 
 
 def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -> Path | None:
+    report = _report()
+    if report is not None and hasattr(report, "figure"):
+        return report.figure(exp, scores, out)
     try:
         import matplotlib
     except ImportError:
@@ -520,22 +941,23 @@ def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [s for s in scores if s.posterior is not None]
+    ok = [s for s in scores if s.rmse_t is not None]
     fig, axes = plt.subplots(1, 1 + len(ok), figsize=(4.5 + 3.2 * len(ok), 3.6), squeeze=False)
     ax = axes[0, 0]
     for s in ok:
         r = s.rmse_t
         r = r.median([d for d in r.dims if d != "time"]) if r.ndim > 1 else r
-        ax.plot(r["time"], r, lw=0.8, label=s.method)
+        ax.plot(r["time"], r, lw=0.8, label=s.label)
     ax.set(yscale="log", xlabel="time", ylabel="RMSE of the mean", title="analysis RMSE")
     ax.axvline(exp.burn_in, color="k", lw=0.6, ls=":")
     ax.legend(fontsize=7)
     for ax, s in zip(axes[0, 1:], ok):
-        post = s.posterior.sel(time=s.posterior["time"] > exp.burn_in)
-        post = post.isel(time=slice(None, None, 5))       # thin: consecutive analyses are correlated
-        hist = diagnostics.rank_histogram(post, data["truth"])   # N + 1 bins: no aliasing of equal weights
+        if s.rank_counts is None:
+            continue
+        hist = s.rank_counts
         ax.bar(hist["rank"], hist / hist.sum() * hist.sizes["rank"], width=1.0, color="C0")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(title=f"{s.method}: rank histogram", xlabel="rank (weighted PIT bin)", ylabel="density")
+        ax.set(title=f"{s.method}: rank histogram (p {s.rank_pvalue:.2g})", xlabel="rank (weighted PIT bin)",
+               ylabel="density")
     fig.tight_layout()
     return io.save_figure(fig, out / f"{exp.name}.png", dpi=110)
