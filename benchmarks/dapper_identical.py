@@ -1,0 +1,360 @@
+"""Benchmark: daml's and DAPPER's filters on identical truths and observations (bocquet2010, _m40).
+
+The other DAPPER comparisons (``lorenz96.py``, ``particle_filters.py``) let each library draw its own
+truths, so their rmse.a agree only statistically, over truths. Here both libraries filter *the same*
+truths and observations, and the question is per truth: is daml's rmse.a within the Monte Carlo
+noise of DAPPER's (the noise of the filter's own random stream: initial ensemble, resampling,
+jitter, rotations)?
+
+How:
+
+1. daml makes the twin experiments exactly as the example TOMLs do
+   (``examples/lorenz96_bocquet2010.toml``, ``examples/lorenz96_bocquet2010_m40.toml``: DAPPER's
+   ``mods/Lorenz96/bocquet2010.py`` and ``bocquet2010_m40.py``; 3 truths, seed 3000, 1280 analyses,
+   burn-in 20 time units), through :func:`daml.experiment.build_data`.
+2. They are written to an ``.npz`` (:func:`write_npz`: the truths ``xx (E, K + 1, Nx)`` and
+   observations ``yy (E, Ko + 1, p)`` in DAPPER's layout, and the setup, which the DAPPER side checks
+   against its own ``HMM``) and ``benchmarks/_dapper_identical_side.py`` is run on it with DAPPER's
+   interpreter (a separate environment: DAPPER is never a dependency of daml). DAPPER filters each
+   truth with ``xp.assimilate(HMM, xx, yy)`` and scores it with its own statistics and burn-in.
+3. daml filters the same Dataset with :func:`daml.filters.run` and scores it as DAPPER does: rmse.a
+   is the mean over analysis times after the burn-in of the spatial RMS error of the weighted
+   ensemble mean (:func:`daml.diagnostics.rmse`).
+4. Each filter runs with ``R`` filter seeds per truth in both libraries; per truth and method the
+   table gives the mean rmse.a over the seeds in each library, their difference and its standard
+   error ``sqrt(s_daml^2 / R + s_dapper^2 / R)`` (``s``: the standard deviation over seeds), and
+   ``z`` = difference / standard error. ``|z| < 2`` is "within Monte Carlo noise"; with ``R`` = 3 or
+   4 seeds the standard error is itself rough (a Student t with about ``2R - 2`` degrees of freedom
+   would be the exact reference), so ``|z|`` between 2 and 4 is a hint, not a verdict.
+
+Pairs (daml parameters from the example TOMLs where they list the method):
+
+* ``pf100``: daml ``bootstrap(members=100, threshold=0.2, jitter=1.3, record="before_resampling")``,
+  DAPPER ``PartFilt(N=100, NER=0.2, reg=1.3)``; ``pf800``: the same with N = 800 and 0.8;
+  ``pf3000`` (L96-40): N = 3000, 1.2. Both scored before the resampling and jitter (DAPPER's
+  ``PartFilt`` assesses its analysis in ``trigger_resampling``, before ``resample``).
+* ``enkf24``: daml ``etkf(members=24, inflation=1.04, rotate=True)``, DAPPER
+  ``EnKF('Sqrt', N=24, infl=1.04, rot=True)``.
+
+Usage (from the repository root; OMP_NUM_THREADS=1 on a shared machine)::
+
+    python benchmarks/dapper_identical.py --config l96-10 --methods pf100 pf800 enkf24 --seeds 11 12 13
+    python benchmarks/dapper_identical.py --config l96-40 --methods enkf24 --seeds 11 12 13
+    python benchmarks/dapper_identical.py --config l96-40 --methods pf3000 --truths 0 --seeds 11
+    python benchmarks/dapper_identical.py --quick     # 100 cycles: a smoke test, writes only -quick.json
+
+Each invocation merges its (config, method) entries into ``benchmarks/results/dapper_identical.json``
+and prints the markdown table of everything in it. It does not edit ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _report  # noqa: E402
+
+from daml import diagnostics, experiment, filters  # noqa: E402
+
+SIDE = HERE / "_dapper_identical_side.py"
+DEFAULT_DAPPER_PYTHON = "/tmp/dapper-venv/bin/python"
+
+CONFIGS = {
+    "l96-10": {"toml": "examples/lorenz96_bocquet2010.toml", "dapper": "bocquet2010", "label": "L96-10 bocquet2010"},
+    "l96-40": {"toml": "examples/lorenz96_bocquet2010_m40.toml", "dapper": "bocquet2010_m40",
+               "label": "L96-40 bocquet2010_m40"},
+}
+
+BEFORE = "before_resampling"
+PAIRS: dict[str, dict[str, Any]] = {
+    "pf100": {"daml": ("bootstrap", {"members": 100, "threshold": 0.2, "jitter": 1.3, "record": BEFORE}),
+              "dapper": "PartFilt(N=100, NER=0.2, reg=1.3)", "scored": "before resampling"},
+    "pf800": {"daml": ("bootstrap", {"members": 800, "threshold": 0.2, "jitter": 0.8, "record": BEFORE}),
+              "dapper": "PartFilt(N=800, NER=0.2, reg=0.8)", "scored": "before resampling"},
+    "pf3000": {"daml": ("bootstrap", {"members": 3000, "threshold": 0.2, "jitter": 1.2, "record": BEFORE}),
+               "dapper": "PartFilt(N=3000, NER=0.2, reg=1.2)", "scored": "before resampling"},
+    "enkf24": {"daml": ("etkf", {"members": 24, "inflation": 1.04, "rotate": True}),
+               "dapper": "EnKF('Sqrt', N=24, infl=1.04, rot=True)", "scored": "analysis"},
+}
+
+Z_NOISE = 2.0
+
+
+def burn_in_for(steps: int, dt: float, burn_in: float = 20.0) -> float:
+    """DAPPER's rule (``Chronology``): the burn-in, halved to T/2 when the run is not longer."""
+    total = steps * dt
+    return burn_in if total > burn_in else total / 2
+
+
+def load(config: str, cycles: int | None = None):
+    """The example TOML's experiment (``cycles`` overrides its steps, with DAPPER's burn-in rule)."""
+    exp = experiment.load_config(_report.ROOT / CONFIGS[config]["toml"])
+    if cycles is not None and cycles != exp.steps:
+        exp = experiment.Experiment(**{**exp.__dict__, "steps": cycles,
+                                       "burn_in": burn_in_for(cycles, exp.model["dt"], exp.burn_in)})
+    return exp
+
+
+def toml_params(exp, key: str) -> dict[str, Any] | None:
+    """The TOML's own parameters for the daml side of ``key`` (None where the TOML does not list it),
+    checked against :data:`PAIRS`."""
+    name, params = PAIRS[key]["daml"]
+    for m in exp.methods:
+        if m["name"] == name and m["members"] == params["members"]:
+            listed = {k: v for k, v in m.items() if k != "name"}
+            if listed != params:
+                raise SystemExit(f"{key}: the TOML lists {listed}, this benchmark {params}")
+            return listed
+    return None
+
+
+def dapper_arrays(data, dt: float, burn_in: float, config: str) -> dict[str, np.ndarray]:
+    """The twin Dataset in DAPPER's layout: ``xx (E, K + 1, Nx)`` (truth at steps 0..K) and ``yy
+    (E, Ko + 1, p)`` (``yy[:, ko]`` at step ``ko + 1``: every step observed, none at step 0), with the
+    setup the DAPPER side checks against its ``HMM``."""
+    observed = np.asarray(data["observed"].values, dtype=bool)
+    if observed[0] or not observed[1:].all():
+        raise ValueError("DAPPER's bocquet2010 observes every step after the first: the data must too")
+    truth = data["truth"].transpose("experiment", "time", "variable").values
+    y = data["y"].transpose("experiment", "time", "obs").values[:, 1:, :]
+    if not np.isfinite(y).all():
+        raise ValueError("observations with missing entries cannot be handed to DAPPER")
+    H = data["H"].values
+    return {
+        "config": np.array(CONFIGS[config]["dapper"]),
+        "xx": np.ascontiguousarray(truth, dtype=np.float64),
+        "yy": np.ascontiguousarray(y, dtype=np.float64),
+        "dt": np.array(dt), "dko": np.array(1), "burn_in": np.array(burn_in),
+        "obs_idx": H.argmax(axis=1).astype(np.int64), "R": data["R"].values,
+        "x0_mean": data["prior_mean"].values, "x0_cov": data["prior_cov"].values,
+        "truth_label": np.asarray(data["experiment"].values, dtype=np.int64),
+    }
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    path = Path(path)
+    np.savez(path, **arrays)
+    return path
+
+
+def dapper_python(arg: str | None) -> str | None:
+    for candidate in (arg, os.environ.get("DAPPER_PYTHON"), DEFAULT_DAPPER_PYTHON):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def run_dapper(python: str, npz: Path, methods: list[str], seeds: list[int], truths: list[int]) -> dict[str, Any]:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[key] = "1"
+    env.setdefault("MPLBACKEND", "Agg")
+    cmd = [python, str(SIDE), str(npz), "--methods", *methods, "--seeds", *map(str, seeds),
+           "--truths", *map(str, truths)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(_report.ROOT))
+    sys.stderr.write(proc.stderr[-4000:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"DAPPER side failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def run_daml(key: str, model, data, seeds: list[int], truths: list[int], burn_in: float) -> list[dict[str, Any]]:
+    """rmse.a and rmv.a of the daml side of ``key`` per truth and filter seed. All truths in one
+    batched call, or one truth at a time where the kept posterior would pass 1.5 GB."""
+    name, params = PAIRS[key]["daml"]
+    filt = filters.make_filter(name, **params)
+    sizes = data["truth"].sizes
+    per_truth = params["members"] * sizes["variable"] * sizes["time"] * len(truths) * 8 > 1.5e9
+    groups = [[e] for e in truths] if per_truth else [list(truths)]
+    out = []
+    for seed in seeds:
+        for group in groups:
+            part = data.isel(experiment=group)
+            t0 = time.perf_counter()
+            res = filters.run(filt, model, part, seed=seed, progress=False)
+            wall = time.perf_counter() - t0
+            post = res.analysis
+            keep = post.sel(time=post["time"] > burn_in)
+            rmse = diagnostics.rmse(keep, part["truth"], dim="variable").mean("time")
+            rmv = diagnostics.spread(keep, dim="variable").mean("time")
+            for i, e in enumerate(group):
+                out.append({"method": key, "truth": int(e), "seed": seed, "rmse_a": float(rmse.values[i]),
+                            "rmv_a": float(rmv.values[i]), "wall_s": wall / len(group), "loop_s": res.seconds / len(group)})
+                print(f"daml {key} truth {e} seed {seed}: rmse.a {out[-1]['rmse_a']:.4f} ({wall / len(group):.1f} s)",
+                      file=sys.stderr, flush=True)
+            del res, post, keep
+    return out
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return float(statistics.fmean(xs)), (float(statistics.stdev(xs)) if len(xs) > 1 else math.nan)
+
+
+def compare(daml_runs: list[dict], dapper_runs: list[dict], key: str, truths: list[int]) -> dict[str, Any]:
+    """Per truth: mean and sd over filter seeds in each library, difference, its s.e. and z; and the
+    mean over truths of the differences with its s.e."""
+    rows = []
+    for e in truths:
+        a = [r["rmse_a"] for r in daml_runs if r["method"] == key and r["truth"] == e]
+        b = [r["rmse_a"] for r in dapper_runs if r["method"] == key and r["truth"] == e]
+        ma, sa = _mean_sd(a)
+        mb, sb = _mean_sd(b)
+        se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)) if len(a) > 1 and len(b) > 1 else math.nan
+        diff = ma - mb
+        rows.append({"truth": e, "daml": a, "dapper": b, "daml_mean": ma, "daml_sd": sa, "dapper_mean": mb,
+                     "dapper_sd": sb, "diff": diff, "se": se, "z": diff / se if se and se > 0 else math.nan,
+                     "dapper_prec": [r.get("rmse_a_prec") for r in dapper_runs
+                                     if r["method"] == key and r["truth"] == e],
+                     "daml_rmv": statistics.fmean(r["rmv_a"] for r in daml_runs if r["method"] == key and r["truth"] == e),
+                     "dapper_rmv": _maybe_mean([r.get("rmv_a") for r in dapper_runs
+                                                if r["method"] == key and r["truth"] == e])})
+    diffs = [r["diff"] for r in rows]
+    ses = [r["se"] for r in rows]
+    mean_diff = statistics.fmean(diffs)
+    se_mean = math.sqrt(sum(s ** 2 for s in ses)) / len(ses) if all(np.isfinite(ses)) else math.nan
+    return {"rows": rows, "mean_diff": mean_diff, "se_mean_diff": se_mean,
+            "z_mean_diff": mean_diff / se_mean if se_mean and se_mean > 0 else math.nan,
+            "within_noise": bool(all(abs(r["z"]) < Z_NOISE for r in rows if np.isfinite(r["z"]))
+                                 and (not np.isfinite(se_mean) or abs(mean_diff / se_mean) < Z_NOISE))}
+
+
+def _maybe_mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(statistics.fmean(xs)) if xs else None
+
+
+def run(config: str, methods: list[str], seeds: list[int], truths: list[int] | None, cycles: int | None,
+        python: str | None, keep_npz: str | None = None) -> dict[str, Any]:
+    exp = load(config, cycles)
+    model, op, data = experiment.build_data(exp)
+    truths = list(range(data.sizes["experiment"])) if truths is None else truths
+    arrays = dapper_arrays(data, float(exp.model["dt"]), float(exp.burn_in), config)
+    entries = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = write_npz(keep_npz or Path(tmp) / "twin.npz", arrays)
+        dapper = None
+        if python is not None:
+            t0 = time.perf_counter()
+            dapper = run_dapper(python, npz, methods, seeds, truths)
+            print(f"DAPPER side: {time.perf_counter() - t0:.0f} s; truth vs DAPPER's model, max |diff| "
+                  f"{dapper['truth_vs_dapper_model_max_abs']:.2e}", file=sys.stderr, flush=True)
+    for key in methods:
+        daml_runs = run_daml(key, model, data, seeds, truths, float(exp.burn_in))
+        name, params = PAIRS[key]["daml"]
+        entry = {"config": config, "label": CONFIGS[config]["label"], "method": key,
+                 "daml_call": f"filters.make_filter({name!r}, " + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")",
+                 "daml_params_from_toml": toml_params(exp, key) is not None,
+                 "dapper_call": PAIRS[key]["dapper"], "scored": PAIRS[key]["scored"],
+                 "cycles": exp.steps, "burn_in": exp.burn_in, "truth_seed": exp.seed, "truths": truths,
+                 "filter_seeds": seeds, "daml_runs": daml_runs,
+                 "daml_wall_s_per_run": statistics.median(r["wall_s"] for r in daml_runs)}
+        if dapper is not None:
+            dr = [r for r in dapper["runs"] if r["method"] == key]
+            entry.update({"dapper_runs": dr, "dapper_version": dapper["dapper_version"],
+                          "dapper_wall_s_per_run": statistics.median(r["wall_s"] for r in dr),
+                          "truth_vs_dapper_model_max_abs": dapper["truth_vs_dapper_model_max_abs"],
+                          "obs_residual_variance": dapper["obs_residual_variance"],
+                          "dapper_analyses_after_burn_in": dapper["analyses_after_burn_in"],
+                          **compare(daml_runs, dr, key, truths)})
+        entries[key] = entry
+    return entries
+
+
+def _f(x: Any, d: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{d}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["### daml and DAPPER on identical truths (bocquet2010, bocquet2010_m40)", "",
+             _report.machine_line(res["machine"]), "",
+             "Both libraries filter the *same* truths and observations: daml makes them as the example "
+             "TOMLs do (3 truths, seed 3000, 1280 analyses, burn-in 20), DAPPER "
+             f"{res.get('dapper_version', '')} runs `xp.assimilate(HMM, xx, yy)` on them with its own "
+             "`HMM` of the same file and scores with its own statistics. Each filter runs with several "
+             "filter seeds per truth in each library. Per truth: the mean rmse.a over the seeds (sd in "
+             "brackets), the difference daml - DAPPER, its standard error sqrt(s_daml^2/R + s_DAPPER^2/R) "
+             "and z = difference / s.e. (|z| < 2: within Monte Carlo noise; with R = 3-4 seeds the s.e. "
+             "is rough). Particle filters are scored before the resampling and jitter in both.", ""]
+    cmds = sorted({e["command"] for e in res["entries"].values()})
+    lines += ["Commands:", ""] + [f"    {c}" for c in cmds] + [""]
+    lines += ["| config | daml | DAPPER | scored | truth | seeds | daml rmse.a | DAPPER rmse.a | diff | s.e. | z | s per run daml / DAPPER |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(res["entries"]):
+        e = res["entries"][key]
+        if "rows" not in e:
+            continue
+        for i, r in enumerate(e["rows"]):
+            head = (f"{e['label']} | `{e['daml_call'].replace('filters.make_filter', 'make_filter')}` | "
+                    f"`{e['dapper_call']}` | {e['scored']}") if i == 0 else " | | | "
+            timing = f"{e['daml_wall_s_per_run']:.0f} / {e['dapper_wall_s_per_run']:.0f}" if i == 0 else ""
+            lines.append(f"| {head} | {r['truth']} | {len(r['daml'])} / {len(r['dapper'])} | "
+                         f"{_f(r['daml_mean'])} ({_f(r['daml_sd'])}) | {_f(r['dapper_mean'])} ({_f(r['dapper_sd'])}) | "
+                         f"{r['diff']:+.3f} | {_f(r['se'])} | {_f(r['z'], 1)} | {timing} |")
+        if len(e["rows"]) > 1:
+            lines.append(f"| | | | | mean over truths | | | | {e['mean_diff']:+.3f} | {_f(e['se_mean_diff'])} | "
+                         f"{_f(e['z_mean_diff'], 1)} | |")
+    checks = [e for e in res["entries"].values() if "truth_vs_dapper_model_max_abs" in e]
+    if checks:
+        dev = max(e["truth_vs_dapper_model_max_abs"] for e in checks)
+        lines += ["", f"Check of the shared data: one step of DAPPER's own Lorenz-96 from each daml truth state "
+                  f"reproduces the next within {dev:.1e} (largest absolute difference over all steps and truths)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="l96-10")
+    parser.add_argument("--methods", nargs="+", choices=sorted(PAIRS), default=None,
+                        help="default: pf100 pf800 enkf24 (l96-10), enkf24 (l96-40)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13], help="filter seeds (positive)")
+    parser.add_argument("--truths", type=int, nargs="+", default=None, help="indices of the TOML's truths (default all)")
+    parser.add_argument("--cycles", type=int, default=None, help="shorten the run (default: the TOML's 1280)")
+    parser.add_argument("--dapper-python", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep-npz", default=None, help="also keep the .npz handed to DAPPER at this path")
+    parser.add_argument("--quick", action="store_true", help="100 cycles, pf100 and enkf24 on L96-10, 2 seeds")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.config, args.cycles, args.methods, args.seeds = "l96-10", 100, ["pf100", "enkf24"], [11, 12]
+    methods = args.methods or (["pf100", "pf800", "enkf24"] if args.config == "l96-10" else ["enkf24"])
+    if any(s <= 0 for s in args.seeds):
+        raise SystemExit("--seeds: positive ints (DAPPER refuses seed 0)")
+    python = dapper_python(args.dapper_python)
+    if python is None:
+        print("DAPPER's interpreter not found (--dapper-python, $DAPPER_PYTHON, /tmp/dapper-venv): daml side only",
+              file=sys.stderr)
+    entries = run(args.config, methods, args.seeds, args.truths, args.cycles, python, args.keep_npz)
+    command = _report.command_line()
+    name = "dapper_identical-quick" if args.quick else "dapper_identical"
+    path = _report.RESULTS / f"{name}.json"
+    res = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+    res["machine"] = _report.machine_info()
+    res["daml_commit"] = _report.git_commit()
+    for key, entry in entries.items():
+        entry["command"] = command
+        entry["daml_commit"] = res["daml_commit"]
+        res["entries"][f"{args.config}/{key}"] = entry
+        if "dapper_version" in entry:
+            res["dapper_version"] = entry["dapper_version"]
+    _report.write_json(name, res)
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
