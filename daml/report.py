@@ -418,8 +418,8 @@ def format_table(exp: Any, scores: Sequence[Any]) -> str:
         lines.append(f"{name:<{width}}  {cells}  {mark}".rstrip())
     legend = []
     if any(reasons[i] and not rows[i].diverged for i in range(len(rows))):
-        legend += _wrap(f"{LOST_MARK}: the filter lost the truth: rmse.a at or above climatology's, or "
-                        f"rmse.a above {SPREAD_FACTOR:g} x rmv.a (error far above the spread); see docs/report.md",
+        legend += _wrap(f"{LOST_MARK}: the filter lost the truth: rmse.a at or above climatology's, above "
+                        f"{SPREAD_FACTOR:g} x rmv.a (error far above the spread), or not finite; see docs/report.md",
                         indent="  ")
         for name, r, why in zip(names, rows, reasons):
             if why and not r.diverged:
@@ -612,10 +612,13 @@ def figure(exp: Any, scores: Sequence[Any], out: str | os.PathLike, rank_bins: i
         handles.append(h)
     if math.isfinite(burn_in):
         handles.append(ax.axvline(burn_in, color="k", lw=0.7, ls=":", label="burn-in"))
-    ax.set_yscale("log")
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: _minor_label(v, ax.get_ylim())))
+    if any(c is not None and np.isfinite(c[1]).any() for c in curves):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: _minor_label(v, ax.get_ylim())))
+    else:                                 # every method diverged at once: say so, draw no axis scale
+        ax.text(0.5, 0.5, "no finite positive RMSE to draw", transform=ax.transAxes, ha="center",
+                va="center", fontsize=9, color="red")
     ax.set_xlabel("time", fontsize=8)
     ax.set_ylabel("RMSE of the mean", fontsize=8)
     ax.set_title(f"{exp.name}: analysis RMSE, median over experiments", fontsize=9)

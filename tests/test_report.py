@@ -305,6 +305,17 @@ def test_figure_many_methods_and_many_rank_bins(tmp_path):
     assert len(styles) == 14
 
 
+def test_figure_when_every_method_diverged(tmp_path):
+    # regression: with no positive RMSE to draw, the log scale made matplotlib raise ValueError
+    pytest.importorskip("matplotlib")
+    exp = Exp(methods=[{"name": "etkf"}, {"name": "enkf"}])
+    scores = [Score("etkf", diverged="step 0", index=0),
+              Score("enkf", index=1, rmse_t=xr.DataArray(np.full(10, np.nan), dims="time"),
+                    rank_counts=xr.DataArray(np.zeros(5), dims="rank"))]
+    path = report.figure(exp, scores, tmp_path)
+    assert path.is_file() and path.stat().st_size > 0
+
+
 def test_regroup_keeps_flat_at_one_and_bounds_the_bins():
     left, width, density = report._regroup(np.full(101, 7.0), 20)
     assert len(density) == 20 and np.allclose(density, 1.0)
