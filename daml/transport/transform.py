@@ -93,19 +93,22 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     return c * (1.0 - torch.eye(x.shape[-2], dtype=x.dtype, device=x.device))
 
 
-def exact_plans(cost: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+def exact_plans(cost: torch.Tensor, log_a: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Exact optimal plans from masses ``exp(log_a)`` to uniform, one POT ``ot.emd`` call per problem.
 
     ``cost`` ``(B, N, N)``, ``log_a`` ``(B, N)``; returns ``(B, N, N)`` in the dtype and on the device of
-    ``cost`` (POT works in float64 on the CPU).
+    ``cost`` (POT works in float64 on the CPU). With ``sizes`` ``(B,)`` (each problem's own member count
+    ``N_i``), problem ``k`` is ``cost[k, :N_i, :N_i]`` with target masses ``1 / N_i``; the rest of its
+    plan is zero.
     """
     n = cost.shape[-1]
-    c64 = cost.detach().to("cpu", torch.float64).numpy()
-    a64 = torch.softmax(log_a.detach().to("cpu", torch.float64), -1).numpy()
-    b = np.full(n, 1.0 / n)
-    plans = np.empty_like(c64)
-    for k in range(c64.shape[0]):
-        plans[k] = ot.emd(a64[k], b, c64[k])
+    c64 = cost.detach().to("cpu", torch.float64)
+    l64 = log_a.detach().to("cpu", torch.float64)
+    own = [n] * c64.shape[0] if sizes is None else [int(k) for k in sizes.cpu()]
+    plans = np.zeros(tuple(c64.shape))
+    for k, s in enumerate(own):
+        a = torch.softmax(l64[k, :s], -1).numpy()
+        plans[k, :s, :s] = ot.emd(a, np.full(s, 1.0 / s), c64[k, :s, :s].numpy())
     return torch.from_numpy(plans).to(dtype=cost.dtype, device=cost.device)
 
 
@@ -179,9 +182,47 @@ def _second_order(transform: torch.Tensor, log_weight: torch.Tensor) -> torch.Te
     return transform + v @ (target - s) @ v.T
 
 
+def _second_order_sized(transform: torch.Tensor, log_weight: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """:func:`_second_order` for ``(B, N, N)`` transforms of problems with their own member counts
+    ``sizes`` ``(B,)``: each problem's ``N_i x N_i`` block is corrected as the problem alone would be
+    (problems of one size in one batched call); the padding stays zero."""
+    n = transform.shape[-1]
+    out = torch.zeros_like(transform)
+    for s in torch.unique(sizes).tolist():
+        idx = torch.nonzero(sizes == s).squeeze(-1)
+        block = _second_order(transform[idx, :s, :s], log_weight[idx, :s])
+        if s < n:
+            block = torch.nn.functional.pad(block, (0, n - s, 0, n - s))
+        out = out.index_copy(0, idx, block)
+    return out
+
+
+def _check_member_sizes(sizes: Any, batch: tuple[int, ...], n: int, device: torch.device) -> torch.Tensor:
+    """Each problem's own member count ``N_i`` ``(B,)`` (int64), checked: integers of the batch's shape,
+    ``1 <= N_i <= N``."""
+    if isinstance(sizes, (str, bytes)) or sizes is None:
+        raise DtypeError("sizes", "integer member counts N_i, one per ensemble", repr(sizes))
+    try:
+        arr = sizes.detach().cpu().numpy() if isinstance(sizes, torch.Tensor) else np.asarray(sizes)
+    except (ValueError, TypeError) as exc:                    # ragged nested sequences
+        raise ShapeError("sizes", f"shape {batch} (one member count per ensemble)",
+                         f"{type(sizes).__name__} of ragged sequences") from exc
+    if arr.dtype.kind not in "iu":
+        raise DtypeError("sizes", "integer member counts N_i, one per ensemble", f"dtype {arr.dtype}")
+    if arr.shape != batch:
+        raise ShapeError("sizes", f"shape {batch} (one member count per ensemble of x's batch)",
+                         f"shape {arr.shape}")
+    arr = arr.reshape(-1).astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 1 or hi > n:
+        raise InputError("sizes", f"member counts with 1 <= N_i <= {n} (the padded member axis of x)",
+                         f"N_i between {lo} and {hi}")
+    return torch.from_numpy(arr).to(device)
+
+
 def ensemble_transform(x: Any, log_weight: Any, *, solver: str = "sinkhorn", epsilon: float = 0.05,
                        tol: float = 1e-6, max_iter: int = 2000, relaxation: Any = "auto",
-                       second_order: bool = False, cost: Any = None) -> TransformResult:
+                       second_order: bool = False, cost: Any = None, sizes: Any = None) -> TransformResult:
     """Move a weighted ensemble to an equally weighted one by optimal transport (Reich's ETPF step).
 
     Parameters
@@ -200,6 +241,14 @@ def ensemble_transform(x: Any, log_weight: Any, *, solver: str = "sinkhorn", eps
         Correct the transform to reproduce the weighted covariance exactly.
     cost : (..., N, N), optional
         The cost between members; default ``|x_i - x_j|^2``.
+    sizes : array-like of int (...), optional
+        Each ensemble's own member count ``N_i`` when ensembles of different sizes are padded to
+        ``N`` members in one batch: ensemble ``k`` is ``x[k, :N_i]``. The padded members are ignored
+        whatever they hold (their ``x``, ``log_weight`` and ``cost`` entries, NaN included): they get
+        zero weight, their rows and columns of the transform are zero, and so are their new members.
+        The target is uniform over the ``N_i`` real members, ``T = N_i P``, and the relative
+        ``epsilon`` is a fraction of the mean cost over the ``N_i^2`` real pairs. Each ensemble's
+        result is that of the ensemble transformed alone (to the solver's tolerance).
 
     Returns
     -------
@@ -210,28 +259,39 @@ def ensemble_transform(x: Any, log_weight: Any, *, solver: str = "sinkhorn", eps
     ShapeError, DtypeError, NonFiniteError, InputError
         Naming ``x`` (no member or no coordinate, not real floating, NaN or infinite entries, or
         squared distances that overflow), ``log_weight``, ``cost`` (wrong shape, NaN, infinite or
-        negative entries) or a parameter out of range.
+        negative entries), ``sizes`` (not integers of the batch's shape, or outside ``[1, N]``) or a
+        parameter out of range.
     """
     x = _tensor(x, "x", "members (tensor or array-like of shape (..., N, d))")
     if x.ndim < 2 or x.shape[-2] == 0 or x.shape[-1] == 0 or x.numel() == 0:
         raise ShapeError("x", "members of shape (..., N, d) with N, d >= 1", f"shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64):
         raise DtypeError("x", "float32 or float64 members", f"dtype {x.dtype}")
+    n = x.shape[-2]
+    batch = x.shape[:-2]
+    own = valid = None
+    if sizes is not None:
+        own = _check_member_sizes(sizes, tuple(batch), n, x.device)             # (B,)
+        valid = (torch.arange(n, device=x.device) < own.unsqueeze(-1)).reshape(x.shape[:-1])
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError("x", "finite members", "NaN or infinite entries")
     lw = _tensor(log_weight, "log_weight", "log-weights (tensor or array-like of shape (..., N))", dtype=x.dtype,
                  device=x.device)
     if lw.shape != x.shape[:-1]:
         raise ShapeError("log_weight", f"shape {tuple(x.shape[:-1])} (one per member of x)", f"shape {tuple(lw.shape)}")
+    if valid is not None:
+        lw = torch.where(valid, lw, torch.full((), -math.inf, dtype=lw.dtype, device=lw.device))
     solver = check_solver(solver)
     epsilon, tol, max_iter = check_transport_params(epsilon, tol, max_iter)
     if not isinstance(second_order, bool):
         raise InputError("second_order", "True or False", repr(second_order))
     if torch.isnan(lw).any() or (lw == math.inf).any() or not bool(torch.isfinite(lw).any(-1).all()):
-        raise InputError("log_weight", "log-weights with at least one finite entry per ensemble and no NaN/+inf",
+        raise InputError("log_weight", "log-weights with at least one finite entry per ensemble and no NaN/+inf" +
+                         (" (among its own N_i members)" if valid is not None else ""),
                          "NaN, +inf or all -inf entries")
     lw = torch.log_softmax(lw, -1)
-    n = x.shape[-2]
+    inside = None if valid is None else valid.unsqueeze(-1) & valid.unsqueeze(-2)
     if cost is None:
         c = squared_distances(x)
         if not bool(torch.isfinite(c).all()):
@@ -242,32 +302,49 @@ def ensemble_transform(x: Any, log_weight: Any, *, solver: str = "sinkhorn", eps
                     dtype=x.dtype, device=x.device)
         if c.shape != (*x.shape[:-1], n):
             raise ShapeError("cost", f"shape {(*x.shape[:-1], n)}", f"shape {tuple(c.shape)}")
+        if inside is not None:
+            c = torch.where(inside, c, torch.zeros((), dtype=c.dtype, device=c.device))
         lo, hi = torch.aminmax(c.detach())
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise NonFiniteError("cost", "finite costs", "NaN or infinite entries")
         if not bool(lo >= 0):
             raise InputError("cost", "non-negative costs", f"a minimum of {float(lo):.3g}",
                              hint="OT plans do not change when a constant is added to the cost; shift it")
-    batch = x.shape[:-2]
+    if inside is not None:                           # padding: ignored, whatever it holds
+        c = torch.where(inside, c, torch.zeros((), dtype=c.dtype, device=c.device))
     flat_c = c.reshape(-1, n, n)
     flat_lw = lw.reshape(-1, n)
     if solver == "emd":
-        plan = exact_plans(flat_c, flat_lw)
-        err = (plan.sum(-1) - torch.exp(flat_lw)).abs().sum(-1) + (plan.sum(-2) - 1.0 / n).abs().sum(-1)
+        plan = exact_plans(flat_c, flat_lw, own)
+        if own is None:
+            target = torch.full_like(flat_lw, 1.0 / n)
+        else:
+            target = torch.where(valid.reshape(-1, n), 1.0 / own.to(x.dtype).unsqueeze(-1),
+                                 torch.zeros((), dtype=x.dtype, device=x.device))
+        err = (plan.sum(-1) - torch.exp(flat_lw)).abs().sum(-1) + (plan.sum(-2) - target).abs().sum(-1)
         iters = torch.zeros(flat_lw.shape[0], dtype=torch.int64, device=x.device)
         conv = torch.ones(flat_lw.shape[0], dtype=torch.bool, device=x.device)
     else:
         # a constant cost (all members equal) has no scale: any plan is optimal, use the product
-        scale = flat_c.mean((-2, -1))
+        if own is None:
+            scale = flat_c.mean((-2, -1))
+        else:
+            scale = flat_c.sum((-2, -1)) / own.to(x.dtype) ** 2
         flat = scale <= 0
         safe_c = torch.where(flat.view(-1, 1, 1), torch.ones_like(flat_c), flat_c)
+        pairs = None if own is None else torch.stack([own, own], -1)
         res = sinkhorn(safe_c, log_a=flat_lw, epsilon=epsilon, relative=True, tol=tol, max_iter=max_iter,
-                       relaxation=relaxation, warn=False)
+                       relaxation=relaxation, warn=False, sizes=pairs)
         plan = res.plan()
         err, iters, conv = res.error, res.iterations, res.converged
-    t = n * plan
-    if second_order:
-        t = _second_order(t, flat_lw)
+    if own is None:
+        t = n * plan
+        if second_order:
+            t = _second_order(t, flat_lw)
+    else:
+        t = own.to(plan.dtype).view(-1, 1, 1) * plan
+        if second_order:
+            t = _second_order_sized(t, flat_lw, own)
     x_new = t.transpose(-1, -2) @ x.reshape(-1, n, x.shape[-1])
     return TransformResult(x_new.reshape(x.shape), t.reshape(*batch, n, n), err.reshape(batch),
                            iters.reshape(batch), conv.reshape(batch))
