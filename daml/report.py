@@ -133,10 +133,10 @@ def _group_labels(name: str, entries: list[dict]) -> list[str]:
     # identical entries (or labels too long): the parameters where they fit, '#k' where they collide
     cand = make(tuple(differing)) if differing else [name] * len(entries)
     counts = {c: cand.count(c) for c in cand}
-    out = [c if counts[c] == 1 else f"{c}#{k + 1}" for k, c in enumerate(cand)]
+    out = [c if counts[c] == 1 else _fit(c, f"#{k + 1}") for k, c in enumerate(cand)]
     if len(set(out)) == len(out) and all(len(c) <= MAX_LABEL for c in out):
         return out
-    return [f"{name}#{k + 1}" for k in range(len(entries))]
+    return [_fit(name, f"#{k + 1}") for k in range(len(entries))]
 
 
 def _fit(text: str, suffix: str = "") -> str:

@@ -122,7 +122,8 @@ def test_labels_short_and_distinct_for_long_configs():
              "corrector_steps": k, "model_noise": {"variance": 0.1 * k, "length": [1, 2, 3]}} for k in range(5)]
     long += [{"name": "diffusion", "members": 50, "bandwidth": 0.123456789 + k, "schedule": "a-very-long-name-" + str(k)}
              for k in range(3)]
-    long += [{"name": "x" * 30}, {"name": "x" * 30 + "y"}, {"name": "etkf"}, {"name": "etkf"}]
+    long += [{"name": "x" * 30}, {"name": "x" * 30 + "y"}, {"name": "z" * 30}, {"name": "z" * 30, "tol": 1e-3},
+             {"name": "etkf"}, {"name": "etkf"}]
     got = report.labels(long)
     assert len(got) == len(long) and len(set(got)) == len(got)
     assert all(0 < len(g) <= report.MAX_LABEL for g in got), got
