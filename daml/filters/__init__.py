@@ -9,6 +9,7 @@ from .base import (REGISTRY, EnsembleState, Filter, GaussianState, ensemble_fore
                    ensemble_members, gaussian_members, inflate, make_filter, masked_observation, register,
                    Upcoming, gaussian_loglik)
 from .run import RunResult, operator_from_data, run
+from .summary import summarise, summary_scores
 from .climatology import climatology, climatology_from_truth
 from . import kalman  # noqa: F401  (the module, for daml.filters.kalman.*)
 from .kalman import extended_kalman_filter, kalman_filter, kalman_smoother
@@ -24,7 +25,7 @@ from .etpf import etpf, letpf
 __all__ = [
     "Filter", "EnsembleState", "GaussianState", "REGISTRY", "register", "make_filter", "inflate",
     "ensemble_init", "ensemble_forecast", "ensemble_members", "gaussian_members", "masked_observation",
-    "run", "RunResult", "operator_from_data", "climatology", "climatology_from_truth",
+    "run", "RunResult", "operator_from_data", "summarise", "summary_scores", "climatology", "climatology_from_truth",
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
     "bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",

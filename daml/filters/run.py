@@ -43,8 +43,9 @@ from .. import _device
 from ..errors import DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError
 from ..models.base import Model, as_covariance, as_real_tensor, check_memory, model_config
 from ..models.observations import Observation, observe_linear
-from ..posterior import from_members
+from ..posterior import _method_attrs, from_members, normalise_log_weight
 from .base import Filter, Upcoming, unchecked
+from .summary import DEFAULT_QUANTILES, check_quantiles, describe_value, summary_attrs, summary_kernel, warn_undefined_sd
 
 __all__ = ["run", "RunResult", "operator_from_data", "prepare_data", "PreparedData", "DIVERGENCE_FACTOR",
            "divergence_bounds"]
@@ -58,9 +59,11 @@ class RunResult(NamedTuple):
     """What :func:`run` returns."""
 
     analysis: xr.Dataset
-    """Posterior after each analysis, dims ``(time, *batch, member, variable)``."""
+    """Posterior after each recorded analysis, dims ``(time, *batch, member, variable)``; with
+    ``keep="summary"`` the summary Dataset instead (``attrs["daml_kind"] == "summary"``, no ``member``
+    dim; see :mod:`daml.filters.summary`)."""
     forecast: xr.Dataset | None
-    """Posterior just before each analysis (``None`` unless ``forecast=True``)."""
+    """The same just before each recorded analysis (``None`` unless ``forecast=True``)."""
     seconds: float
     """Wall time of the loop (model steps and analyses, without building the Datasets)."""
 
@@ -163,6 +166,9 @@ def run(
     progress: bool | None = None,
     max_spread: float | None = None,
     max_magnitude: float | None = None,
+    keep: str = "members",
+    thin: int = 1,
+    quantiles: Any = DEFAULT_QUANTILES,
     dtype: Any = None,
     device: Any = None,
 ) -> RunResult:
@@ -198,14 +204,34 @@ def run(
         Largest absolute value any member may take before the run counts as diverged (a blow-up to
         huge finite values that keeps a small spread). Default: ``DIVERGENCE_FACTOR`` times the
         scale above plus the largest absolute prior mean and observation. ``math.inf``: off.
+    keep : {"members", "summary"}
+        What is recorded at each recorded analysis. ``"members"`` (default): every member and its
+        log-weight, the posterior. ``"summary"``: no members, only the summary statistics of
+        :mod:`daml.filters.summary` (weighted ``mean``, ``sd``, ``quantiles``, ``ess``, and with
+        ``truth`` in ``data`` the ``crps`` and ``pit`` against it), computed as the run goes: the
+        memory no longer grows with members times analyses. Not to be confused with the particle
+        filters' own ``record=`` (which stage of their analysis they report).
+    thin : int
+        Record every ``thin``-th analysis only: the analyses numbered ``0, thin, 2 thin, ...`` in the
+        order they happen (the first analysis is always recorded). Every analysis is still computed
+        and checked for divergence. The forecast record follows the same ``keep`` and ``thin``.
+    quantiles : sequence of float
+        Probabilities of the weighted quantiles of ``keep="summary"`` (distinct, in ``[0, 1]``).
     dtype, device : optional
         Where to compute (see :mod:`daml._device`).
 
     Returns
     -------
     RunResult
-        ``analysis`` (and ``forecast``) posteriors; ``info`` entries of the filter become variables
-        ``(time, *batch)`` of the analysis Dataset.
+        ``analysis`` (and ``forecast``) posteriors, or summaries with ``keep="summary"``; ``info``
+        entries of the filter become variables ``(time, *batch)`` of the analysis Dataset. Its attrs
+        record ``keep`` and ``thin`` (a summary also ``daml_kind = "summary"`` and ``members``).
+
+    Raises
+    ------
+    DivergenceError
+        At the first analysis that diverges; its ``partial`` holds the result up to the last good
+        recorded analysis, in the chosen ``keep`` mode.
     """
     if not isinstance(filt, Filter):
         raise InputError("filt", "a daml.filters.Filter", type(filt).__name__)
@@ -217,6 +243,12 @@ def run(
         raise InputError("forecast", "True or False", repr(forecast))
     if progress is not None and not isinstance(progress, (bool, np.bool_)):
         raise InputError("progress", "None, True or False", repr(progress))
+    if not isinstance(keep, str) or keep not in ("members", "summary"):
+        raise InputError("keep", "'members' (the posterior) or 'summary' (statistics only)", describe_value(keep))
+    if isinstance(thin, (bool, np.bool_)) or not isinstance(thin, (int, np.integer)) or thin < 1:
+        raise InputError("thin", "an int >= 1 (record every thin-th analysis)", describe_value(thin))
+    thin = int(thin)
+    qs = check_quantiles(quantiles)
     p = prepare_data(model, data, operator, prior, dtype, device)
     op, y_da, y_all, observed, batch_dims = p.operator, p.y_da, p.y, p.observed, p.batch_dims
     mean, cov, dt, dev, n_times = p.mean.clone(), p.cov, p.dtype, p.device, p.y_da.sizes["time"]
@@ -227,13 +259,20 @@ def run(
     g_init, g_run = _device.spawn_generators(seed, 2, device=dev)
     state = filt.init(model, mean, cov, g_init)
     n_analyses = int(np.count_nonzero(np.asarray(observed[1:n_times], dtype=bool)))
+    n_records = -(-n_analyses // thin)
+    truth = _truth_tensor(data, batch_dims, n_times, model.state_size, dt, dev) if keep == "summary" else None
     x0, lw0 = filt.members(state)
-    # the records (analysis, and forecast if asked) and the posterior built from them: twice each
-    nbytes = 2 * (2 if forecast else 1) * n_analyses * (x0.numel() + lw0.numel()) * x0.element_size()
+    nbytes = record_bytes(keep, n_records, tuple(x0.shape), x0.element_size(), len(qs), truth is not None, forecast)
     check_memory(nbytes, "members" if "members" in filt.config else "data",
-                 f"{n_analyses} analyses of members {tuple(x0.shape)} to record", x0.device)
+                 f"{n_records} analyses of members {tuple(x0.shape)} to record with keep={keep!r}"
+                 + (" (keep='summary' or thin= records less)" if keep == "members" else ""), x0.device)
     del x0, lw0
-    rec_a, rec_f = _Records(n_analyses), _Records(n_analyses)
+    if keep == "members":
+        rec_a, rec_f = _Records(n_records), _Records(n_records)
+    else:
+        q = torch.tensor(qs, dtype=dt, device=dev)
+        rec_a, rec_f = _Summaries(n_records, q, qs), _Summaries(n_records, q, qs)
+    n_done = 0
     infos: list[dict] = []
     times: list[int] = []
     from tqdm.auto import tqdm
@@ -259,8 +298,10 @@ def run(
                     state = filt.forecast(state, model, g_run)
                 if observed[k]:
                     k_prev = k
-                    if forecast:
-                        rec_f.append(*_detach(filt.members(state)))
+                    recorded = n_done % thin == 0
+                    y_true = None if truth is None else truth[..., k, :]
+                    if forecast and recorded:
+                        rec_f.append(*_detach(filt.members(state)), y_true)
                     y = y_all[..., k, :]
                     mask = torch.isfinite(y)
                     y = torch.where(mask, y, torch.zeros((), dtype=dt, device=dev))
@@ -272,21 +313,73 @@ def run(
                         raise DivergenceError(str(err), step=k) from err
                     x, lw = _detach(filt.members(state))
                     _check_divergence(x, lw, max_spread, k, filt.name, max_magnitude)
-                    rec_a.append(x, lw)
-                    infos.append({key: v.detach().cpu() for key, v in info.items()})
-                    times.append(k)
+                    n_done += 1
+                    if recorded:
+                        rec_a.append(x, lw, y_true)
+                        infos.append({key: v.detach().cpu() for key, v in info.items()})
+                        times.append(k)
                 bar.update(1)
     except DivergenceError as err:
-        err.partial = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed) if rec_a else None
+        err.partial = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed,
+                             keep=keep, thin=thin) if rec_a else None
         raise
     finally:
         bar.close()
     seconds = _time.perf_counter() - t0
     if not rec_a:
         raise InputError("data", "at least one observation time after the initial time", "none")
-    post_a = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=seconds)
-    post_f = _build(rec_f, [], times, data, y_da, batch_dims, filt, model, op, seed, stage="forecast") if forecast else None
+    post_a = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=seconds,
+                    keep=keep, thin=thin, cycles=n_done)
+    post_f = _build(rec_f, [], times, data, y_da, batch_dims, filt, model, op, seed, stage="forecast",
+                    keep=keep, thin=thin) if forecast else None
     return RunResult(post_a, post_f, seconds)
+
+
+def record_bytes(keep: str, records: int, members_shape: tuple, itemsize: int, n_quantiles: int = 3,
+                 truth: bool = False, forecast: bool = False) -> int:
+    """Bytes :func:`run` needs to record ``records`` analyses of members ``(*batch, N, n)``.
+
+    ``keep="members"``: the records and the posterior built from them, twice
+    ``records * batch * N * (n + 1)`` numbers (members and log-weights). ``keep="summary"``: twice
+    ``records * batch * (n * (Q + 2 + 2 truth) + 1)`` numbers (mean, sd, Q quantiles, crps and pit
+    with a truth, ess), plus the block of members waiting to be summarised and the working memory of
+    their statistics, about ``(2 Q + 11) * B * batch * N * n`` numbers with ``B``
+    :func:`summary_block` (at most 1 MiB of members, or one analysis), which does not grow with the
+    analyses. Both are doubled with ``forecast``. The filter's own ``info`` variables (a few numbers per analysis) are not counted.
+    """
+    *batch, n_members, n = members_shape
+    b = math.prod(batch)
+    stages = 2 if forecast else 1
+    if keep == "members":
+        return 2 * stages * records * b * n_members * (n + 1) * itemsize
+    per_record = b * (n * (n_quantiles + 2 + (2 if truth else 0)) + 1)
+    block = summary_block(tuple(members_shape), itemsize, max(records, 1))
+    work = stages * (2 * n_quantiles + 11) * block * b * n_members * n
+    return (2 * stages * records * per_record + work) * itemsize
+
+
+def _truth_tensor(data: xr.Dataset, batch_dims: list, n_times: int, n: int, dt, dev) -> torch.Tensor | None:
+    """``data.truth`` as a tensor ``(*batch, time, n)`` where the data hold one (a twin experiment of
+    :func:`daml.simulate`: dims ``(*batch, time, variable)``), else ``None``."""
+    if "truth" not in data.data_vars:
+        return None
+    tr = data["truth"]
+    state_dims = [d for d in tr.dims if d not in batch_dims and d != "time"]
+    want = {**{d: data["y"].sizes[d] for d in batch_dims}, "time": n_times}
+    sizes_ok = all(tr.sizes.get(d) == s for d, s in want.items()) and len(state_dims) == 1 \
+        and tr.sizes[state_dims[0]] == n
+    if not sizes_ok or tr.ndim != len(batch_dims) + 2:
+        raise ShapeError("data", f"a truth of dims {(*batch_dims, 'time', 'variable')} and sizes "
+                         f"{(*want.values(), n)} (as daml.simulate makes it) for keep='summary'",
+                         f"dims {tuple(tr.dims)} of sizes {tuple(tr.shape)}",
+                         hint="drop the truth from the data to record a summary without crps and pit")
+    values = tr.transpose(*batch_dims, "time", state_dims[0]).values
+    if values.dtype.kind not in "fiu":
+        raise DtypeError("data", "a real numeric truth", f"dtype {values.dtype}")
+    if not np.isfinite(values).all():
+        raise NonFiniteError("data", "a finite truth (for crps and pit with keep='summary')",
+                             f"{int((~np.isfinite(values)).sum())} NaN or infinite entries")
+    return torch.as_tensor(np.ascontiguousarray(values), dtype=dt, device=dev)
 
 
 def _upcoming(y_all, k, op, dt, dev, interval):
@@ -367,7 +460,7 @@ class _Records:
         self.x: torch.Tensor | None = None
         self.lw: torch.Tensor | None = None
 
-    def append(self, x: torch.Tensor, lw: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor, lw: torch.Tensor, truth: Any = None) -> None:
         if self.x is None:
             self.x = torch.empty((self.capacity, *x.shape), dtype=x.dtype, device=x.device)
             self.lw = torch.empty((self.capacity, *lw.shape), dtype=lw.dtype, device=lw.device)
@@ -391,24 +484,138 @@ class _Records:
         return x.cpu(), lw.cpu()
 
 
-def _build(records, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=None, stage="analysis"):
-    x, lw = records.stacked()                               # (T, *batch, N, n), (T, *batch, N)
+SUMMARY_BLOCK_BYTES = 2**20
+"""With ``keep="summary"``, :func:`run` keeps the members of up to this many bytes of consecutive
+recorded analyses (at most 64 analyses, at least one) and summarises them together: one call of the
+statistics' kernels per block instead of per analysis, whose fixed cost per call would otherwise
+dominate for small ensembles."""
+
+
+def summary_block(members_shape: tuple, itemsize: int, capacity: int) -> int:
+    """How many recorded analyses :func:`run` summarises at once (see :data:`SUMMARY_BLOCK_BYTES`)."""
+    per = math.prod(members_shape) * itemsize
+    return max(1, min(64, capacity, SUMMARY_BLOCK_BYTES // max(per, 1)))
+
+
+class _Summaries:
+    """The summary statistics (:func:`daml.filters.summary.summary_kernel`) of the recorded analyses.
+
+    The members ``(*batch, N, n)``, log-weights ``(*batch, N)`` and truth ``(*batch, n)`` of up to
+    :func:`summary_block` consecutive analyses wait in a small buffer; when it is full (and at the end)
+    they are summarised together, the log-weights normalised first as
+    :func:`daml.posterior.from_members` does, and the statistics copied into one buffer per statistic
+    for ``capacity`` records. Only the statistics are kept."""
+
+    def __init__(self, capacity: int, q: torch.Tensor, probabilities: tuple[float, ...]):
+        self.capacity, self.count, self.q, self.probabilities = capacity, 0, q, probabilities
+        self.buffers: dict[str, torch.Tensor] | None = None
+        self.shape: tuple | None = None
+        self.members = self.pending = self.block = 0
+        self.px = self.plw = self.py = None
+
+    def append(self, x: torch.Tensor, lw: torch.Tensor, truth: torch.Tensor | None = None) -> None:
+        if self.px is None:
+            self.shape, self.members = tuple(x.shape), int(x.shape[-2])
+            self.block = summary_block(self.shape, x.element_size(), self.capacity)
+            self.px = torch.empty((self.block, *x.shape), dtype=x.dtype, device=x.device)
+            self.plw = torch.empty((self.block, *lw.shape), dtype=lw.dtype, device=lw.device)
+            if truth is not None:
+                self.py = torch.empty((self.block, *truth.shape), dtype=x.dtype, device=x.device)
+        if len(self) >= self.capacity or tuple(x.shape) != self.shape or tuple(lw.shape) != self.shape[:-1]:
+            raise ShapeError("filt", f"{self.capacity} analyses of members {self.shape} and log-weights "
+                                     f"{self.shape[:-1]}",
+                             f"analysis {len(self) + 1} with shapes {tuple(x.shape)}, {tuple(lw.shape)}")
+        self.px[self.pending].copy_(x)
+        self.plw[self.pending].copy_(lw)
+        if self.py is not None:
+            self.py[self.pending].copy_(truth)
+        self.pending += 1
+        if self.pending == self.block:
+            self.flush()
+
+    def flush(self) -> None:
+        """Summarise the analyses waiting in the block buffer."""
+        from ..diagnostics import ess_kernel
+
+        b = self.pending
+        if not b:
+            return
+        # the last block is summarised after the loop: in inference mode again where the buffers were
+        # made in it (an inference tensor is updated in place only there)
+        with torch.inference_mode(torch.is_inference(self.px)), torch.no_grad():
+            lw = normalise_log_weight(self.plw[:b], dim=-1)
+            stats = summary_kernel(self.px[:b].transpose(-1, -2), lw.unsqueeze(-2), self.q,
+                                   None if self.py is None else self.py[:b])
+            stats["quantile"] = stats["quantile"].movedim(0, 1)               # (b, Q, *batch, n)
+            stats["ess"] = ess_kernel(lw)
+            if self.buffers is None:
+                self.buffers = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                                for k, v in stats.items()}
+            for k, v in stats.items():
+                self.buffers[k][self.count: self.count + b].copy_(v)
+        self.count += b
+        self.pending = 0
+
+    def __len__(self) -> int:
+        return self.count + self.pending
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        """Each statistic ``(T, ...)`` as a numpy array (``quantile``: ``(Q, T, ...)``)."""
+        self.flush()
+        out = {}
+        for k, v in self.buffers.items():
+            v = v[: self.count]
+            out[k] = _device.to_numpy(v.clone() if self.count < self.capacity else v)
+        out["quantile"] = np.moveaxis(out["quantile"], 1, 0)
+        return out
+
+
+def _build(records, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=None, stage="analysis",
+           keep="members", thin=1, cycles=None):
+    cycles = len(times) if cycles is None else cycles
     tcoord = data["time"].values[times]
+    n_state = model.state_size
     coords = {"time": tcoord, "step": ("time", np.asarray(times))}
-    if "variable" in data.coords and data.sizes.get("variable") == x.shape[-1]:
+    if "variable" in data.coords and data.sizes.get("variable") == n_state:
         coords["variable"] = data["variable"].values
     for d in batch_dims:
         if d in data.coords:
             coords[d] = data[d].values
     config = {"filter": filt.config, **model_config(model), **op.config(), "stage": stage}
+    config = json.loads(json.dumps(config, default=str))
     attrs = {"stage": stage}
     if seconds is not None:
         attrs["seconds"] = float(seconds)
-        attrs["cycles_per_second"] = float(len(times) / seconds) if seconds > 0 else math.inf
-    post = from_members({"x": x}, lw, dims=("time", *batch_dims, "member", "variable"), coords=coords,
-                        method=filt.name, config=json.loads(json.dumps(config, default=str)), seed=seed, attrs=attrs)
+        attrs["cycles_per_second"] = float(cycles / seconds) if seconds > 0 else math.inf
+    if keep == "summary":
+        post = _build_summary(records, coords, batch_dims, attrs, filt.name, config, seed, thin)
+    else:
+        x, lw = records.stacked()                               # (T, *batch, N, n), (T, *batch, N)
+        attrs.update({"keep": keep, "thin": int(thin)})
+        post = from_members({"x": x}, lw, dims=("time", *batch_dims, "member", "variable"), coords=coords,
+                            method=filt.name, config=config, seed=seed, attrs=attrs)
     if infos:
         for key in infos[0]:
             vals = torch.stack([i[key] for i in infos]).numpy()
             post[key] = (("time", *batch_dims)[: vals.ndim], vals)
     return post
+
+
+def _build_summary(records: _Summaries, coords: dict, batch_dims: list, attrs: dict, method: str, config: dict,
+                   seed: Any, thin: int) -> xr.Dataset:
+    """The summary Dataset of :func:`run` (see :func:`daml.filters.summary.summarise` for its layout)."""
+    stats = records.stacked()
+    dims = ("time", *batch_dims, "variable")
+    data = {k: (dims, stats[k]) for k in ("mean", "sd")}
+    data["quantiles"] = (("quantile", *dims), stats["quantile"])
+    data["ess"] = (dims[:-1], stats["ess"])
+    for k in ("crps", "pit"):
+        if k in stats:
+            data[k] = (dims, stats[k])
+    res = xr.Dataset(data, coords={**coords, "quantile": np.asarray(records.probabilities, dtype=np.float64)})
+    base = dict(attrs)
+    base.update(_method_attrs(method, config, seed))
+    res.attrs = summary_attrs(base, records.members, "summary", thin)
+    res.attrs["member_variable"] = "x"
+    warn_undefined_sd(stats["sd"], f"run({method}, keep='summary')")
+    return res
