@@ -195,6 +195,8 @@ def labels(methods: Sequence[dict]) -> list[str]:
         seen[lab] = seen.get(lab, 0) + 1
     if len(seen) < len(out):
         out = [lab if seen[lab] == 1 else _fit(lab, f"#{i + 1}") for i, lab in enumerate(out)]
+    if len(set(out)) < len(out):          # a last resort, distinct by construction: name#position
+        out = [_fit(m["name"], f"#{i + 1}") for i, m in enumerate(methods)]
     return out
 
 
