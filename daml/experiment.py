@@ -931,6 +931,8 @@ def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: P
 
 
 def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -> Path | None:
+    if not any(s.rmse_t is not None for s in scores):     # every method diverged: nothing to draw
+        return None
     report = _report()
     if report is not None and hasattr(report, "figure"):
         return report.figure(exp, scores, out)
