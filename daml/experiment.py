@@ -475,46 +475,55 @@ def output_plan(exp: Experiment) -> list[dict]:
         As :func:`check_experiment`.
     """
     check_experiment(exp)
-    cfg = output_settings(exp)
     model = make_model(exp.model["name"], **{k: v for k, v in exp.model.items() if k != "name"})
-    n = int(model.state_size)
-    every = int(exp.observations.get("every", 1))
+    return _plan(exp, int(model.state_size), output_settings(exp))
+
+
+def _plan(exp: Experiment, n: int, cfg: dict, item: int | None = None) -> list[dict]:
+    """:func:`output_plan` for state size ``n`` and output settings ``cfg`` (``item``: bytes per value,
+    default that of the storage dtype)."""
+    every = exp.observations.get("every", 1)
+    every = every if isinstance(every, int) and every >= 1 else 1
     analyses = exp.steps // every
     recorded = -(-analyses // cfg["thin"])
-    item = 4 if cfg["dtype"] == "float32" else 8
+    store = 4 if cfg["dtype"] == "float32" else 8
     cells = float(exp.experiments) * recorded
     # a summary: mean, sd, the quantiles, crps and pit per variable, and the ESS per time
-    summary = item * cells * (n * (2 + len(QUANTILES) + 2) + 1)
+    summary = cells * (n * (2 + len(QUANTILES) + 2) + 1)
     plan = []
     for method in exp.methods:
         members = _members_of(method, n)
-        full = item * cells * members * (n + 1.0)
+        full = cells * members * (n + 1.0)
         keep = cfg["keep"]
         if keep == "auto":
-            keep = "members" if full <= MEMBERS_BUDGET else "summary"
+            keep = "members" if store * full <= MEMBERS_BUDGET else "summary"
+        size = item or store
         plan.append({"keep": keep, "thin": cfg["thin"], "members": members, "analyses": recorded,
-                     "members_bytes": full, "summary_bytes": summary,
-                     "bytes": full if keep == "members" else summary})
+                     "members_bytes": size * full, "summary_bytes": size * summary,
+                     "bytes": size * (full if keep == "members" else summary)})
     return plan
 
 
 def _check_memory(exp: Experiment, n: int, m: int, every: int, methods: bool = True) -> None:
     """Refuse sizes whose arrays cannot fit: the truths and observations with the prior covariance,
-    then, cumulatively, every method's recorded analyses (from Python, without ``out``, each method's
-    posterior is kept for the scores and the outputs). A lower bound: working copies inside the
-    filters come on top."""
+    then, cumulatively, every method's recorded analyses (members or summary, as :func:`output_plan`
+    decides; from Python, without ``out``, each method's result is kept for the scores and the
+    outputs) in float64. A lower bound: working copies inside the filters come on top."""
     f64 = 8.0
     times = exp.steps + 1.0
-    analyses = float(exp.steps // every)
     need = f64 * (exp.experiments * times * (n + m) + float(n) * n)
     check_fits("config keys 'experiment.experiments', 'experiment.steps'", need,
                what=f"experiments={exp.experiments}, steps={exp.steps} with {n} variables")
-    for i, method in enumerate(exp.methods if methods else []):
-        members = _members_of(method, n)
-        need += f64 * exp.experiments * analyses * members * (n + 1.0)
-        check_fits(f"config key 'methods[{i}].members'", need,
-                   what=f"members={members} for {exp.experiments} experiment(s) x {int(analyses)} analyses x "
-                        f"{n} variables, with the truths and the methods before it")
+    if not methods:
+        return
+    plan = _plan(exp, n, output_settings(exp), item=8)
+    for i, p in enumerate(plan):
+        need += p["bytes"]
+        # while it runs: the ensemble and one working copy of it (one method runs at a time)
+        working = 2 * f64 * exp.experiments * p["members"] * (n + 1.0)
+        check_fits(f"config key 'methods[{i}].members'", need + working,
+                   what=f"members={p['members']} for {exp.experiments} experiment(s) x {p['analyses']} recorded "
+                        f"analyses x {n} variables as {p['keep']}, with the truths and the methods before it")
 
 
 def _observation(cfg: dict, n: int):
