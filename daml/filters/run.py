@@ -6,6 +6,12 @@ entries are masked out; a time whose entries are all NaN still gets an analysis,
 nothing). It returns the analysis posterior at every observation time, in the posterior type of
 :mod:`daml.posterior`, and the forecast posterior just before each analysis when asked.
 
+**What is recorded** is the caller's choice: ``keep="members"`` (the posterior, every member),
+``keep="summary"`` (only the statistics of :mod:`daml.filters.summary`, computed as the run goes, so
+that memory no longer grows with members times analyses), and ``thin=k`` (only the analyses
+numbered ``0, k, 2k, ...``). Every analysis is computed and checked for divergence either way; the
+up-front memory check counts what the chosen mode keeps (:func:`record_bytes`).
+
 Divergence is caught as it happens: non-finite states or weights, an ensemble spread beyond
 ``max_spread``, or a member larger in absolute value than ``max_magnitude`` raise
 :class:`daml.errors.DivergenceError` with the model step; its ``partial`` attribute holds the
@@ -319,6 +325,9 @@ def run(
                         infos.append({key: v.detach().cpu() for key, v in info.items()})
                         times.append(k)
                 bar.update(1)
+        if keep == "summary":          # the last block's statistics: inside the timed loop
+            rec_a.flush()
+            rec_f.flush()
     except DivergenceError as err:
         err.partial = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed,
                              keep=keep, thin=thin) if rec_a else None
@@ -344,7 +353,7 @@ def record_bytes(keep: str, records: int, members_shape: tuple, itemsize: int, n
     ``records * batch * (n * (Q + 2 + 2 truth) + 1)`` numbers (mean, sd, Q quantiles, crps and pit
     with a truth, ess), plus the block of members waiting to be summarised and the working memory of
     their statistics, about ``(2 Q + 11) * B * batch * N * n`` numbers with ``B``
-    :func:`summary_block` (at most 1 MiB of members, or one analysis), which does not grow with the
+    :func:`summary_block` (at most 256 KiB of members, or one analysis), which does not grow with the
     analyses. Both are doubled with ``forecast``. The filter's own ``info`` variables (a few numbers per analysis) are not counted.
     """
     *batch, n_members, n = members_shape
@@ -484,7 +493,7 @@ class _Records:
         return x.cpu(), lw.cpu()
 
 
-SUMMARY_BLOCK_BYTES = 2**20
+SUMMARY_BLOCK_BYTES = 2**18
 """With ``keep="summary"``, :func:`run` keeps the members of up to this many bytes of consecutive
 recorded analyses (at most 64 analyses, at least one) and summarises them together: one call of the
 statistics' kernels per block instead of per analysis, whose fixed cost per call would otherwise
@@ -544,7 +553,8 @@ class _Summaries:
         # made in it (an inference tensor is updated in place only there)
         with torch.inference_mode(torch.is_inference(self.px)), torch.no_grad():
             lw = normalise_log_weight(self.plw[:b], dim=-1)
-            stats = summary_kernel(self.px[:b].transpose(-1, -2), lw.unsqueeze(-2), self.q,
+            # member last, contiguous: the kernels sort along it twice (quantiles, CRPS)
+            stats = summary_kernel(self.px[:b].transpose(-1, -2).contiguous(), lw.unsqueeze(-2), self.q,
                                    None if self.py is None else self.py[:b])
             stats["quantile"] = stats["quantile"].movedim(0, 1)               # (b, Q, *batch, n)
             stats["ess"] = ess_kernel(lw)

@@ -117,9 +117,9 @@ def weighted_quantile_kernel(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) 
     qq = q.to(dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))         # (Q, 1...)
     h = torch.minimum(torch.maximum((nw - 1.0) * qq + 1.0, torch.ones_like(nw)), nw)     # (Q, ...)
     lo, hi = ((h - 1.0) / nw).unsqueeze(-1), (h / nw).unsqueeze(-1)
-    u = torch.maximum(lo, torch.minimum(hi, cum))                                       # (Q, ..., N+1)
-    v = u * nw.unsqueeze(-1) - h.unsqueeze(-1) + 1.0
-    return (xs * torch.diff(v, dim=-1)).sum(-1)
+    u = torch.clamp(cum, min=lo, max=hi)                                                # (Q, ..., N+1)
+    # v_j - v_{j-1} = n_w (u_j - u_{j-1}): the affine map of v cancels in the differences
+    return (xs * torch.diff(u, dim=-1)).sum(-1) * nw
 
 
 def summary_kernel(x: torch.Tensor, log_weight: torch.Tensor, q: torch.Tensor,
