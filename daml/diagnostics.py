@@ -671,21 +671,62 @@ def spread_skill(post: xr.Dataset, truth: xr.DataArray | xr.Dataset, var: str | 
     return np.sqrt(s2m / e2m).rename("spread_skill")
 
 
+def _members_in_memory(post: xr.Dataset) -> bool:
+    """Whether every member variable's values are in memory (not waiting in a lazily opened file)."""
+    return all(getattr(post[k].variable, "_in_memory", True) for k in member_vars(post))
+
+
+def _describe_summary(summary: xr.Dataset) -> str:
+    """The lines of :func:`describe` for a summary Dataset (weighted statistics, no members)."""
+    from .io import _check_summary
+
+    _check_summary(summary, "post")
+    lines = [
+        f"method: {summary.attrs['method']}   seed: {summary.attrs['seed']}   daml {summary.attrs['daml_version']}",
+        f"config: {summary.attrs['config']}",
+        "kind: summary (weighted statistics, no members)",
+        "dims: " + ", ".join(f"{d}={s}" for d, s in summary.sizes.items()),
+        "variables: " + ", ".join(f"{k}{tuple(v.dims)} {v.dtype}" for k, v in summary.data_vars.items()),
+    ]
+    if "ess" in summary.data_vars and summary["ess"].dtype.kind in "fiu" and summary["ess"].size:
+        e = summary["ess"].values
+        if np.isfinite(e).any():
+            lines.append(f"ESS: min {float(np.nanmin(e)):.2f}, mean {float(np.nanmean(e)):.2f}, "
+                         f"max {float(np.nanmax(e)):.2f}")
+    extra = {k: v for k, v in summary.attrs.items()
+             if k not in ("method", "config", "seed", "daml_version", "daml_kind")}
+    for key, value in extra.items():
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
 def describe(post: xr.Dataset) -> str:
-    """A few lines summarising a posterior: structure, method, weights and their degeneracy."""
-    validate(post)
+    """A few lines summarising a posterior: structure, method, weights and their degeneracy.
+
+    A lazily opened file (``daml.io.open_dataset(path, lazy=True)``) is summarised without reading its
+    member variables: only ``log_weight`` (for the ESS and k-hat) is read, and the member values are
+    not checked for NaN. A summary Dataset (``attrs["daml_kind"] == "summary"``) gets its method,
+    dims, variables and, when it has ``ess``, the ESS range.
+    """
+    from .io import _is_summary
+    from .posterior import _validate
+
+    if _is_summary(post):
+        return _describe_summary(post)
+    _validate(post, members=_members_in_memory(post) if isinstance(post, xr.Dataset) else True)
     n = post.sizes[MEMBER]
-    e = ess(post)
+    lw = post[LOG_WEIGHT]
+    e = ess(lw)
     lines = [
         f"method: {post.attrs['method']}   seed: {post.attrs['seed']}   daml {post.attrs['daml_version']}",
         f"config: {post.attrs['config']}",
         "dims: " + ", ".join(f"{d}={s}" for d, s in post.sizes.items()),
         "variables: " + ", ".join(f"{k}{tuple(post[k].dims)} {post[k].dtype}" for k in member_vars(post)),
-        f"weights over {post[LOG_WEIGHT].dims}: ESS min {float(e.min()):.2f}, "
+        f"weights over {lw.dims}: ESS min {float(e.min()):.2f}, "
         f"mean {float(e.mean()):.2f}, max {float(e.max()):.2f} of N = {n}",
     ]
     if n >= 2:
-        k = psis(post).khat
+        k = psis(lw).khat
         thr = pareto_khat_threshold(n)
         finite = np.isfinite(k.values)
         if finite.any():

@@ -1,10 +1,25 @@
-"""Reading and writing posteriors: netCDF (atomic, lossless) and the ArviZ boundary.
+"""Reading and writing posteriors and their summaries: netCDF, strict JSON, PNG, and the ArviZ boundary.
 
-netCDF files are written through h5netcdf to a temporary file in the target folder and then renamed
-over the target (:func:`os.replace`), so an interrupted write never leaves a half-written result and
-an existing file is only replaced by a complete one. No packing or compression is applied: float64
-stays float64 and a round trip through :func:`to_netcdf` and :func:`open_posterior` gives back an
-identical Dataset (values bit for bit, dtypes, coordinates and attributes).
+Every file is written into a temporary file beside its target and renamed over the target
+(:func:`os.replace`) only when complete (:class:`atomic_write_path`), so an interrupted write never
+leaves a half-written result and an existing file is only replaced by a complete one:
+
+* files get the mode ``0o666`` less the process's umask, like any file a program creates (so
+  ``umask 022`` gives ``rw-r--r--``);
+* Ctrl-C (SIGINT) during a write removes the temporary file and raises :class:`KeyboardInterrupt`
+  once the library call returns. (Without this guard, a SIGINT that arrives while h5py writes a large
+  array is delivered as the first Python code runs again, which is often a weakref callback of
+  xarray's lock registry, ``xarray.backends.locks``; Python prints "Exception ignored" there and the
+  program goes on as if nothing happened.) Another handler a program installed is called as usual;
+* a failed rename removes the temporary file;
+* a temporary file is named ``.<target>.daml-tmp.<host>.<pid>.<random><suffix>``; one that a killed
+  process left behind (SIGKILL, power loss) is removed by the next write to the same target on the
+  same host once no process of that id is alive.
+
+netCDF files are written through h5netcdf, losslessly compressed by default (zlib level
+:data:`DEFAULT_COMPRESSION` with the byte shuffle): a round trip through :func:`to_netcdf` and
+:func:`open_posterior` gives back an identical Dataset (values bit for bit, dtypes, coordinates and
+attributes). ``dtype="float32"`` halves the floating data at about 7 significant digits.
 
 ArviZ has no field for sample weights (arviz-devs/arviz#2035): its diagnostics and plots treat
 every draw as equally weighted. :func:`to_arviz` therefore hands ArviZ equal-weight draws by default
@@ -15,9 +30,14 @@ than the weights hold); ``resample=False`` passes the members with the log-weigh
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import tempfile
+import re
+import secrets
+import signal
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +45,139 @@ import numpy as np
 import xarray as xr
 
 from . import _device
-from .errors import DamlError, InputError, check_real
-from .posterior import LOG_WEIGHT, MEMBER, member_vars, validate
+from .errors import DamlError, DtypeError, InputError, PosteriorError, check_int, check_real
+from .posterior import LOG_WEIGHT, MEMBER, REQUIRED_ATTRS, _validate, member_vars, validate
 
-__all__ = ["to_netcdf", "open_posterior", "to_arviz", "arviz_draws", "atomic_write_path", "save_figure"]
+__all__ = ["to_netcdf", "open_posterior", "open_dataset", "write_json", "to_arviz", "arviz_draws",
+           "atomic_write_path", "save_figure"]
 
 _ATTR_TYPES = (str, int, float, np.integer, np.floating, np.ndarray)
+
+DEFAULT_COMPRESSION = 1
+"""zlib level :func:`to_netcdf` uses by default (lossless; see docs/posterior.md for the sizes and times
+that chose it)."""
+
+SUMMARY_KIND = "summary"
+"""``attrs["daml_kind"]`` of a summary Dataset (weighted statistics without members)."""
+
+_TMP_TAG = ".daml-tmp."
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of id ``pid`` exists (on POSIX; elsewhere every pid counts as alive)."""
+    if os.name != "posix" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path, name: str) -> list[Path]:
+    """Remove the temporary files of target ``name`` in ``folder`` left by dead processes of this host."""
+    pattern = re.compile(re.escape(f".{name}{_TMP_TAG}{_host_tag()}.") + r"(\d+)\.[0-9a-f]{16}")
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
 
 
 class atomic_write_path:
     """Context manager giving a temporary path next to ``path``; renamed to ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    The temporary file is created with mode ``0o666`` less the umask (the mode the target keeps), as
+    ``.<name>.daml-tmp.<host>.<pid>.<random><suffix>``; temporary files of the same target that dead
+    processes of this host left behind are removed first. On an exception, or when SIGINT arrives
+    during the block (a :class:`KeyboardInterrupt` that a library swallowed included), the temporary
+    file is removed, ``path`` is left as it was and the exception is raised. A failed rename removes
+    the temporary file too.
     """
 
     def __init__(self, path: str | os.PathLike, suffix: str = ".tmp"):
         self.path = _as_path(path)
+        if not isinstance(suffix, str) or "/" in suffix or os.sep in suffix:
+            raise InputError("suffix", "a file-name suffix (str without a path separator)", repr(suffix))
         self.suffix = suffix
         self.tmp: Path | None = None
+        self._previous: Any = None
+        self._pending: BaseException | None = None
 
     def __enter__(self) -> Path:
         folder = self.path.parent if str(self.path.parent) else Path(".")
         if not folder.is_dir():
             raise InputError("path", "a file in an existing folder", str(self.path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=self.suffix)
+        _remove_stale_temps(folder, self.path.name)
+        prefix = f".{self.path.name}{_TMP_TAG}{_host_tag()}.{os.getpid()}."
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            tmp = folder / f"{prefix}{secrets.token_hex(8)}{self.suffix}"
+            try:
+                fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask (and default ACLs)
+            except FileExistsError:
+                continue
+            break
         os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
+        self.tmp = tmp
+        self._guard_sigint()
+        return tmp
+
+    def _guard_sigint(self) -> None:
+        self._pending = None
+        self._previous = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):  # SIG_IGN, SIG_DFL or a handler set outside Python: left alone
+            return
+
+        def handler(signum, frame):
+            try:
+                previous(signum, frame)
+            except BaseException as exc:
+                if self._pending is None:
+                    self._pending = exc
+                raise
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except (ValueError, OSError):  # not the main interpreter
+            return
+        self._previous = previous
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.tmp is not None
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        pending, self._pending = self._pending, None
+        if exc_type is None and pending is None:
+            try:
+                os.replace(self.tmp, self.path)
+            except BaseException:
+                self.tmp.unlink(missing_ok=True)
+                raise
+            return False
+        self.tmp.unlink(missing_ok=True)
+        if pending is not None and not isinstance(exc, type(pending)):
+            raise pending.with_traceback(None) from exc
         return False
 
 
@@ -94,47 +213,279 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def to_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:
-    """Write a posterior to ``path`` (netCDF4/HDF5 through h5netcdf), atomically.
+def _float32_request(dtype: Any) -> bool:
+    """``True`` for a float32 request, ``False`` for ``None`` (keep every dtype); anything else is refused."""
+    if dtype is None:
+        return False
+    if str(dtype) in ("float32", "torch.float32"):
+        return True
+    try:
+        ok = not isinstance(dtype, (bool, np.bool_)) and np.dtype(dtype) == np.float32
+    except Exception:  # noqa: BLE001 - numpy's refusal of a non-dtype (TypeError, ValueError, ...)
+        ok = False
+    if not ok:
+        raise DtypeError("dtype", "None (keep every dtype) or 'float32' (store floating data as float32)",
+                         repr(dtype))
+    return True
+
+
+def _check_summary(ds: xr.Dataset, where: str = "ds") -> xr.Dataset:
+    """Check a summary Dataset (``attrs["daml_kind"] == "summary"``): no ``member`` dimension, at least
+    one data variable, the attributes a posterior records."""
+    if MEMBER in ds.dims:
+        raise PosteriorError(where, f"a summary (daml_kind {SUMMARY_KIND!r}) without a {MEMBER!r} dimension",
+                             f"dims {dict(ds.sizes)}")
+    if not ds.data_vars:
+        raise PosteriorError(where, "a summary with at least one data variable", "no data variables")
+    for key in REQUIRED_ATTRS:
+        if not isinstance(ds.attrs.get(key), str):
+            raise PosteriorError(f"{where}.attrs", f"a string attribute {key!r}", repr(ds.attrs.get(key)))
+    try:
+        json.loads(ds.attrs["config"])
+    except ValueError as exc:
+        raise PosteriorError(f"{where}.attrs['config']", "a JSON string", repr(ds.attrs["config"])) from exc
+    return ds
+
+
+def _is_summary(ds: xr.Dataset) -> bool:
+    """Whether ``ds`` declares itself a summary (``attrs["daml_kind"] == "summary"``)."""
+    return isinstance(ds, xr.Dataset) and ds.attrs.get("daml_kind") == SUMMARY_KIND
+
+
+def to_netcdf(ds: xr.Dataset, path: str | os.PathLike, *, compression: int | None = DEFAULT_COMPRESSION,
+              dtype: Any = None) -> None:
+    """Write a posterior or a summary to ``path`` (netCDF4/HDF5 through h5netcdf), atomically.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        A posterior (checked with :func:`daml.posterior.validate`).
+        A posterior (checked with :func:`daml.posterior.validate`) or a summary (``attrs["daml_kind"]
+        == "summary"``: no ``member`` dimension, the attributes ``method``, ``config``, ``seed`` and
+        ``daml_version``).
     path : str or path-like
         Target file; its folder must exist. An existing file is replaced only once the new one is
-        complete.
+        complete. The file gets mode ``0o666`` less the umask (see :class:`atomic_write_path`).
+    compression : int or None
+        zlib level 1-9 (lossless, with the HDF5 byte shuffle) of every numeric variable of at least one
+        dimension; ``0`` or ``None``: none. Default :data:`DEFAULT_COMPRESSION`. The values read back are
+        the same at every level; higher levels only trade writing time for size.
+    dtype : None or "float32"
+        ``None`` (default): every variable keeps its dtype, so the round trip is bit for bit.
+        ``"float32"``: the floating data variables other than ``log_weight`` are stored as float32
+        (half the bytes; a relative rounding error of at most ``2**-24``, about 6e-8, and values below
+        about 1.2e-38 in magnitude lose digits or become 0). ``log_weight`` keeps its dtype, so the
+        weights stay normalised to their own precision and ESS and k-hat are those of the original
+        weights; coordinates keep their dtypes. ``attrs["daml_storage"]`` records the conversion.
+
+    Raises
+    ------
+    InputError
+        Naming ``compression``, ``dtype`` (a value too large for float32), ``path`` or an attribute
+        that netCDF cannot store.
+    DtypeError
+        Naming ``dtype`` when it is neither ``None`` nor float32.
+    PosteriorError, NonFiniteError
+        From :func:`daml.posterior.validate` (or the summary check).
     """
-    validate(ds)
+    if compression is None:
+        level = 0
+    else:
+        level = check_int(compression, "compression", minimum=0,
+                          expected="a zlib level 0-9 (int) or None (no compression)")
+        if level > 9:
+            raise InputError("compression", "a zlib level 0-9 (int) or None (no compression)", repr(compression))
+    to_float32 = _float32_request(dtype)
+    if not isinstance(ds, xr.Dataset):
+        raise PosteriorError("ds", "an xarray.Dataset", type(ds).__name__)
+    if _is_summary(ds):
+        _check_summary(ds)
+    else:
+        validate(ds)
     _check_attrs(ds.attrs, "ds.attrs")
     for name, var in ds.variables.items():
         _check_attrs(var.attrs, f"ds[{name!r}].attrs")
+    out = ds.copy(deep=False)
+    for var in out.variables.values():  # settings a lazily opened file carried would override ours
+        var.encoding = {}
+    if to_float32:
+        limit = float(np.finfo(np.float32).max)
+        converted = []
+        for name, var in out.data_vars.items():
+            if name == LOG_WEIGHT or var.dtype != np.float64:
+                continue
+            values = var.values
+            big = max(abs(float(np.nanmax(values))), abs(float(np.nanmin(values)))) if values.size \
+                and not np.isnan(values).all() else 0.0
+            if math.isfinite(big) and big > limit:
+                raise InputError("dtype", f"float32 storage of values within +-{limit:.3e}",
+                                 f"{name!r} holds values up to {big:.3e} in magnitude",
+                                 hint="store this Dataset with dtype=None")
+            out[name] = var.astype(np.float32)
+            converted.append(str(name))
+        if converted:
+            out.attrs["daml_storage"] = ("float32: " + ", ".join(converted) + " rounded from float64 by "
+                                         "daml.io.to_netcdf (relative error <= 2**-24)")
+    encoding = {}
+    if level:
+        for name, var in out.variables.items():
+            if var.ndim >= 1 and var.size > 0 and var.dtype.kind in "fiu" and name not in out.indexes:
+                encoding[name] = {"zlib": True, "complevel": level, "shuffle": True}
     with atomic_write_path(_as_path(path), suffix=".nc.tmp") as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
+        out.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
 
 
-def open_posterior(path: str | os.PathLike) -> xr.Dataset:
-    """Read a posterior written by :func:`to_netcdf` into memory and validate it.
-
-    The file is closed on return (the data are loaded), so it can be overwritten afterwards.
-    """
+def _check_file(path: Any) -> Path:
     p = _as_path(path)
     if p.is_dir():
         raise InputError("path", "an existing netCDF file", f"the folder {str(p)!r}")
     if not p.is_file():
         raise FileNotFoundError(f"path: expected an existing netCDF file, got {str(p)!r}")
+    return p
+
+
+def open_dataset(path: str | os.PathLike, lazy: bool = False) -> xr.Dataset:
+    """Open a file written by :func:`to_netcdf`: a posterior (validated) or a summary (checked).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The netCDF file.
+    lazy : bool
+        ``False`` (default): load every variable and close the file (it can then be overwritten); a
+        posterior is validated as by :func:`open_posterior`. ``True``: open without reading the data
+        (xarray reads a variable when it is first used); the structure, dtypes, attributes and
+        ``log_weight`` are checked, reading only ``log_weight``, so NaN in the member values are found
+        only by :func:`daml.posterior.validate` on the loaded data. The file stays open until
+        ``ds.close()`` (or the end of a ``with`` block).
+
+    Returns
+    -------
+    xarray.Dataset
+        With ``attrs["daml_kind"] == "summary"`` for a summary.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    InputError
+        Naming the file when it is a folder, or not a readable netCDF4/HDF5 file (the reader's error is
+        chained as the cause).
+    PosteriorError, NonFiniteError, DtypeError
+        From :func:`daml.posterior.validate` or the summary check, with the file named.
+    """
+    if not isinstance(lazy, (bool, np.bool_)):
+        raise InputError("lazy", "True or False", repr(lazy))
+    return _open(path, bool(lazy), "a readable netCDF4/HDF5 posterior or summary file")
+
+
+def _open(path: Any, lazy: bool, expected: str) -> xr.Dataset:
+    p = _check_file(path)
     try:
-        ds = xr.load_dataset(p, engine="h5netcdf")
+        ds = xr.open_dataset(p, engine="h5netcdf") if lazy else xr.load_dataset(p, engine="h5netcdf")
     except Exception as exc:  # h5py / h5netcdf / xarray decoding: their message, with the file named
         reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise InputError("path", "a readable netCDF4/HDF5 posterior file", repr(p.name),
+        raise InputError("path", expected, repr(p.name),
                          hint=f"{str(p)!r} cannot be read: {type(exc).__name__}: {reason}") from exc
     for var in ds.variables.values():
         var.encoding.clear()
     try:
-        return validate(ds)
+        if _is_summary(ds):
+            return _check_summary(ds)
+        return _validate(ds, members=not lazy)
     except DamlError as exc:  # the same error type, with the file named in the argument
+        ds.close()
         raise type(exc)(f"{exc.argument} in {str(p)!r}", exc.expected, exc.got, exc.hint) from exc
+    except BaseException:
+        ds.close()
+        raise
+
+
+def open_posterior(path: str | os.PathLike) -> xr.Dataset:
+    """Read a posterior written by :func:`to_netcdf` into memory and validate it.
+
+    The file is closed on return (the data are loaded), so it can be overwritten afterwards. A summary
+    file (no members) is refused with a :class:`~daml.errors.PosteriorError`; :func:`open_dataset`
+    opens both.
+    """
+    ds = _open(path, False, "a readable netCDF4/HDF5 posterior file")
+    if _is_summary(ds):
+        raise PosteriorError("path", "a posterior file (members and log_weight)",
+                             f"the summary file {str(_as_path(path))!r} (daml_kind {SUMMARY_KIND!r})",
+                             hint="open it with daml.io.open_dataset")
+    return ds
+
+
+def _strict_json(obj: Any, where: str, seen: set[int]) -> Any:
+    """A copy of ``obj`` that :func:`json.dumps` writes as strict JSON: NaN and infinities become None,
+    numpy scalars and arrays Python numbers and lists; anything else is refused naming its place."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf":
+            raise InputError(where, "JSON-serialisable data (a numeric or boolean array)",
+                             f"an array of dtype {obj.dtype}")
+        return _strict_json(obj.tolist(), where, seen)
+    if isinstance(obj, (dict, list, tuple)):
+        if id(obj) in seen:
+            raise InputError(where, "JSON-serialisable data without cycles", "a container that holds itself")
+        seen.add(id(obj))
+        try:
+            if isinstance(obj, dict):
+                out = {}
+                for key, value in obj.items():
+                    if isinstance(key, (np.integer, np.bool_)) or isinstance(key, (int, bool)):
+                        key = str(int(key)) if not isinstance(key, (bool, np.bool_)) else str(bool(key)).lower()
+                    if not isinstance(key, str):
+                        raise InputError(where, "a dict with str (or int) keys", f"the key {key!r}")
+                    out[key] = _strict_json(value, f"{where}[{key!r}]", seen)
+                return out
+            return [_strict_json(v, f"{where}[{i}]", seen) for i, v in enumerate(obj)]
+        finally:
+            seen.discard(id(obj))
+    raise InputError(where, "JSON-serialisable data (dict, list, str, int, float, bool, None, numpy numbers "
+                            "and arrays)", f"{type(obj).__name__} {repr(obj)[:60]}")
+
+
+def write_json(obj: Any, path: str | os.PathLike, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (RFC 8259), atomically, and return the path.
+
+    NaN and infinities (Python or numpy, at any depth) become ``null``, numpy scalars and arrays become
+    numbers and lists, tuples lists, int dict keys strings, so every JSON reader accepts the file (Python's
+    :func:`json.dumps` would write the non-standard tokens ``NaN`` and ``Infinity``). The file is written
+    as UTF-8 through :class:`atomic_write_path` (mode ``0o666`` less the umask).
+
+    Parameters
+    ----------
+    obj : dict, list, str, number, bool or None
+        The data; containers may nest.
+    path : str or path-like
+        Target file; its folder must exist.
+    indent : int or None
+        Indentation, 0 to 16 spaces (``None``: one line).
+
+    Raises
+    ------
+    InputError
+        Naming the place in ``obj`` (for example ``obj['scores'][2]``) of a value JSON cannot hold, or
+        ``path`` / ``indent``.
+    """
+    target = _as_path(path)
+    if indent is not None:
+        indent = check_int(indent, "indent", minimum=0, expected="an int from 0 to 16 or None")
+        if indent > 16:
+            raise InputError("indent", "an int from 0 to 16 or None", repr(indent))
+    text = json.dumps(_strict_json(obj, "obj", set()), indent=indent, allow_nan=False, ensure_ascii=False)
+    with atomic_write_path(target, suffix=".json.tmp") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return target
 
 
 def _as_path(path: Any) -> Path:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import MappingProxyType
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -71,6 +72,18 @@ LOG_WEIGHT = "log_weight"
 REQUIRED_ATTRS = ("method", "config", "seed", "daml_version")
 
 _DEFAULT_DIMS = {1: (MEMBER,), 2: (MEMBER, "variable")}
+
+LOG_WEIGHT_ATTRS = MappingProxyType({
+    "long_name": "natural logarithm of the normalised weight of each member",
+    "units": "1",
+    "description": "log_weight = log(w): the weights w = exp(log_weight) are >= 0 and sum to 1 over the "
+                   "'member' dimension at every other index (equal weights store -log N). The members are a "
+                   "weighted sample: means, variances and quantiles must use w.",
+    "how_to_weight": "ds.weighted(np.exp(ds.log_weight)).mean('member'); never ds.weighted(ds.log_weight) "
+                     "(log-weights are negative: xarray would give wrong answers without an error)",
+})
+"""Attributes of every ``log_weight`` daml builds, for users of plain xarray (who would otherwise pass the
+log-weights themselves to :meth:`xarray.Dataset.weighted`). :func:`validate` does not require them."""
 
 
 def normalise_log_weight(log_weight: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -235,7 +248,7 @@ def from_members(
                              w_dims, hint=f"{key!r} lacks {missing}")
 
     data_vars = {k: (var_dims[k], _device.to_numpy(t)) for k, t in tensors.items()}
-    data_vars[LOG_WEIGHT] = (w_dims, _device.to_numpy(lw))
+    data_vars[LOG_WEIGHT] = (w_dims, _device.to_numpy(lw), dict(LOG_WEIGHT_ATTRS))
     all_coords = {MEMBER: np.arange(n)}
     all_coords.update(coords or {})
     ds = xr.Dataset(data_vars, coords=all_coords)
@@ -338,6 +351,9 @@ def _all_finite(values: Any) -> bool:
 def validate(ds: Any) -> xr.Dataset:
     """Check that ``ds`` is a posterior; return it unchanged.
 
+    Every value is read, so a lazily opened file (``daml.io.open_dataset(path, lazy=True)``) is loaded
+    by it; that function checks such a file without reading its member variables.
+
     Raises
     ------
     PosteriorError
@@ -348,6 +364,13 @@ def validate(ds: Any) -> xr.Dataset:
     DtypeError
         When log-weights or members are not real floating numbers.
     """
+    return _validate(ds)
+
+
+def _validate(ds: Any, members: bool = True) -> xr.Dataset:
+    """:func:`validate`; with ``members=False`` every check but the finiteness of the member values
+    (their dims and dtypes are still checked), so that only ``log_weight`` is read: the check of a
+    lazily opened file."""
     if not isinstance(ds, xr.Dataset):
         raise PosteriorError("ds", "an xarray.Dataset", type(ds).__name__)
     if MEMBER not in ds.dims:
@@ -391,8 +414,9 @@ def validate(ds: Any) -> xr.Dataset:
         if var.dtype.kind not in "fiu" or (var.dtype.kind == "f" and var.dtype.itemsize < 4):
             raise DtypeError(key, "real numeric members (float32, float64 or integers)", f"dtype {var.dtype}",
                              hint="cast half precision with .astype('float32')" if var.dtype.kind == "f" else None)
-        if var.dtype.kind == "f" and not _all_finite(var.values):
-            raise NonFiniteError(key, "finite members", f"{int((~np.isfinite(var.values)).sum())} NaN or infinite entries")
+        if members and var.dtype.kind == "f" and not _all_finite(var.values):
+            raise NonFiniteError(key, "finite members",
+                                 f"{int((~np.isfinite(var.values)).sum())} NaN or infinite entries")
     for key in REQUIRED_ATTRS:
         if not isinstance(ds.attrs.get(key), str):
             raise PosteriorError("ds.attrs", f"a string attribute {key!r}", repr(ds.attrs.get(key)))
@@ -545,8 +569,8 @@ class PosteriorAccessor:
             index = ancestors.reshape(*ancestors.shape, *([1] * len(rest)))
             gathered = torch.take_along_dim(values, index, dim=len(batch))
             out[key] = xr.Variable((*order, *rest), gathered.numpy()).transpose(*var.dims)
-        out[LOG_WEIGHT] = xr.Variable(order, np.full(ancestors.shape, -math.log(n_out), dtype=lw.dtype)
-                                      ).transpose(*lw.dims)
+        out[LOG_WEIGHT] = xr.Variable(order, np.full(ancestors.shape, -math.log(n_out), dtype=lw.dtype),
+                                      attrs=dict(LOG_WEIGHT_ATTRS)).transpose(*lw.dims)
         coords = {k: c for k, c in ds.coords.items() if MEMBER not in c.dims}
         coords[MEMBER] = np.arange(n_out)
         coords["ancestor"] = xr.Variable(order, ancestors.numpy()).transpose(*lw.dims)
@@ -555,11 +579,12 @@ class PosteriorAccessor:
         return validate(res)
 
     # -- export --------------------------------------------------------------------------------------
-    def to_netcdf(self, path) -> None:
-        """Write atomically to netCDF4/HDF5 (see :func:`daml.io.to_netcdf`)."""
+    def to_netcdf(self, path, **options: Any) -> None:
+        """Write atomically to netCDF4/HDF5, losslessly compressed by default; ``options`` (``compression=``,
+        ``dtype=``) are those of :func:`daml.io.to_netcdf`."""
         from .io import to_netcdf
 
-        to_netcdf(self._ds, path)
+        to_netcdf(self._ds, path, **options)
 
     def to_arviz(self, resample: bool = True, seed: _device.Seed = None, method: str = "systematic",
                  n: int | None = None):
