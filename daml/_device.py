@@ -27,9 +27,10 @@ core burns the very core the partner needs. Measured on a 2-core machine with ot
 
 So daml's loops run small problems on one thread, inside :func:`auto_threads`:
 
-* ``work`` is the number of elements of the largest array one operation of the loop handles
-  (for a filter, experiments x members x max(variables, members); for training, members x the
-  larger of the parameter count and batch size x widest layer).
+* ``work`` is the number of elements of the largest array one operation of the loop handles:
+  for a filter, experiments x members x max(variables, members) (:func:`ensemble_work`); for
+  training, members x the larger of the parameter count and batch size x widest layer
+  (:func:`network_work`).
 * ``work < SMALL_WORK`` (32768 elements, torch's own grain size: the smallest elementwise
   operation it splits between threads at all) runs the block on one thread; otherwise the
   caller's setting stands.
@@ -75,6 +76,8 @@ __all__ = [
     "threads",
     "auto_threads",
     "choose_threads",
+    "ensemble_work",
+    "network_work",
     "SMALL_WORK",
 ]
 
@@ -468,6 +471,29 @@ def choose_threads(work: Any, threads: Any = None) -> int | None:
     if forced is not None:
         return forced
     return 1 if work < SMALL_WORK else None
+
+
+def ensemble_work(shape: Sequence[int]) -> int:
+    """Elements per operation of a filter's cycle on members of ``shape`` ``(*batch, N, n)``:
+    ``prod(batch) * N * max(n, N)`` (the members, or the ``N x N`` transforms of every experiment,
+    whichever is larger). A 1-d ``shape`` ``(n,)`` is one member."""
+    dims = [int(v) for v in shape]
+    if not dims:
+        return 1
+    n = dims[-1]
+    members = dims[-2] if len(dims) >= 2 else 1
+    batch = int(np.prod(dims[:-2])) if len(dims) > 2 else 1
+    return batch * members * max(n, members)
+
+
+def network_work(module: Any, members: int, batch_size: int) -> int:
+    """Elements per operation of training ``members`` copies of ``module`` on batches of ``batch_size``:
+    ``members * max(parameters, batch_size * widest layer)`` (the widest layer is the largest leading
+    size of a parameter, e.g. a linear layer's output width)."""
+    params = [p for p in module.parameters()]
+    count = sum(int(p.numel()) for p in params)
+    widest = max((int(p.shape[0]) for p in params if p.ndim >= 1), default=1)
+    return int(members) * max(count, int(batch_size) * widest)
 
 
 @contextlib.contextmanager

@@ -149,3 +149,17 @@ def test_results_do_not_depend_on_the_block():
     with _device.auto_threads(a.numel()):
         inside = torch.linalg.eigh(a.T @ a).eigenvalues
     assert torch.allclose(inside, outside, rtol=1e-12, atol=1e-9)
+
+
+def test_work_measures_of_filters_and_training():
+    assert _device.ensemble_work((24, 40)) == 24 * 40                   # one L96-40 ETKF, N = 24
+    assert _device.ensemble_work((100, 24, 40)) == 100 * 24 * 40        # 100 experiments batched
+    assert _device.ensemble_work((3, 2, 100, 40)) == 6 * 100 * 100      # the N x N transforms dominate
+    assert _device.ensemble_work((40,)) == 40
+    assert _device.choose_threads(_device.ensemble_work((24, 40))) == 1
+    assert _device.choose_threads(_device.ensemble_work((1000, 40))) is None
+    net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+    n_params = 20 + 20 + 20 + 1
+    assert _device.network_work(net, 5, 32) == 5 * max(n_params, 32 * 20)
+    big = torch.nn.Linear(300, 200)
+    assert _device.network_work(big, 2, 8) == 2 * (300 * 200 + 200)
