@@ -152,6 +152,24 @@ def test_summary_round_trips_and_only_open_dataset_opens_it(rng, tmp_path):
     _bit_identical(post, io.open_dataset(tmp_path / "p.nc"))
 
 
+def test_the_summary_of_filters_run_round_trips_and_is_described(tmp_path):
+    from daml import filters, models
+
+    model = models.Lorenz96(n=8, forcing=8.0, dt=0.05)
+    data = daml.simulate(model, 6, models.observe_all(8, sd=1.0), x0=model.default_x0(), x0_cov=0.01,
+                         experiments=2, seed=0)
+    summary = filters.run(filters.make_filter("bootstrap", members=30), model, data, seed=1, progress=False,
+                          keep="summary").analysis
+    assert summary.attrs["daml_kind"] == "summary"
+    io.to_netcdf(summary, tmp_path / "s.nc")
+    back = io.open_dataset(tmp_path / "s.nc")
+    _bit_identical(summary, back)
+    with io.open_dataset(tmp_path / "s.nc", lazy=True) as lazy:
+        text = diagnostics.describe(lazy)
+    assert text == diagnostics.describe(summary) and "method: bootstrap" in text
+    assert f"mean {float(summary['ess'].mean()):.2f}" in text
+
+
 def test_bad_summaries_are_refused(rng, tmp_path):
     with_members = _summary(rng).expand_dims(member=2)
     with pytest.raises(PosteriorError, match="ds: expected a summary .* without a 'member' dimension"):
