@@ -18,13 +18,21 @@ from typing import Any, Sequence
 
 from .. import _device
 from ..errors import check_int
-from .training import Ensemble, check_data, fit, mlp
+from .training import DEFAULT_ACTIVATION, Ensemble, check_data, fit, mlp
 
 
-def deep_ensemble(x: Any, y: Any, *, members: int = 5, hidden: int | Sequence[int] = 50, activation: str = "relu",
+def deep_ensemble(x: Any, y: Any, *, members: int = 5, hidden: int | Sequence[int] = 50,
+                  activation: str = DEFAULT_ACTIVATION,
                   seed: _device.Seed = None, **fit_kw: Any) -> Ensemble:
     """A deep ensemble of MLPs with mean and variance heads (module docs); ``fit_kw`` go to
-    :func:`~daml.ensembles.fit` (epochs, batch_size, lr, device, ...)."""
+    :func:`~daml.ensembles.fit` (epochs, batch_size, lr, device, ...). ``activation`` is that of
+    :func:`~daml.ensembles.mlp` (default ``"tanh"``; ``"relu"`` until issue 26).
+
+    The members are unanchored and trained by Adam alone (no polish for the heteroscedastic likelihood),
+    and their cost need not have a minimum (a variance head can keep shrinking on the training points):
+    they usually stop at the ``epochs`` cap with a :class:`~daml.errors.ConvergenceWarning`. That is the
+    baseline as published; weigh them with ``estimator="laplace"`` knowing that their weights are marked
+    untrusted."""
     xt, yt = check_data(x, y)
     module = mlp(xt.shape[1], hidden, outputs=2, activation=activation)
     return fit(module, xt, yt, members=check_int(members, "members"), likelihood="heteroscedastic",
@@ -32,9 +40,10 @@ def deep_ensemble(x: Any, y: Any, *, members: int = 5, hidden: int | Sequence[in
 
 
 def mc_dropout(x: Any, y: Any, *, noise_sd: float, dropout: float = 0.05, hidden: int | Sequence[int] = 50,
-               activation: str = "relu", seed: _device.Seed = None, **fit_kw: Any) -> Ensemble:
+               activation: str = DEFAULT_ACTIVATION, seed: _device.Seed = None, **fit_kw: Any) -> Ensemble:
     """One MLP with dropout rate ``dropout`` trained on the Gaussian likelihood with noise ``noise_sd``
-    and the Gaussian prior as weight decay (module docs); predict with ``dropout_passes=T``."""
+    and the Gaussian prior as weight decay (module docs); predict with ``dropout_passes=T``.
+    ``activation`` is that of :func:`~daml.ensembles.mlp` (default ``"tanh"``; ``"relu"`` until issue 26)."""
     xt, yt = check_data(x, y)
     module = mlp(xt.shape[1], hidden, outputs=1, activation=activation, dropout=dropout)
     return fit(module, xt, yt, members=1, noise_sd=noise_sd, anchor=True, perturb_targets=False, seed=seed,
