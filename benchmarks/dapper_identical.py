@@ -16,7 +16,9 @@ How:
    observations ``yy (E, Ko + 1, p)`` in DAPPER's layout, and the setup, which the DAPPER side checks
    against its own ``HMM``) and ``benchmarks/_dapper_identical_side.py`` is run on it with DAPPER's
    interpreter (a separate environment: DAPPER is never a dependency of daml). DAPPER filters each
-   truth with ``xp.assimilate(HMM, xx, yy)`` and scores it with its own statistics and burn-in.
+   truth with ``xp.assimilate(HMM, xx, yy)`` and scores it with its own statistics and burn-in
+   (default statistics, numpy's BLAS on one thread as DAPPER ships; it runs while daml filters, so
+   the table reports CPU seconds per run, not wall time).
 3. daml filters the same Dataset with :func:`daml.filters.run` and scores it as DAPPER does: rmse.a
    is the mean over analysis times after the burn-in of the spatial RMS error of the weighted
    ensemble mean (:func:`daml.diagnostics.rmse`).
@@ -42,6 +44,7 @@ Usage (from the repository root; OMP_NUM_THREADS=1 on a shared machine)::
     python benchmarks/dapper_identical.py --config l96-40 --methods enkf24 --seeds 11 12 13
     python benchmarks/dapper_identical.py --config l96-40 --methods pf3000 --truths 0 --seeds 11
     python benchmarks/dapper_identical.py --quick     # 100 cycles: a smoke test, writes only -quick.json
+    python benchmarks/dapper_identical.py --render    # the table again, from the stored runs
 
 Each invocation merges its (config, method) entries into ``benchmarks/results/dapper_identical.json``
 and prints the markdown table of everything in it. It does not edit ``docs/benchmarks.md``.
@@ -92,6 +95,7 @@ PAIRS: dict[str, dict[str, Any]] = {
 }
 
 Z_NOISE = 2.0
+LOST = 1.0          # rmse.a above this: the run lost the truth (climatology is about 3.6)
 
 
 def burn_in_for(steps: int, dt: float, burn_in: float = 20.0) -> float:
@@ -158,18 +162,25 @@ def dapper_python(arg: str | None) -> str | None:
     return None
 
 
-def run_dapper(python: str, npz: Path, methods: list[str], seeds: list[int], truths: list[int]) -> dict[str, Any]:
+def start_dapper(python: str, npz: Path, methods: list[str], seeds: list[int], truths: list[int]):
+    """Start the DAPPER side (one BLAS thread, as DAPPER ships); :func:`finish_dapper` collects it."""
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[key] = "1"
     env.setdefault("MPLBACKEND", "Agg")
     cmd = [python, str(SIDE), str(npz), "--methods", *methods, "--seeds", *map(str, seeds),
            "--truths", *map(str, truths)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(_report.ROOT))
-    sys.stderr.write(proc.stderr[-4000:])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(_report.ROOT))
+    return proc, cmd
+
+
+def finish_dapper(proc, cmd) -> dict[str, Any]:
+    stdout, stderr = proc.communicate()
+    sys.stderr.write(stderr[-4000:])
     if proc.returncode != 0:
-        raise RuntimeError(f"DAPPER side failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        raise RuntimeError(f"DAPPER side failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
 def run_daml(key: str, model, data, seeds: list[int], truths: list[int], burn_in: float) -> list[dict[str, Any]]:
@@ -184,16 +195,17 @@ def run_daml(key: str, model, data, seeds: list[int], truths: list[int], burn_in
     for seed in seeds:
         for group in groups:
             part = data.isel(experiment=group)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = filters.run(filt, model, part, seed=seed, progress=False)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             post = res.analysis
             keep = post.sel(time=post["time"] > burn_in)
             rmse = diagnostics.rmse(keep, part["truth"], dim="variable").mean("time")
             rmv = diagnostics.spread(keep, dim="variable").mean("time")
             for i, e in enumerate(group):
                 out.append({"method": key, "truth": int(e), "seed": seed, "rmse_a": float(rmse.values[i]),
-                            "rmv_a": float(rmv.values[i]), "wall_s": wall / len(group), "loop_s": res.seconds / len(group)})
+                            "rmv_a": float(rmv.values[i]), "wall_s": wall / len(group), "cpu_s": cpu / len(group),
+                            "loop_s": res.seconds / len(group)})
                 print(f"daml {key} truth {e} seed {seed}: rmse.a {out[-1]['rmse_a']:.4f} ({wall / len(group):.1f} s)",
                       file=sys.stderr, flush=True)
             del res, post, keep
@@ -215,7 +227,8 @@ def compare(daml_runs: list[dict], dapper_runs: list[dict], key: str, truths: li
         mb, sb = _mean_sd(b)
         se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)) if len(a) > 1 and len(b) > 1 else math.nan
         diff = ma - mb
-        rows.append({"truth": e, "daml": a, "dapper": b, "daml_mean": ma, "daml_sd": sa, "dapper_mean": mb,
+        rows.append({"truth": e, "daml": a, "dapper": b, "daml_lost": sum(v > LOST for v in a),
+                     "dapper_lost": sum(v > LOST for v in b), "daml_mean": ma, "daml_sd": sa, "dapper_mean": mb,
                      "dapper_sd": sb, "diff": diff, "se": se, "z": diff / se if se and se > 0 else math.nan,
                      "dapper_prec": [r.get("rmse_a_prec") for r in dapper_runs
                                      if r["method"] == key and r["truth"] == e],
@@ -246,14 +259,20 @@ def run(config: str, methods: list[str], seeds: list[int], truths: list[int] | N
     entries = {}
     with tempfile.TemporaryDirectory() as tmp:
         npz = write_npz(keep_npz or Path(tmp) / "twin.npz", arrays)
-        dapper = None
-        if python is not None:
-            t0 = time.perf_counter()
-            dapper = run_dapper(python, npz, methods, seeds, truths)
-            print(f"DAPPER side: {time.perf_counter() - t0:.0f} s; truth vs DAPPER's model, max |diff| "
-                  f"{dapper['truth_vs_dapper_model_max_abs']:.2e}", file=sys.stderr, flush=True)
+        # DAPPER runs in its own process while daml filters here (each on one thread)
+        started = start_dapper(python, npz, methods, seeds, truths) if python is not None else None
+        try:
+            daml_runs_all = {key: run_daml(key, model, data, seeds, truths, float(exp.burn_in)) for key in methods}
+        except BaseException:
+            if started is not None:
+                started[0].kill()
+            raise
+        dapper = finish_dapper(*started) if started is not None else None
+    if dapper is not None:
+        print(f"truth vs DAPPER's model, max |diff| {dapper['truth_vs_dapper_model_max_abs']:.2e}",
+              file=sys.stderr, flush=True)
     for key in methods:
-        daml_runs = run_daml(key, model, data, seeds, truths, float(exp.burn_in))
+        daml_runs = daml_runs_all[key]
         name, params = PAIRS[key]["daml"]
         entry = {"config": config, "label": CONFIGS[config]["label"], "method": key,
                  "daml_call": f"filters.make_filter({name!r}, " + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")",
@@ -261,11 +280,13 @@ def run(config: str, methods: list[str], seeds: list[int], truths: list[int] | N
                  "dapper_call": PAIRS[key]["dapper"], "scored": PAIRS[key]["scored"],
                  "cycles": exp.steps, "burn_in": exp.burn_in, "truth_seed": exp.seed, "truths": truths,
                  "filter_seeds": seeds, "daml_runs": daml_runs,
-                 "daml_wall_s_per_run": statistics.median(r["wall_s"] for r in daml_runs)}
+                 "daml_wall_s_per_run": statistics.median(r["wall_s"] for r in daml_runs),
+                 "daml_cpu_s_per_run": statistics.median(r["cpu_s"] for r in daml_runs)}
         if dapper is not None:
             dr = [r for r in dapper["runs"] if r["method"] == key]
             entry.update({"dapper_runs": dr, "dapper_version": dapper["dapper_version"],
                           "dapper_wall_s_per_run": statistics.median(r["wall_s"] for r in dr),
+                          "dapper_cpu_s_per_run": statistics.median(r["cpu_s"] for r in dr),
                           "truth_vs_dapper_model_max_abs": dapper["truth_vs_dapper_model_max_abs"],
                           "obs_residual_variance": dapper["obs_residual_variance"],
                           "dapper_analyses_after_burn_in": dapper["analyses_after_burn_in"],
@@ -278,6 +299,13 @@ def _f(x: Any, d: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{d}f}"
 
 
+def _timing(e: dict[str, Any]) -> str:
+    """CPU seconds per filter run (one truth, one seed), daml / DAPPER (wall where CPU was not recorded)."""
+    a = e.get("daml_cpu_s_per_run", e["daml_wall_s_per_run"])
+    b = e.get("dapper_cpu_s_per_run", e.get("dapper_wall_s_per_run"))
+    return f"{a:.1f} / {_f(b, 1)}"
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["### daml and DAPPER on identical truths (bocquet2010, bocquet2010_m40)", "",
              _report.machine_line(res["machine"]), "",
@@ -288,11 +316,13 @@ def markdown(res: dict[str, Any]) -> str:
              "filter seeds per truth in each library. Per truth: the mean rmse.a over the seeds (sd in "
              "brackets), the difference daml - DAPPER, its standard error sqrt(s_daml^2/R + s_DAPPER^2/R) "
              "and z = difference / s.e. (|z| < 2: within Monte Carlo noise; with R = 3-4 seeds the s.e. "
-             "is rough). Particle filters are scored before the resampling and jitter in both.", ""]
+             "is rough). Lost: runs (daml / DAPPER) with rmse.a > 1, where the filter lost the truth (they "
+             "dominate the mean and sd of their truth). Particle filters are scored before the resampling and "
+             "jitter in both. CPU s: median per run (one truth, one filter seed).", ""]
     cmds = sorted({e["command"] for e in res["entries"].values()})
     lines += ["Commands:", ""] + [f"    {c}" for c in cmds] + [""]
-    lines += ["| config | daml | DAPPER | scored | truth | seeds | daml rmse.a | DAPPER rmse.a | diff | s.e. | z | s per run daml / DAPPER |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| config | daml | DAPPER | scored | truth | seeds | daml rmse.a | DAPPER rmse.a | diff | s.e. | z | lost | CPU s per run, daml / DAPPER |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(res["entries"]):
         e = res["entries"][key]
         if "rows" not in e:
@@ -300,13 +330,23 @@ def markdown(res: dict[str, Any]) -> str:
         for i, r in enumerate(e["rows"]):
             head = (f"{e['label']} | `{e['daml_call'].replace('filters.make_filter', 'make_filter')}` | "
                     f"`{e['dapper_call']}` | {e['scored']}") if i == 0 else " | | | "
-            timing = f"{e['daml_wall_s_per_run']:.0f} / {e['dapper_wall_s_per_run']:.0f}" if i == 0 else ""
+            timing = _timing(e) if i == 0 else ""
             lines.append(f"| {head} | {r['truth']} | {len(r['daml'])} / {len(r['dapper'])} | "
                          f"{_f(r['daml_mean'])} ({_f(r['daml_sd'])}) | {_f(r['dapper_mean'])} ({_f(r['dapper_sd'])}) | "
-                         f"{r['diff']:+.3f} | {_f(r['se'])} | {_f(r['z'], 1)} | {timing} |")
+                         f"{r['diff']:+.3f} | {_f(r['se'])} | {_f(r['z'], 1)} | "
+                         f"{r.get('daml_lost', '–')} / {r.get('dapper_lost', '–')} | {timing} |")
         if len(e["rows"]) > 1:
             lines.append(f"| | | | | mean over truths | | | | {e['mean_diff']:+.3f} | {_f(e['se_mean_diff'])} | "
-                         f"{_f(e['z_mean_diff'], 1)} | |")
+                         f"{_f(e['z_mean_diff'], 1)} | | |")
+    spreads = []
+    for key in sorted(res["entries"]):
+        e = res["entries"][key]
+        a = [r["rmv_a"] for r in e.get("daml_runs", []) if r.get("rmv_a") is not None]
+        b = [r["rmv_a"] for r in e.get("dapper_runs", []) if r.get("rmv_a") is not None]
+        if a and b:
+            spreads.append(f"{e['label']} {e['method']} {statistics.median(a):.3f} / {statistics.median(b):.3f}")
+    if spreads:
+        lines += ["", "rmv.a (spread), median over all runs, daml / DAPPER: " + "; ".join(spreads) + "."]
     checks = [e for e in res["entries"].values() if "truth_vs_dapper_model_max_abs" in e]
     if checks:
         dev = max(e["truth_vs_dapper_model_max_abs"] for e in checks)
@@ -327,8 +367,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep-npz", default=None, help="also keep the .npz handed to DAPPER at this path")
     parser.add_argument("--quick", action="store_true", help="100 cycles, pf100 and enkf24 on L96-10, 2 seeds")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: recompute the comparison from the stored runs and print the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render:
+        path = _report.RESULTS / "dapper_identical.json"
+        res = json.loads(path.read_text())
+        for entry in res["entries"].values():
+            if "dapper_runs" in entry:
+                entry.update(compare(entry["daml_runs"], entry["dapper_runs"], entry["method"], entry["truths"]))
+        print(markdown(res))
+        return res
     if args.quick:
         args.config, args.cycles, args.methods, args.seeds = "l96-10", 100, ["pf100", "enkf24"], [11, 12]
     methods = args.methods or (["pf100", "pf800", "enkf24"] if args.config == "l96-10" else ["enkf24"])
@@ -342,16 +392,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = _report.command_line()
     name = "dapper_identical-quick" if args.quick else "dapper_identical"
     path = _report.RESULTS / f"{name}.json"
-    res = json.loads(path.read_text()) if path.exists() else {"entries": {}}
-    res["machine"] = _report.machine_info()
-    res["daml_commit"] = _report.git_commit()
-    for key, entry in entries.items():
-        entry["command"] = command
-        entry["daml_commit"] = res["daml_commit"]
-        res["entries"][f"{args.config}/{key}"] = entry
-        if "dapper_version" in entry:
-            res["dapper_version"] = entry["dapper_version"]
-    _report.write_json(name, res)
+    with _report._locked(path):           # several invocations may merge into the same file
+        res = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+        res["machine"] = _report.machine_info()
+        res["daml_commit"] = _report.git_commit()
+        for key, entry in entries.items():
+            entry["command"] = command
+            entry["daml_commit"] = res["daml_commit"]
+            entry["machine"] = res["machine"]
+            res["entries"][f"{args.config}/{key}"] = entry
+            if "dapper_version" in entry:
+                res["dapper_version"] = entry["dapper_version"]
+        _report.write_json(name, res)
     print(markdown(res))
     return res
 
