@@ -189,7 +189,7 @@ def _describe_file(path: Path) -> str:
 def _describe_summary(ds: xr.Dataset) -> str:
     """A few lines on a summary file (``keep = "summary"``): no members, their statistics."""
     lines = [f"summary of a posterior (no members): method {ds.attrs.get('method', '?')}, "
-             f"{ds.attrs.get('members', '?')} members, every {ds.attrs.get('thin', 1)}-th analysis",
+             f"{ds.attrs.get('members', '?')} members, one analysis in {ds.attrs.get('thin', 1)} recorded",
              f"config: {ds.attrs.get('config', '')}",
              "dims: " + ", ".join(f"{d}={s}" for d, s in ds.sizes.items()),
              "variables: " + ", ".join(f"{k}{tuple(ds[k].dims)} {ds[k].dtype}" for k in ds.data_vars)]

@@ -356,7 +356,7 @@ def test_default_run_files_stay_under_100_mb(tmp_path):
 
 
 @pytest.mark.skipif(not SUMMARIES, reason="filters.run records summaries in a later commit")
-def test_summary_recording_gives_the_scores_of_member_recording(tmp_path):
+def test_summary_recording_gives_the_scores_of_member_recording(tmp_path, capsys):
     text = TINY + '[[methods]]\nname = "bootstrap"\nmembers = 50\n'      # weighted members too
     scores = {}
     for keep in ("members", "summary"):
@@ -380,6 +380,10 @@ def test_summary_recording_gives_the_scores_of_member_recording(tmp_path):
 
     with xr.open_dataset(summary_file, engine="h5netcdf") as ds:
         assert "member" not in ds.dims and ds.attrs["daml_kind"] == "summary"
+    capsys.readouterr()
+    assert cli.main(["info", str(summary_file)]) == 0                   # daml info reads summaries too
+    text = capsys.readouterr().out
+    assert "summary of a posterior (no members): method etkf, 8 members" in text and "ESS min 8.00" in text
 
 
 def test_rank_counts_bin_the_pit_as_the_rank_histogram_does():
