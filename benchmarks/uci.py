@@ -3,14 +3,15 @@
 For each data set in ``../shared/data/uci`` (or ``--data``) and each of its train/test splits (20;
 protein 5): inputs and targets normalised on the training split (inside :func:`daml.ensembles.fit`),
 one hidden layer of 50 units (100 for protein), M = 5, Adam with batch size 32 and learning rate 0.01.
-Since issue 26 every network uses the activation of :func:`daml.ensembles.mlp` (``tanh``; ``--activation``),
-and the RML ensemble and the noise estimate use :func:`daml.ensembles.fit`'s training to its tolerance, with
-its cap (2000 epochs, ``--rml-epochs``) and its Levenberg-Marquardt polish. The two baselines keep the
-published budget of 40 epochs (``--epochs``): the deep ensemble's unanchored heteroscedastic members do not
-converge within any cap (docs/ensembles.md), and 2000 epochs of them would multiply the run time by about
-50. ``--activation relu --rml-epochs 40`` gives the runs before issue 26 (ReLU members stall at kinks and are
-reported unconverged with a ``ConvergenceWarning``). The number of unconverged members of each ensemble is
-stored per split (``weights.unconverged_*``).
+Since issue 26 the RML ensemble and the noise estimate use daml's defaults: the activation of
+:func:`daml.ensembles.mlp` (``tanh``; ``--activation``) and :func:`daml.ensembles.fit`'s training to its
+tolerance, with its cap (2000 epochs, ``--rml-epochs``) and its Levenberg-Marquardt polish. The two baselines
+keep the published setting, ReLU (``--baseline-activation``) and 40 epochs (``--epochs``): the deep
+ensemble's unanchored heteroscedastic members do not converge within any cap (docs/ensembles.md), 2000
+epochs of them would multiply the run time by about 50, and tanh baselines at 40 epochs fit badly (yacht,
+split 0: deep-ensemble RMSE 8.3 against 1.1 with ReLU). ``--activation relu --rml-epochs 40`` gives the runs
+before issue 26 (ReLU members stall at kinks and are reported unconverged with a ``ConvergenceWarning``).
+The number of unconverged members of each ensemble is stored per split (``weights.unconverged_*``).
 Seven columns, all in daml's API:
 
 * ``deep_ensemble``: mean and variance heads, Gaussian NLL, uniform Gaussian mixture;
@@ -30,7 +31,7 @@ splits, original units), with the published deep-ensemble and MC-dropout numbers
 et al. 2017, Table 1) beside them, and the Kish ESS and PSIS k-hat of the raw weights.
 
 Run: ``python benchmarks/uci.py [--sets boston,yacht] [--splits 20] [--threads 1] [--activation tanh]
-[--epochs 40] [--rml-epochs CAP]``; writes
+[--epochs 40] [--rml-epochs CAP] [--baseline-activation relu]``; writes
 ``benchmarks/results/uci.json`` and the ``uci`` section of ``docs/benchmarks.md``. Results are kept per
 data set, so a run over a subset adds to the earlier ones. ``--methods deep_ensemble,equal_weight_hetero``
 (for example) computes only those methods (and what they need) and keeps the other methods' results of
@@ -100,18 +101,19 @@ def run_split(name: str, split: int, args) -> dict:
     hidden = 100 if name == "protein" else 50
     kw = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)          # the two baselines
     kw_rml = dict(kw, epochs=args.rml_epochs)                                        # RML and the noise estimate
-    act = dict(activation=args.activation)
+    act = dict(activation=args.activation)                                          # RML and the noise estimate
+    base_act = dict(activation=args.baseline_activation)                             # the two baselines
     seed = 1000 * split + 7
     wanted = set(args.methods)
     out: dict = {"weights": {}}
     t0 = time.perf_counter()
     if wanted & set(HETERO):
-        de = E.deep_ensemble(x, y, members=args.members, hidden=hidden, seed=seed, **act, **kw)
+        de = E.deep_ensemble(x, y, members=args.members, hidden=hidden, seed=seed, **base_act, **kw)
         out["deep_ensemble"] = E.scores(E.predict(de, xt), yt)
         out["weights"]["unconverged_deep_ensemble"] = int((~de.convergence["converged"]).sum())
     if wanted & {"mc_dropout", "weighted", "equal_weight"}:
         noise = E.estimate_noise(E.mlp(x.shape[1], hidden, **act), x, y, seed=seed + 1, **kw_rml)
-        md = E.mc_dropout(x, y, noise_sd=noise, hidden=hidden, seed=seed + 2, **act, **kw)
+        md = E.mc_dropout(x, y, noise_sd=noise, hidden=hidden, seed=seed + 2, **base_act, **kw)
         out["mc_dropout"] = E.scores(E.predict(md, xt, dropout_passes=50, seed=seed + 3), yt)
         ens = E.fit(E.mlp(x.shape[1], hidden, **act), x, y, members=args.members, noise_sd=noise, seed=seed + 4,
                     **kw_rml)
@@ -171,8 +173,9 @@ def describe(settings: dict | None) -> str:
     rml = settings.get("rml_epochs")
     if rml is None:
         return f"{act} activation, {epochs} epochs"
-    return (f"{act} activation; deep ensemble and MC dropout {epochs} epochs; RML members and the noise estimate "
-            f"trained to fit's tolerance (cap {rml} epochs, then Levenberg-Marquardt)")
+    return (f"deep ensemble and MC dropout: {settings.get('baseline_activation', 'relu')} activation, {epochs} "
+            f"epochs; RML members and the noise estimate: {act} activation, trained to fit's tolerance (cap {rml} "
+            "epochs, then Levenberg-Marquardt)")
 
 
 def render(results: dict, info: dict, command: str | None = None, settings: dict | None = None) -> str:
@@ -247,7 +250,9 @@ def main(argv=None) -> int:
                    help="cap on the epochs of the RML members and the noise estimate (default: fit's); they stop at "
                         "fit's tolerance")
     p.add_argument("--activation", default=DEFAULT_ACTIVATION, choices=("tanh", "silu", "gelu", "relu"),
-                   help="hidden-layer activation of every network (default: mlp's)")
+                   help="hidden-layer activation of the RML members and the noise estimate (default: mlp's)")
+    p.add_argument("--baseline-activation", default="relu", choices=("tanh", "silu", "gelu", "relu"),
+                   help="hidden-layer activation of the deep ensemble and MC dropout (published: relu)")
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)

@@ -18,15 +18,15 @@ from typing import Any, Sequence
 
 from .. import _device
 from ..errors import check_int
-from .training import DEFAULT_ACTIVATION, Ensemble, check_data, fit, mlp
+from .training import Ensemble, check_data, fit, mlp
 
 
-def deep_ensemble(x: Any, y: Any, *, members: int = 5, hidden: int | Sequence[int] = 50,
-                  activation: str = DEFAULT_ACTIVATION,
+def deep_ensemble(x: Any, y: Any, *, members: int = 5, hidden: int | Sequence[int] = 50, activation: str = "relu",
                   seed: _device.Seed = None, **fit_kw: Any) -> Ensemble:
     """A deep ensemble of MLPs with mean and variance heads (module docs); ``fit_kw`` go to
-    :func:`~daml.ensembles.fit` (epochs, batch_size, lr, device, ...). ``activation`` is that of
-    :func:`~daml.ensembles.mlp` (default ``"tanh"``; ``"relu"`` until issue 26).
+    :func:`~daml.ensembles.fit` (epochs, batch_size, lr, device, ...). ``activation`` defaults to ``"relu"``, the
+    published baseline (:func:`~daml.ensembles.mlp` itself defaults to ``"tanh"`` since issue 26: on UCI
+    yacht, split 0, 40 epochs, tanh members reach a test RMSE of 8.3 against 1.1 with ReLU).
 
     The members are unanchored and trained by Adam alone (no polish for the heteroscedastic likelihood),
     and their cost need not have a minimum (a variance head can keep shrinking on the training points):
@@ -40,10 +40,12 @@ def deep_ensemble(x: Any, y: Any, *, members: int = 5, hidden: int | Sequence[in
 
 
 def mc_dropout(x: Any, y: Any, *, noise_sd: float, dropout: float = 0.05, hidden: int | Sequence[int] = 50,
-               activation: str = DEFAULT_ACTIVATION, seed: _device.Seed = None, **fit_kw: Any) -> Ensemble:
+               activation: str = "relu", seed: _device.Seed = None, **fit_kw: Any) -> Ensemble:
     """One MLP with dropout rate ``dropout`` trained on the Gaussian likelihood with noise ``noise_sd``
     and the Gaussian prior as weight decay (module docs); predict with ``dropout_passes=T``.
-    ``activation`` is that of :func:`~daml.ensembles.mlp` (default ``"tanh"``; ``"relu"`` until issue 26)."""
+    ``activation`` defaults to ``"relu"``, the published baseline (:func:`~daml.ensembles.mlp` itself
+    defaults to ``"tanh"`` since issue 26); its single member counts as converged once its step size has
+    been halved 8 times (a stochastic objective)."""
     xt, yt = check_data(x, y)
     module = mlp(xt.shape[1], hidden, outputs=1, activation=activation, dropout=dropout)
     return fit(module, xt, yt, members=1, noise_sd=noise_sd, anchor=True, perturb_targets=False, seed=seed,
