@@ -567,14 +567,28 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
           skip=ACCESSOR_SKIP))
 
     # ---- daml.io ---------------------------------------------------------------------------------
-    def to_nc_roundtrip(ds, path):
-        io.to_netcdf(ds, path)
+    def to_nc_roundtrip(ds, path, compression=io.DEFAULT_COMPRESSION, dtype=None):
+        io.to_netcdf(ds, path, compression=compression, dtype=dtype)
         return io.open_posterior(path)
     add(S("daml.io.to_netcdf", _target(to_nc_roundtrip, io.to_netcdf),
           lambda: dict(ds=post(), path=os.path.join(_tmpdir(), "b.nc")), {"ds": "post", "path": "path"}))
     add(S("daml.io.open_posterior", io.open_posterior, lambda: dict(path=_saved_posterior()),
           {"path": {**PATH, "corrupt": lambda v: _corrupt_file(), "text": lambda v: _text_file()}}))
     add(S("daml.io.to_arviz", io.to_arviz, lambda: dict(ds=post()), {"ds": "post"}))
+
+    def open_ds(path, lazy=False):
+        with io.open_dataset(path, lazy) as ds:
+            return ds.load()
+    add(S("daml.io.open_dataset", _target(open_ds, io.open_dataset), lambda: dict(path=_saved_posterior()),
+          {"path": {**PATH, "corrupt": lambda v: _corrupt_file(), "text": lambda v: _text_file()}, "lazy": "bool"}))
+
+    def write_json_back(obj, path, indent=2):
+        import json
+        with open(io.write_json(obj, path, indent=indent), encoding="utf-8") as fh:
+            return json.load(fh)
+    add(S("daml.io.write_json", _target(write_json_back, io.write_json),
+          lambda: dict(obj={"a": [1.0, math.nan], "b": np.float32(2.5)}, path=os.path.join(_tmpdir(), "r.json")),
+          {"obj": "obj", "path": "path"}))
     if hasattr(io, "arviz_draws"):
         add(S("daml.io.arviz_draws", io.arviz_draws, lambda: dict(kish_ess=50.0), {"kish_ess": "real"}))
 
@@ -612,6 +626,14 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
                                                 if np.ndim(f(v.values)) == v.ndim else f(v.values))(ARRAY[k])
                                             for k in ("nan", "inf", "wrong_shape", "None", "str", "dict")}}},
               auto_skip=("dim", "var")))
+    truth_kinds = {k: (lambda f: lambda v: xr.DataArray(f(v.values), dims=v.dims)
+                       if np.ndim(f(v.values)) == v.ndim else f(v.values))(ARRAY[k])
+                   for k in ("nan", "inf", "wrong_shape", "None", "str", "dict")}
+    import daml.filters as _F
+    add(S("daml.filters.summarise", _F.summarise, lambda: dict(post=post(), truth=truth()),
+          {"post": "post", "truth": truth_kinds, "quantiles": "obj"}, auto=False))
+    add(S("daml.filters.summary_scores", _F.summary_scores, lambda: dict(result=post(), truth=truth()),
+          {"result": "post", "truth": truth_kinds}, auto=False))
     add(S("daml.diagnostics.spread", dg.spread, lambda: dict(post=post()), {"post": "post"},
           auto_skip=("dim", "var")))
     add(S("daml.diagnostics.describe", dg.describe, lambda: dict(post=post()), {"post": "post"}))
@@ -787,7 +809,8 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
                      "wrong_shape": lambda v: (np.ones(2), np.eye(2)), "str": lambda v: "x",
                      "one": lambda v: (np.ones(3),)},
            "max_spread": "real", "dtype": "dtype", "device": "device", "operator": "obj", "forecast": "bool",
-           "progress": "bool"}, auto=False, skip=[("operator", "None"), ("progress", "None")]))
+           "progress": "bool", "keep": "choice", "thin": "int", "quantiles": "obj"}, auto=False,
+          skip=[("operator", "None"), ("progress", "None")]))
     add(S("daml.filters.run[kf,linear]", lambda **kw: F.run(F.kalman_filter(), **kw).analysis,
           lambda: dict(zip(("model", "data"), lin_data())),
           {"data": "data"}, auto=False))

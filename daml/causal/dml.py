@@ -65,7 +65,7 @@ import xarray as xr
 from .. import _device
 from ..errors import (DivergenceError, DroppedRowsWarning, DtypeError, InputError, NonFiniteError, ShapeError,
                       check_fits, check_int, check_real)
-from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
+from ..posterior import LOG_WEIGHT, LOG_WEIGHT_ATTRS, MEMBER, _method_attrs
 
 __all__ = [
     "SCORES",
@@ -741,7 +741,7 @@ def plr(
         "se_rep": (("repetition",), se_r),
         "theta_draw": ((MEMBER, "repetition"), draws,
                        {"long_name": "multiplier-bootstrap draws theta_r + se_r t*"}),
-        LOG_WEIGHT: ((MEMBER,), np.full(n_boot, -math.log(n_boot))),
+        LOG_WEIGHT: ((MEMBER,), np.full(n_boot, -math.log(n_boot)), dict(LOG_WEIGHT_ATTRS)),
         "nuisance_rmse": (("nuisance", "repetition"), np.stack(rmse)),
         "y": (("obs",), y_arr),
         "d": (("obs",), d_arr),

@@ -41,7 +41,7 @@ import xarray as xr
 
 from .. import _device
 from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
-from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
+from ..posterior import LOG_WEIGHT, LOG_WEIGHT_ATTRS, MEMBER, _method_attrs
 from .dml import _check_memory, _clone, _construct, _describe, _fit_predict, check_learner, cross_fit, drop_missing, sample_splits
 from .q10 import _column, _require_columns, _time_coord
 
@@ -234,7 +234,7 @@ def partition(
         "lue": ((MEMBER, "obs"), lue_b, {"long_name": f"light-use efficiency, bootstrap refits ({bootstrap})"}),
         "gpp": ((MEMBER, "obs"), gpp_b, unit),
         "reco": ((MEMBER, "obs"), reco_b, unit),
-        LOG_WEIGHT: ((MEMBER,), np.full(members, -math.log(members))),
+        LOG_WEIGHT: ((MEMBER,), np.full(members, -math.log(members)), dict(LOG_WEIGHT_ATTRS)),
         "lue_hat": (("obs",), lue_hat),
         "gpp_hat": (("obs",), gpp_hat, unit),
         "reco_hat": (("obs",), l_hat - theta_hat * m_hat, {**unit, "long_name": "direct respiration l - theta m"}),

@@ -37,7 +37,7 @@ import xarray as xr
 
 from .. import _device
 from ..errors import DtypeError, InputError, ShapeError, check_int, check_real
-from ..posterior import LOG_WEIGHT, MEMBER, _method_attrs
+from ..posterior import LOG_WEIGHT, LOG_WEIGHT_ATTRS, MEMBER, _method_attrs
 from .dml import _check_flag, _check_memory, _construct, check_learner, drop_missing, plr
 from .learners import glorot_stack, stacked_forward
 
@@ -443,7 +443,7 @@ def q10_end_to_end(
     attrs.update({"level": level, "n_obs": n, "n_dropped": int(keep.size - n), "tref": tref})
     ds = xr.Dataset({
         "q10_draw": ((MEMBER,), q_members, {"long_name": "Q10 of each trained member"}),
-        LOG_WEIGHT: ((MEMBER,), np.full(members, -math.log(members))),
+        LOG_WEIGHT: ((MEMBER,), np.full(members, -math.log(members)), dict(LOG_WEIGHT_ATTRS)),
         "q10": ((), float(q_members.mean()), {"long_name": "member mean of Q10"}),
         "q10_sd": ((), float(q_members.std(ddof=1)) if members > 1 else 0.0),
         "q10_ci": (("bound",), np.quantile(q_members, [alpha, 1.0 - alpha]),

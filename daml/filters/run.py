@@ -224,7 +224,10 @@ def run(
     quantiles : sequence of float
         Probabilities of the weighted quantiles of ``keep="summary"`` (distinct, in ``[0, 1]``).
     dtype, device : optional
-        Where to compute (see :mod:`daml._device`).
+        Where to compute (see :mod:`daml._device`). On the CPU the time loop runs on one intra-op
+        thread when the ensemble is small (``_device.ensemble_work`` below ``_device.SMALL_WORK``
+        elements per operation), where more threads only wait on each other, and on the caller's
+        setting otherwise; ``DAML_THREADS=k`` forces ``k`` threads. The caller's setting is restored.
 
     Returns
     -------
@@ -268,6 +271,7 @@ def run(
     n_records = -(-n_analyses // thin)
     truth = _truth_tensor(data, batch_dims, n_times, model.state_size, dt, dev) if keep == "summary" else None
     x0, lw0 = filt.members(state)
+    work = _device.ensemble_work(tuple(x0.shape))     # small problems run on one thread (_device.auto_threads)
     nbytes = record_bytes(keep, n_records, tuple(x0.shape), x0.element_size(), len(qs), truth is not None, forecast)
     check_memory(nbytes, "members" if "members" in filt.config else "data",
                  f"{n_records} analyses of members {tuple(x0.shape)} to record with keep={keep!r}"
@@ -290,7 +294,8 @@ def run(
         # per operation, which adds up over the hundreds of small operations of a cycle
         # the building blocks' input checks off (base.unchecked): the data and prior were checked
         # above, and the members and weights are checked for divergence after every analysis
-        with (torch.inference_mode() if filt.inference else torch.no_grad()), unchecked():
+        with _device.auto_threads(work, device=dev), \
+                (torch.inference_mode() if filt.inference else torch.no_grad()), unchecked():
             upcoming, k_next, k_prev = None, -1, 0
             for k in range(1, n_times):
                 if filt.lookahead:
