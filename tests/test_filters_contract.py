@@ -320,3 +320,17 @@ def test_filters_that_need_model_noise_refuse_a_perfect_model_or_take_it_as_a_pa
         filters.run(_matrix_filter(fname, model.state_size), model, data, seed=0, progress=False)
     res = filters.run(_matrix_filter(fname, model.state_size, model_noise=0.01), model, data, seed=0, progress=False)
     assert np.isfinite(res.analysis["x"].values).all()
+
+
+@pytest.mark.parametrize("fname", sorted(MATRIX_PARAMS))
+@pytest.mark.parametrize("mname", ["lorenz63", "lorenz96"])
+def test_every_filter_runs_in_float32(mname, fname, matrix_data):
+    # the EKF's tangent-linear map came in the model's float64 and met a float32 covariance (a torch
+    # RuntimeError); every filter must compute in the dtype the run asks for
+    model, data = matrix_data[mname]
+    filt = _matrix_filter(fname, model.state_size)
+    if fname in LINEAR_ONLY:
+        return
+    res = filters.run(filt, model, data, seed=0, progress=False, dtype="float32")
+    assert res.analysis["x"].dtype == np.float32
+    assert np.isfinite(res.analysis["x"].values).all()

@@ -247,7 +247,8 @@ def extended_kalman_filter() -> Filter:
     """
 
     def forecast(state: GaussianState, model: Model, g: torch.Generator) -> GaussianState:
-        jac = (_tangent_linear if not _CHECKS.get() else tangent_linear)(model, state.mean)
+        # a model's own tangent-linear map may come in its parameters' dtype: compute in the run's
+        jac = (_tangent_linear if not _CHECKS.get() else tangent_linear)(model, state.mean).to(state.cov)
         mean = model.step(state.mean)
         return GaussianState(mean, _propagate_cov(state.cov, jac, _noise(model, state.mean)))
 
