@@ -117,18 +117,25 @@ def self_check(out: Path, seed: int = 0, n: int = 20_000) -> list[tuple[str, flo
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import experiment
 
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     exp = experiment.load_config(args.config)       # every check before anything is computed or written
+    threads = None if args.threads == "auto" else args.threads
+    if threads is None and hasattr(_device, "choose_threads"):
+        _device.choose_threads(0)                   # a bad DAML_THREADS: one line now, not after minutes
+    if threads is not None:
+        torch.set_num_threads(threads)
+    how = (f"{threads} thread(s)" if threads is not None else
+           f"threads chosen per method (1 for small ensembles, at most {torch.get_num_threads()})")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(20, "the output folder (--out) is not a folder", str(out))
     print(f"daml {__version__}: {exp.name} ({'default experiment' if args.config is None else args.config}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
+          f"torch {torch.__version__}, {how}", flush=True)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     log = None if show else (lambda line: print(f"daml run: {line}", file=sys.stderr, flush=True))
     try:
-        data, scores = experiment.run_experiment(exp, progress=show, only=args.only, out=out, log=log)
+        data, scores = experiment.run_experiment(exp, progress=show, only=args.only, out=out, log=log,
+                                                 threads=threads)
     except KeyboardInterrupt:
         kept = sorted(p.name for p in out.glob(f"{exp.name}_*.nc")) if out.is_dir() else []
         print(f"daml run: interrupted; {len(kept)} finished file(s) kept in {out}"
@@ -232,8 +239,30 @@ def _cmd_q10(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads_arg(text: str) -> int | str:
+    """``--threads``: ``auto`` or a positive int (argparse reports anything else as one line)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``daml run: argument --threads: ...``, exit status 2); ``-h``
+    shows the usage."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daml", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="daml", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"daml {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (default: one line naming the file, key or argument)")
@@ -258,9 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", default=None, metavar="METHOD",
                      help="run only the methods of these names, each with the random stream of its place in "
                           "the list (the same scores as in the full run)")
-    run.add_argument("--threads", type=int, default=1,
-                     help="torch intra-op threads (default: %(default)s; the filters' matrices are small, and "
-                          "several threads only add synchronisation, which stalls badly on a busy machine)")
+    run.add_argument("--threads", type=_threads_arg, default="auto",
+                     help="torch intra-op threads: a positive int, or 'auto' (default): one thread for a method "
+                          "whose ensemble is small (several threads only add synchronisation there, which stalls "
+                          "badly on a busy machine), torch's setting for large ones; DAML_THREADS=k forces k")
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check", help="the library self-check against closed forms")
     check.add_argument("--out", default="daml-output", help="output folder (default: %(default)s)")

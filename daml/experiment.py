@@ -643,7 +643,8 @@ def _tag(exp: Experiment, index: int) -> str:
 
 def run_experiment(exp: Experiment, progress: bool | None = None,
                    only: Sequence[str] | None = None, *, out: str | Path | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[xr.Dataset, list[Score]]:
+                   log: Callable[[str], None] | None = None,
+                   threads: int | None = None) -> tuple[xr.Dataset, list[Score]]:
     """Run every method of ``exp`` on the same twin data; return the data and the scores.
 
     Parameters
@@ -664,6 +665,11 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
         written and every posterior stays in its :class:`Score`.
     log : callable, optional
         Called with one line per method started and finished (its time and rmse.a).
+    threads : int, optional
+        Intra-op threads for every method. Default: chosen per method for its size
+        (:func:`daml._device.auto_threads`: one thread for small ensembles, where more threads only
+        add synchronisation, the caller's setting for large ones; ``DAML_THREADS`` forces a count);
+        the caller's setting is restored afterwards.
     """
     _check_fields(exp)
     names = [m["name"] for m in exp.methods]
@@ -677,6 +683,8 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
         raise InputError("log", "None or a callable taking one line (str)", type(log).__name__)
     if progress is not None and not isinstance(progress, (bool, np.bool_)):
         raise InputError("progress", "None, True or False", repr(progress))
+    if threads is not None:
+        threads = check_int(threads, "threads", 1)
     check_experiment(exp)                           # also for an Experiment built in Python
     plan = output_plan(exp)
     cfg = output_settings(exp)
@@ -705,7 +713,8 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
             if m["name"] == "climatology":
                 clim = clim or climatology_from_truth(data["truth"].values)
             t0 = time.perf_counter()
-            score = _run_method(exp, index, m, seeds[index], model, op, data, clim, plan[index], show)
+            with _threads_for(exp, plan[index], model.state_size, threads):
+                score = _run_method(exp, index, m, seeds[index], model, op, data, clim, plan[index], show)
             score.label, score.seconds = labels[index], time.perf_counter() - t0
             if folder is not None:
                 _write_method(exp, score, folder, cfg)
@@ -732,6 +741,19 @@ try:
     _TO_NETCDF = set(inspect.signature(io.to_netcdf).parameters)
 except (TypeError, ValueError):         # pragma: no cover
     _TO_NETCDF = set()
+
+
+def _threads_for(exp: Experiment, plan: dict, n: int, threads: int | None):
+    """The thread block of one method: :func:`daml._device.auto_threads` for its ensemble's size (or
+    ``threads`` when given); a plain block where this daml has no automatic choice."""
+    import contextlib
+
+    if hasattr(_device, "auto_threads") and hasattr(_device, "ensemble_work"):
+        work = _device.ensemble_work((exp.experiments, plan["members"], n))
+        return _device.auto_threads(work, threads=threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return contextlib.nullcontext()
 
 
 def _run_method(exp: Experiment, index: int, m: dict, seed: Any, model: Any, op: Any, data: xr.Dataset,

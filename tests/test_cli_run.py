@@ -402,3 +402,27 @@ def test_rank_counts_bin_the_pit_as_the_rank_histogram_does():
     assert int(got.sum()) == 120
     with pytest.raises(InputError, match="bins"):
         experiment.rank_counts(u, 1)
+
+
+# -- threads --------------------------------------------------------------------------------------------
+
+def test_threads_argument_is_auto_or_a_positive_int_and_the_callers_setting_comes_back(tmp_path, capsys):
+    import torch
+
+    cfg = _write(tmp_path, TINY.replace("steps = 30", "steps = 6"))
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["run", str(cfg), "--out", str(tmp_path / "out"), "--threads", bad])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--threads" in err[0] and bad in err[0]
+    assert not (tmp_path / "out").exists()
+    before = torch.get_num_threads()
+    exp = experiment.load_config(cfg)
+    _, auto = experiment.run_experiment(exp, progress=False)
+    assert torch.get_num_threads() == before
+    _, one = experiment.run_experiment(exp, progress=False, threads=1)
+    assert torch.get_num_threads() == before
+    assert [s.rmse_a for s in auto] == [s.rmse_a for s in one]
+    with pytest.raises(InputError, match="threads"):
+        experiment.run_experiment(exp, progress=False, threads=0)
