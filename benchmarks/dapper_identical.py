@@ -235,14 +235,45 @@ def compare(daml_runs: list[dict], dapper_runs: list[dict], key: str, truths: li
                      "daml_rmv": statistics.fmean(r["rmv_a"] for r in daml_runs if r["method"] == key and r["truth"] == e),
                      "dapper_rmv": _maybe_mean([r.get("rmv_a") for r in dapper_runs
                                                 if r["method"] == key and r["truth"] == e])})
+    for r in rows:                          # the runs that kept the truth (rmse.a <= LOST)
+        ka, kb = [v for v in r["daml"] if v <= LOST], [v for v in r["dapper"] if v <= LOST]
+        r["kept"] = _difference(ka, kb)
     diffs = [r["diff"] for r in rows]
     ses = [r["se"] for r in rows]
     mean_diff = statistics.fmean(diffs)
     se_mean = math.sqrt(sum(s ** 2 for s in ses)) / len(ses) if all(np.isfinite(ses)) else math.nan
+    lost_a, lost_b = sum(r["daml_lost"] for r in rows), sum(r["dapper_lost"] for r in rows)
+    n_a, n_b = sum(len(r["daml"]) for r in rows), sum(len(r["dapper"]) for r in rows)
     return {"rows": rows, "mean_diff": mean_diff, "se_mean_diff": se_mean,
+            "lost": {"daml": lost_a, "daml_runs": n_a, "dapper": lost_b, "dapper_runs": n_b,
+                     "fisher_p": fisher_exact_p(lost_a, n_a, lost_b, n_b)},
             "z_mean_diff": mean_diff / se_mean if se_mean and se_mean > 0 else math.nan,
             "within_noise": bool(all(abs(r["z"]) < Z_NOISE for r in rows if np.isfinite(r["z"]))
                                  and (not np.isfinite(se_mean) or abs(mean_diff / se_mean) < Z_NOISE))}
+
+
+def _difference(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Mean of ``a`` minus mean of ``b``, its standard error and z (NaN where a side has < 2 values)."""
+    if len(a) < 2 or len(b) < 2:
+        return {"daml_mean": _mean_sd(a)[0] if a else math.nan, "dapper_mean": _mean_sd(b)[0] if b else math.nan,
+                "n": [len(a), len(b)], "diff": math.nan, "se": math.nan, "z": math.nan}
+    (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
+    se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+    return {"daml_mean": ma, "dapper_mean": mb, "daml_sd": sa, "dapper_sd": sb, "n": [len(a), len(b)],
+            "diff": ma - mb, "se": se, "z": (ma - mb) / se if se > 0 else math.nan}
+
+
+def fisher_exact_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher exact test p-value of ``k1`` of ``n1`` against ``k2`` of ``n2`` (equal rates):
+    the sum of the hypergeometric probabilities of the tables no more likely than the one seen."""
+    total, k = n1 + n2, k1 + k2
+
+    def prob(x: int) -> float:
+        return math.comb(n1, x) * math.comb(n2, k - x) / math.comb(total, k)
+
+    seen = prob(k1)
+    return float(min(1.0, sum(prob(x) for x in range(max(0, k - n2), min(k, n1) + 1)
+                             if prob(x) <= seen * (1 + 1e-9))))
 
 
 def _maybe_mean(xs: list[float | None]) -> float | None:
@@ -295,8 +326,34 @@ def run(config: str, methods: list[str], seeds: list[int], truths: list[int] | N
     return entries
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s runs added to ``old``'s (a (truth, seed) in both: ``new``'s), the comparison recomputed;
+    the commands and commits of both kept."""
+    if (old["cycles"], old["truth_seed"]) != (new["cycles"], new["truth_seed"]):
+        raise SystemExit("--append: the stored entry has other cycles or truths; run without --append")
+    out = dict(new)
+    for side in ("daml_runs", "dapper_runs"):
+        fresh = {(r["truth"], r["seed"]) for r in new[side]}
+        out[side] = [r for r in old[side] if (r["truth"], r["seed"]) not in fresh] + new[side]
+    out["truths"] = sorted({r["truth"] for r in out["daml_runs"]})
+    out["filter_seeds"] = sorted({r["seed"] for r in out["daml_runs"]})
+    out["command"] = "; ".join(dict.fromkeys(old["command"].split("; ") + [new["command"]]))
+    out["daml_commit"] = ", ".join(dict.fromkeys(str(old["daml_commit"]).split(", ") + [str(new["daml_commit"])]))
+    for side, key in (("daml_runs", "daml"), ("dapper_runs", "dapper")):
+        out[f"{key}_wall_s_per_run"] = statistics.median(r["wall_s"] for r in out[side])
+        cpu = [r["cpu_s"] for r in out[side] if "cpu_s" in r]
+        if cpu:
+            out[f"{key}_cpu_s_per_run"] = statistics.median(cpu)
+    out.update(compare(out["daml_runs"], out["dapper_runs"], out["method"], out["truths"]))
+    return out
+
+
 def _f(x: Any, d: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{d}f}"
+
+
+def _sign(x: Any) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:+.3f}"
 
 
 def _timing(e: dict[str, Any]) -> str:
@@ -314,14 +371,16 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res.get('dapper_version', '')} runs `xp.assimilate(HMM, xx, yy)` on them with its own "
              "`HMM` of the same file and scores with its own statistics. Each filter runs with several "
              "filter seeds per truth in each library. Per truth: the mean rmse.a over the seeds (sd in "
-             "brackets), the difference daml - DAPPER, its standard error sqrt(s_daml^2/R + s_DAPPER^2/R) "
-             "and z = difference / s.e. (|z| < 2: within Monte Carlo noise; with R = 3-4 seeds the s.e. "
-             "is rough). Lost: runs (daml / DAPPER) with rmse.a > 1, where the filter lost the truth (they "
-             "dominate the mean and sd of their truth). Particle filters are scored before the resampling and "
+             "brackets) of the runs that kept the truth, the difference daml - DAPPER, its standard error "
+             "sqrt(s_daml^2/R_daml + s_DAPPER^2/R_DAPPER) and z = difference / s.e. (|z| < 2: within Monte "
+             "Carlo noise; with 2-4 seeds the s.e. is rough). Lost: runs with rmse.a > 1, where the filter "
+             "lost the truth (a rare event that would dominate a mean: counted apart, and the counts of the "
+             "two libraries compared by Fisher's exact test over all truths). Particle filters are scored before the resampling and "
              "jitter in both. CPU s: median per run (one truth, one filter seed).", ""]
-    cmds = sorted({e["command"] for e in res["entries"].values()})
+    cmds = sorted({c for e in res["entries"].values() for c in e["command"].split("; ")})
     lines += ["Commands:", ""] + [f"    {c}" for c in cmds] + [""]
-    lines += ["| config | daml | DAPPER | scored | truth | seeds | daml rmse.a | DAPPER rmse.a | diff | s.e. | z | lost | CPU s per run, daml / DAPPER |",
+    lines += ["| config | daml | DAPPER | scored | truth | runs daml / DAPPER | lost (rmse.a > 1) daml / DAPPER "
+              "| daml rmse.a, kept runs | DAPPER rmse.a, kept runs | diff | s.e. | z | CPU s per run, daml / DAPPER |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(res["entries"]):
         e = res["entries"][key]
@@ -331,13 +390,18 @@ def markdown(res: dict[str, Any]) -> str:
             head = (f"{e['label']} | `{e['daml_call'].replace('filters.make_filter', 'make_filter')}` | "
                     f"`{e['dapper_call']}` | {e['scored']}") if i == 0 else " | | | "
             timing = _timing(e) if i == 0 else ""
+            k = r["kept"]
             lines.append(f"| {head} | {r['truth']} | {len(r['daml'])} / {len(r['dapper'])} | "
-                         f"{_f(r['daml_mean'])} ({_f(r['daml_sd'])}) | {_f(r['dapper_mean'])} ({_f(r['dapper_sd'])}) | "
-                         f"{r['diff']:+.3f} | {_f(r['se'])} | {_f(r['z'], 1)} | "
-                         f"{r.get('daml_lost', '–')} / {r.get('dapper_lost', '–')} | {timing} |")
-        if len(e["rows"]) > 1:
-            lines.append(f"| | | | | mean over truths | | | | {e['mean_diff']:+.3f} | {_f(e['se_mean_diff'])} | "
-                         f"{_f(e['z_mean_diff'], 1)} | | |")
+                         f"{r['daml_lost']} / {r['dapper_lost']} | "
+                         f"{_f(k['daml_mean'])} ({_f(k.get('daml_sd'))}) | {_f(k['dapper_mean'])} ({_f(k.get('dapper_sd'))}) | "
+                         f"{_sign(k['diff'])} | {_f(k['se'])} | {_f(k['z'], 1)} | {timing} |")
+        kept = [r["kept"] for r in e["rows"] if np.isfinite(r["kept"]["se"])]
+        if kept:
+            d = statistics.fmean(k["diff"] for k in kept)
+            se = math.sqrt(sum(k["se"] ** 2 for k in kept)) / len(kept)
+            lost = e["lost"]
+            lines.append(f"| | | | | all | {lost['daml_runs']} / {lost['dapper_runs']} | {lost['daml']} / {lost['dapper']} "
+                         f"(Fisher p {lost['fisher_p']:.2f}) | | | {d:+.3f} (mean) | {se:.3f} | {d / se:.1f} | |")
     spreads = []
     for key in sorted(res["entries"]):
         e = res["entries"][key]
@@ -367,6 +431,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep-npz", default=None, help="also keep the .npz handed to DAPPER at this path")
     parser.add_argument("--quick", action="store_true", help="100 cycles, pf100 and enkf24 on L96-10, 2 seeds")
+    parser.add_argument("--append", action="store_true",
+                        help="add these runs to the stored ones of the same config and method (same truths and "
+                             "cycles; a (truth, seed) already stored is replaced) instead of replacing the entry")
     parser.add_argument("--render", action="store_true",
                         help="run nothing: recompute the comparison from the stored runs and print the table")
     args = parser.parse_args(argv)
@@ -400,6 +467,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["command"] = command
             entry["daml_commit"] = res["daml_commit"]
             entry["machine"] = res["machine"]
+            old = res["entries"].get(f"{args.config}/{key}")
+            if args.append and old is not None and "dapper_runs" in old and "dapper_runs" in entry:
+                entry = merge(old, entry)
             res["entries"][f"{args.config}/{key}"] = entry
             if "dapper_version" in entry:
                 res["dapper_version"] = entry["dapper_version"]

@@ -120,3 +120,32 @@ def test_dapper_side_accepts_the_npz_and_refuses_a_wrong_setup(short, tmp_path):
     proc = subprocess.run([_dapper_python(), str(bench.SIDE), str(bad), "--methods", "enkf24", "--seeds", "3"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "R:" in proc.stderr
+
+
+@pytest.mark.parametrize("k1, n1, k2, n2", [(7, 16, 3, 16), (2, 6, 0, 6), (5, 10, 3, 10), (0, 5, 0, 5), (9, 10, 1, 12)])
+def test_fisher_exact_matches_scipy(k1, n1, k2, n2):
+    from scipy.stats import fisher_exact
+
+    expected = fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue
+    assert bench.fisher_exact_p(k1, n1, k2, n2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_compare_keeps_lost_runs_apart_and_merge_replaces_repeated_seeds():
+    daml_runs = [{"method": "m", "truth": 0, "seed": s, "rmse_a": v, "rmv_a": 0.3, "wall_s": 1.0}
+                 for s, v in ((1, 0.30), (2, 0.32), (3, 2.5))]
+    dapper_runs = [{"method": "m", "truth": 0, "seed": s, "rmse_a": v, "rmv_a": 0.3, "wall_s": 2.0, "cpu_s": 2.0}
+                   for s, v in ((1, 0.31), (2, 0.29), (3, 0.30))]
+    out = bench.compare(daml_runs, dapper_runs, "m", [0])
+    row = out["rows"][0]
+    assert (row["daml_lost"], row["dapper_lost"]) == (1, 0)
+    assert row["kept"]["n"] == [2, 3] and row["kept"]["diff"] == pytest.approx(0.31 - 0.30)
+    assert out["lost"]["fisher_p"] == pytest.approx(1.0)          # 1 of 3 against 0 of 3
+    old = {"method": "m", "cycles": 10, "truth_seed": 3000, "command": "a", "daml_commit": "x",
+           "daml_runs": daml_runs, "dapper_runs": dapper_runs}
+    new = {**old, "command": "b", "daml_commit": "y",
+           "daml_runs": [dict(daml_runs[2], rmse_a=0.33), dict(daml_runs[0], seed=4)],
+           "dapper_runs": [dict(dapper_runs[0], seed=4)]}
+    merged = bench.merge(old, new)
+    assert sorted((r["seed"], r["rmse_a"]) for r in merged["daml_runs"]) == [(1, 0.30), (2, 0.32), (3, 0.33), (4, 0.30)]
+    assert len(merged["dapper_runs"]) == 4 and merged["filter_seeds"] == [1, 2, 3, 4]
+    assert merged["command"] == "a; b" and merged["rows"][0]["daml_lost"] == 0
