@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import tomllib
@@ -133,6 +134,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"torch {torch.__version__}, {how}", flush=True)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     log = None if show else (lambda line: print(f"daml run: {line}", file=sys.stderr, flush=True))
+    # --threads N: N everywhere, also inside filters.run's own choice (DAML_THREADS), for this run only
+    saved = os.environ.get("DAML_THREADS")
+    if threads is not None:
+        os.environ["DAML_THREADS"] = str(threads)
     try:
         data, scores = experiment.run_experiment(exp, progress=show, only=args.only, out=out, log=log,
                                                  threads=threads)
@@ -141,6 +146,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"daml run: interrupted; {len(kept)} finished file(s) kept in {out}"
               + (f" ({', '.join(kept)})" if kept else ""), file=sys.stderr, flush=True)
         return 130
+    finally:
+        if saved is None:
+            os.environ.pop("DAML_THREADS", None)
+        else:
+            os.environ["DAML_THREADS"] = saved
     print(experiment.format_table(exp, scores))
     written = experiment.write_outputs(exp, data, scores, out)
     total = sum(p.stat().st_size for p in written if p.is_file())

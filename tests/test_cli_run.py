@@ -426,3 +426,27 @@ def test_threads_argument_is_auto_or_a_positive_int_and_the_callers_setting_come
     assert [s.rmse_a for s in auto] == [s.rmse_a for s in one]
     with pytest.raises(InputError, match="threads"):
         experiment.run_experiment(exp, progress=False, threads=0)
+
+
+def test_explicit_threads_apply_inside_filters_run_and_the_environment_comes_back(tmp_path, monkeypatch):
+    import torch
+
+    from daml import _device
+
+    seen = []
+    real_run = experiment.run
+
+    def spy(*args, **kw):       # what filters.run's own choice (auto_threads) will see, at its call
+        seen.append((torch.get_num_threads(), os.environ.get("DAML_THREADS"),
+                     _device.choose_threads(_device.ensemble_work((2, 8, 10)))))
+        return real_run(*args, **kw)
+
+    monkeypatch.setattr(experiment, "run", spy)
+    monkeypatch.delenv("DAML_THREADS", raising=False)
+    cfg = _write(tmp_path, TINY.replace("steps = 30", "steps = 6"))
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "two"), "--no-progress", "--threads", "2"]) == 0
+    assert seen == [(2, "2", 2)] * 2                 # two methods, two threads each, also inside run
+    assert "DAML_THREADS" not in os.environ
+    seen.clear()
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "auto"), "--no-progress"]) == 0
+    assert seen == [(1, None, 1)] * 2                # auto: small ensembles on one thread
