@@ -382,7 +382,7 @@ def markdown(res: dict[str, Any]) -> str:
              "filter seeds per truth in each library. Per truth: the mean rmse.a over the seeds (sd in "
              "brackets) of the runs that kept the truth, the difference daml - DAPPER, its standard error "
              "sqrt(s_daml^2/R_daml + s_DAPPER^2/R_DAPPER) and z = difference / s.e. (|z| < 2: within Monte "
-             "Carlo noise; with 2-4 seeds the s.e. is rough). Lost: runs with rmse.a > 1, where the filter "
+             "Carlo noise; with a few seeds the s.e. is itself rough). Lost: runs with rmse.a > 1, where the filter "
              "lost the truth (a rare event that would dominate a mean: counted apart, and the counts of the "
              "two libraries compared by Fisher's exact test over all truths). Particle filters are scored before the resampling and "
              "jitter in both. CPU s: median per run (one truth, one filter seed).", ""]
