@@ -576,6 +576,10 @@ def figure(exp: Any, scores: Sequence[Any], out: str | os.PathLike, rank_bins: i
     burn_in = _real(getattr(exp, "burn_in"), "exp.burn_in")
     out = Path(out)
     path = out if out.suffix.lower() == ".png" else out / f"{exp.name}.png"
+    if path is not out and out.exists() and not out.is_dir():
+        raise InputError("out", "a folder or a .png file name", f"{str(out)!r}, an existing file that is not a folder")
+    if path.exists() and path.is_dir():
+        raise InputError("out", "a folder or a .png file name", f"{str(path)!r}, an existing folder")
     names = _row_labels(exp, rows)
     lost = _lost(rows, SPREAD_FACTOR)
     reasons = [r.flag or why for r, why in zip(rows, lost)]

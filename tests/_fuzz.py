@@ -43,7 +43,7 @@ import xarray as xr
 
 MODULES = ["daml", "daml.posterior", "daml.diagnostics", "daml.resampling", "daml.io", "daml.models",
            "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.causal", "daml.twin",
-           "daml.experiment", "daml.errors"]
+           "daml.experiment", "daml.report", "daml.errors"]
 
 FAILURES = ("other", "nonfinite", "hang", "baseline")
 HUGE = 10 ** 12          # a size that cannot fit in memory on any machine
@@ -1201,6 +1201,28 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.experiment.Score", lambda: ex.run_experiment(ex.load_config(small_toml), progress=False)[1],
           lambda: {}, {}, auto=False))
 
+    # ---- daml.report -----------------------------------------------------------------------------------------
+    import daml.report as rp
+
+    def small_scores():
+        if "scores" not in _CACHE:
+            exp = ex.load_config(small_toml)
+            _CACHE["scores"] = (exp, ex.run_experiment(exp, progress=False)[1])
+        return _CACHE["scores"]
+
+    add(S("daml.report.labels", rp.labels,
+          lambda: dict(methods=[{"name": "etkf", "inflation": 1.02}, {"name": "etkf", "inflation": 1.04}]),
+          {"methods": {"None": lambda v: None, "str": lambda v: "x", "int": lambda v: 3, "empty": lambda v: [],
+                       "no_name": lambda v: [{"inflation": 1.0}], "nested_str": lambda v: ["etkf"]}}, auto=False))
+    add(S("daml.report.lost_truth", rp.lost_truth, lambda: dict(scores=small_scores()[1]),
+          {"scores": "obj", "spread_factor": "real"}, auto=False))
+    add(S("daml.report.format_table", rp.format_table,
+          lambda: dict(exp=small_scores()[0], scores=small_scores()[1]), {"exp": "obj", "scores": "obj"},
+          auto=False))
+    add(S("daml.report.figure", lambda **kw: str(rp.figure(**kw)),
+          lambda: dict(exp=small_scores()[0], scores=small_scores()[1], out=os.path.join(_tmpdir(), "report.png")),
+          {"exp": "obj", "scores": "obj", "out": "path", "rank_bins": "int"}, auto=False, heavy=True))
+
     # ---- daml.errors -----------------------------------------------------------------------------------------
     add(S("daml.errors.check_int", er.check_int, lambda: dict(value=3, name="n"), {"value": "int"}, auto=False,
           aliases={"value": ("n",)}))
@@ -1351,6 +1373,7 @@ _CONSTANTS = {
     "daml.posterior": ["MEMBER", "LOG_WEIGHT", "REQUIRED_ATTRS"], "daml.diagnostics": ["TIME"],
     "daml.diffusion": ["FORCINGS", "SAMPLERS", "ENSF_CLIP", "DIVERGENCE_FACTOR"], "daml.ensembles": ["LIKELIHOODS", "ESTIMATORS", "SOURCES",
                                                                      "VARIANCE_PARTS"],
+    "daml.report": ["MAX_LABEL", "WIDTH", "SPREAD_FACTOR", "ABBREVIATIONS"],
     "daml.causal": ["AGGREGATIONS", "SCORES", "BOOTSTRAP_WEIGHTS", "LEARNERS", "DEFAULT_CONTROLS",
                     "DEFAULT_MODIFIERS", "FLUXNET_REQUIRED"],
 }

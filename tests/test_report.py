@@ -341,3 +341,16 @@ def test_figure_refuses_bad_input(tmp_path):
     with pytest.raises(InputError, match=r"^scores\[1\]\.rmse_t:"):
         report.figure(exp, scores, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_figure_out_that_is_an_existing_file_or_folder_is_refused_by_name(tmp_path):
+    # found by the fuzz suite: a file where the output folder should be gave FileExistsError from mkdir
+    exp, scores = default_scores(with_arrays=True)
+    blocker = tmp_path / "f.nc"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="^out: "):
+        report.figure(exp, scores, blocker)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(InputError, match="^out: "):
+        report.figure(exp, scores, tmp_path / "dir.png")
+    assert blocker.read_text() == "not a folder"

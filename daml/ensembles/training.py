@@ -644,7 +644,10 @@ def fit(
     config["polish"] = bool(polish)
     train_kw = dict(batch_size=batch_size, lr=lr, epochs=epochs, tol=tol, grad_scale=scale, stochastic=stochastic,
                     polish=bool(polish), dev=dev, progress=progress)
-    with torch.enable_grad():        # the training needs autograd, also when called under torch.no_grad()
+    # small networks train on one intra-op thread (_device.auto_threads; DAML_THREADS forces a count):
+    # with two threads on a busy 2-core machine they ran up to 10 times slower
+    work = _device.network_work(module, members if vectorize else 1, min(int(batch_size), int(n)))
+    with torch.enable_grad(), _device.auto_threads(work, device=dev):   # autograd, also under torch.no_grad()
         params, history, conv, buffers = _train_members(vectorize, members, loss_args, w0_stack, buffers, prec, xn,
                                                         y_stack, gens, rng_seed, dt, dev, train_kw)
     if not all(torch.isfinite(v).all() for v in params.values()):
