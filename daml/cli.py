@@ -121,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     exp = experiment.load_config(args.config)       # every check before anything is computed or written
     threads = None if args.threads == "auto" else args.threads
-    if threads is None and hasattr(_device, "choose_threads"):
+    if threads is None:
         _device.choose_threads(0)                   # a bad DAML_THREADS: one line now, not after minutes
     if threads is not None:
         torch.set_num_threads(threads)
@@ -191,10 +191,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _describe_file(path: Path) -> str:
     """What a saved posterior or summary holds (opened lazily where this daml's io can)."""
-    if hasattr(io, "open_dataset"):
-        ds = io.open_dataset(path, lazy=True)
-    else:
-        ds = io.open_posterior(path)
+    ds = io.open_dataset(path, lazy=True)
     try:
         if ds.attrs.get("daml_kind") == "summary":
             return _describe_summary(ds)

@@ -55,8 +55,6 @@ analyses, ``experiments x analyses x members x variables`` float64 values, estim
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import sys
 import time
@@ -69,8 +67,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import _device, diagnostics, io
-from .errors import DamlError, DivergenceError, InputError, check_fits, check_int, check_real
+from . import _device, diagnostics, io, report
+from .errors import DivergenceError, InputError, check_fits, check_int, check_real
 from .filters import REGISTRY, make_filter, run
 from .filters.climatology import climatology_from_truth
 from .models import MODELS, make_model, observe_all, observe_every, observe_indices, observe_transformed
@@ -329,20 +327,6 @@ def output_settings(exp: Experiment) -> dict:
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
         raise InputError("config key 'output.compression'", "an int from 0 (none) to 9 (zlib level)",
                          repr(level)[:80])
-    if cfg["keep"] != "members" and not _RUN_KEEPS:
-        # filters.run cannot record summaries in this version: members it is (explicit requests refused)
-        if "keep" in given:
-            raise InputError("config key 'output.keep'", "'members' (this daml's filters.run records members only)",
-                             repr(cfg["keep"]))
-        cfg["keep"] = "members"
-    if cfg["thin"] != 1 and not _RUN_KEEPS:
-        raise InputError("config key 'output.thin'", "1 (this daml's filters.run records every analysis)", cfg["thin"])
-    for key, value in (("dtype", "float64"), ("compression", 0)):
-        if cfg[key] != value and key not in _TO_NETCDF:
-            if key in given:
-                raise InputError(f"config key 'output.{key}'", f"{value!r} (not supported by this daml's io.to_netcdf)",
-                                 repr(cfg[key]))
-            cfg[key] = value
     return cfg
 
 
@@ -619,18 +603,7 @@ def _label(m: dict) -> str:
 
 def _labels(methods: list[dict]) -> list[str]:
     """Short distinct labels (:func:`daml.report.labels` when present; else the full configuration)."""
-    report = _report()
-    if report is not None and hasattr(report, "labels"):
-        return list(report.labels([{k: v for k, v in m.items() if k != "note"} for m in methods]))
-    return [_label(m) for m in methods]
-
-
-def _report():
-    try:
-        from . import report
-    except ImportError:
-        return None
-    return report
+    return list(report.labels([{k: v for k, v in m.items() if k != "note"} for m in methods]))
 
 
 def _tag(exp: Experiment, index: int) -> str:
@@ -733,27 +706,13 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
     return data, scores
 
 
-try:                                    # the options this version's filters.run and io.to_netcdf know
-    _RUN_KEEPS = "keep" in inspect.signature(run).parameters
-except (TypeError, ValueError):         # pragma: no cover
-    _RUN_KEEPS = False
-try:
-    _TO_NETCDF = set(inspect.signature(io.to_netcdf).parameters)
-except (TypeError, ValueError):         # pragma: no cover
-    _TO_NETCDF = set()
 
 
 def _threads_for(exp: Experiment, plan: dict, n: int, threads: int | None):
     """The thread block of one method: :func:`daml._device.auto_threads` for its ensemble's size (or
-    ``threads`` when given); a plain block where this daml has no automatic choice."""
-    import contextlib
-
-    if hasattr(_device, "auto_threads") and hasattr(_device, "ensemble_work"):
-        work = _device.ensemble_work((exp.experiments, plan["members"], n))
-        return _device.auto_threads(work, threads=threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return contextlib.nullcontext()
+    ``threads`` when given)."""
+    work = _device.ensemble_work((exp.experiments, plan["members"], n))
+    return _device.auto_threads(work, threads=threads)
 
 
 def _run_method(exp: Experiment, index: int, m: dict, seed: Any, model: Any, op: Any, data: xr.Dataset,
@@ -762,7 +721,7 @@ def _run_method(exp: Experiment, index: int, m: dict, seed: Any, model: Any, op:
     params = _params(m)
     if m["name"] == "climatology":
         params = {"mean": clim[0], "cov": clim[1], **params}
-    kw = {"keep": plan["keep"], "thin": plan["thin"], "quantiles": QUANTILES} if _RUN_KEEPS else {}
+    kw = {"keep": plan["keep"], "thin": plan["thin"], "quantiles": QUANTILES}
     base = dict(method=m["name"], label=_label(m), config_label=_label(m), note=str(m.get("note", "")),
                 index=index, keep=plan["keep"])
     try:
@@ -847,9 +806,8 @@ def rank_counts(pit: xr.DataArray, bins: int) -> xr.DataArray:
 
 
 def _flag(scores: list[Score]) -> None:
-    """Set each score's ``flag`` from :func:`daml.report.lost_truth` (when present)."""
-    report = _report()
-    if report is None or not hasattr(report, "lost_truth") or not scores:
+    """Set each score's ``flag`` from :func:`daml.report.lost_truth`."""
+    if not scores:
         return
     for s, reason in zip(scores, report.lost_truth(scores)):
         s.flag = reason or ""
@@ -869,21 +827,8 @@ def _chunked_crps(post: xr.Dataset, truth: xr.DataArray, cells: int = 2_000_000)
 
 
 def format_table(exp: Experiment, scores: list[Score]) -> str:
-    """The comparison as a text table (:func:`daml.report.format_table` when present)."""
-    report = _report()
-    if report is not None and hasattr(report, "format_table"):
-        return report.format_table(exp, scores)
-    width = max(len(s.label) for s in scores)
-    lines = [f"{exp.name}: {exp.experiments} experiment(s), {exp.steps} model steps, burn-in {exp.burn_in} "
-             f"(medians over experiments)",
-             f"{'method':<{width}}  {'rmse.a':>7}  {'rmv.a':>7}  {'crps':>7}  {'cycles/s':>9}"]
-    for s in scores:
-        if s.diverged:
-            lines.append(f"{s.label:<{width}}  diverged at {s.diverged}")
-        else:
-            lines.append(f"{s.label:<{width}}  {s.rmse_a:>7.3f}  {s.rmv_a:>7.3f}  {s.crps:>7.3f}  "
-                         f"{s.cycles_per_second:>9.0f}")
-    return "\n".join(lines)
+    """The comparison as a text table (:func:`daml.report.format_table`)."""
+    return report.format_table(exp, scores)
 
 
 def _write_method(exp: Experiment, score: Score, folder: Path, cfg: dict) -> None:
@@ -892,26 +837,11 @@ def _write_method(exp: Experiment, score: Score, folder: Path, cfg: dict) -> Non
         return
     suffix = "_partial" if score.status == "diverged" else ""
     path = folder / f"{exp.name}_{_tag(exp, score.index)}{suffix}.nc"
-    kw = {}
-    if "compression" in _TO_NETCDF:
-        kw["compression"] = cfg["compression"]
-    if "dtype" in _TO_NETCDF:
-        kw["dtype"] = None if cfg["dtype"] == "float64" else cfg["dtype"]
+    kw = {"compression": cfg["compression"], "dtype": None if cfg["dtype"] == "float64" else cfg["dtype"]}
     post = score.posterior.assign_attrs(label=score.label, config_label=score.config_label,
                                         **({"note": score.note} if score.note else {}))
     io.to_netcdf(post, path, **kw)
     score.path, score.posterior = path, None
-
-
-def _strict(value: Any) -> Any:
-    """``value`` with every non-finite float as ``None`` (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 def write_scores(exp: Experiment, scores: list[Score], path: str | Path) -> Path:
@@ -934,12 +864,7 @@ def write_scores(exp: Experiment, scores: list[Score], path: str | Path) -> Path
                         "seconds": s.seconds, "rmse_a_per_experiment": list(s.rmse_a_each),
                         "file": None if s.path is None else s.path.name})
         table.append(row)
-    doc = _strict({"experiment": exp.name, "scores": table})
-    if hasattr(io, "write_json"):
-        io.write_json(doc, path)
-    else:
-        with io.atomic_write_path(path, suffix=".json") as tmp:
-            tmp.write_text(json.dumps(doc, indent=2, allow_nan=False))
+    io.write_json({"experiment": exp.name, "scores": table}, path)     # strict JSON: NaN as null
     return path
 
 
@@ -964,33 +889,4 @@ def write_outputs(exp: Experiment, data: xr.Dataset, scores: list[Score], out: P
 def _figure(exp: Experiment, data: xr.Dataset, scores: list[Score], out: Path) -> Path | None:
     if not any(s.rmse_t is not None for s in scores):     # every method diverged: nothing to draw
         return None
-    report = _report()
-    if report is not None and hasattr(report, "figure"):
-        return report.figure(exp, scores, out)
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [s for s in scores if s.rmse_t is not None]
-    fig, axes = plt.subplots(1, 1 + len(ok), figsize=(4.5 + 3.2 * len(ok), 3.6), squeeze=False)
-    ax = axes[0, 0]
-    for s in ok:
-        r = s.rmse_t
-        r = r.median([d for d in r.dims if d != "time"]) if r.ndim > 1 else r
-        ax.plot(r["time"], r, lw=0.8, label=s.label)
-    ax.set(yscale="log", xlabel="time", ylabel="RMSE of the mean", title="analysis RMSE")
-    ax.axvline(exp.burn_in, color="k", lw=0.6, ls=":")
-    ax.legend(fontsize=7)
-    for ax, s in zip(axes[0, 1:], ok):
-        if s.rank_counts is None:
-            continue
-        hist = s.rank_counts
-        ax.bar(hist["rank"], hist / hist.sum() * hist.sizes["rank"], width=1.0, color="C0")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(title=f"{s.method}: rank histogram (p {s.rank_pvalue:.2g})", xlabel="rank (weighted PIT bin)",
-               ylabel="density")
-    fig.tight_layout()
-    return io.save_figure(fig, out / f"{exp.name}.png", dpi=110)
+    return report.figure(exp, scores, out)

@@ -98,8 +98,6 @@ members = 8
 inflation = 3.0
 """
 
-SUMMARIES = hasattr(experiment, "_RUN_KEEPS") and experiment._RUN_KEEPS     # filters.run(keep="summary")
-UMASK_MODES = hasattr(io, "write_json")            # io writes files with the umask's modes
 
 
 def _daml(*args: str, umask: int | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -210,9 +208,8 @@ def test_each_method_is_written_as_it_finishes_with_log_lines_and_strict_json(tm
     out = tmp_path / "out"
     proc = _daml("run", str(cfg), "--out", str(out), "--no-progress", umask=0o022)
     assert proc.returncode == 0, proc.stderr
-    if UMASK_MODES:                                       # files others can read: the umask's modes
-        for p in out.iterdir():
-            assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode & 0o777))
+    for p in out.iterdir():                               # files others can read: the umask's modes
+        assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode & 0o777))
     log = proc.stderr.strip().splitlines()                # no terminal: a line per method started and finished
     assert len(log) == 4 and "[1/2]" in log[0] and "started" in log[0]
     assert "[2/2]" in log[3] and "rmse.a" in log[3] and log[3].rstrip().endswith(" s")
@@ -290,7 +287,6 @@ def test_ctrl_c_keeps_the_finished_methods_and_exits_130(tmp_path):
 
 # -- files others can read ------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not UMASK_MODES, reason="io writes files with the umask's modes in a later commit")
 @pytest.mark.parametrize("umask, mode", [(0o027, 0o640)])     # 0o022: in the test above
 def test_file_modes_follow_the_umask(tmp_path, umask, mode):
     cfg = _write(tmp_path, TINY.replace("steps = 30", "steps = 10"))
@@ -327,7 +323,6 @@ def test_info_gives_one_line_per_bad_file_and_goes_on(tmp_path):
 
 # -- output size ----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not SUMMARIES, reason="filters.run records summaries in a later commit")
 def test_default_experiment_plan_stays_under_100_mb():
     exp = experiment.load_config(None)
     plan = experiment.output_plan(exp)
@@ -355,7 +350,6 @@ def test_default_run_files_stay_under_100_mb(tmp_path):
     assert all(r["status"] == "done" for r in rows)
 
 
-@pytest.mark.skipif(not SUMMARIES, reason="filters.run records summaries in a later commit")
 def test_summary_recording_gives_the_scores_of_member_recording(tmp_path, capsys):
     text = TINY + '[[methods]]\nname = "bootstrap"\nmembers = 50\n'      # weighted members too
     scores = {}

@@ -3,7 +3,6 @@ statistics only; the summary equals the statistics of the full posterior, and it
 diagnostics of the full posterior."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
