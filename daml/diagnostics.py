@@ -216,7 +216,12 @@ def psis_kernel(log_ratio: torch.Tensor, r_eff: float = 1.0) -> tuple[torch.Tens
 def _sum_w_abs_diff(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``sum_{i,j} w_i w_j |x_i - x_j|`` over the last axis in O(N log N) (weights sum to one)."""
     xs, order = torch.sort(x, dim=-1)
-    ws = torch.gather(w, -1, order)
+    return _sum_w_abs_diff_sorted(xs, torch.gather(w, -1, order))
+
+
+def _sum_w_abs_diff_sorted(xs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """:func:`_sum_w_abs_diff` of members ``xs`` already sorted along the last axis, ``ws`` their
+    weights in the same order."""
     cum = torch.cumsum(ws, dim=-1)
     total = cum[..., -1:]
     return 2.0 * (ws * xs * (2.0 * cum - ws - total)).sum(-1)

@@ -159,7 +159,7 @@ def summary_kernel(x: torch.Tensor, log_weight: torch.Tensor, q: torch.Tensor,
         ``mean``, ``sd`` ``(...)`` (NaN where all the weight is on one member), ``quantile``
         ``(Q, ...)`` and, with ``y``, ``crps`` and ``pit`` ``(...)``.
     """
-    from ..diagnostics import pit_kernel
+    from ..diagnostics import _sum_w_abs_diff_sorted, pit_kernel
 
     w = torch.exp(log_weight)
     wsum = w.sum(-1)
@@ -178,9 +178,7 @@ def summary_kernel(x: torch.Tensor, log_weight: torch.Tensor, q: torch.Tensor,
         # crps_kernel's formula, sum_i w_i |x_i - y| - 1/2 sum_ij w_i w_j |x_i - x_j|, with the spread
         # term from the sorted members (a shift by y leaves the order and the differences unchanged)
         d = xs - y.unsqueeze(-1)
-        cum = torch.cumsum(ws, dim=-1)
-        spread_term = 2.0 * (ws * d * (2.0 * cum - ws - cum[..., -1:])).sum(-1)
-        out["crps"] = (ws * d.abs()).sum(-1) - 0.5 * spread_term
+        out["crps"] = (ws * d.abs()).sum(-1) - 0.5 * _sum_w_abs_diff_sorted(d, ws)
         out["pit"] = pit_kernel(x, w, y)
     return out
 
