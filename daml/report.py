@@ -407,8 +407,11 @@ def format_table(exp: Any, scores: Sequence[Any]) -> str:
     lost = _lost(rows, SPREAD_FACTOR)
     reasons = [r.flag or why for r, why in zip(rows, lost)]
     width = max(6, *(len(n) for n in names))
+    output = getattr(exp, "output", None)
+    thin = output.get("thin", 1) if isinstance(output, dict) else 1
+    scored = f", scored on every {thin}-th analysis only" if isinstance(thin, int) and thin > 1 else ""
     lines = _wrap(f"{exp.name}: {exp.experiments} experiment(s), {exp.steps} model steps, "
-                  f"burn-in {exp.burn_in} (medians over experiments)", indent="  ")
+                  f"burn-in {exp.burn_in}{scored} (medians over experiments)", indent="  ")
     lines.append(f"{'method':<{width}}  {'rmse.a':>8}  {'rmv.a':>8}  {'crps':>8}  {'cycles/s':>9}  flag")
     for name, r, why in zip(names, rows, reasons):
         if r.diverged:

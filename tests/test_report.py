@@ -354,3 +354,12 @@ def test_figure_out_that_is_an_existing_file_or_folder_is_refused_by_name(tmp_pa
     with pytest.raises(InputError, match="^out: "):
         report.figure(exp, scores, tmp_path / "dir.png")
     assert blocker.read_text() == "not a folder"
+
+
+def test_table_header_says_when_the_scores_come_from_thinned_analyses():
+    # thin > 1 scores fewer, correlated analyses: the table must not look like a full-run table
+    exp, scores = default_scores()
+    assert "every" not in report.format_table(exp, scores).splitlines()[0]
+    exp.output = {"thin": 4}
+    head = " ".join(" ".join(report.format_table(exp, scores).splitlines()[:2]).split())
+    assert "scored on every 4-th analysis only" in head
