@@ -303,20 +303,26 @@ def _check_cost_values(c: torch.Tensor) -> None:
                          hint="OT plans do not change when a constant is added to C; shift it")
 
 
-def _check_sizes(sizes: Any, batch: tuple[int, ...], n: int, m: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row and column masks ``(B, n)``, ``(B, m)`` of the problems' own sizes, and ``n_i m_i`` ``(B,)``."""
+def _integer_sizes(sizes: Any, shape: tuple[int, ...], what: str, per: str) -> np.ndarray:
+    """``sizes`` as an int64 array of exactly ``shape``, else a daml error naming ``sizes`` (``what``:
+    the integers expected, e.g. "integer sizes (n_i, m_i)"; ``per``: what one entry stands for)."""
+    if isinstance(sizes, (str, bytes)) or sizes is None:
+        raise DtypeError("sizes", f"{what}, {per}", repr(sizes))
     try:
         arr = sizes.detach().cpu().numpy() if isinstance(sizes, torch.Tensor) else np.asarray(sizes)
     except (ValueError, TypeError) as exc:                    # ragged nested sequences
-        raise ShapeError("sizes", f"shape {(*batch, 2)} (one pair (n_i, m_i) per problem)",
-                         f"{type(sizes).__name__} of ragged sequences") from exc
+        raise ShapeError("sizes", f"shape {shape} ({per})", f"{type(sizes).__name__} of ragged sequences") from exc
     if arr.dtype.kind not in "iu":
-        raise DtypeError("sizes", "integer sizes (n_i, m_i), one pair per problem", f"dtype {arr.dtype}")
-    if arr.shape != (*batch, 2):
-        raise ShapeError("sizes", f"shape {(*batch, 2)} (one pair (n_i, m_i) per problem of the batch {batch})",
-                         f"shape {arr.shape}")
-    arr = arr.reshape(-1, 2).astype(np.int64)
+        raise DtypeError("sizes", f"{what}, {per}", f"dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ShapeError("sizes", f"shape {shape} ({per} of the batch)", f"shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def _check_sizes(sizes: Any, batch: tuple[int, ...], n: int, m: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row and column masks ``(B, n)``, ``(B, m)`` of the problems' own sizes, and ``n_i m_i`` ``(B,)``."""
+    arr = _integer_sizes(sizes, (*batch, 2), "integer sizes (n_i, m_i)", "one pair per problem").reshape(-1, 2)
     for k, (name, full) in enumerate((("n_i", n), ("m_i", m))):
         lo, hi = int(arr[:, k].min()), int(arr[:, k].max())
         if lo < 1 or hi > full:

@@ -47,7 +47,7 @@ import ot
 import torch
 
 from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
-from .sinkhorn import _tensor, sinkhorn
+from .sinkhorn import _integer_sizes, _tensor, sinkhorn
 
 __all__ = ["ensemble_transform", "TransformResult", "second_order_correction", "SOLVERS"]
 
@@ -200,19 +200,7 @@ def _second_order_sized(transform: torch.Tensor, log_weight: torch.Tensor, sizes
 def _check_member_sizes(sizes: Any, batch: tuple[int, ...], n: int, device: torch.device) -> torch.Tensor:
     """Each problem's own member count ``N_i`` ``(B,)`` (int64), checked: integers of the batch's shape,
     ``1 <= N_i <= N``."""
-    if isinstance(sizes, (str, bytes)) or sizes is None:
-        raise DtypeError("sizes", "integer member counts N_i, one per ensemble", repr(sizes))
-    try:
-        arr = sizes.detach().cpu().numpy() if isinstance(sizes, torch.Tensor) else np.asarray(sizes)
-    except (ValueError, TypeError) as exc:                    # ragged nested sequences
-        raise ShapeError("sizes", f"shape {batch} (one member count per ensemble)",
-                         f"{type(sizes).__name__} of ragged sequences") from exc
-    if arr.dtype.kind not in "iu":
-        raise DtypeError("sizes", "integer member counts N_i, one per ensemble", f"dtype {arr.dtype}")
-    if arr.shape != batch:
-        raise ShapeError("sizes", f"shape {batch} (one member count per ensemble of x's batch)",
-                         f"shape {arr.shape}")
-    arr = arr.reshape(-1).astype(np.int64)
+    arr = _integer_sizes(sizes, batch, "integer member counts N_i", "one per ensemble").reshape(-1)
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 1 or hi > n:
         raise InputError("sizes", f"member counts with 1 <= N_i <= {n} (the padded member axis of x)",
