@@ -69,7 +69,7 @@ import xarray as xr
 
 from . import _device, diagnostics, io, report
 from .errors import DivergenceError, InputError, check_fits, check_int, check_real
-from .filters import REGISTRY, make_filter, run
+from .filters import REGISTRY, make_filter, run, summary_scores
 from .filters.climatology import climatology_from_truth
 from .models import MODELS, make_model, observe_all, observe_every, observe_indices, observe_transformed
 from .models.observations import TRANSFORMS
@@ -746,22 +746,19 @@ def _scores_of(post: xr.Dataset, truth: xr.DataArray, burn_in: float, members: i
     """rmse.a, rmv.a, crps (medians over experiments), rmse per truth and per time, and the rank
     histogram of a posterior with members or of a summary (its mean, sd, crps and pit)."""
     after = post["time"] > burn_in                         # not empty: check_experiment
-    if MEMBER in post.dims:
-        keep = post.sel(time=after)
-        r_all = diagnostics.rmse(post, truth)              # (time, experiment)
-        s = diagnostics.spread(keep)
-        c = _chunked_crps(keep, truth)
-        c = c.mean([d for d in c.dims if d not in r_all.dims])
-        thinned = keep.isel(time=slice(None, None, 5))      # thin: consecutive analyses are correlated
+    if MEMBER in post.dims:                                 # the scores only of the analyses scored
+        sc = summary_scores(post.sel(time=after), truth)
+        r_all = diagnostics.rmse(post, truth)              # (time, experiment): the figure's curve
+        thinned = post.sel(time=after).isel(time=slice(None, None, 5))   # consecutive analyses are correlated
         u = diagnostics.pit(thinned, truth)
         n_members = post.sizes[MEMBER]
     else:
-        from .filters import summary_scores
-
         sc = summary_scores(post, truth)
-        r_all, s, c = sc["rmse"], sc["spread"].sel(time=after), sc["crps"].sel(time=after)
+        r_all = sc["rmse"]
+        sc = sc.sel(time=after)
         u = post["pit"].sel(time=after).isel(time=slice(None, None, 5)) if "pit" in post else None
         n_members = int(post.attrs.get("members", members))
+    s, c = sc["spread"], sc["crps"]
     r = r_all.sel(time=after)
     per_exp = [d for d in r.dims if d != "time"]
     per_truth = r.mean("time")
@@ -811,19 +808,6 @@ def _flag(scores: list[Score]) -> None:
         return
     for s, reason in zip(scores, report.lost_truth(scores)):
         s.flag = reason or ""
-
-
-def _chunked_crps(post: xr.Dataset, truth: xr.DataArray, cells: int = 2_000_000) -> xr.DataArray:
-    """:func:`daml.diagnostics.crps` over blocks of times of at most about ``cells`` member values
-    each (its sorting works on copies of the members: thousands of members over all times at once
-    would need tens of GB), concatenated along time; the same values as in one call."""
-    per_time = max(1, int(np.prod([n for d, n in post["x"].sizes.items() if d != "time"])))
-    step = max(1, cells // per_time)
-    if post.sizes["time"] <= step:
-        return diagnostics.crps(post, truth)
-    parts = [diagnostics.crps(post.isel(time=slice(i, i + step)), truth)
-             for i in range(0, post.sizes["time"], step)]
-    return xr.concat(parts, dim="time")
 
 
 def format_table(exp: Experiment, scores: list[Score]) -> str:

@@ -236,10 +236,11 @@ def test_scores_of_large_ensembles_are_computed_in_blocks_of_times_with_the_same
     # the CRPS of thousands of members over all times at once needs tens of GB (the m40 TOML with 3000
     # particles was killed for memory); in blocks of times it is the same array
     from daml import diagnostics
+    from daml.filters.summary import blocked_crps
 
     model, op, data = _l96_twin(experiments=2, steps=30)
     post = filters.run(filters.bootstrap(members=30, jitter=1.0), model, data, seed=2, progress=False).analysis
     whole = diagnostics.crps(post, data["truth"])
-    blocks = experiment._chunked_crps(post, data["truth"], cells=2 * 30 * 10 * 4)     # 4 times per block
+    blocks = blocked_crps(post, data["truth"], cells=2 * 30 * 10 * 4)     # 4 times per block
     assert blocks.dims == whole.dims
     np.testing.assert_array_equal(blocks.values, whole.values)

@@ -297,6 +297,25 @@ def is_summary(ds: Any) -> bool:
     return isinstance(ds, xr.Dataset) and ds.attrs.get("daml_kind") == SUMMARY_KIND and MEMBER not in ds.dims
 
 
+def blocked_crps(post: xr.Dataset, truth: Any, cells: int = 2_000_000) -> xr.DataArray:
+    """:func:`daml.diagnostics.crps` of a one-variable posterior over blocks of times of at most about
+    ``cells`` member values each (its sorting works on copies of the members: thousands of members
+    over all times at once would need tens of GB), concatenated along time; the same values as in
+    one call."""
+    from .. import diagnostics
+
+    x = post[member_vars(post)[0]]
+    if "time" not in x.dims:
+        return diagnostics.crps(post, truth)
+    per_time = max(1, int(np.prod([n for d, n in x.sizes.items() if d != "time"])))
+    step = max(1, cells // per_time)
+    if post.sizes["time"] <= step:
+        return diagnostics.crps(post, truth)
+    parts = [diagnostics.crps(post.isel(time=slice(i, i + step)), truth)
+             for i in range(0, post.sizes["time"], step)]
+    return xr.concat(parts, dim="time")
+
+
 def summary_scores(result: xr.Dataset, truth: xr.DataArray | xr.Dataset) -> xr.Dataset:
     """RMSE, spread and CRPS from a posterior or from a summary, the same either way.
 
@@ -352,7 +371,7 @@ def summary_scores(result: xr.Dataset, truth: xr.DataArray | xr.Dataset) -> xr.D
         state = [d for d in x.dims if d not in keep and d != MEMBER]
         rmse = diagnostics.rmse(result, truth)
         spread = diagnostics.spread(result)
-        crps = diagnostics.crps(result, truth).mean(state)
+        crps = blocked_crps(result, truth).mean(state)
     else:
         raise InputError("result", "a posterior (with a 'member' dim) or a summary Dataset (attrs daml_kind="
                          "'summary')", type(result).__name__ if not isinstance(result, xr.Dataset)
