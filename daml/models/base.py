@@ -11,7 +11,24 @@ A model is any object with
 
 Everything else (stochastic propagation, tangent-linear maps for the EKF, the name and configuration
 recorded in a posterior's attrs) is derived from these by the functions below, so a user model needs
-only the four attributes. :class:`ODEModel` is a convenient base: subclass it and write the tendency
+only the four attributes.
+
+**Non-Gaussian transitions.** A model whose noise is not additive Gaussian (the Gaussian-mixture
+transition of :mod:`daml.models.mixture`, learned from observations) has ``noise_cov = None`` and two
+more methods:
+
+* ``sample_step(x, generator)``: one stochastic step, a draw from ``p(x_k | x_{k-1} = x)`` batched over
+  leading dims (reparameterised where the model can, so that gradients flow through the draw);
+* ``log_transition(x_prev, x)``: ``log p(x | x_prev)`` over the last axis, broadcasting the leading
+  dims of the two arguments against each other (``(..., 1, J, n)`` against ``(..., M, 1, n)`` gives
+  every pair).
+
+:func:`transition_sample` and :func:`transition_log_density` use them when present and the Gaussian
+``step(x) + N(0, Q)`` otherwise, so every filter that samples the model (ensemble Kalman filters,
+bootstrap and differentiable particle filters) runs such a model unchanged; ``step(x)`` is then the
+transition's mean. Filters whose algebra needs Gaussian model noise (Kalman filters, the
+optimal-proposal and equivalent-weights particle filters) refuse it through
+:func:`check_gaussian_transition` rather than treat it as a perfect model. :class:`ODEModel` is a convenient base: subclass it and write the tendency
 ``f(x)`` of ``dx/dt = f(x)``; the step is one classical fourth-order Runge-Kutta step.
 
 Example: a user-defined model (a damped linear oscillator)::
@@ -55,6 +72,10 @@ __all__ = [
     "covariance_root",
     "batched_jacobian",
     "periodic_covariance",
+    "transition_sample",
+    "transition_log_density",
+    "check_gaussian_transition",
+    "has_gaussian_transition",
 ]
 
 
@@ -270,6 +291,11 @@ def propagate(model: Model, x: torch.Tensor, steps: int = 1, seed: _device.Seed 
 
 def _propagate(model: Model, x: torch.Tensor, steps: int, seed: _device.Seed) -> torch.Tensor:
     """:func:`propagate` without the checks of its arguments (for callers that checked them once)."""
+    if not has_gaussian_transition(model):              # a model that draws its own steps
+        g = _device.generator(seed, x.device)
+        for _ in range(steps):
+            x = model.sample_step(x, g)
+        return x
     q = getattr(model, "noise_cov", None)
     root = None if q is None else covariance_root(q.to(x))
     g = None if q is None else _device.generator(seed, x.device)
@@ -278,6 +304,64 @@ def _propagate(model: Model, x: torch.Tensor, steps: int, seed: _device.Seed) ->
         if root is not None:
             x = x + torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device) @ root.T
     return x
+
+
+def has_gaussian_transition(model: Any) -> bool:
+    """Whether ``model`` steps as ``step(x) + N(0, Q)`` (``Q = noise_cov``, ``None`` for a perfect model)
+    rather than drawing its own steps with ``sample_step`` (see the module docstring)."""
+    return not callable(getattr(model, "sample_step", None))
+
+
+def check_gaussian_transition(model: Any, who: str) -> None:
+    """Refuse a model with a non-Gaussian transition (one with ``sample_step``), naming ``model``: for
+    the filters whose algebra needs ``x_k = step(x_{k-1}) + N(0, Q)`` (``who`` names the filter)."""
+    if not has_gaussian_transition(model):
+        raise InputError("model", f"a model with additive Gaussian noise (step(x) + N(0, noise_cov)) for {who}",
+                         f"{type(model).__name__}, whose transition is not Gaussian (it has sample_step)",
+                         hint="filters that sample the model run it: bootstrap, dpf, iapf, enkf, etkf, letkf, etpf")
+
+
+def transition_sample(model: Model, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One stochastic model step from every state of ``x`` ``(..., n)``: ``model.sample_step(x, g)``
+    where the model has it, else ``step(x)`` plus ``N(0, Q)`` noise (none for a perfect model). Not
+    checked (the filters' hot path); gradients flow through ``step`` and a reparameterised draw."""
+    if not has_gaussian_transition(model):
+        return model.sample_step(x, generator)
+    f = model.step(x)
+    q = getattr(model, "noise_cov", None)
+    if q is None:
+        return f
+    root = covariance_root(q.to(f))
+    return f + torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device) @ root.T
+
+
+def transition_log_density(model: Model, x_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``log p(x | x_prev)`` of one model step over the last axis, the leading dims of ``x_prev`` and
+    ``x`` broadcast against each other: ``model.log_transition`` where the model has it, else the
+    Gaussian ``N(x; step(x_prev), Q)``.
+
+    Raises
+    ------
+    InputError
+        Naming ``model`` for a perfect model (no ``noise_cov``: the transition has no density) or a
+        singular ``Q``.
+    """
+    own = getattr(model, "log_transition", None)
+    if callable(own):
+        return own(x_prev, x)
+    q = getattr(model, "noise_cov", None)
+    if q is None:
+        raise InputError("model", "a model with a transition density (noise_cov, or log_transition)",
+                         f"{type(model).__name__} without model noise (a perfect model has no density)")
+    f = model.step(x_prev)
+    chol, info = torch.linalg.cholesky_ex(q.to(f))
+    if int(info) != 0:
+        raise InputError("model", "a positive-definite noise_cov (a transition density)", "a singular one")
+    d = x - f
+    z = torch.linalg.solve_triangular(chol, d.reshape(-1, d.shape[-1]).T, upper=False).T.reshape(d.shape)
+    n = d.shape[-1]
+    return (-0.5 * (z * z).sum(-1) - torch.log(torch.diagonal(chol)).sum()
+            - 0.5 * n * math.log(2 * math.pi))
 
 
 def periodic_covariance(n: int, variance: float, length: float = 0.0, *, dtype=None, device=None) -> torch.Tensor:
