@@ -22,6 +22,7 @@ PARAMS = {
     "bootstrap": {"members": 30, "jitter": 0.5},
     "optimal": {"members": 30},
     "auxiliary": {"members": 30},
+    "iapf": {"members": 30},
     "ewpf": {"members": 12},
     "iewpf": {"members": 12, "keep": 0.8},
     "etpf": {"members": 12, "rejuvenation": 0.1},
@@ -260,12 +261,12 @@ MATRIX_MODELS = {                                   # tiny states, a little mode
 MATRIX_PARAMS = {
     "kf": {}, "ekf": {}, "enkf": {"members": 6}, "etkf": {"members": 6}, "letkf": {"members": 6, "radius": 2.0},
     "climatology": {"members": 6}, "bootstrap": {"members": 10, "jitter": 0.5}, "optimal": {"members": 10},
-    "auxiliary": {"members": 10}, "ewpf": {"members": 6}, "iewpf": {"members": 6, "keep": 0.8},
+    "auxiliary": {"members": 10}, "iapf": {"members": 10}, "ewpf": {"members": 6}, "iewpf": {"members": 6, "keep": 0.8},
     "etpf": {"members": 6, "rejuvenation": 0.1}, "letpf": {"members": 6, "radius": 2.0, "second_order": True},
     "diffusion": {"members": 6, "bandwidth": 0.3, "steps": 10}, "ensf": {"members": 6, "steps": 10},
 }
 LINEAR_ONLY = {"kf"}                                # refuse a model without step_matrix, naming model
-NEEDS_MODEL_NOISE = {"optimal", "auxiliary", "ewpf", "iewpf"}   # refuse a perfect model, naming model_noise
+NEEDS_MODEL_NOISE = {"optimal", "auxiliary", "iapf", "ewpf", "iewpf"}   # refuse a perfect model, naming model_noise
 
 
 def test_matrix_covers_every_filter_and_model():

@@ -49,7 +49,7 @@ def linear_problem():
     ("bootstrap", {"members": 300, "threshold": 1.0, "resampling": "multinomial"}),
     ("optimal", {"members": 300}),
     ("auxiliary", {"members": 150}),
-    ("auxiliary", {"members": 150, "improved": False}),
+    ("iapf", {"members": 150}),
 ])
 def test_evidence_is_unbiased_for_the_kalman_likelihood(name, params, linear_problem):
     # exp(log Z_hat) is unbiased for the exact likelihood p(y_1:T): over 400 independent runs on the
@@ -67,7 +67,7 @@ def test_evidence_is_unbiased_for_the_kalman_likelihood(name, params, linear_pro
     assert abs(np.mean(np.log(ratio))) < 0.5
 
 
-@pytest.mark.parametrize("name", ["bootstrap", "optimal", "auxiliary"])
+@pytest.mark.parametrize("name", ["bootstrap", "optimal", "auxiliary", "iapf"])
 def test_posterior_mean_approaches_the_kalman_filter(name, linear_problem):
     # Monte Carlo error of a weighted mean falls like 1/sqrt(N): 16 (8 for the O(N^2) auxiliary PF)
     # times more particles must at least halve the mean distance to the KF mean (the expected factor
@@ -76,7 +76,7 @@ def test_posterior_mean_approaches_the_kalman_filter(name, linear_problem):
     _, kf_mean, kf_var = _kalman(model, one)
     data = many.isel(experiment=slice(0, 20))
     errors = []
-    for n in (100, 1600 if name != "auxiliary" else 800):
+    for n in (100, 1600 if name not in ("auxiliary", "iapf") else 800):
         post = filters.run(filters.make_filter(name, members=n), model, data, seed=5, progress=False).analysis
         w = np.exp(post["log_weight"])
         mean = post["x"].weighted(w).mean("member")
@@ -382,7 +382,7 @@ def test_bad_parameters_raise_named_errors(call, argument):
 def test_proposal_filters_need_model_noise():
     model = models.Lorenz96(n=10)
     for filt in (filters.optimal(members=5), filters.ewpf(members=5), filters.iewpf(members=5),
-                 filters.auxiliary(members=5)):
+                 filters.auxiliary(members=5), filters.iapf(members=5)):
         with pytest.raises(daml.errors.InputError, match="model_noise"):
             filt.init(model, torch.zeros(10, dtype=torch.float64), torch.eye(10, dtype=torch.float64), generator(0))
 

@@ -17,7 +17,7 @@ from . import enkf as _enkf_module, letkf as _letkf_module  # noqa: F401  (the p
 from .enkf import enkf, etkf
 from .letkf import gaspari_cohn, letkf
 from . import particle as _particle_module, ewpf as _ewpf_module  # noqa: F401
-from .particle import auxiliary, bootstrap, optimal
+from .particle import auxiliary, bootstrap, iapf, optimal
 from .ewpf import equivalent_weights_step, ewpf, iewpf
 from . import etpf as _etpf_module  # noqa: F401
 from .etpf import etpf, letpf
@@ -28,6 +28,6 @@ __all__ = [
     "run", "RunResult", "operator_from_data", "summarise", "summary_scores", "climatology", "climatology_from_truth",
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
-    "bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",
+    "bootstrap", "optimal", "auxiliary", "iapf", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",
     "etpf", "letpf",
 ]

@@ -65,12 +65,13 @@ import torch
 from .. import _device
 from .. import resampling as _resampling
 from ..errors import DivergenceError, InputError, check_real
-from ..models.base import Model, as_covariance, covariance_root, periodic_covariance
+from ..models.base import (Model, as_covariance, check_gaussian_transition, covariance_root, has_gaussian_transition,
+                           periodic_covariance, transition_log_density, transition_sample)
 from ..models.observations import Observation
 from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, ensemble_members,
                    gaussian_loglik, weighted_anomalies, gaussian_logpdf_chol, masked_logpdf_chol, masked_observation, register)
 
-__all__ = ["bootstrap", "auxiliary", "optimal", "NoiseModel", "log_normalise"]
+__all__ = ["bootstrap", "auxiliary", "iapf", "optimal", "NoiseModel", "log_normalise"]
 
 
 # -- shared pieces -------------------------------------------------------------------------------------
@@ -450,7 +451,12 @@ def pairwise_log_kernel(x: torch.Tensor, centres: torch.Tensor, root: torch.Tens
 
 
 def model_noise_step(model: Model, noise: NoiseModel) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    """One model step with the filter's noise ``Q`` (none if ``Q`` is ``None``)."""
+    """One model step with the filter's noise ``Q`` (none if ``Q`` is ``None``). A model with a
+    non-Gaussian transition (``sample_step``, see :mod:`daml.models.base`) draws its own step
+    (:func:`daml.models.base.transition_sample`) unless the filter was given ``model_noise``."""
+
+    if noise.given is None and not has_gaussian_transition(model):
+        return lambda x, g: transition_sample(model, x, g)
 
     def step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         f = model.step(x)
@@ -474,10 +480,14 @@ def deferred_forecast(noise: NoiseModel) -> Callable[..., EnsembleState]:
     return forecast
 
 
-def _init_with(noise: NoiseModel, members: int):
+def _init_with(noise: NoiseModel, members: int, gaussian: str | None = None):
+    """``init`` resolving ``noise`` from the model; with ``gaussian`` (the filter's name) a model with
+    a non-Gaussian transition is refused (:func:`daml.models.base.check_gaussian_transition`)."""
     base = ensemble_init(members)
 
     def init(model, mean, cov, g):
+        if gaussian is not None:
+            check_gaussian_transition(model, gaussian)
         noise.resolve(model)
         return base(model, mean, cov, g)
 
@@ -561,30 +571,80 @@ def optimal(members: int, threshold: float = 0.5, resampling: str = "systematic"
 
     config = {"members": members, "threshold": threshold, "resampling": resampling, "jitter": jitter,
               "model_noise": noise.config(), "record": record}
-    return Filter("optimal", config, _init_with(noise, members), deferred_forecast(noise), analysis,
+    return Filter("optimal", config, _init_with(noise, members, "optimal"), deferred_forecast(noise), analysis,
                   particle_members, lookahead=True, inference=True)
 
 
-# -- auxiliary ------------------------------------------------------------------------------------------
+# -- auxiliary particle filters -------------------------------------------------------------------------
+
+def apf_first_stage(loglik: torch.Tensor, log_weight: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Unnormalised log first-stage weights of the improved auxiliary particle filter (Elvira et al.
+    2019): ``log lambda_i = log p(y | mu_i) + log sum_j w_j f(mu_i | x_j) - log sum_j f(mu_i | x_j)``.
+
+    ``loglik`` ``(*batch, N)``: ``log p(y | mu_i)``; ``log_weight`` ``(*batch, J)``: the normalised
+    previous log-weights; ``kernel`` ``(*batch, N, J)``: ``log f(mu_i | x_j)``.
+    """
+    return loglik + torch.logsumexp(log_weight.unsqueeze(-2) + kernel, -1) - torch.logsumexp(kernel, -1)
+
+
+def apf_second_stage(loglik: torch.Tensor, log_weight: torch.Tensor, log_lambda: torch.Tensor,
+                     kernel: torch.Tensor) -> torch.Tensor:
+    """Unnormalised log second-stage (multiple-importance-sampling) weights of an auxiliary particle
+    filter: ``log w_i = log p(y | x_i) + log sum_j w_j f(x_i | x_j) - log sum_j lambda_j f(x_i | x_j)``,
+    the target over the mixture proposal the particles were drawn from.
+
+    ``loglik`` ``(*batch, N)``: ``log p(y | x_i)``; ``log_weight``, ``log_lambda`` ``(*batch, J)``:
+    the normalised previous and first-stage log-weights; ``kernel`` ``(*batch, N, J)``: ``log f(x_i | x_j)``.
+    """
+    return (loglik + torch.logsumexp(log_weight.unsqueeze(-2) + kernel, -1)
+            - torch.logsumexp(log_lambda.unsqueeze(-2) + kernel, -1))
+
+
+def _apf_result(x: torch.Tensor, log_w: torch.Tensor, who: str):
+    """The analysis state (second-stage weights carried, normalised) and its ``info``: the evidence
+    increment is the log of the mean of the unnormalised second-stage weights."""
+    new_lw, log_z = log_normalise(torch.nan_to_num(log_w, nan=-math.inf), who)
+    return EnsembleState(x, new_lw), {"ess": kish_ess(new_lw), "resampled": torch.ones_like(log_z),
+                                      "loglik": log_z - math.log(x.shape[-2])}
+
+
+def _observation_loglik(x: torch.Tensor, y: torch.Tensor, operator: Observation, mask: torch.Tensor) -> torch.Tensor:
+    return gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
+
 
 @register("auxiliary")
-def auxiliary(members: int, improved: bool = True, resampling: str = "systematic", model_noise: Any = None) -> Filter:
-    """Auxiliary particle filter with multiple-importance-sampling weights (see the module docstring).
+def auxiliary(members: int, resampling: str = "systematic", model_noise: Any = None, **removed: Any) -> Filter:
+    """The auxiliary particle filter of Pitt & Shephard (1999) with multiple-importance-sampling
+    second-stage weights (see the module docstring).
+
+    First stage: ancestors drawn with ``lambda_i ~ w_i N(y; h(f_i), H Q H^T + R)`` (the predictive
+    likelihood of the forecast ``f_i``, ``h`` linearised there); second stage: each drawn ancestor
+    moved with the model noise and weighted by :func:`apf_second_stage`. For the improved first stage
+    of Elvira et al. (2019) use :func:`iapf`.
 
     Parameters
     ----------
     members : int
         Number of particles.
-    improved : bool
-        First-stage weights of the improved APF (Elvira et al. 2019) instead of Pitt & Shephard's.
     resampling : str
         Scheme for the first-stage (ancestor) draw.
     model_noise : optional
         ``Q``; must be positive definite (the second-stage weights evaluate ``N(x; f_j, Q)``).
+
+    Raises
+    ------
+    InputError
+        Naming ``improved`` (a keyword of earlier versions: the improved filter is now ``iapf``), and
+        at ``init`` ``model`` for a model with a non-Gaussian transition and ``model_noise`` for a
+        perfect model without ``model_noise``.
     """
+    if "improved" in removed:
+        raise InputError("improved", "no such keyword: 'auxiliary' is the classic auxiliary particle filter",
+                         repr(removed["improved"]),
+                         hint="the improved auxiliary particle filter of Elvira et al. (2019) is the filter 'iapf'")
+    if removed:
+        raise TypeError(f"auxiliary() got an unexpected keyword argument {sorted(removed)[0]!r}")
     members = check_members(members)
-    if not isinstance(improved, bool):
-        raise InputError("improved", "True or False", repr(improved))
     resampling = check_resampling(resampling)
     noise = NoiseModel(model_noise, "the auxiliary particle filter", required=True)
 
@@ -596,24 +656,130 @@ def auxiliary(members: int, improved: bool = True, resampling: str = "systematic
         h, r = masked_linear(operator, mask, f, at=f)
         s = h @ q @ h.transpose(-1, -2) + (r if h.ndim == r.ndim else r.unsqueeze(-3))
         look = gaussian_loglik(operator.residual(y.unsqueeze(-2), f), s, mask)        # log p^(y | f_i)
-        if improved:
-            kern = pairwise_log_kernel(f, f, q_chol)                                  # (.., i, j)
-            log_lam = look + torch.logsumexp(lw.unsqueeze(-2) + kern, -1) - torch.logsumexp(kern, -1)
-        else:
-            log_lam = lw + look
-        log_lam, _ = log_normalise(torch.nan_to_num(log_lam, nan=-math.inf), "auxiliary (first stage)")
+        log_lam, _ = log_normalise(torch.nan_to_num(lw + look, nan=-math.inf), "auxiliary (first stage)")
         anc = _resampling.resample(torch.exp(log_lam), method=resampling, seed=g)
         mean = gather_members(f, anc)
         x = mean + torch.randn(f.shape, generator=g, dtype=f.dtype, device=f.device) @ q_root.transpose(-1, -2)
         kern_x = pairwise_log_kernel(x, f, q_chol)                                    # (.., m, j)
-        ll = gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask)
-        log_w = (ll + torch.logsumexp(lw.unsqueeze(-2) + kern_x, -1)
-                 - torch.logsumexp(log_lam.unsqueeze(-2) + kern_x, -1))
-        new_lw, log_z = log_normalise(torch.nan_to_num(log_w, nan=-math.inf), "auxiliary")
-        n = float(members)
-        return EnsembleState(x, new_lw), {"ess": kish_ess(new_lw), "resampled": torch.ones_like(log_z),
-                                          "loglik": log_z - math.log(n)}
+        log_w = apf_second_stage(_observation_loglik(x, y, operator, mask), lw, log_lam, kern_x)
+        return _apf_result(x, log_w, "auxiliary")
 
-    config = {"members": members, "improved": improved, "resampling": resampling, "model_noise": noise.config()}
-    return Filter("auxiliary", config, _init_with(noise, members), deferred_forecast(noise), analysis,
+    config = {"members": members, "resampling": resampling, "model_noise": noise.config()}
+    return Filter("auxiliary", config, _init_with(noise, members, "auxiliary"), deferred_forecast(noise), analysis,
                   ensemble_members, lookahead=True, inference=True)
+
+
+class _Pending(EnsembleState):
+    """The forecast state of :func:`iapf` one step before an observation for a model that draws its
+    own steps: ``x`` are the predicted means ``mu_i = model.step(prev_i)``, and the state keeps the
+    particles ``prev`` before that step and the ``model`` whose transition the analysis evaluates."""
+
+    def __new__(cls, x: torch.Tensor, log_weight: torch.Tensor, prev: torch.Tensor, model: Model) -> "_Pending":
+        self = super().__new__(cls, x, log_weight)
+        self.prev = prev
+        self.model = model
+        return self
+
+
+@register("iapf")
+def iapf(members: int, resampling: str = "multinomial", model_noise: Any = None) -> Filter:
+    """The improved auxiliary particle filter of Elvira, Martino, Bugallo & Djuric (2019).
+
+    At an observation ``y`` the previous weighted particles ``{x_j, w_j}`` are moved in two stages:
+
+    1. first-stage weights at the predicted means ``mu_i = E[x_t | x_j = x_i]`` (the model step),
+       ``lambda_i ~ p(y | mu_i) sum_j w_j f(mu_i | x_j) / sum_j f(mu_i | x_j)`` (:func:`apf_first_stage`);
+       ``p(y | mu_i)`` is the observation likelihood at the point ``mu_i``, the paper's choice (not a
+       predictive likelihood). Where the transition kernels overlap the ratio corrects ``lambda``
+       for the particles' crowding, so the proposal mixture matches the predictive prior there;
+    2. ancestors ``a_i ~ lambda``, ``x_i ~ f(x | x_{a_i})``, and second-stage weights
+       ``w_i ~ p(y | x_i) sum_j w_j f(x_i | x_j) / sum_j lambda_j f(x_i | x_j)``
+       (:func:`apf_second_stage`), the target over the mixture proposal (multiple importance
+       sampling), carried to the next analysis (not reset).
+
+    ``info``: ``ess`` of the second-stage weights, ``resampled`` (always 1: ancestors are drawn at
+    every analysis) and ``loglik``, the log of the mean of the unnormalised second-stage weights,
+    whose exponential is an unbiased estimate of ``p(y_t | y_1:t-1)``. ``O(N^2)`` kernel
+    evaluations per analysis, batched.
+
+    The transition ``f`` is the model's: ``N(x; model.step(x_j), Q)`` (pairwise through one whitened
+    matrix product) for a Gaussian model or with ``model_noise``, else the model's own
+    ``sample_step`` and ``log_transition`` (:func:`daml.models.base.transition_sample`,
+    :func:`daml.models.base.transition_log_density`), for example a
+    :class:`daml.models.mixture.MixtureTransition`. When several model steps separate two
+    observations the earlier ones follow the transition with weights unchanged.
+
+    Parameters
+    ----------
+    members : int
+        Number of particles ``N`` (at least 2).
+    resampling : str
+        Scheme for the ancestor draw: ``"multinomial"`` (default, as in the paper), ``"systematic"``,
+        ``"stratified"`` or ``"residual"``.
+    model_noise : optional
+        ``Q`` for the filter's transition ``N(model.step(x), Q)`` instead of the model's (as for
+        :func:`optimal`); must be positive definite.
+
+    Raises
+    ------
+    InputError
+        Naming ``members``, ``resampling`` or ``model_noise`` for bad values; at ``init``
+        ``model_noise`` for a perfect Gaussian model without ``model_noise`` (its transition has no
+        density) and ``model`` for a model with ``sample_step`` but no ``log_transition``.
+    """
+    members = check_members(members)
+    resampling = check_resampling(resampling)
+    noise = NoiseModel(model_noise, "the improved auxiliary particle filter", required=True)
+
+    def own_transition(model: Model) -> bool:          # the model draws its own steps (no override)
+        return noise.given is None and not has_gaussian_transition(model)
+
+    base = ensemble_init(members)
+
+    def init(model, mean, cov, g):
+        if own_transition(model):
+            if not callable(getattr(model, "log_transition", None)):
+                raise InputError("model", "a model with log_transition(x_prev, x) (the transition density the "
+                                 "iapf weights evaluate), or model_noise", type(model).__name__,
+                                 hint="its sample_step has no density")
+        else:
+            noise.resolve(model)
+        return base(model, mean, cov, g)
+
+    def forecast(state: EnsembleState, model: Model, g: torch.Generator, upcoming: Upcoming | None = None):
+        if upcoming is not None and upcoming.steps == 1:
+            mu = model.step(state.x)
+            if own_transition(model):
+                return _Pending(mu, state.log_weight, state.x, model)
+            return EnsembleState(mu, state.log_weight)
+        return EnsembleState(model_noise_step(model, noise)(state.x, g), state.log_weight)
+
+    def analysis(state: EnsembleState, y: torch.Tensor, operator: Observation, mask: torch.Tensor,
+                 g: torch.Generator):
+        mu, lw = state
+        prev = getattr(state, "prev", None)
+        if prev is None:                                   # f(x | x_j) = N(x; mu_j, Q)
+            q, q_root = noise.get(mu, lw)
+            if q is None:
+                raise InputError("state", "the forecast of iapf's own forecast step (it keeps the particles "
+                                 "before the step for a model with sample_step)", type(state).__name__)
+            q_chol = torch.linalg.cholesky(q)
+            kern_mu = pairwise_log_kernel(mu, mu, q_chol)                            # (.., i, j)
+        else:
+            model = state.model
+            kern_mu = transition_log_density(model, prev.unsqueeze(-3), mu.unsqueeze(-2))
+        log_lam = apf_first_stage(_observation_loglik(mu, y, operator, mask), lw, kern_mu)
+        log_lam, _ = log_normalise(torch.nan_to_num(log_lam, nan=-math.inf), "iapf (first stage)")
+        anc = _resampling.resample_normalised(torch.exp(log_lam), resampling, g)
+        if prev is None:
+            eps = torch.randn(mu.shape, generator=g, dtype=mu.dtype, device=mu.device)
+            x = gather_members(mu, anc) + eps @ q_root.transpose(-1, -2)
+            kern_x = pairwise_log_kernel(x, mu, q_chol)                              # (.., i, j)
+        else:
+            x = transition_sample(model, gather_members(prev, anc), g)
+            kern_x = transition_log_density(model, prev.unsqueeze(-3), x.unsqueeze(-2))
+        log_w = apf_second_stage(_observation_loglik(x, y, operator, mask), lw, log_lam, kern_x)
+        return _apf_result(x, log_w, "iapf")
+
+    config = {"members": members, "resampling": resampling, "model_noise": noise.config()}
+    return Filter("iapf", config, init, forecast, analysis, ensemble_members, lookahead=True, inference=True)
