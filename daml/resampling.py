@@ -48,6 +48,56 @@ Conventions
   for all four schemes). On CUDA the stream is counter-based and this equality is not promised.
   Same seed, same device: the same ancestors, bit for bit on the CPU.
 
+Differentiable resampling
+-------------------------
+Resampling draws discrete ancestors, so the new particles are piecewise constant in the weights and
+ordinary backpropagation sees no dependence on them at all: the gradient of a particle filter's
+output with respect to the parameters that shaped the weights is lost (and the gradient of a
+log-likelihood estimate is biased). Three remedies are offered, all with the signature
+``(x, log_weight, ...) -> Resampled`` for particles ``x`` ``(*batch, N, n)`` and log-weights
+``(*batch, N)`` (normalised or not; ``-inf`` marks a zero weight), and dispatched by name by
+:func:`differentiable` (the names are :data:`DIFFERENTIABLE`):
+
+:func:`stop_gradient` (Scibior & Wood 2021)
+    The forward pass is ordinary resampling, unchanged: the ancestors are drawn exactly as
+    :func:`daml.filters.particle.resample_where` draws them, the new log-weights have the value
+    ``-log N`` exactly. Each new log-weight is written ``lw[a] - stop(lw[a]) - log N``, which is zero
+    plus a constant in value but carries the derivative of the ancestor's log-weight. For any test
+    function ``phi``, the gradient of ``sum_j w'_j phi(x'_j)`` is then, in expectation over the
+    ancestors, exactly the gradient of ``sum_i w_i phi(x_i)``: the estimator is **unbiased**. It is
+    a score-function (REINFORCE-type) estimator, so its variance grows with the spread of the
+    weights' derivatives; it needs no tuning and costs nothing beyond resampling.
+:func:`soft` (Karkus, Hsu & Lee 2018)
+    Ancestors are drawn from the mixture ``q = alpha w + (1 - alpha) / N`` and reweighted by
+    importance, ``w'_j ∝ w[a_j] / q[a_j]``, so the new weights depend on the old ones smoothly and
+    the gradient passes through them. Unnormalised (``normalise=False``: ``w'_j = w[a_j] /
+    (N q[a_j])``), weighted expectations *and* their gradients are unbiased; normalised (the
+    default, weights summing to one) they are consistent with an ``O(1/N)`` bias, as any
+    self-normalised estimate. ``alpha`` trades the two costs: ``alpha = 1`` is ordinary resampling
+    (equal weights in value; with ``q`` held constant the gradient is then the stop-gradient one),
+    and as ``alpha -> 0`` the ancestors become uniform and the resampling stops removing
+    low-weight particles (the weights stay as uneven as before).
+:func:`optimal_transport` (Corenflos, Thornton, Deligiannidis & Doucet 2021)
+    Deterministic: the weighted ensemble is moved to an equally weighted one by the entropic
+    optimal-transport map of :func:`daml.transport.ensemble_transform` (``solver="sinkhorn"``),
+    ``x'_j = N sum_i P_ij x_i``. The map is smooth in ``x`` and ``log_weight`` and differentiated
+    implicitly (no unrolled iterations); the new equally weighted mean equals the weighted mean to
+    the Sinkhorn tolerance. Its bias is the entropic blur: the new members are contracted towards
+    the mean, so the covariance is too small by an amount that vanishes with ``epsilon`` (the
+    regularisation as a fraction of the mean squared distance between members), while the
+    gradients grow noisier and the iterations more numerous as ``epsilon`` shrinks. Cost:
+    ``O(N^2)`` memory and work per iteration, and an ``N x N`` solve in the backward pass.
+
+Scibior, A. & Wood, F. (2021). Differentiable particle filtering without modifying the forward
+pass. arXiv:2106.10314.
+
+Karkus, P., Hsu, D. & Lee, W. S. (2018). Particle filter networks with application to visual
+localization. *Proceedings of the 2nd Conference on Robot Learning (CoRL)*, PMLR 87.
+
+Corenflos, A., Thornton, J., Deligiannidis, G. & Doucet, A. (2021). Differentiable particle
+filtering via entropy-regularized optimal transport. *Proceedings of the 38th International
+Conference on Machine Learning (ICML)*, PMLR 139.
+
 References
 ----------
 Kitagawa, G. (1996). Monte Carlo filter and smoother for non-Gaussian nonlinear state space models.
@@ -78,13 +128,15 @@ tensor([4, 4])
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+import warnings
+from typing import Any, Callable, NamedTuple, Union
 
 import numpy as np
 import torch
 
 from ._device import Seed, as_tensor, generator
-from .errors import DtypeError, InputError, NonFiniteError, ShapeError, check_fits
+from .errors import (ConvergenceWarning, DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError, check_fits,
+                     check_real)
 
 __all__ = [
     "METHODS",
@@ -94,6 +146,12 @@ __all__ = [
     "residual",
     "resample",
     "offspring_counts",
+    "Resampled",
+    "DIFFERENTIABLE",
+    "stop_gradient",
+    "soft",
+    "optimal_transport",
+    "differentiable",
 ]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -617,3 +675,300 @@ def offspring_counts(ancestors: ArrayLike, n_particles: int) -> torch.Tensor:
         raise InputError("ancestors", f"indices in [0, {int(n_particles)})", f"values in [{lo}, {hi}]")
     ones = torch.ones((), dtype=torch.int64, device=a.device).expand(a.shape)
     return counts.scatter_add_(-1, a, ones)
+
+
+# --------------------------------------------------------------------------------------------------
+# differentiable resampling (see the module notes)
+
+
+class Resampled(NamedTuple):
+    """What the differentiable resamplers return for particles ``x`` ``(*batch, N, n)``."""
+
+    x: torch.Tensor
+    """The new particles ``(*batch, N, n)``, differentiable with respect to the old ones."""
+    log_weight: torch.Tensor
+    """Their log-weights ``(*batch, N)``: normalised (``logsumexp`` 0 over the last axis) except for
+    :func:`soft` with ``normalise=False``."""
+    ancestors: torch.Tensor | None
+    """``int64`` ancestor indices ``(*batch, N)``, or ``None`` for :func:`optimal_transport` (no
+    particle has a single ancestor)."""
+
+
+DIFFERENTIABLE = ("stop_gradient", "soft", "optimal_transport")
+"""The names :func:`differentiable` accepts."""
+
+
+def _check_particles(x: Any, log_weight: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(*batch, N, n)`` and ``log_weight`` ``(*batch, N)`` checked, on one device and dtype.
+
+    Autograd is kept (tensors are converted with ``Tensor.to``). The log-weights may be unnormalised
+    and may hold ``-inf`` (zero weight), but no NaN or ``+inf``, and each row needs a finite entry.
+    """
+    x = as_tensor(x, "x")
+    if x.ndim < 2 or x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ShapeError("x", "particles of shape (*batch, N, n) with N, n >= 1", f"shape {tuple(x.shape)}")
+    x = _widen_half(x)
+    lw = as_tensor(log_weight, "log_weight", dtype=x.dtype, device=x.device)
+    if tuple(lw.shape) != tuple(x.shape[:-1]):
+        raise ShapeError("log_weight", f"shape {tuple(x.shape[:-1])} (one per particle of x)",
+                         f"shape {tuple(lw.shape)}")
+    if x.numel() and not bool(torch.isfinite(x.detach()).all()):
+        n_bad = int((~torch.isfinite(x.detach())).sum())
+        raise NonFiniteError("x", "finite particles", f"{n_bad} NaN or infinite entries")
+    if lw.numel():
+        d = lw.detach()
+        if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
+            raise NonFiniteError("log_weight", "log-weights without NaN or +inf (-inf is a zero weight)",
+                                 f"{int(torch.isnan(d).sum())} NaN and {int((d == math.inf).sum())} +inf entries")
+        dead = ~torch.isfinite(d).any(-1)
+        if bool(dead.any()):
+            raise InputError("log_weight", "at least one finite log-weight in every batch row",
+                             f"{int(dead.sum())} all -inf row(s) out of {dead.numel()}")
+    return x, lw
+
+
+def _check_scheme(scheme: Any) -> str:
+    if not isinstance(scheme, str) or scheme not in METHODS:
+        raise InputError("scheme", f"one of {sorted(METHODS)}", repr(scheme))
+    return scheme
+
+
+def _draw_log(log_w: torch.Tensor, scheme: str, g: torch.Generator) -> torch.Tensor:
+    """Ancestors for (detached) log-weights ``(*batch, N)``: ``resample_normalised(exp(log_w))``.
+
+    Rows whose largest log-weight lies within ``[-50, 50]`` (normalised ones, in particular) are
+    exponentiated as they are, which is exactly the call :func:`daml.filters.particle.resample_where`
+    makes with normalised log-weights, hence the same ancestors from the same stream. Other rows are
+    shifted by their maximum first, so that ``exp`` neither overflows nor underflows.
+    """
+    top = log_w.amax(-1, keepdim=True)
+    shift = torch.where(top.abs() <= 50.0, torch.zeros_like(top), top)
+    return resample_normalised(torch.exp(log_w - shift) if bool((shift != 0).any()) else torch.exp(log_w),
+                               scheme, g)
+
+
+def _gather(x: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """``x[..., ancestors[..., j], :]`` (the same gather as :func:`daml.filters.particle.gather_members`)."""
+    return torch.gather(x, -2, ancestors.unsqueeze(-1).expand(*ancestors.shape, x.shape[-1]))
+
+
+def stop_gradient(x: Any, log_weight: Any, *, scheme: str = "multinomial", seed: Seed = None) -> Resampled:
+    r"""Stop-gradient resampling (Scibior & Wood 2021): ordinary resampling whose weights carry gradients.
+
+    The forward values are those of ordinary resampling, bit for bit: the ancestors are
+    ``resample_normalised(exp(log_weight), scheme, g)`` (the call of
+    :func:`daml.filters.particle.resample_where`; rows far from normalised are shifted by their
+    maximum first), the new particles ``x[a]`` and the new log-weights exactly ``-log N``. Each new
+    log-weight is computed as ``lw[a] - stop(lw[a]) - log N`` with ``lw`` the normalised log-weights,
+    so its derivative is that of the ancestor's log-weight, and for any ``phi`` the gradient of
+    ``sum_j w'_j phi(x'_j)`` is an unbiased estimate of the gradient of ``sum_i w_i phi(x_i)``.
+
+    Parameters
+    ----------
+    x : (*batch, N, n) tensor
+        Particles; gradients flow through the gathered copies.
+    log_weight : (*batch, N) tensor
+        Log-weights, normalised or not (``-inf``: zero weight, never drawn).
+    scheme : str
+        A resampling scheme of :data:`METHODS` (default ``"multinomial"``).
+    seed : int, numpy.random.SeedSequence, torch.Generator or None
+        Random stream (:func:`daml._device.generator`); a generator is advanced.
+
+    Returns
+    -------
+    Resampled
+        ``x`` ``(*batch, N, n)``, ``log_weight`` ``(*batch, N)`` (value ``-log N``), ``ancestors``
+        ``(*batch, N)`` int64.
+
+    Raises
+    ------
+    ShapeError, NonFiniteError, InputError, DtypeError, SeedError
+        Naming ``x``, ``log_weight``, ``scheme`` or ``seed``.
+    """
+    x, lw = _check_particles(x, log_weight)
+    scheme = _check_scheme(scheme)
+    g = generator(seed, device=x.device)
+    n_particles = x.shape[-2]
+    ancestors = _draw_log(lw.detach(), scheme, g)
+    lwn = torch.log_softmax(lw, -1)
+    picked = torch.gather(lwn, -1, ancestors)
+    new_lw = (picked - picked.detach()) - math.log(n_particles)
+    return Resampled(_gather(x, ancestors), new_lw, ancestors)
+
+
+def soft(x: Any, log_weight: Any, *, alpha: float = 0.5, scheme: str = "multinomial", normalise: bool = True,
+         seed: Seed = None) -> Resampled:
+    r"""Soft resampling (Karkus, Hsu & Lee 2018): draw from a mixture with the uniform, reweight by importance.
+
+    Ancestors are drawn from ``q = alpha w + (1 - alpha) / N`` (held constant for differentiation) and
+    the new weights are ``w'_j = w[a_j] / (N q[a_j])``; gradients flow through ``w[a_j]`` and the
+    gathered particles. With ``normalise=False`` these weights are returned as they are: their sum has
+    expectation 1, and ``E[sum_j w'_j phi(x'_j)] = sum_i w_i phi(x_i)`` for every ``phi``, gradients
+    included (unbiased for every scheme of :data:`METHODS`, each having ``E[copies_i] = N q_i``).
+    Keep them unnormalised in a particle filter whose likelihood estimate must stay unbiased. With
+    ``normalise=True`` (the default) they are normalised to sum to one, a self-normalised estimate:
+    consistent, with an ``O(1/N)`` bias.
+
+    ``alpha = 1`` is ordinary resampling: the weights ``w[a] / q[a]`` are equal in value, and because
+    ``q`` is held constant their gradient is that of :func:`stop_gradient` (exactly so with
+    ``normalise=False``). Smaller ``alpha`` keeps more gradient signal in the weights and leaves them
+    less even after resampling (``alpha -> 0``: uniform ancestors, the weights unchanged in law).
+
+    Parameters
+    ----------
+    x : (*batch, N, n) tensor
+        Particles.
+    log_weight : (*batch, N) tensor
+        Log-weights, normalised or not (``-inf``: zero weight, never drawn when ``alpha = 1``; when
+        drawn with ``alpha < 1`` it keeps weight zero).
+    alpha : float
+        Mixing weight in ``(0, 1]``.
+    scheme : str
+        A resampling scheme of :data:`METHODS` (default ``"multinomial"``).
+    normalise : bool
+        Normalise the new log-weights (default) or keep the unbiased, unnormalised ones.
+    seed : int, numpy.random.SeedSequence, torch.Generator or None
+        Random stream; a generator is advanced.
+
+    Returns
+    -------
+    Resampled
+
+    Raises
+    ------
+    ShapeError, NonFiniteError, InputError, DtypeError, SeedError
+        Naming ``x``, ``log_weight``, ``alpha``, ``scheme``, ``normalise`` or ``seed``.
+    DivergenceError
+        With ``normalise=True``, when every ancestor drawn in a row has weight zero (possible only
+        with ``-inf`` log-weights and ``alpha < 1``): such a row cannot be normalised.
+    """
+    x, lw = _check_particles(x, log_weight)
+    a = check_real(alpha, "alpha", positive=True, expected="a mixing weight in (0, 1]")
+    if a > 1.0:
+        raise InputError("alpha", "a mixing weight in (0, 1]", repr(alpha))
+    scheme = _check_scheme(scheme)
+    if not isinstance(normalise, (bool, np.bool_)):
+        raise InputError("normalise", "True or False", repr(normalise))
+    g = generator(seed, device=x.device)
+    n_particles = x.shape[-2]
+    lwn = torch.log_softmax(lw, -1)
+    uniform = math.log1p(-a) - math.log(n_particles) if a < 1.0 else -math.inf
+    # log q in log space: alpha = 1 gives log q = log w exactly (log 1 = 0, logaddexp(y, -inf) = y)
+    log_q = torch.logaddexp(lwn.detach() + math.log(a), torch.full_like(lwn, uniform).detach())
+    ancestors = _draw_log(log_q, scheme, g)
+    new_lw = torch.gather(lwn, -1, ancestors) - torch.gather(log_q, -1, ancestors) - math.log(n_particles)
+    if normalise:
+        dead = ~torch.isfinite(new_lw.detach()).any(-1)
+        if bool(dead.any()):
+            raise DivergenceError(f"soft: every ancestor drawn has weight zero in {int(dead.sum())} of {dead.numel()} "
+                                  "rows, which cannot be normalised (raise alpha, or pass normalise=False to keep "
+                                  "the unnormalised, zero-mass weights)")
+        new_lw = torch.log_softmax(new_lw, -1)
+    return Resampled(_gather(x, ancestors), new_lw, ancestors)
+
+
+def optimal_transport(x: Any, log_weight: Any, *, epsilon: float = 0.1, tol: float = 1e-6, max_iter: int = 500,
+                      relaxation: Any = "auto") -> Resampled:
+    r"""Entropy-regularised optimal-transport resampling (Corenflos, Thornton, Deligiannidis & Doucet 2021).
+
+    The weighted ensemble is mapped to an equally weighted one by
+    :func:`daml.transport.ensemble_transform` with ``solver="sinkhorn"``: ``x'_j = N sum_i P_ij x_i``
+    with ``P`` the entropic optimal plan from the weights ``w`` to ``1/N`` for the cost
+    ``|x_i - x_j|^2``. Deterministic (no seed), smooth in ``x`` and ``log_weight``, differentiated
+    implicitly through the Sinkhorn fixed point. The equally weighted mean of the new particles is the
+    weighted mean up to the plan's marginal error (at most ``tol * max|x|``); their covariance is
+    smaller than the weighted one, by an amount that vanishes as ``epsilon -> 0``.
+
+    Parameters
+    ----------
+    x : (*batch, N, n) tensor
+        Particles (float32 or float64).
+    log_weight : (*batch, N) tensor
+        Log-weights, normalised or not.
+    epsilon : float
+        Entropic regularisation **relative to the mean squared distance** between the particles of
+        each problem (the absolute regularisation is ``epsilon * mean_ij |x_i - x_j|^2``, as in
+        :func:`daml.transport.ensemble_transform`). Smaller: closer to the exact transport (less
+        contraction of the spread), more iterations and larger gradients.
+    tol, max_iter, relaxation
+        L1 marginal tolerance, iteration limit and over-relaxation of :func:`daml.transport.sinkhorn`.
+
+    Returns
+    -------
+    Resampled
+        ``x`` ``(*batch, N, n)``, ``log_weight`` ``-log N`` everywhere (constant, no gradient),
+        ``ancestors`` ``None``.
+
+    Warns
+    -----
+    ConvergenceWarning
+        Naming ``optimal_transport`` when Sinkhorn stopped at ``max_iter`` above ``tol`` in some
+        problems (the result is returned; its mean is then only as accurate as the reported error).
+
+    Raises
+    ------
+    ShapeError, NonFiniteError, InputError, DtypeError
+        Naming ``x``, ``log_weight``, ``epsilon``, ``tol``, ``max_iter`` or ``relaxation``.
+    """
+    from .transport.transform import check_transport_params, ensemble_transform
+
+    x, lw = _check_particles(x, log_weight)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise DtypeError("x", "float32 or float64 particles", f"dtype {x.dtype}")
+    epsilon, tol, max_iter = check_transport_params(epsilon, tol, max_iter)
+    n_particles = x.shape[-2]
+    uniform = torch.full(lw.shape, -math.log(n_particles), dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return Resampled(x.clone(), uniform, None)
+    res = ensemble_transform(x, lw, solver="sinkhorn", epsilon=epsilon, tol=tol, max_iter=max_iter,
+                             relaxation=relaxation)
+    if not bool(res.converged.all()):
+        bad = int((~res.converged).sum())
+        warnings.warn(f"optimal_transport: Sinkhorn did not reach tol={tol:g} within max_iter={max_iter} in {bad} "
+                      f"of {res.converged.numel()} problems (largest L1 marginal error "
+                      f"{float(res.error.detach().max()):.3g}); the new particles' mean is only that accurate. "
+                      "Raise max_iter or epsilon.", ConvergenceWarning, stacklevel=2)
+    return Resampled(res.x, uniform, None)
+
+
+_DIFFERENTIABLE: dict[str, Callable[..., Resampled]] = {
+    "stop_gradient": stop_gradient,
+    "soft": soft,
+    "optimal_transport": optimal_transport,
+}
+
+
+def differentiable(name: str, x: Any, log_weight: Any, *, seed: Seed = None, **options: Any) -> Resampled:
+    """Differentiable resampling by name: :func:`stop_gradient`, :func:`soft` or :func:`optimal_transport`.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`DIFFERENTIABLE`.
+    x : (*batch, N, n) tensor
+        Particles.
+    log_weight : (*batch, N) tensor
+        Log-weights, normalised or not.
+    seed : int, numpy.random.SeedSequence, torch.Generator or None
+        Random stream of the stochastic resamplers (not used by ``"optimal_transport"``, which is
+        deterministic).
+    **options
+        Keyword arguments of the chosen resampler (``scheme``, ``alpha``, ``normalise``, ``epsilon``,
+        ``tol``, ``max_iter``, ``relaxation``); one it does not take is refused with an
+        :class:`~daml.errors.InputError` naming it.
+
+    Returns
+    -------
+    Resampled
+    """
+    if not isinstance(name, str) or name not in _DIFFERENTIABLE:
+        raise InputError("name", f"a differentiable resampler, one of {DIFFERENTIABLE}", repr(name))
+    fn = _DIFFERENTIABLE[name]
+    allowed = {"stop_gradient": ("scheme",), "soft": ("alpha", "scheme", "normalise"),
+               "optimal_transport": ("epsilon", "tol", "max_iter", "relaxation")}[name]
+    for key in options:
+        if key not in allowed:
+            raise InputError(key, f"an option of the {name!r} resampler, one of {allowed}", f"{key}={options[key]!r}")
+    if name == "optimal_transport":
+        return fn(x, log_weight, **options)
+    return fn(x, log_weight, seed=seed, **options)
