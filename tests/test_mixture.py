@@ -323,3 +323,17 @@ def test_proposal_model_base():
     with pytest.raises(InputError) as info:
         proposal.sample(x_prev, y, mask, torch.Generator().manual_seed(1))
     assert info.value.argument == "model"
+
+
+def test_sizes_that_cannot_fit_are_refused_by_name():
+    """Regression: these allocated first and leaked torch's RuntimeError (found by the fuzz harness)."""
+    huge = 10 ** 12
+    for build, argument in ((lambda: GaussianMixtureNet(3, 2, components=huge), "components"),
+                            (lambda: GaussianMixtureNet(huge, 2), "in_features"),
+                            (lambda: GaussianMixtureNet(3, 2, hidden=(huge,)), "hidden"),
+                            (lambda: MixtureTransition(huge), "state_size"),
+                            (lambda: MixtureProposal(3, huge), "obs_size"),
+                            (lambda: MixtureProposal(huge, 2), "state_size")):
+        with pytest.raises(InputError) as info:
+            build()
+        assert info.value.argument == argument

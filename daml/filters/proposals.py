@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _device
 from ..errors import InputError, NonFiniteError, ShapeError, check_int
-from ..models.mixture import GaussianMixtureNet, _log_prob, _Parts, _sample
+from ..models.mixture import GaussianMixtureNet, _log_prob, _Parts, _renamed, _sample
 
 __all__ = ["Proposal", "MixtureProposal", "BASES"]
 
@@ -73,9 +73,11 @@ class MixtureProposal(nn.Module):
         if not isinstance(base, str) or base not in BASES:
             raise InputError("base", f"one of {list(BASES)}", repr(base))
         self.base = base
-        self.net = GaussianMixtureNet(self.state_size + 2 * self.obs_size, self.state_size, components, hidden,
-                                      activation, covariance, weights, min_scale, init_scale, seed, dtype, device,
-                                      name="proposal")
+        widest = "obs_size" if 2 * self.obs_size > self.state_size else "state_size"
+        self.net = _renamed(lambda: GaussianMixtureNet(
+            self.state_size + 2 * self.obs_size, self.state_size, components, hidden, activation, covariance, weights,
+            min_scale, init_scale, seed, dtype, device, name="proposal"),
+            {"in_features": widest, "out_features": "state_size"})
 
     def config(self) -> dict:
         """The constructor arguments (JSON-able; the trained weights are in ``state_dict()``)."""

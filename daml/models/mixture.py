@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .. import _device
-from ..errors import DeviceError, DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import DeviceError, DtypeError, InputError, NonFiniteError, ShapeError, check_fits, check_int, check_real
 
 __all__ = ["GaussianMixtureNet", "MixtureParams", "MixtureTransition", "COVARIANCES", "WEIGHTS", "ACTIVATIONS"]
 
@@ -182,6 +182,7 @@ class GaussianMixtureNet(nn.Module):
         self.name = name
         dev = _device.resolve_device(device)
         dt = _device.resolve_dtype(dtype, dev)
+        self._check_size(dev)
         g = _device.generator(seed, "cpu")
         self.seed = int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else None
 
@@ -212,6 +213,21 @@ class GaussianMixtureNet(nn.Module):
         if self.covariance == "constant":
             self.raw_scale = nn.Parameter(torch.full((s, d), raw0, dtype=torch.float64))
         self.to(device=dev, dtype=dt)
+
+    def _check_size(self, device: torch.device) -> None:
+        """Refuse, before allocating, a network whose parameters cannot fit in memory (naming the largest size)."""
+        s, d = self.components, self.out_features
+        widths = (self.in_features,) + self.hidden
+        n_out = s * d + s * d * (d + 1) // 2 + s                 # an upper bound of the output layer's width
+        count = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:])) + (widths[-1] + 1) * n_out
+        sizes = {"in_features": self.in_features, "out_features": self.out_features, "components": s,
+                 "hidden": max(self.hidden, default=0)}
+        name = max(sizes, key=lambda k: sizes[k])
+        what = (f"in_features={self.in_features}, out_features={d}, components={s}, hidden={self.hidden} "
+                f"({count} parameters)")
+        check_fits(name, 24.0 * count, what=what)                   # float64 init, its cast copy, a gradient
+        if device.type != "cpu":
+            check_fits(name, 8.0 * count, what=what, device=device)
 
     # -- properties ----------------------------------------------------------------------------------
     @property
@@ -343,6 +359,16 @@ class GaussianMixtureNet(nn.Module):
         return _log_prob(self._parts(inp, base), x)
 
 
+def _renamed(build, names: dict):
+    """``build()``, with an :class:`InputError` about the network's sizes renamed to the wrapper's argument."""
+    try:
+        return build()
+    except InputError as exc:
+        if exc.argument in names:
+            raise type(exc)(names[exc.argument], exc.expected, exc.got, exc.hint) from None
+        raise
+
+
 def _mixture_mean(p: _Parts) -> torch.Tensor:
     if p.loc.shape[-2] == 1:
         return p.loc.squeeze(-2)
@@ -438,8 +464,9 @@ class MixtureTransition(nn.Module):
         self.residual = residual
         self.dt = check_real(dt, "dt", positive=True, expected="a positive time step")
         self.noise_cov = None
-        self.net = GaussianMixtureNet(self.state_size, self.state_size, components, hidden, activation, covariance,
-                                      weights, min_scale, init_scale, seed, dtype, device, name="transition")
+        self.net = _renamed(lambda: GaussianMixtureNet(
+            self.state_size, self.state_size, components, hidden, activation, covariance, weights, min_scale,
+            init_scale, seed, dtype, device, name="transition"), {"in_features": "state_size", "out_features": "state_size"})
 
     def _parts(self, x: torch.Tensor, name: str) -> tuple[_Parts, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
