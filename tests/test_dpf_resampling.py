@@ -112,6 +112,19 @@ def test_stop_gradient_never_draws_zero_weights_and_keeps_gradients_finite():
     assert bool((lw.grad[:, [0, 3, 7]] == 0).all())
 
 
+@pytest.mark.parametrize("name", ["stop_gradient", "soft", "optimal_transport"])
+def test_zero_weights_give_finite_values_and_gradients(name):
+    x, lw = particles(batch=(6,), n_particles=8)
+    lw[:, [1, 6]] = -math.inf
+    lw.requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    out = rs.differentiable(name, xr, lw, seed=1)
+    assert bool(torch.isfinite(out.x).all())
+    (torch.exp(out.log_weight) * (out.x ** 2).sum(-1)).sum().backward()
+    assert bool(torch.isfinite(lw.grad).all()) and bool(torch.isfinite(xr.grad).all())
+    assert bool((lw.grad[:, [1, 6]] == 0).all())
+
+
 def test_unnormalised_log_weights_far_from_zero():
     """A constant shift of the log-weights changes nothing (rows are normalised), even far beyond exp's range."""
     x, lw = particles(batch=(4,))
@@ -252,13 +265,14 @@ def test_optimal_transport_covariance_approaches_the_weighted_one():
     assert errors[0] > 0.1, errors                        # large epsilon visibly contracts
 
 
-def test_optimal_transport_gradcheck():
-    x, lw = gaussian_cloud(4, 3)
-    x = x.clone().requires_grad_(True)
-    lw = lw.clone().requires_grad_(True)
+@pytest.mark.parametrize("epsilon", [0.5, 0.1])
+def test_optimal_transport_gradcheck(epsilon):
+    """Implicit gradients against finite differences, N = 4 in 2-d, two problems in one batch."""
+    x = torch.stack([gaussian_cloud(4, 3)[0], gaussian_cloud(4, 5)[0]]).requires_grad_(True)
+    lw = torch.stack([gaussian_cloud(4, 3)[1], gaussian_cloud(4, 5)[1]]).requires_grad_(True)
 
     def f(x_, lw_):
-        return rs.optimal_transport(x_, lw_, epsilon=0.5, tol=1e-13, max_iter=20000).x
+        return rs.optimal_transport(x_, lw_, epsilon=epsilon, tol=1e-11, max_iter=50000).x
 
     assert torch.autograd.gradcheck(f, (x, lw), eps=1e-6, atol=1e-6, rtol=1e-5)
 
