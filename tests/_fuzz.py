@@ -661,6 +661,16 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
         add(S(f"daml.resampling.{fname}", getattr(R, fname), lambda: dict(weights=np.exp(logw()), seed=0),
               {"weights": {**ARRAY, "negative": lambda v: -v, "zeros": lambda v: v * 0},
                "n": "int"}))
+    for fname, extra in (("stop_gradient", {"scheme": "choice"}),
+                         ("soft", {"scheme": "choice", "alpha": "prob", "normalise": "bool"}),
+                         ("optimal_transport", {"epsilon": "real", "tol": "real", "max_iter": "int"})):
+        add(S(f"daml.resampling.{fname}", getattr(R, fname),
+              (lambda: dict(x=t64(members()), log_weight=t64(logw()), max_iter=200)) if fname == "optimal_transport"
+              else (lambda: dict(x=t64(members()), log_weight=t64(logw()), seed=0)),
+              {"x": "members", "log_weight": "logw", **extra, **({} if fname == "optimal_transport" else {"seed": "seed"})}))
+    add(S("daml.resampling.differentiable", R.differentiable,
+          lambda: dict(name="soft", x=t64(members()), log_weight=t64(logw()), seed=0),
+          {"name": "choice", "x": "members", "log_weight": "logw", "seed": "seed"}))
     add(S("daml.resampling.offspring_counts", R.offspring_counts,
           lambda: dict(ancestors=np.array([0, 0, 2, 3]), n_particles=4),
           {"ancestors": {**ARRAY, "out_of_range": lambda v: v + 10, "negative": lambda v: v - 5},
@@ -1386,6 +1396,8 @@ NOT_CALLABLE = {
                  "diffusion", "ensembles")},
     **{f"{mod}.{n}": "a constant" for mod, names in _CONSTANTS.items() for n in names},
     "daml.resampling.METHODS": "a registry dict (its functions are covered by name)",
+    "daml.resampling.DIFFERENTIABLE": "a tuple of names (covered through differentiable)",
+    "daml.resampling.Resampled": "a result NamedTuple (built by the differentiable resamplers)",
     "daml.models.MODELS": "a registry dict (covered through make_model)",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",
