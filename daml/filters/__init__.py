@@ -21,6 +21,8 @@ from .particle import auxiliary, bootstrap, iapf, optimal
 from .ewpf import equivalent_weights_step, ewpf, iewpf
 from . import etpf as _etpf_module  # noqa: F401
 from .etpf import etpf, letpf
+from . import dpf as _dpf_module  # noqa: F401
+from .dpf import Evidence, dpf, log_evidence
 
 __all__ = [
     "Filter", "EnsembleState", "GaussianState", "REGISTRY", "register", "make_filter", "inflate",
@@ -29,5 +31,5 @@ __all__ = [
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
     "bootstrap", "optimal", "auxiliary", "iapf", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",
-    "etpf", "letpf",
+    "etpf", "letpf", "dpf", "log_evidence", "Evidence",
 ]
