@@ -54,7 +54,7 @@ def test_log_prob_matches_scipy(covariance, weights):
     x = 2.0 * torch.randn(6, 3, generator=g, dtype=torch.float64)
     params = net(inp)
     assert params.loc.shape == (6, 3, 3) and params.scale_tril.shape == (6, 3, 3, 3) and params.log_mix.shape == (6, 3)
-    if covariance == "full":               # a genuinely full factor (the test would not see the lower triangle otherwise)
+    if covariance == "full":               # a genuinely full factor (else the lower triangle goes untested)
         assert float(torch.tril(params.scale_tril, -1).detach().abs().max()) > 1e-3
     if weights == "learned":
         assert float(params.log_mix.detach().std()) > 1e-3
@@ -87,7 +87,8 @@ def _linear_gaussian(a: np.ndarray, q: np.ndarray, min_scale: float = 1e-3) -> M
     with torch.no_grad():
         model.net.head.weight.copy_(torch.as_tensor(a))
         model.net.head.bias.zero_()
-        model.net.raw_scale.copy_(torch.tensor([[_softplus_inverse(math.sqrt(v) - min_scale) for v in q]], dtype=torch.float64))
+        raw = [[_softplus_inverse(math.sqrt(v) - min_scale) for v in q]]
+        model.net.raw_scale.copy_(torch.tensor(raw, dtype=torch.float64))
     return model
 
 
@@ -337,3 +338,31 @@ def test_sizes_that_cannot_fit_are_refused_by_name():
         with pytest.raises(InputError) as info:
             build()
         assert info.value.argument == argument
+
+
+def test_maximum_likelihood_recovers_the_closed_form_linear_gaussian_fit():
+    """Training through log_transition: an affine one-component transition fitted by maximum likelihood to
+    pairs (x_prev, x) reaches the closed-form MLE (least squares for A and b, the mean squared residual
+    per coordinate for the diagonal Q)."""
+    rng = np.random.default_rng(5)
+    a, q = A[:2, :2], np.array([0.3, 0.8])
+    x_prev = rng.normal(size=(2000, 2))
+    x = x_prev @ a.T + 0.5 + rng.normal(size=(2000, 2)) * np.sqrt(q)
+    design = np.hstack([x_prev, np.ones((2000, 1))])
+    coef, *_ = np.linalg.lstsq(design, x, rcond=None)
+    q_hat = ((x - design @ coef) ** 2).mean(0)
+    model = MixtureTransition(2, hidden=(), covariance="constant", residual=False, seed=0)
+    xp, xt = torch.as_tensor(x_prev), torch.as_tensor(x)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -model.log_transition(xp, xt).mean()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    np.testing.assert_allclose(model.net.head.weight.detach().numpy(), coef[:2].T, atol=1e-5)
+    np.testing.assert_allclose(model.net.head.bias.detach().numpy(), coef[2], atol=1e-5)
+    scale = torch.nn.functional.softplus(model.net.raw_scale.detach()) + model.net.min_scale
+    np.testing.assert_allclose(scale.numpy()[0] ** 2, q_hat, rtol=1e-5)

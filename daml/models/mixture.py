@@ -466,7 +466,8 @@ class MixtureTransition(nn.Module):
         self.noise_cov = None
         self.net = _renamed(lambda: GaussianMixtureNet(
             self.state_size, self.state_size, components, hidden, activation, covariance, weights, min_scale,
-            init_scale, seed, dtype, device, name="transition"), {"in_features": "state_size", "out_features": "state_size"})
+            init_scale, seed, dtype, device, name="transition"),
+            {"in_features": "state_size", "out_features": "state_size"})
 
     def _parts(self, x: torch.Tensor, name: str) -> tuple[_Parts, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
