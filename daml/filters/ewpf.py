@@ -346,7 +346,7 @@ def ewpf(members: int, keep: float = 0.8, nudging: float = 0.5, model_noise: Any
     config = {"members": members, "keep": keep, "nudging": nudging, "model_noise": noise.config(),
               "uniform": uniform, "gaussian_prob": gaussian_prob, "gaussian_scale": gaussian_scale,
               "threshold": threshold, "resampling": resampling, "record": record}
-    return Filter("ewpf", config, _init_with(noise, members), nudged_forecast(noise, nudging, "ewpf"), analysis,
+    return Filter("ewpf", config, _init_with(noise, members, "ewpf"), nudged_forecast(noise, nudging, "ewpf"), analysis,
                   particle_members, lookahead=True, inference=True)
 
 
@@ -436,5 +436,5 @@ def iewpf(members: int, keep: float = 1.0, nudging: float = 0.5, beta: float = 1
 
     config = {"members": members, "keep": keep, "nudging": nudging, "beta": beta, "model_noise": noise.config(),
               "resampling": resampling}
-    return Filter("iewpf", config, _init_with(noise, members), nudged_forecast(noise, nudging, "iewpf"), analysis,
+    return Filter("iewpf", config, _init_with(noise, members, "iewpf"), nudged_forecast(noise, nudging, "iewpf"), analysis,
                   ensemble_members, lookahead=True, inference=True)

@@ -85,7 +85,7 @@ import xarray as xr
 
 from .. import _device
 from ..errors import DivergenceError, InputError, ShapeError
-from ..models.base import Model, _tangent_linear, model_config, tangent_linear
+from ..models.base import Model, _tangent_linear, check_gaussian_transition, model_config, tangent_linear
 from ..models.observations import Observation
 from ..posterior import from_members, validate
 from .base import (_CHECKS, Filter, GaussianState, _gaussian_members, _masked_observation, gaussian_members,
@@ -203,13 +203,15 @@ def kalman_filter() -> Filter:
     Raises
     ------
     InputError
-        Naming ``model`` for a model without ``step_matrix`` and ``operator`` for a nonlinear
-        operator (use :func:`extended_kalman_filter` for those).
+        Naming ``model`` for a model without ``step_matrix`` or with a non-Gaussian transition
+        (``sample_step``, see :mod:`daml.models.base`) and ``operator`` for a nonlinear operator (use
+        :func:`extended_kalman_filter` for those).
     DivergenceError
         From the analysis when ``H P H^T + R`` is not positive definite (a non-finite forecast).
     """
 
     def init(model: Model, mean: torch.Tensor, cov: torch.Tensor, g: torch.Generator) -> GaussianState:
+        check_gaussian_transition(model, "the Kalman filter (kf)")
         _step_matrix(model, mean)
         return _gaussian_init(model, mean, cov, g)
 
@@ -243,7 +245,8 @@ def extended_kalman_filter() -> Filter:
     Returns
     -------
     Filter
-        Named ``"ekf"``; state, ``info`` and members as for :func:`kalman_filter`.
+        Named ``"ekf"``; state, ``info`` and members as for :func:`kalman_filter`. Its ``init``
+        refuses a model with a non-Gaussian transition (``sample_step``), naming ``model``.
     """
 
     def forecast(state: GaussianState, model: Model, g: torch.Generator) -> GaussianState:
@@ -258,7 +261,11 @@ def extended_kalman_filter() -> Filter:
         jac = operator.jacobian(state.mean)
         return _linear_update(state.mean, state.cov, innovation, jac, operator.noise_cov.to(state.mean), mask)
 
-    return Filter("ekf", {}, _gaussian_init, forecast, analysis, gaussian_members)
+    def init(model: Model, mean: torch.Tensor, cov: torch.Tensor, g: torch.Generator) -> GaussianState:
+        check_gaussian_transition(model, "the extended Kalman filter (ekf)")
+        return _gaussian_init(model, mean, cov, g)
+
+    return Filter("ekf", {}, init, forecast, analysis, gaussian_members)
 
 
 # -- RTS smoother ---------------------------------------------------------------------------------------
