@@ -1,4 +1,4 @@
-"""Particle filters: bootstrap, auxiliary and optimal-proposal.
+"""Particle filters: bootstrap, optimal-proposal, auxiliary and improved auxiliary.
 
 A particle filter carries a weighted sample ``{x_i, w_i}`` of the filtering distribution. Between
 observations the particles follow the model; at an observation time each weight is multiplied by
@@ -8,7 +8,7 @@ very last ``exp``. When one weight takes almost everything (the effective sample
 ``ESS = 1 / sum w_i^2`` drops), the sample is resampled: each particle is replaced by ``n_i`` copies
 with ``E[n_i] = N w_i`` (the schemes of :mod:`daml.resampling`) and the weights become ``1/N``.
 
-The three filters here differ in the proposal ``q`` of the last model step before an observation:
+The four filters here differ in the proposal ``q`` of the last model step before an observation:
 
 ``bootstrap`` (Gordon et al. 1993)
     ``q`` is the model itself, so the weight is the likelihood ``p(y | x_i)``. Simple and general (any
@@ -25,14 +25,19 @@ The three filters here differ in the proposal ``q`` of the last model step befor
     so its variance is the smallest possible for a one-step proposal. For a nonlinear ``h`` the
     proposal uses ``h`` linearised at ``f_i`` (a Gaussian approximation) and the weights are the exact
     ratio ``p(y | x) N(x; f_i, Q) / N(x; mean_i, P_i)``, so the filter stays consistent.
-``auxiliary`` (Pitt & Shephard 1999; improved weights of Elvira et al. 2019)
+``auxiliary`` (Pitt & Shephard 1999; second stage in the multiple-importance-sampling reading of Elvira et al. 2019)
     Looks ahead before moving: ancestors are drawn with first-stage weights ``lambda_i`` proportional
     to ``w_i`` times the predictive likelihood ``N(y; h(f_i), H Q H^T + R)``, moved with the model
     noise, and weighted by the target over the mixture proposal,
     ``p(y | x) sum_j w_j N(x; f_j, Q) / sum_j lambda_j N(x; f_j, Q)`` (the multiple-importance-sampling
-    form, ``O(N^2)`` kernel evaluations, batched). ``improved=True`` replaces the first-stage weights by
-    ``lambda_i ~ p(y | f_i) sum_j w_j N(f_i; f_j, Q) / sum_j N(f_i; f_j, Q)``, which matches the
-    proposal mixture to the target at the predicted points when the kernels overlap.
+    form, ``O(N^2)`` kernel evaluations, batched).
+``iapf`` (the improved auxiliary particle filter of Elvira, Martino, Bugallo & Djuric 2019)
+    The same two stages with the first-stage weights
+    ``lambda_i ~ p(y | mu_i) sum_j w_j f(mu_i | x_j) / sum_j f(mu_i | x_j)`` at the predicted means
+    ``mu_i`` (the observation likelihood at the point, as in the paper), which match the proposal
+    mixture to the target at those points when the kernels overlap. It evaluates the model's own
+    transition density where the model has one (``sample_step`` and ``log_transition``, see
+    :mod:`daml.models.base`), so it also runs non-Gaussian transitions.
 
 When several model steps separate two observations, the earlier steps follow the model with its
 noise (weights unchanged) and only the last step uses the proposal. Every analysis reports the
@@ -45,6 +50,11 @@ members after the resampling and jitter, which the filter carries on; with
 ``record="before_resampling"`` the weighted ensemble before them (the reweighted forecast), as DAPPER
 scores its particle filters. Only the report changes: the resampling still happens inside the
 analysis, on the same random stream, so the members carried into the next forecast are the same.
+
+Non-Gaussian transitions: a model with ``sample_step`` draws its own steps in every filter here that
+only samples the model (``bootstrap``, the steps between observations of ``iapf``); ``iapf`` also
+weighs with its ``log_transition``; ``optimal`` and ``auxiliary``, whose algebra needs
+``step(x) + N(0, Q)``, refuse it at ``init`` naming ``model``.
 
 Model noise: the proposal filters need ``Q``. It is the model's ``noise_cov`` unless the filter is
 given ``model_noise`` (a scalar variance, a vector of variances, a matrix, or a mapping
