@@ -770,7 +770,7 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
                      "kf": {}, "ekf": {}, "enkf": dict(members=4), "etkf": dict(members=4),
                      "letkf": dict(members=4, radius=2.0), "bootstrap": dict(members=6),
                      "optimal": dict(members=6), "auxiliary": dict(members=6), "iapf": dict(members=6),
-                     "ewpf": dict(members=6),
+                     "dpf": dict(members=6), "ewpf": dict(members=6),
                      "iewpf": dict(members=6), "etpf": dict(members=6, max_iter=50),
                      "letpf": dict(members=6, radius=2.0, max_iter=50),
                      "diffusion": dict(members=4, steps=5), "ensf": dict(members=4, steps=5)}
@@ -802,13 +802,13 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
                                                                                       "members": "int"}, auto=False,
               aliases={"name": ("method",)}))
     for fname in ("kalman_filter", "extended_kalman_filter", "enkf", "etkf", "letkf", "bootstrap", "optimal",
-                  "auxiliary", "iapf", "ewpf", "iewpf", "etpf", "letpf", "climatology"):
+                  "auxiliary", "iapf", "dpf", "ewpf", "iewpf", "etpf", "letpf", "climatology"):
         # the constructors behind the registry names; the runs above fuzz their parameters
         fn = getattr(F, fname)
         params = {"kalman_filter": {}, "extended_kalman_filter": {}, "enkf": dict(members=4),
                   "etkf": dict(members=4), "letkf": dict(members=4, radius=2.0), "bootstrap": dict(members=4),
                   "optimal": dict(members=4), "auxiliary": dict(members=4), "iapf": dict(members=4),
-                  "ewpf": dict(members=4),
+                  "dpf": dict(members=4), "ewpf": dict(members=4),
                   "iewpf": dict(members=4), "etpf": dict(members=4), "letpf": dict(members=4, radius=2.0),
                   "climatology": dict(mean=np.zeros(3), cov=np.eye(3))}[fname]
         add(S(f"daml.filters.{fname}", fn, lambda p=params: dict(p), {}, auto=False))

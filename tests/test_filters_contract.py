@@ -23,6 +23,7 @@ PARAMS = {
     "optimal": {"members": 30},
     "auxiliary": {"members": 30},
     "iapf": {"members": 30},
+    "dpf": {"members": 30},
     "ewpf": {"members": 12},
     "iewpf": {"members": 12, "keep": 0.8},
     "etpf": {"members": 12, "rejuvenation": 0.1},
@@ -208,7 +209,7 @@ def test_inference_mode_changes_nothing_but_the_mode(name, problem):
     # to the same filter under torch.no_grad, and only filters that never differentiate may declare it
     model, obs, data = problem
     filt = filters.make_filter(name, **PARAMS[name])
-    assert filt.inference == (name not in {"ekf", "diffusion", "ensf"})
+    assert filt.inference == (name not in {"ekf", "diffusion", "ensf", "dpf"})
     fast = filters.run(filt, model, data, seed=3, progress=False)
     plain = filters.run(filt._replace(inference=False), model, data, seed=3, progress=False)
     xr.testing.assert_identical(fast.analysis.drop_attrs(), plain.analysis.drop_attrs())
@@ -261,7 +262,7 @@ MATRIX_MODELS = {                                   # tiny states, a little mode
 MATRIX_PARAMS = {
     "kf": {}, "ekf": {}, "enkf": {"members": 6}, "etkf": {"members": 6}, "letkf": {"members": 6, "radius": 2.0},
     "climatology": {"members": 6}, "bootstrap": {"members": 10, "jitter": 0.5}, "optimal": {"members": 10},
-    "auxiliary": {"members": 10}, "iapf": {"members": 10}, "ewpf": {"members": 6}, "iewpf": {"members": 6, "keep": 0.8},
+    "auxiliary": {"members": 10}, "iapf": {"members": 10}, "dpf": {"members": 10}, "ewpf": {"members": 6}, "iewpf": {"members": 6, "keep": 0.8},
     "etpf": {"members": 6, "rejuvenation": 0.1}, "letpf": {"members": 6, "radius": 2.0, "second_order": True},
     "diffusion": {"members": 6, "bandwidth": 0.3, "steps": 10}, "ensf": {"members": 6, "steps": 10},
 }
