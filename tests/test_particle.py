@@ -412,7 +412,8 @@ def test_far_observations_do_not_underflow():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name, params", [("bootstrap", {"members": 64, "jitter": 0.5}), ("optimal", {"members": 64}),
-                                          ("auxiliary", {"members": 64}), ("ewpf", {"members": 16}),
+                                          ("auxiliary", {"members": 64}), ("iapf", {"members": 64}),
+                                          ("ewpf", {"members": 16}),
                                           ("iewpf", {"members": 16, "keep": 0.8})])
 def test_particle_filters_run_on_cuda(name, params, linear_problem):
     model, one, _ = linear_problem
