@@ -497,6 +497,7 @@ def test_pairwise_kernel_with_one_root_per_experiment():
 
 
 @pytest.mark.parametrize("name, params", [("optimal", {"members": 30}), ("auxiliary", {"members": 30}),
+                                          ("iapf", {"members": 30}),
                                           ("iewpf", {"members": 20, "keep": 0.9, "beta": 0.03})])
 def test_proposal_filters_accept_a_flow_dependent_q(name, params):
     model = models.Lorenz96(n=40, forcing=8.0, dt=0.05)
