@@ -271,3 +271,18 @@ def test_impossible_observations_stop_with_the_time_index():
     with pytest.raises(DivergenceError) as info:
         log_evidence(dpf(5), Exploding(), y, operator=obs, mean=np.ones(3), cov=np.eye(3), seed=0)
     assert info.value.step is not None and 0 < info.value.step < 10
+
+
+def test_the_loop_runs_any_filter_reporting_loglik_as_run_does(lg3):
+    # log_evidence with the Kalman filter: the exact log-likelihood and filtering means of run's Kalman filter
+    model, obs, data, y, exact = lg3
+    ev = log_evidence(filters.kalman_filter(), model, y, operator=obs, mean=data["prior_mean"].values,
+                      cov=data["prior_cov"].values)
+    assert ev.log_evidence.shape == () and ev.increments.shape == (8,)
+    np.testing.assert_allclose(float(ev.log_evidence), exact, rtol=1e-12)
+    kf = filters.run(filters.make_filter("kf"), model, data, progress=False).analysis
+    kf_mean = (np.exp(kf["log_weight"]) * kf["x"]).sum("member").values
+    np.testing.assert_allclose(ev.mean.numpy(), kf_mean, rtol=1e-10, atol=1e-12)
+    with pytest.raises(InputError) as info:                   # a filter without an evidence increment
+        log_evidence(filters.etkf(10), model, y, operator=obs, mean=np.zeros(3), cov=np.eye(3))
+    assert info.value.argument == "filt"
