@@ -714,6 +714,40 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.models.model_config", M.model_config, lambda: dict(model=M.Lorenz63()), {"model": "obj"}))
     add(S("daml.models.periodic_covariance", M.periodic_covariance, lambda: dict(n=5, variance=1.0, length=1.0),
           {"n": "int", "variance": "real", "length": "real"}))
+
+    # Gaussian-mixture networks (issue 28): build, draw, evaluate the density
+    from daml.models import mixture as MX
+    from daml.filters import proposals as PR
+    hidden_bad = {"zero": lambda v: (0,), "negative": lambda v: (-3,), "float": lambda v: (2.5,),
+                  "str": lambda v: "32", "None": lambda v: None, "int": lambda v: 4, "bool": lambda v: (True,)}
+
+    def mixture_net(**kw):
+        net = MX.GaussianMixtureNet(**kw)
+        inp = torch.full((4, net.in_features), 0.3, dtype=net.dtype)
+        x = net.sample(inp, torch.Generator().manual_seed(0))
+        return x, net.log_prob(inp, x), tuple(net(inp))
+    add(S("daml.models.GaussianMixtureNet", _target(mixture_net, MX.GaussianMixtureNet),
+          lambda: dict(in_features=3, out_features=2, components=2, hidden=(4,), seed=0),
+          {"in_features": "int", "out_features": "int", "components": "int", "hidden": hidden_bad}))
+
+    def mixture_transition(**kw):
+        m = MX.MixtureTransition(**kw)
+        x = torch.full((5, m.state_size), 0.5, dtype=torch.float64)
+        x1 = m.sample_step(x, torch.Generator().manual_seed(0))
+        return m.step(x), x1, m.log_transition(x, x1), M.model_config(m)
+    add(S("daml.models.MixtureTransition", _target(mixture_transition, MX.MixtureTransition),
+          lambda: dict(state_size=3, components=2, hidden=(4,), seed=0),
+          {"state_size": "int", "components": "int", "hidden": hidden_bad}))
+
+    def mixture_proposal(**kw):
+        q = PR.MixtureProposal(**kw)
+        x_prev = torch.full((2, 5, q.state_size), 0.5, dtype=torch.float64)
+        y, mask = torch.ones(2, q.obs_size, dtype=torch.float64), torch.ones(2, q.obs_size, dtype=torch.bool)
+        x, log_q = q.sample(x_prev, y, mask, torch.Generator().manual_seed(0))
+        return x, log_q, q.log_prob(x_prev, y, mask, x)
+    add(S("daml.filters.MixtureProposal", _target(mixture_proposal, PR.MixtureProposal),
+          lambda: dict(state_size=3, obs_size=2, components=2, hidden=(4,), seed=0),
+          {"state_size": "int", "obs_size": "int", "components": "int", "hidden": hidden_bad}))
     add(S("daml.models.make_model", lambda name, **kw: model_and_step(lambda **k: M.make_model(name, **k), {})(**kw),
           lambda: dict(name="lorenz96", n=5), {"name": "choice", "n": "int"}, auto=False, aliases={"name": ("model",)}))
 
@@ -823,6 +857,14 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
            "max_spread": "real", "dtype": "dtype", "device": "device", "operator": "obj", "forecast": "bool",
            "progress": "bool", "keep": "choice", "thin": "int", "quantiles": "obj"}, auto=False,
           skip=[("operator", "None"), ("progress", "None")]))
+    def dpf_evidence(**kw):
+        out = F.log_evidence(**kw)
+        return out.log_evidence, out.increments, out.mean
+    add(S("daml.filters.log_evidence", dpf_evidence,
+          lambda: dict(filt=F.dpf(members=6), model=M.Lorenz63(noise_cov=0.5), y=t64(np.ones((2, 4, 3))),
+                       operator=M.observe_all(3, sd=1.0), mean=t64(np.ones(3)), cov=t64(np.eye(3)), seed=0),
+          {"filt": "obj", "model": "obj", "y": "array", "operator": "obj", "mean": "array", "cov": "cov",
+           "seed": "seed"}, auto=False))
     add(S("daml.filters.run[kf,linear]", lambda **kw: F.run(F.kalman_filter(), **kw).analysis,
           lambda: dict(zip(("model", "data"), lin_data())),
           {"data": "data"}, auto=False))
@@ -1399,6 +1441,9 @@ NOT_CALLABLE = {
     "daml.resampling.DIFFERENTIABLE": "a tuple of names (covered through differentiable)",
     "daml.resampling.Resampled": "a result NamedTuple (built by the differentiable resamplers)",
     "daml.models.MODELS": "a registry dict (covered through make_model)",
+    "daml.models.MixtureParams": "a result NamedTuple (built by GaussianMixtureNet.forward)",
+    "daml.filters.Proposal": "a typing.Protocol (the interface MixtureProposal implements)",
+    "daml.filters.Evidence": "a result NamedTuple (built by log_evidence)",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",
     "daml.experiment.DEFAULT_CONFIG": "a TOML string",

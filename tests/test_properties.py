@@ -468,8 +468,8 @@ FILTER_PARAMS = {"climatology": dict(mean=np.zeros(3), cov=np.eye(3) * 50, membe
                  "bootstrap": dict(members=20), "optimal": dict(members=20), "auxiliary": dict(members=20),
                  "ewpf": dict(members=20), "iewpf": dict(members=20), "etpf": dict(members=20),
                  "letpf": dict(members=20, radius=2.0), "diffusion": dict(members=6, steps=20),
-                 "ensf": dict(members=6, steps=20)}
-PF_NOISE = {"bootstrap", "optimal", "auxiliary", "ewpf", "iewpf", "etpf", "letpf"}
+                 "ensf": dict(members=6, steps=20), "iapf": dict(members=20), "dpf": dict(members=20)}
+PF_NOISE = {"bootstrap", "optimal", "auxiliary", "iapf", "ewpf", "iewpf", "etpf", "letpf"}
 
 
 @pytest.mark.slow

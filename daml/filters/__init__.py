@@ -23,6 +23,7 @@ from . import etpf as _etpf_module  # noqa: F401
 from .etpf import etpf, letpf
 from . import dpf as _dpf_module  # noqa: F401
 from .dpf import Evidence, dpf, log_evidence
+from .proposals import MixtureProposal, Proposal
 
 __all__ = [
     "Filter", "EnsembleState", "GaussianState", "REGISTRY", "register", "make_filter", "inflate",
@@ -31,5 +32,5 @@ __all__ = [
     "kalman_filter", "extended_kalman_filter", "kalman_smoother",
     "enkf", "etkf", "letkf", "gaspari_cohn",
     "bootstrap", "optimal", "auxiliary", "iapf", "ewpf", "iewpf", "equivalent_weights_step", "Upcoming", "gaussian_loglik",
-    "etpf", "letpf", "dpf", "log_evidence", "Evidence",
+    "etpf", "letpf", "dpf", "log_evidence", "Evidence", "Proposal", "MixtureProposal",
 ]

@@ -30,6 +30,7 @@ from .base import Model, ODEModel, model_config, periodic_covariance, propagate,
 from .kuramoto import Kuramoto
 from .linear import Identity, LinearDrag, LinearModel
 from .lorenz import Lorenz63, Lorenz96
+from .mixture import GaussianMixtureNet, MixtureParams, MixtureTransition
 from .observations import (
     Observation,
     observe_all,
@@ -61,6 +62,9 @@ __all__ = [
     "LinearDrag",
     "LinearModel",
     "Identity",
+    "GaussianMixtureNet",
+    "MixtureParams",
+    "MixtureTransition",
     "MODELS",
     "make_model",
 ]
