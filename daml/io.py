@@ -49,7 +49,7 @@ from .errors import DamlError, DtypeError, InputError, PosteriorError, check_int
 from .posterior import LOG_WEIGHT, MEMBER, REQUIRED_ATTRS, _validate, member_vars, validate
 
 __all__ = ["to_netcdf", "open_posterior", "open_dataset", "write_json", "to_arviz", "arviz_draws",
-           "atomic_write_path", "save_figure"]
+           "atomic_write_path", "save_figure", "save_network", "load_network", "NETWORKS"]
 
 _ATTR_TYPES = (str, int, float, np.integer, np.floating, np.ndarray)
 
@@ -616,3 +616,101 @@ def to_arviz(ds: xr.Dataset, resample: bool = True, seed: _device.Seed = None, m
     if hasattr(az, "InferenceData"):
         return az.InferenceData(posterior=posterior, sample_stats=sample_stats)
     return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": sample_stats})
+
+
+# -- learned networks (mixture transitions and proposals) ---------------------------------------------------
+
+NETWORKS = {
+    "MixtureTransition": ("daml.models.mixture", "MixtureTransition"),
+    "MixtureProposal": ("daml.filters.proposals", "MixtureProposal"),
+}
+"""The learned networks :func:`save_network` writes and :func:`load_network` reads, by class name. Only
+these classes are rebuilt from a file (nothing else is imported or unpickled)."""
+
+
+def _network_class(name: str) -> Any:
+    import importlib
+
+    module, attr = NETWORKS[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def save_network(network: Any, path: str | os.PathLike) -> Path:
+    """Write a learned network (one of :data:`NETWORKS`: a trained :class:`~daml.models.MixtureTransition`
+    or :class:`~daml.filters.MixtureProposal`) to ``path``, atomically.
+
+    The file (``torch.save``) holds the class name, the constructor arguments (``config()``), the
+    trained parameters (``state_dict()``, moved to the CPU) and the daml version: everything
+    :func:`load_network` needs to rebuild the same network, and nothing that needs unpickling code.
+
+    Raises
+    ------
+    InputError
+        Naming ``network`` for anything but one of :data:`NETWORKS`, or one with non-finite parameters
+        (a diverged training run is not saved as if it were a model); naming ``path`` for a file in a
+        folder that does not exist.
+    """
+    import torch
+
+    name = type(network).__name__
+    if name not in NETWORKS or not isinstance(network, _network_class(name)):
+        raise InputError("network", f"one of daml's learned networks {sorted(NETWORKS)}", type(network).__name__)
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError("network", "finite parameters", f"NaN or infinite values in {bad[:3]}")
+    from ._version import __version__
+
+    payload = {"daml_network": name, "config": network.config(), "state_dict": state, "daml_version": __version__}
+    target = _as_path(path)
+    with atomic_write_path(target, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+    return target
+
+
+def load_network(path: str | os.PathLike, kind: str | None = None, *, dtype: Any = None, device: Any = None) -> Any:
+    """Read a network written by :func:`save_network` (with ``torch.load(weights_only=True)``: tensors and
+    plain values only, no code is run).
+
+    Parameters
+    ----------
+    path : str or path
+        The file.
+    kind : str, optional
+        The class the caller needs (a key of :data:`NETWORKS`); another one in the file is refused.
+    dtype, device : optional
+        Where to put the network (default: float64 on the CPU, see :mod:`daml._device`).
+
+    Raises
+    ------
+    InputError
+        Naming ``path`` for a missing or unreadable file, or one that does not hold a daml network; naming
+        ``kind`` for an unknown kind or a file holding another class.
+    """
+    import torch
+
+    if kind is not None and kind not in NETWORKS:
+        raise InputError("kind", f"None or one of {sorted(NETWORKS)}", repr(kind))
+    target = _as_path(path)
+    if not target.is_file():
+        raise InputError("path", "an existing file written by daml.io.save_network", str(target))
+    try:
+        payload = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError("path", "a file written by daml.io.save_network", f"{target} ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("daml_network") not in NETWORKS \
+            or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise InputError("path", "a file written by daml.io.save_network", f"{target} (no daml network in it)")
+    name = payload["daml_network"]
+    if kind is not None and name != kind:
+        raise InputError("kind", f"a file holding a {kind}", f"{target} holds a {name}")
+    config = dict(payload["config"])
+    config.pop("seed", None)            # the parameters come from the file, not from a seeded draw
+    dev = _device.resolve_device(device)
+    network = _network_class(name)(**config, seed=0, dtype=_device.resolve_dtype(dtype, dev), device=dev)
+    try:
+        network.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        raise InputError("path", f"parameters matching the {name} it describes", f"{target} ({exc})") from None
+    network.source = str(target)
+    return network

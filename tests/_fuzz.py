@@ -589,6 +589,21 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.io.write_json", _target(write_json_back, io.write_json),
           lambda: dict(obj={"a": [1.0, math.nan], "b": np.float32(2.5)}, path=os.path.join(_tmpdir(), "r.json")),
           {"obj": "obj", "path": "path"}))
+    def network_round_trip(network, path):
+        out = io.save_network(network, path)
+        back = io.load_network(out)
+        return [p.detach() for p in back.parameters()]
+    add(S("daml.io.save_network", _target(network_round_trip, io.save_network),
+          lambda: dict(network=M.MixtureTransition(2, hidden=(3,), seed=0), path=os.path.join(_tmpdir(), "n.pt")),
+          {"network": "obj", "path": "path"}))
+
+    def _saved_network():
+        path = os.path.join(_tmpdir(), "saved.pt")
+        io.save_network(M.MixtureTransition(2, hidden=(3,), seed=0), path)
+        return path
+    add(S("daml.io.load_network", lambda path, kind=None: [p.detach() for p in io.load_network(path, kind).parameters()],
+          lambda: dict(path=_saved_network(), kind="MixtureTransition"),
+          {"path": {**PATH, "corrupt": lambda v: _corrupt_file(), "text": lambda v: _text_file()}, "kind": "choice"}))
     if hasattr(io, "arviz_draws"):
         add(S("daml.io.arviz_draws", io.arviz_draws, lambda: dict(kish_ess=50.0), {"kish_ess": "real"}))
 
@@ -1444,6 +1459,7 @@ NOT_CALLABLE = {
     "daml.models.MixtureParams": "a result NamedTuple (built by GaussianMixtureNet.forward)",
     "daml.filters.Proposal": "a typing.Protocol (the interface MixtureProposal implements)",
     "daml.filters.Evidence": "a result NamedTuple (built by log_evidence)",
+    "daml.io.NETWORKS": "a registry dict (covered through save_network / load_network)",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",
     "daml.experiment.DEFAULT_CONFIG": "a TOML string",

@@ -68,6 +68,7 @@ Del Moral, P. (2004). *Feynman-Kac Formulae*. Springer.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -135,11 +136,13 @@ def dpf(members: int, proposal: Any = None, resampler: str = "stop_gradient", sc
     ----------
     members : int
         Number of particles ``N`` (``>= 1``).
-    proposal : object with ``sample``, optional
+    proposal : object with ``sample``, path, optional
         ``proposal.sample(x_prev, y, mask, generator, *, model, operator) -> (x, log_q)`` draws the
         step that lands on an observation (``x`` ``(*batch, N, n)``, reparameterised) and returns
-        ``log q(x | x_prev, y)`` ``(*batch, N)``. ``None`` (default): the model's own transition
-        (the bootstrap filter).
+        ``log q(x | x_prev, y)`` ``(*batch, N)``. A path (str) reads a trained
+        :class:`~daml.filters.MixtureProposal` written by :func:`daml.io.save_network` (so an
+        experiment file can name one: ``proposal = "proposal.pt"``). ``None`` (default): the model's
+        own transition (the bootstrap filter).
     resampler : str
         ``"stop_gradient"`` (default), ``"soft"`` or ``"optimal_transport"``.
     scheme : str
@@ -169,6 +172,12 @@ def dpf(members: int, proposal: Any = None, resampler: str = "stop_gradient", sc
         At an analysis where every weight is zero or not finite, or a particle is not finite.
     """
     members = check_members(members, minimum=1)
+    source = None
+    if isinstance(proposal, (str, os.PathLike)):          # a trained proposal (daml.io.save_network)
+        from ..io import load_network
+
+        source = os.fspath(proposal)
+        proposal = load_network(source, "MixtureProposal")
     if proposal is not None and not callable(getattr(proposal, "sample", None)):
         raise InputError("proposal", "None or an object with sample(x_prev, y, mask, generator, *, model, operator) "
                          "(see daml.filters.proposals)", type(proposal).__name__)
@@ -238,7 +247,8 @@ def dpf(members: int, proposal: Any = None, resampler: str = "stop_gradient", sc
         return (DPFState(new_x, new_lw, before=(x, lw), log_mass=new_mass),
                 {"ess": ess, "resampled": flag.to(x.dtype), "loglik": log_z})
 
-    config = {"members": members, "proposal": None if proposal is None else type(proposal).__name__,
+    config = {"members": members,
+              "proposal": None if proposal is None else source if source is not None else type(proposal).__name__,
               "resampler": resampler, "scheme": scheme, "threshold": threshold, "alpha": alpha, "epsilon": epsilon}
     return Filter("dpf", config, init, forecast, analysis, _dpf_members, lookahead=proposal is not None,
                   inference=False)

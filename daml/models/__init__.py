@@ -4,16 +4,17 @@ A model is anything with ``state_size``, ``dt``, ``step(x)`` and ``noise_cov`` (
 protocol of :mod:`daml.models.base`); :class:`ODEModel` turns a tendency ``f(x)`` into RK4 steps.
 The models shipped here:
 
-============================= ==================== ==============================================
-class                          name (``MODELS``)    what
-============================= ==================== ==============================================
-:class:`Lorenz63`              ``lorenz63``         3-variable chaotic convection (Lorenz 1963)
-:class:`Lorenz96`              ``lorenz96``         ``n``-variable chaotic ring (Lorenz 1996)
-:class:`Kuramoto`              ``kuramoto``         ``n`` coupled phase oscillators (Kuramoto 1975)
-:class:`LinearDrag`            ``linear_drag``      particle with drag (Satorras et al. 2019)
-:class:`Identity`              ``identity``         random walk ``x_{k+1} = x_k + noise``
-:class:`LinearModel`                                any linear map or linear ODE
-============================= ==================== ==============================================
+============================= ======================== ==========================================================
+class                         name (``MODELS``)        what
+============================= ======================== ==========================================================
+:class:`Lorenz63`             ``lorenz63``             3-variable chaotic convection (Lorenz 1963)
+:class:`Lorenz96`             ``lorenz96``             ``n``-variable chaotic ring (Lorenz 1996)
+:class:`Kuramoto`             ``kuramoto``             ``n`` coupled phase oscillators (Kuramoto 1975)
+:class:`LinearDrag`           ``linear_drag``          particle with drag (Satorras et al. 2019)
+:class:`Identity`             ``identity``             random walk ``x_{k+1} = x_k + noise``
+:class:`MixtureTransition`    ``mixture_transition``   learned Gaussian-mixture transition (``file=``: trained)
+:class:`LinearModel`                                   any linear map or linear ODE
+============================= ======================== ==========================================================
 
 :func:`make_model` builds one by name (``make_model("lorenz96", n=40)``), which is how experiment
 configuration files name their model; ``make_model(m.name, **m.config())`` rebuilds a model.
@@ -75,6 +76,7 @@ MODELS: dict[str, type] = {
     "kuramoto": Kuramoto,
     "linear_drag": LinearDrag,
     "identity": Identity,
+    "mixture_transition": MixtureTransition,
 }
 """The models that configuration files can name, by their ``name``."""
 
@@ -101,6 +103,8 @@ def make_model(name: str, **params: Any) -> Model:
     if cls is None:
         raise InputError("model", f"one of {sorted(MODELS)}", repr(name))
     try:
+        if "file" in params and callable(getattr(cls, "from_file", None)):
+            return cls.from_file(**params)          # a trained network (daml.io.save_network)
         return cls(**params)
     except DamlError:
         raise

@@ -498,9 +498,38 @@ class MixtureTransition(nn.Module):
         return _log_prob(p, x.to(device=self.net.device, dtype=self.net.dtype)).to(x_prev.dtype)
 
     def config(self) -> dict:
-        """The constructor arguments (JSON-able; the trained weights are in ``state_dict()``, not here)."""
+        """The constructor arguments (JSON-able; the trained weights are in ``state_dict()``, not here),
+        and ``file`` for a network read with :meth:`from_file` (then ``make_model("mixture_transition",
+        **config)`` reads the same file again)."""
         n = self.net
-        return {"state_size": self.state_size, "components": n.components, "hidden": list(n.hidden),
-                "activation": n.activation, "covariance": n.covariance, "weights": n.weights,
-                "residual": self.residual, "dt": self.dt, "min_scale": n.min_scale, "init_scale": n.init_scale,
-                "seed": n.seed}
+        cfg = {"state_size": self.state_size, "components": n.components, "hidden": list(n.hidden),
+               "activation": n.activation, "covariance": n.covariance, "weights": n.weights,
+               "residual": self.residual, "dt": self.dt, "min_scale": n.min_scale, "init_scale": n.init_scale,
+               "seed": n.seed}
+        source = getattr(self, "source", None)
+        if source is not None:
+            cfg["file"] = source
+            cfg.pop("seed")
+        return cfg
+
+    @classmethod
+    def from_file(cls, file: Any, **expected: Any) -> "MixtureTransition":
+        """A trained transition written by :func:`daml.io.save_network`: ``make_model("mixture_transition",
+        file="transition.pt")`` in Python or ``[model] name = "mixture_transition", file = "..."`` in an
+        experiment file (a path relative to the working directory).
+
+        ``expected`` may repeat constructor arguments (as ``config()`` does); each must equal the file's,
+        else an :class:`~daml.errors.InputError` names it. ``dtype`` and ``device`` say where to put it.
+        """
+        from ..io import load_network
+
+        dtype, device = expected.pop("dtype", None), expected.pop("device", None)
+        expected.pop("seed", None)
+        model = load_network(file, "MixtureTransition", dtype=dtype, device=device)
+        cfg = model.config()
+        for key, value in expected.items():
+            if key not in cfg:
+                raise InputError(key, f"one of the transition's arguments {sorted(cfg)}", repr(value))
+            if (list(value) if isinstance(value, tuple) else value) != cfg[key]:
+                raise InputError(key, f"{cfg[key]!r} (the value in {file})", repr(value))
+        return model
