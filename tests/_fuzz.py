@@ -42,7 +42,7 @@ import torch
 import xarray as xr
 
 MODULES = ["daml", "daml.posterior", "daml.diagnostics", "daml.resampling", "daml.io", "daml.models",
-           "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.causal", "daml.twin",
+           "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.learning", "daml.causal", "daml.twin",
            "daml.experiment", "daml.report", "daml.errors"]
 
 FAILURES = ("other", "nonfinite", "hang", "baseline")
@@ -589,6 +589,24 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.io.write_json", _target(write_json_back, io.write_json),
           lambda: dict(obj={"a": [1.0, math.nan], "b": np.float32(2.5)}, path=os.path.join(_tmpdir(), "r.json")),
           {"obj": "obj", "path": "path"}))
+    import daml.learning as LRN
+    add(S("daml.learning.nested_windows", LRN.nested_windows, lambda: dict(length=20, count=3),
+          {"length": "int", "count": "int"}))
+
+    def fit_ssm(**kw):
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            return LRN.fit_state_space(**kw).history
+    add(S("daml.learning.fit_state_space", _target(fit_ssm, LRN.fit_state_space),
+          lambda: dict(model=M.MixtureTransition(2, hidden=(3,), seed=0), proposal=None,
+                       y=t64(np.ones((2, 4, 2))), operator=M.observe_all(2, sd=1.0),
+                       prior=(t64(np.zeros(2)), t64(np.eye(2))), members=4, learn=("transition",), iterations=2,
+                       seed=0),
+          {"model": "obj", "proposal": "obj", "y": "array", "operator": "obj", "members": "int",
+           "iterations": "int", "lr": "real", "seed": "seed", "windows": "obj", "learn": "obj", "tol": "real"},
+          auto=False))
+
     def network_round_trip(network, path):
         out = io.save_network(network, path)
         back = io.load_network(out)
@@ -1450,7 +1468,7 @@ NOT_CALLABLE = {
     "daml.__version__": "a version string",
     **{f"daml.{m}": "a module (its __all__ is covered name by name)"
        for m in ("errors", "posterior", "resampling", "diagnostics", "io", "models", "filters", "transport",
-                 "diffusion", "ensembles")},
+                 "diffusion", "ensembles", "learning")},
     **{f"{mod}.{n}": "a constant" for mod, names in _CONSTANTS.items() for n in names},
     "daml.resampling.METHODS": "a registry dict (its functions are covered by name)",
     "daml.resampling.DIFFERENTIABLE": "a tuple of names (covered through differentiable)",
@@ -1459,6 +1477,8 @@ NOT_CALLABLE = {
     "daml.models.MixtureParams": "a result NamedTuple (built by GaussianMixtureNet.forward)",
     "daml.filters.Proposal": "a typing.Protocol (the interface MixtureProposal implements)",
     "daml.filters.Evidence": "a result NamedTuple (built by log_evidence)",
+    "daml.learning.FitReport": "a result NamedTuple (built by fit_state_space)",
+    "daml.learning.GROUPS": "a tuple of names (covered through fit_state_space's learn)",
     "daml.io.NETWORKS": "a registry dict (covered through save_network / load_network)",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",
