@@ -14,7 +14,8 @@ stream at every iteration, derived from ``seed``). Two devices of Cox, Segarra &
 
 *Alternating optimisation* (their Algorithm 3). The parameter groups named in ``learn`` are
 updated in turn: for each window, ``iterations`` Adam steps on the proposal ``phi`` with the
-transition ``theta`` frozen, then ``iterations`` steps on ``theta`` with ``phi`` frozen. Learning
+transition ``theta`` frozen, then ``iterations`` steps on ``theta`` with ``phi`` frozen, repeated
+``rounds`` times. Learning
 only ``("proposal",)`` with a known transition is the learned-proposal case; only
 ``("transition",)`` (with ``proposal=None``: the bootstrap filter) recovers a transition.
 
@@ -164,7 +165,7 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
                     members: int = 100, resampler: str = "stop_gradient", learn: Sequence[str] = GROUPS,
                     windows: Any = None, iterations: int = 200, lr: float = 1e-2, seed: _device.Seed = 0,
                     tol: float = 1e-2, threshold: float = 1.0, scheme: str = "multinomial",
-                    max_grad_norm: float | None = None) -> FitReport:
+                    max_grad_norm: float | None = None, rounds: int = 1) -> FitReport:
     r"""Fit a transition model and/or a proposal by maximising the DPF's log-evidence (see the module docstring).
 
     Parameters
@@ -199,6 +200,9 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
         Resampling threshold and scheme of the DPF.
     max_grad_norm : float, optional
         Clip the gradient of each group to this norm before each step.
+    rounds : int
+        Alternations per window (default 1): each round updates every group of ``learn`` in turn for
+        ``iterations`` steps, so a window costs ``rounds * len(learn) * iterations`` steps.
 
     Returns
     -------
@@ -234,6 +238,7 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
     if not isinstance(resampler, str) or resampler not in RESAMPLERS:
         raise InputError("resampler", f"one of {list(RESAMPLERS)}", repr(resampler))
     iterations = check_int(iterations, "iterations", 1, "an int >= 1 (Adam steps per window and group)")
+    rounds = check_int(rounds, "rounds", 1, "an int >= 1 (alternations per window)")
     lr = check_real(lr, "lr", positive=True, expected="a positive learning rate")
     tol = check_real(tol, "tol", positive=True, expected="a positive relative tolerance")
     if max_grad_norm is not None:
@@ -253,7 +258,7 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
     length = int(y_t.shape[-2])
     wins = _check_windows(windows, length)
     mean, cov = prior
-    total = len(wins) * len(learn) * iterations
+    total = len(wins) * rounds * len(learn) * iterations
     seeds = _device.spawn(seed, total, name="iterations")
     optimisers = {g: torch.optim.Adam(params[g], lr=lr) for g in learn}
     all_params = {id(p): p for obj in (proposal, model) if isinstance(obj, torch.nn.Module) for p in obj.parameters()}
@@ -269,7 +274,7 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
                          time.perf_counter() - t0, wins, tuple(labels), message)
 
     try:
-        for window in wins:
+        for window, _ in ((w, r) for w in wins for r in range(rounds)):
             yw = y_t[..., :window, :]
             for group in learn:
                 current = {id(p) for p in params[group]}

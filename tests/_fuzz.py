@@ -604,7 +604,8 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
                        prior=(t64(np.zeros(2)), t64(np.eye(2))), members=4, learn=("transition",), iterations=2,
                        seed=0),
           {"model": "obj", "proposal": "obj", "y": "array", "operator": "obj", "members": "int",
-           "iterations": "int", "lr": "real", "seed": "seed", "windows": "obj", "learn": "obj", "tol": "real"},
+           "iterations": "int", "lr": "real", "seed": "seed", "windows": "obj", "learn": "obj", "tol": "real",
+           "rounds": "int"},
           auto=False))
 
     def network_round_trip(network, path):

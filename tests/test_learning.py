@@ -145,6 +145,13 @@ def test_alternation_updates_one_group_at_a_time():
     assert report.windows == (3, 6) and report.history.shape == (8,)
     assert not all(torch.equal(p_before[k], v) for k, v in proposal.state_dict().items())
     assert not all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        report = fit_state_space(net, proposal, y, operator=obs, prior=(np.zeros(2), np.eye(2)), members=8,
+                                 windows=(3, 6), iterations=1, rounds=2)
+    assert report.groups == ("proposal", "transition") * 4 and report.iterations == 8
+    with pytest.raises(daml.errors.InputError, match="rounds"):
+        fit_state_space(net, proposal, y, operator=obs, prior=(np.zeros(2), np.eye(2)), rounds=0)
 
 
 def test_windows():
