@@ -47,7 +47,7 @@ ABBREVIATIONS = {
     "second_order": "2nd", "rejuvenation": "rejuv", "max_iter": "iter", "bandwidth": "bw",
     "neighbours": "nbrs", "components": "comp", "conditional": "cond", "schedule": "sched",
     "corrector_steps": "corr", "corrector_size": "corrsz", "max_distance": "maxd", "eps_alpha": "eps_a",
-    "eps_sigma": "eps_s", "damping": "damp", "max_growth": "maxg", "improved": "impr", "record": "rec",
+    "eps_sigma": "eps_s", "damping": "damp", "max_growth": "maxg", "resampler": "res", "proposal": "prop", "record": "rec",
     "positions": "pos", "domain": "dom", "variance": "var", "length": "len", "ensemble": "ens",
     "forcing": "force", "spacing": "spac", "sampler": "smp", "solver": "solver", "steps": "steps",
     "t_min": "tmin", "noise": "noise", "clip": "clip", "beta": "beta", "tol": "tol",
