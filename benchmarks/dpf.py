@@ -557,11 +557,12 @@ def learned_variants() -> list[tuple[str, dict]]:
     """The learned filters of the headline: proposals with S = 1 and 5 components around the known
     model's step, the S = 1 proposal trained with soft instead of stop-gradient resampling, and a learned
     transition (a dense mixture network) with a proposal around its step, fitted in alternation."""
+    # the two costliest rows are trained with one seed (time: the whole run should stay near 30 min)
     return [("learned proposal S=1", {"components": 1, "transition": False}),
-            ("learned proposal S=5", {"components": 5, "transition": False}),
+            ("learned proposal S=5", {"components": 5, "transition": False, "max_seeds": 1}),
             ("learned proposal S=1, soft-resampling training", {"components": 1, "transition": False,
                                                                 "resampler": "soft"}),
-            ("learned transition + proposal S=1", {"components": 1, "transition": True})]
+            ("learned transition + proposal S=1", {"components": 1, "transition": True, "max_seeds": 1})]
 
 
 def headline(problem: Problem, sz: Sizes, seed: int) -> dict[str, Any]:
@@ -577,7 +578,7 @@ def headline(problem: Problem, sz: Sizes, seed: int) -> dict[str, Any]:
     windows = tuple(w for w in sz.windows if w <= sz.train_steps)
     for label, spec in learned_variants():
         per_seed, fits = [], []
-        for k in range(sz.seeds):
+        for k in range(min(sz.seeds, spec.get("max_seeds", sz.seeds))):
             s = seed + 100 * (k + 1)
             # a proposal around the known model starts at its noise scale (as the bootstrap proposal); with a
             # learned transition, nothing is known and both networks start at the default scale 1
@@ -764,7 +765,8 @@ def headline_table(res: dict[str, Any], title: str) -> list[str]:
              f"; {res['members']} particles, {res['steps']} steps. Learned filters trained on "
              f"{res['train_sequences']} sequences of {res['train_steps']} observations (nested windows "
              f"{res['windows']}, {res['iterations_per_window_and_group']} Adam steps per window and group, lr 0.02, "
-             f"stop-gradient DPF unless the row says soft), {res['seeds']} training seed(s); every row scored on the same {res['test_sequences']} "
+             f"stop-gradient DPF unless the row says soft), {res['seeds']} training seeds (1 for S=5 and for the "
+             f"learned transition; see the iterations column); every row scored on the same {res['test_sequences']} "
              "held-out sequences. Relative MSE = sum |x_hat - x|^2 / sum |x|^2 of the weighted filtered mean, "
              "mean ± SE over the held-out sequences (learned rows: per-sequence mean over the seeds); gain vs iapf "
              "= 1 - relMSE / relMSE(iapf), paired, bootstrap SE.", "",
@@ -774,17 +776,18 @@ def headline_table(res: dict[str, Any], title: str) -> list[str]:
         gain = r.get("gain_vs_iapf")
         g = f"{100 * gain['gain']:.0f} % ± {100 * gain['se']:.0f}" if gain else "–"
         fits = [f for f in r.get("fits", []) if "seconds" in f]
-        tr = (f"{statistics.mean(f['seconds'] for f in fits):.0f} ({fits[0]['iterations']})" if fits else "–")
+        tr = (f"{statistics.mean(f['seconds'] for f in fits):.0f} ({fits[0]['iterations']}) x {len(fits)} seed(s)"
+              if fits else "–")
         conv = f"{sum(f['converged'] for f in fits)}/{len(fits)}" if fits else "–"
         lines.append(f"| {r['method']} | {_ms(r)} | {_ms(r, 'rmse')} | {g} | {tr} | {conv} |")
     by = {r["method"]: r for r in res["rows"]}
-    best = [r for r in res["rows"] if r["method"].startswith("learned") and "gain_vs_iapf" in r]
-    if best and "iapf" in by:
-        top = max(best, key=lambda r: r["gain_vs_iapf"]["gain"])
-        met = top["gain_vs_iapf"]["gain"] >= 0.2
-        lines += ["", f"Goal (learned >= 20 % better than iapf): **{'met' if met else 'not met'}** "
-                  f"(best learned row: {top['method']}, {100 * top['gain_vs_iapf']['gain']:.0f} % "
-                  f"± {100 * top['gain_vs_iapf']['se']:.0f})."]
+    learned = [r for r in res["rows"] if r["method"].startswith("learned") and "gain_vs_iapf" in r]
+    if learned and "iapf" in by:
+        met = [r for r in learned if r["gain_vs_iapf"]["gain"] >= 0.2]
+        each = "; ".join(f"{r['method']} {100 * r['gain_vs_iapf']['gain']:.0f} % ± {100 * r['gain_vs_iapf']['se']:.0f}"
+                         f" ({'met' if r in met else 'not met'})" for r in learned)
+        lines += ["", f"Goal (a learned filter >= 20 % better than iapf): **{'met' if met else 'not met'}** "
+                  f"({each})."]
     return lines
 
 
@@ -914,6 +917,18 @@ def figures(res: dict[str, Any], folder: Path = FIGURES) -> list[str]:
     return written
 
 
+def docs_block(text: str, written: list[str]) -> str:
+    """The results block of docs/dpf.md: the figures and the tables of :func:`markdown` (its heading dropped)."""
+    body = text.split("\n", 1)[1] if text.startswith("## ") else text
+    figs = []
+    for path in written:
+        name = Path(path).name
+        caption = {"dpf_relmse.png": "Relative MSE on held-out sequences (mean ± SE)",
+                   "dpf_training.png": "Training loss of the learned filters (first seed)"}.get(name, name)
+        figs.append(f"![{caption}](figures/{name})")
+    return "\n\n".join(figs + [body.strip()]) + "\n"
+
+
 def carry_over(res: dict[str, Any], sections: tuple[str, ...]) -> None:
     """Sections left out of this run keep their previous full run's results, marked as such."""
     path = _report.RESULTS / "dpf.json"
@@ -967,7 +982,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _report.write_json("dpf", res)
     ok = {k: v for k, v in res.items() if not (isinstance(v, dict) and "skipped" in v)}
     res["figures"] = figures(ok)
-    _report.write_section("dpf", markdown(ok))
+    text = markdown(ok)
+    _report.write_section("dpf", text)
+    _report.write_section("dpf_results", docs_block(text, res["figures"]), path="docs/dpf.md")
     return res
 
 
