@@ -497,7 +497,11 @@ def lg_transition(problem: Problem, train: Sequences, sz: Sizes, seed: int) -> d
             "Q_rel_error": float(torch.linalg.norm(q_hat - q) / torch.linalg.norm(q)),
             "Q_diag": torch.diagonal(q_hat).tolist(),
             # the same fit on the Kalman filter's exact likelihood: how far the MLE itself is from the truth
-            "kalman_mle": kalman_mle(train, problem, iterations=max(4 * sz.lg_iterations, 50))}
+            "kalman_mle": (mle := kalman_mle(train, problem, iterations=max(4 * sz.lg_iterations, 50))),
+            "A_rel_to_mle": float(torch.linalg.norm(a_hat - torch.tensor(mle["A"], dtype=DTYPE))
+                                  / torch.linalg.norm(a)),
+            "Q_rel_to_mle": float(torch.linalg.norm(q_hat - torch.tensor(mle["Q"], dtype=DTYPE))
+                                  / torch.linalg.norm(q))}
 
 
 def lg_proposal(problem: Problem, train: Sequences, test: Sequences, sz: Sizes, seed: int) -> dict[str, Any]:
@@ -537,7 +541,7 @@ def kalman_mle(train: Sequences, problem: Problem, iterations: int) -> dict[str,
         qh = torch.diag(log_q.exp())
         return {"A_rel_error": float(torch.linalg.norm(a_hat - a) / torch.linalg.norm(a)),
                 "Q_rel_error": float(torch.linalg.norm(qh - q) / torch.linalg.norm(q)),
-                "loss": float(loss)}
+                "A": a_hat.tolist(), "Q": qh.tolist(), "loss": float(loss)}
 
 
 # -- headline: learned proposals and transitions against the improved APF -------------------------------
@@ -819,10 +823,11 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{r['resampler']} | bias {r['bias']:.2f} ± {r['bias_se']:.2f}, sd {r['sd']:.2f}, "
                          f"{1e3 * r['seconds_per_evaluation']:.0f} ms per evaluation |")
         t = s1["transition"]
-        lines.append(f"| (A, Q) from observations ({s1['steps']} x {len(s1.get('transition', {}).get('b_hat', []))}-d, "
-                     f"{t['fit']['iterations']} iterations, {t['fit']['seconds']:.0f} s) | {gr['members']} | stop_gradient | "
+        lines.append(f"| (A, Q) from the observations of {res.get('sizes', {}).get('lg_train', '?')} sequences "
+                     f"({t['fit']['iterations']} Adam steps, {t['fit']['seconds']:.0f} s) | {gr['members']} | stop_gradient | "
                      f"relative error A {t['A_rel_error']:.3f}, Q {t['Q_rel_error']:.3f} (the exact-likelihood MLE on "
-                     f"the same data: A {t['kalman_mle']['A_rel_error']:.3f}, Q {t['kalman_mle']['Q_rel_error']:.3f}) |")
+                     f"the same data: A {t['kalman_mle']['A_rel_error']:.3f}, Q {t['kalman_mle']['Q_rel_error']:.3f}; "
+                     f"DPF estimate to the MLE: A {t['A_rel_to_mle']:.3f}, Q {t['Q_rel_to_mle']:.3f}) |")
         p = s1["proposal"]
         pc = p["config"]
         lines += ["", f"Learned one-component proposal, {pc['dim']}-d, Q = {pc['Q']}, R = {pc['R']}, N = {p['members']}, "
