@@ -689,8 +689,8 @@ def load_network(path: str | os.PathLike, kind: str | None = None, *, dtype: Any
     """
     import torch
 
-    if kind is not None and kind not in NETWORKS:
-        raise InputError("kind", f"None or one of {sorted(NETWORKS)}", repr(kind))
+    if kind is not None and (not isinstance(kind, str) or kind not in NETWORKS):
+        raise InputError("kind", f"None or one of {sorted(NETWORKS)}", repr(kind)[:80])
     target = _as_path(path)
     if not target.is_file():
         raise InputError("path", "an existing file written by daml.io.save_network", str(target))

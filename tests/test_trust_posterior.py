@@ -264,6 +264,10 @@ def _public_calls(tmp_path):
     D, R = diagnostics, resampling
     x5, w5 = torch.randn(3, 5, dtype=torch.float64), torch.full((3, 5), 0.2, dtype=torch.float64)
     y3 = torch.zeros(3, dtype=torch.float64)
+    xp, lwp = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    net = daml.models.MixtureTransition(2, hidden=(3,), seed=0)
+    saved = str(tmp_path / "saved.pt")
+    IO.save_network(net, saved)
     return {
         "from_members": (P.from_members, dict(members=rng.normal(size=(20, 2)), log_weight=rng.normal(size=20),
                                               name="x", method="m", config={}, seed=0, dtype=None, dims=None,
@@ -306,6 +310,12 @@ def _public_calls(tmp_path):
            for name in ("multinomial", "systematic", "stratified", "residual")},
         "resample": (R.resample, dict(weights=w, method="systematic", n=None, seed=0)),
         "offspring_counts": (R.offspring_counts, dict(ancestors=torch.zeros(3, 4, dtype=torch.long), n_particles=10)),
+        "stop_gradient": (R.stop_gradient, dict(x=xp, log_weight=lwp, scheme="multinomial", seed=0)),
+        "soft": (R.soft, dict(x=xp, log_weight=lwp, alpha=0.5, scheme="multinomial", normalise=True, seed=0)),
+        "optimal_transport": (R.optimal_transport, dict(x=xp, log_weight=lwp, epsilon=0.1, tol=1e-6, max_iter=200)),
+        "differentiable": (R.differentiable, dict(name="soft", x=xp, log_weight=lwp, seed=0)),
+        "save_network": (IO.save_network, dict(network=net, path=str(tmp_path / "n.pt"))),
+        "load_network": (IO.load_network, dict(path=saved, kind="MixtureTransition", dtype=None, device=None)),
     }
 
 
