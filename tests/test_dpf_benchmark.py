@@ -73,6 +73,7 @@ def test_gradient_rows_compare_with_the_exact_gradient(lg):
     row = out["rows"][0]
     assert math.isfinite(row["mean"]) and row["sd"] > 0
     assert row["bias"] == pytest.approx(row["mean"] - out["exact"])
+    assert math.isfinite(row["weighted_mean"]) and row["weighted_se"] > 0
     assert row["seconds_per_evaluation"] > 0
 
 
