@@ -605,7 +605,7 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
                        seed=0),
           {"model": "obj", "proposal": "obj", "y": "array", "operator": "obj", "members": "int",
            "iterations": "int", "lr": "real", "seed": "seed", "windows": "obj", "learn": "obj", "tol": "real",
-           "rounds": "int"},
+           "rounds": "int", "warmup": "int"},
           auto=False))
 
     def network_round_trip(network, path):

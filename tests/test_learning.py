@@ -188,3 +188,26 @@ def test_windows():
         fit_state_space(models.LinearModel(A, noise_cov=0.1), None, y, operator=obs,
                         prior=(np.zeros(2), np.eye(2)), learn=("transition",))
     assert info.value.argument == "learn"
+
+
+def test_warmup_ramps_the_first_steps():
+    """With warmup=k the first Adam step moves the parameters by about lr / (k + 1) (Adam's first step
+    is lr * sign(gradient) in size), without it by about lr."""
+    truth = models.LinearModel(A, noise_cov=0.1)
+    obs = models.observe_all(2, sd=0.3)
+    y, _ = _data(truth, obs, 5, 2, seed=2)
+    moves = {}
+    for warm in (0, 9):
+        net = MixtureTransition(2, components=1, hidden=(), covariance="constant", residual=False, seed=0,
+                                dtype=torch.float64)
+        before = [p.detach().clone() for p in net.parameters()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fit_state_space(net, None, y, operator=obs, prior=(np.zeros(2), np.eye(2)), members=8,
+                            learn=("transition",), iterations=1, lr=0.1, warmup=warm, seed=0)
+        moves[warm] = max(float((p.detach() - b).abs().max()) for p, b in zip(net.parameters(), before))
+    assert moves[0] == pytest.approx(0.1, rel=1e-6)
+    assert moves[9] == pytest.approx(0.01, rel=1e-6)
+    with pytest.raises(InputError, match="warmup"):
+        fit_state_space(net, None, y, operator=obs, prior=(np.zeros(2), np.eye(2)), learn=("transition",),
+                        warmup=-1)
