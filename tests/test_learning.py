@@ -27,16 +27,22 @@ def _data(model, obs, steps, experiments, seed):
     return y, truth
 
 
+def _affine_fit_problem(steps, experiments, seed):
+    """A 2-d linear-Gaussian truth observed with sd 0.3, its observations, and a fresh one-component,
+    affine, constant-covariance mixture transition (exactly a linear-Gaussian model) to fit to them."""
+    obs = models.observe_all(2, sd=0.3)
+    y, _ = _data(models.LinearModel(A, noise_cov=0.1), obs, steps, experiments, seed=seed)
+    net = MixtureTransition(2, components=1, hidden=(), covariance="constant", residual=False, seed=0,
+                            dtype=torch.float64)
+    return obs, y, net
+
+
 def test_the_transition_of_a_linear_gaussian_model_is_recovered():
     # x_k = A x_{k-1} + N(0, 0.1 I), observed with sd 0.3: a one-component, affine, constant-covariance
     # mixture transition fitted by the stop-gradient DPF (30 particles) recovers A to 0.15 (max entry),
     # a zero offset to 0.15 and the noise variance to 0.05 from 16 sequences of 30 observations (measured:
     # 0.11, 0.08 and 0.014; the data alone leave an error of several hundredths in each)
-    truth = models.LinearModel(A, noise_cov=0.1)
-    obs = models.observe_all(2, sd=0.3)
-    y, _ = _data(truth, obs, 30, 16, seed=1)
-    net = MixtureTransition(2, components=1, hidden=(), covariance="constant", residual=False, seed=0,
-                            dtype=torch.float64)
+    obs, y, net = _affine_fit_problem(30, 16, seed=1)
     report = fit_state_space(net, None, y, operator=obs, prior=(np.zeros(2), np.eye(2)), members=30,
                              learn=("transition",), iterations=100, lr=0.1, seed=0)
     assert isinstance(report, FitReport) and report.iterations == 100 and report.history.shape == (100,)
@@ -123,11 +129,7 @@ def test_the_convergence_check_and_its_warning():
 
 
 def test_alternation_updates_one_group_at_a_time():
-    truth = models.LinearModel(A, noise_cov=0.1)
-    obs = models.observe_all(2, sd=0.3)
-    y, _ = _data(truth, obs, 6, 2, seed=1)
-    net = MixtureTransition(2, components=1, hidden=(), covariance="constant", residual=False, seed=0,
-                            dtype=torch.float64)
+    obs, y, net = _affine_fit_problem(6, 2, seed=1)
     proposal = MixtureProposal(2, 2, components=1, hidden=(4,), base="model", seed=0, dtype=torch.float64)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with warnings.catch_warnings():
@@ -193,13 +195,9 @@ def test_windows():
 def test_warmup_ramps_the_first_steps():
     """With warmup=k the first Adam step moves the parameters by about lr / (k + 1) (Adam's first step
     is lr * sign(gradient) in size), without it by about lr."""
-    truth = models.LinearModel(A, noise_cov=0.1)
-    obs = models.observe_all(2, sd=0.3)
-    y, _ = _data(truth, obs, 5, 2, seed=2)
     moves = {}
     for warm in (0, 9):
-        net = MixtureTransition(2, components=1, hidden=(), covariance="constant", residual=False, seed=0,
-                                dtype=torch.float64)
+        obs, y, net = _affine_fit_problem(5, 2, seed=2)
         before = [p.detach().clone() for p in net.parameters()]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
