@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from . import _device
-from .errors import ConvergenceWarning, DivergenceError, InputError, ShapeError, check_int, check_real
+from .errors import ConvergenceWarning, DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
 from .filters.dpf import RESAMPLERS, dpf, log_evidence
 from .models.base import _check_model, as_real_tensor
 from .models.observations import Observation
@@ -299,7 +299,9 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
                     where = f"iteration {i + 1} of {total} (window {window}, group {group!r})"
                     try:
                         ev = log_evidence(filt, model, yw, operator=operator, mean=mean, cov=cov, seed=seeds[i])
-                    except DivergenceError as err:
+                    except (DivergenceError, NonFiniteError) as err:
+                        # NonFiniteError: a network met or made non-finite values (particles thrown to
+                        # inf by the parameters of this iteration): a blow-up of the fit, not bad input
                         new = DivergenceError(f"fit_state_space: the filter diverged at {where}: {err}")
                         new.partial = report(False, f"stopped at {where}")
                         raise new from err

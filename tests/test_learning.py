@@ -108,6 +108,20 @@ def test_a_non_finite_loss_stops_with_the_iteration():
     assert model.a.requires_grad                          # the frozen/unfrozen flags are restored
 
 
+def test_a_proposal_that_throws_particles_to_infinity_stops_the_fit_with_the_iteration():
+    # found in the dense-proposal ablation (benchmarks/dpf_dense.py): parameters that send the particles to
+    # inf make the next network call meet non-finite input; that is the fit's blow-up (DivergenceError with
+    # the iteration), not the NonFiniteError of bad user input it used to leak as
+    obs, y, _ = _affine_fit_problem(5, 2, seed=3)
+    proposal = MixtureProposal(2, 2, components=1, hidden=(), base="state", seed=0, dtype=torch.float64)
+    with torch.no_grad():
+        next(proposal.parameters()).fill_(1e300)          # means of order 1e300 at the first draw
+    truth = models.LinearModel(A, noise_cov=0.1)
+    with pytest.raises(DivergenceError, match="iteration 1 of 4"):
+        fit_state_space(truth, proposal, y, operator=obs, prior=(np.zeros(2), np.eye(2)), members=8,
+                        learn=("proposal",), iterations=4, seed=0)
+
+
 def test_the_convergence_check_and_its_warning():
     from daml.learning import _settled
 

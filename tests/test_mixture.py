@@ -397,3 +397,41 @@ def test_dpf_runs_the_mixture_transition_and_proposal():
     for module in (net_model, net_proposal):
         grads = torch.cat([p.grad.reshape(-1) for p in module.parameters()])
         assert bool(torch.isfinite(grads).all()) and float(grads.abs().max()) > 0
+
+
+def test_proposal_standardise_feeds_the_network_standardised_inputs(tmp_path):
+    # the trunk's input (x_prev, y, mask) is standardised entry by entry with the samples' statistics,
+    # NaN observations left out; the default is the identity (raw inputs), and a saved file keeps it
+    import daml
+    from daml.filters.proposals import MixtureProposal
+
+    rng = np.random.default_rng(0)
+    xs = torch.as_tensor(rng.normal(3.0, 4.0, size=(500, 3)))
+    ys = torch.as_tensor(rng.normal(-1.0, 0.5, size=(400, 2)))
+    ys[::7, 1] = float("nan")
+    seen = []
+    prop = MixtureProposal(3, 2, hidden=(5,), seed=0)
+    prop.net.trunk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    y, mask = torch.tensor([0.2, 9.0], dtype=torch.float64), torch.tensor([True, False])
+    g = torch.Generator().manual_seed(0)
+    prop.sample(xs.unsqueeze(0), y, mask, g)
+    torch.testing.assert_close(seen[-1][0, :, :3], xs, rtol=0, atol=0)               # default: raw inputs
+    prop.standardise(xs, ys)
+    prop.sample(xs.unsqueeze(0), y, mask, g)
+    inp = seen[-1][0]
+    torch.testing.assert_close(inp[:, :3].mean(0), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(inp[:, :3].std(0), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    y_mean = torch.as_tensor(np.nanmean(ys.numpy(), 0))
+    y_sd = torch.as_tensor(np.nanstd(ys.numpy(), 0, ddof=1))
+    assert float(inp[0, 3]) == pytest.approx(float((0.2 - y_mean[0]) / y_sd[0]), rel=1e-12)
+    assert float(inp[0, 4]) == 0.0                                                      # unobserved: still 0
+    daml.io.save_network(prop, tmp_path / "p.pt")
+    back = daml.io.load_network(tmp_path / "p.pt")
+    torch.testing.assert_close(back.x_scale, prop.x_scale, rtol=0, atol=0)
+    x1, lq1 = prop.sample(xs[:4].unsqueeze(0), y, mask, torch.Generator().manual_seed(1))
+    x2, lq2 = back.sample(xs[:4].unsqueeze(0), y, mask, torch.Generator().manual_seed(1))
+    assert torch.equal(x1, x2) and torch.equal(lq1, lq2)
+    with pytest.raises(daml.errors.ShapeError, match="x"):
+        prop.standardise(torch.ones(5, 4, dtype=torch.float64))
+    with pytest.raises(daml.errors.NonFiniteError, match="y"):
+        prop.standardise(y=torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))

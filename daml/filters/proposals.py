@@ -78,6 +78,10 @@ class MixtureProposal(nn.Module):
             self.state_size + 2 * self.obs_size, self.state_size, components, hidden, activation, covariance, weights,
             min_scale, init_scale, seed, dtype, device, name="proposal"),
             {"in_features": widest, "out_features": "state_size"})
+        net = self.net                                  # the inputs' standardisation (see standardise)
+        for name, size, fill in (("x_shift", self.state_size, 0.0), ("x_scale", self.state_size, 1.0),
+                                 ("y_shift", self.obs_size, 0.0), ("y_scale", self.obs_size, 1.0)):
+            self.register_buffer(name, torch.full((size,), fill, dtype=net.dtype, device=net.device))
 
     def config(self) -> dict:
         """The constructor arguments (JSON-able; the trained weights are in ``state_dict()``)."""
@@ -86,6 +90,50 @@ class MixtureProposal(nn.Module):
                 "hidden": list(n.hidden), "activation": n.activation, "covariance": n.covariance,
                 "weights": n.weights, "base": self.base, "min_scale": n.min_scale, "init_scale": n.init_scale,
                 "seed": n.seed}
+
+    def standardise(self, x: Any = None, y: Any = None) -> "MixtureProposal":
+        """Feed the network standardised inputs: ``(x_prev - mean_x) / sd_x`` and ``(y - mean_y) / sd_y``,
+        entry by entry, with the means and standard deviations of the samples ``x`` ``(..., n)`` (for
+        example prior draws or a simulated trajectory) and ``y`` ``(..., m)`` (for example the training
+        observations; NaN entries are left out). A dense ``tanh`` network saturates on raw states of
+        size several units (Lorenz-96's are about 2 +- 4), which standardising avoids. Only the
+        network's input changes: the means stay offsets from the raw ``x_prev`` or ``model.step(x_prev)``.
+
+        Either sample may be omitted (that part stays as it is). The statistics are buffers, not
+        parameters: training does not change them, and :func:`daml.io.save_network` stores them.
+        Returns the proposal.
+
+        Raises
+        ------
+        ShapeError, NonFiniteError
+            Naming ``x`` or ``y`` for a wrong last axis, fewer than two values of an entry, or
+            infinite values (NaN in ``x``).
+        """
+        from ..models.base import as_real_tensor
+
+        for name, sample, size, shift, scale in (("x", x, self.state_size, "x_shift", "x_scale"),
+                                                 ("y", y, self.obs_size, "y_shift", "y_scale")):
+            if sample is None:
+                continue
+            t = as_real_tensor(sample, name, dtype=torch.float64, device="cpu")
+            if t.ndim == 0 or t.shape[-1] != size:
+                raise ShapeError(name, f"samples with a last axis of length {size}", f"shape {tuple(t.shape)}")
+            t = t.reshape(-1, size)
+            if bool(torch.isinf(t).any()) or (name == "x" and bool(torch.isnan(t).any())):
+                raise NonFiniteError(name, "finite samples" + (" (NaN only for a missing observation)" if name == "y"
+                                                               else ""), "NaN or infinite entries")
+            ok = ~torch.isnan(t)
+            count = ok.sum(0)
+            if int(count.min()) < 2:
+                raise ShapeError(name, "at least two values of every entry", f"{int(count.min())} for some entry")
+            vals = torch.where(ok, t, torch.zeros((), dtype=t.dtype))
+            mean = vals.sum(0) / count
+            var = (torch.where(ok, t - mean, torch.zeros((), dtype=t.dtype)) ** 2).sum(0) / (count - 1)
+            sd = var.sqrt()
+            sd = torch.where(sd > 0, sd, torch.ones_like(sd))          # a constant entry: centred only
+            getattr(self, shift).copy_(mean.to(getattr(self, shift)))
+            getattr(self, scale).copy_(sd.to(getattr(self, scale)))
+        return self
 
     def _parts(self, x_prev: Any, y: Any, mask: Any, model: Any) -> tuple[_Parts, torch.Tensor]:
         net = self.net
@@ -109,8 +157,9 @@ class MixtureProposal(nn.Module):
         observed = mask.to(device=dev) != 0
         yin = torch.where(observed, y.to(device=dev, dtype=dt), torch.zeros((), dtype=dt, device=dev))
         shape = (*lead, x_prev.shape[-2])
-        obs = torch.cat([yin, observed.to(dt)], dim=-1).unsqueeze(-2).expand(*lead, 1, 2 * m).expand(*shape, 2 * m)
-        inp = torch.cat([xin.expand(*shape, n), obs], dim=-1)
+        ynet = torch.where(observed, (yin - self.y_shift) / self.y_scale, yin)       # standardise(): identity by default
+        obs = torch.cat([ynet, observed.to(dt)], dim=-1).unsqueeze(-2).expand(*lead, 1, 2 * m).expand(*shape, 2 * m)
+        inp = torch.cat([((xin - self.x_shift) / self.x_scale).expand(*shape, n), obs], dim=-1)
         if self.base == "state":
             base = xin
         else:
