@@ -15,13 +15,13 @@ Twin experiments and filters:
 >>> daml.diagnostics.rmse(result.analysis, data["truth"])
 
 Modules: :mod:`daml.posterior`, :mod:`daml.diagnostics`, :mod:`daml.resampling`, :mod:`daml.io`,
-:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.transport`, :mod:`daml.diffusion`, :mod:`daml.ensembles`, :mod:`daml.learning`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`;
+:mod:`daml.models`, :mod:`daml.filters`, :mod:`daml.transport`, :mod:`daml.diffusion`, :mod:`daml.ensembles`, :mod:`daml.learning`, :mod:`daml.smoothing`, :mod:`daml.twin`, :mod:`daml.experiment`, :mod:`daml.errors`;
 :mod:`daml.causal` (double machine learning, needs scikit-learn: ``pip install 'daml[causal]'``) is
 imported on its own, ``from daml import causal``.
 """
 
 from ._version import __version__
-from . import errors, posterior, resampling, diagnostics, io, models, transport, filters, diffusion, ensembles, learning
+from . import errors, posterior, resampling, diagnostics, io, models, transport, filters, diffusion, ensembles, learning, smoothing
 from .posterior import from_members, validate
 from .io import open_posterior, to_netcdf, to_arviz
 from .twin import simulate
@@ -39,6 +39,7 @@ __all__ = [
     "diffusion",
     "ensembles",
     "learning",
+    "smoothing",
     "simulate",
     "from_members",
     "validate",

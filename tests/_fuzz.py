@@ -42,7 +42,7 @@ import torch
 import xarray as xr
 
 MODULES = ["daml", "daml.posterior", "daml.diagnostics", "daml.resampling", "daml.io", "daml.models",
-           "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.learning", "daml.causal", "daml.twin",
+           "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.learning", "daml.smoothing", "daml.causal", "daml.twin",
            "daml.experiment", "daml.report", "daml.errors"]
 
 FAILURES = ("other", "nonfinite", "hang", "baseline")
@@ -336,6 +336,7 @@ ITERATION_COUNTS = {
     ("daml.ensembles.fit", "epochs"),
     ("daml.ensembles.equal_weight", "steps"),
     ("daml.models.propagate", "steps"),
+    ("daml.smoothing.message_passing", "iterations"),
 }
 
 
@@ -607,6 +608,19 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
            "iterations": "int", "lr": "real", "seed": "seed", "windows": "obj", "learn": "obj", "tol": "real",
            "rounds": "int", "warmup": "int"},
           auto=False))
+
+    import daml.smoothing as SM
+    add(S("daml.smoothing.message_passing", SM.message_passing,
+          lambda: dict(model=M.LinearDrag(dims=1), y=t64(np.ones((2, 4, 1))), operator=M.observe_indices(3, [0], sd=0.5),
+                       prior=(t64(np.zeros(3)), t64(np.eye(3))), gamma=0.02, iterations=3, order=None,
+                       noise_cov=t64(0.05 * np.eye(3)), init=t64(np.zeros((2, 4, 3))), tol=None),
+          {"model": "obj", "y": "array", "operator": "obj", "prior": "obj", "gamma": "real", "iterations": "int",
+           "order": "int", "noise_cov": "cov", "init": "array", "tol": "real", "history": "bool",
+           "detach_messages": "bool"},
+          auto=False, skip=[("order", "None"), ("noise_cov", "None"), ("init", "None"), ("tol", "None")]))
+    add(S("daml.smoothing.taylor_transition", SM.taylor_transition,
+          lambda: dict(model=M.Lorenz63(), x=t64(np.ones((2, 3))), order=2),
+          {"model": "obj", "x": "array", "order": "int"}, auto=False))
 
     def network_round_trip(network, path):
         out = io.save_network(network, path)
@@ -1469,7 +1483,7 @@ NOT_CALLABLE = {
     "daml.__version__": "a version string",
     **{f"daml.{m}": "a module (its __all__ is covered name by name)"
        for m in ("errors", "posterior", "resampling", "diagnostics", "io", "models", "filters", "transport",
-                 "diffusion", "ensembles", "learning")},
+                 "diffusion", "ensembles", "learning", "smoothing")},
     **{f"{mod}.{n}": "a constant" for mod, names in _CONSTANTS.items() for n in names},
     "daml.resampling.METHODS": "a registry dict (its functions are covered by name)",
     "daml.resampling.DIFFERENTIABLE": "a tuple of names (covered through differentiable)",
@@ -1480,6 +1494,7 @@ NOT_CALLABLE = {
     "daml.filters.Evidence": "a result NamedTuple (built by log_evidence)",
     "daml.learning.FitReport": "a result NamedTuple (built by fit_state_space)",
     "daml.learning.GROUPS": "a tuple of names (covered through fit_state_space's learn)",
+    "daml.smoothing.Smoothed": "a result NamedTuple (built by message_passing)",
     "daml.io.NETWORKS": "a registry dict (covered through save_network / load_network)",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",

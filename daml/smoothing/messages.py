@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import ConvergenceWarning, DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
-from ..models.base import _check_finite_state, as_covariance, as_real_tensor, batched_jacobian
+from ..models.base import _check_finite_state, as_covariance, check_memory, as_real_tensor, batched_jacobian
 
 __all__ = ["Smoothed", "message_passing", "taylor_transition"]
 
@@ -79,8 +79,15 @@ class Smoothed(NamedTuple):
     iterations: int
 
 
+MAX_ORDER = 64      # (A dt)^J / J! beyond this is below rounding for any step the expansion suits
+
+
 def _check_order(order: Any) -> int:
-    return check_int(order, "order", 0, "an int >= 0 (the Taylor order J)")
+    order = check_int(order, "order", 0, f"an int from 0 to {MAX_ORDER} (the Taylor order J)")
+    if order > MAX_ORDER:
+        raise InputError("order", f"an int from 0 to {MAX_ORDER} (the Taylor order J; higher terms are below rounding)",
+                         repr(order))
+    return order
 
 
 def _tendency_jacobian(model: Any, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +163,8 @@ def taylor_transition(model: Any, x: Any, order: int) -> torch.Tensor:
     if getattr(model, "state_size", None) is None:
         raise InputError("model", "a model with state_size, tendency(x) and dt", type(model).__name__)
     x = _check_finite_state(x, "x", model)
+    if x.numel() == 0:
+        return x.new_zeros((*x.shape, x.shape[-1]))
     return _taylor(_tendency_jacobian(model, x), order)
 
 
@@ -187,6 +196,8 @@ def _as_y(y: Any, m: int) -> torch.Tensor:
     if t.ndim < 2 or t.shape[-1] != m or t.shape[-2] == 0:
         raise ShapeError("y", f"observations (*batch, T, {m}) with T >= 1 (the operator's size {m})",
                          f"shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ShapeError("y", "a non-empty batch of observations", f"shape {tuple(t.shape)}")
     if bool(torch.isinf(t).any()):
         raise NonFiniteError("y", "finite observations (NaN marks a missing one)", "infinite entries")
     return t
@@ -291,6 +302,9 @@ def message_passing(
                          type(operator).__name__ if mat_h is not None or operator is None else "a nonlinear operator")
     m = int(mat_h.shape[0])
     y_t = _as_y(y, m)
+    if history:
+        check_memory(8 * k_iter * y_t.shape[:-1].numel() * n, "iterations",
+                     f"{k_iter} iterations kept (history=True)")
     dtype, device = y_t.dtype, y_t.device
     h = mat_h.to(dtype=dtype, device=device)
     r = operator.noise_cov.to(dtype=dtype, device=device)
@@ -339,7 +353,8 @@ def message_passing(
     else:
         x = as_real_tensor(init, "init").to(dtype=dtype, device=device)
         if tuple(x.shape) != (*batch, n_t, n):
-            raise ShapeError("init", f"states of shape {(*batch, n_t, n)}", f"shape {tuple(x.shape)}")
+            raise ShapeError("init", f"states of shape {(*batch, n_t, n)} (y's batch and times, the state size)",
+                             f"shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteError("init", "finite states", "NaN or infinite entries")
 
