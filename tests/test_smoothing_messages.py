@@ -203,3 +203,30 @@ def test_order_four_on_a_linear_ode_equals_the_exact_linear_smoother():
     a = message_passing(model, y, operator=op, prior=prior, gamma=0.01, iterations=40, tol=None)
     b = message_passing(model, y, operator=op, prior=prior, gamma=0.01, iterations=40, tol=None, order=4)
     assert torch.allclose(a.mean, b.mean, atol=1e-12)       # RK4 step = order-4 Taylor step of a linear ODE
+
+
+class _DampedPendulum(M.ODEModel):
+    def __init__(self, damping):
+        super().__init__(state_size=2, dt=0.1, noise_cov=0.01)
+        self.damping = damping
+
+    def tendency(self, x):
+        return torch.stack([x[..., 1], -torch.sin(x[..., 0]) - self.damping * x[..., 1]], dim=-1)
+
+
+def test_gradient_to_a_nonlinear_models_parameter_matches_finite_differences():
+    op = M.observe_indices(2, [0], sd=0.1)
+    y = torch.sin(torch.arange(10, dtype=torch.float64) * 0.3)[:, None]
+    prior = (torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+
+    def loss(c):
+        res = message_passing(_DampedPendulum(c), y, operator=op, prior=prior, gamma=0.005, iterations=30,
+                              order=2, tol=None)
+        return res.mean.pow(2).sum()
+
+    c = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(c), c)        # through the Taylor transition (jacfwd) and the iteration
+    h = 1e-6
+    fd = (float(loss(torch.tensor(0.1 + h, dtype=torch.float64))) -
+          float(loss(torch.tensor(0.1 - h, dtype=torch.float64)))) / (2 * h)
+    assert abs(float(grad)) > 1.0 and abs(float(grad) - fd) < 1e-5 * abs(fd)
