@@ -230,3 +230,15 @@ def test_gradient_to_a_nonlinear_models_parameter_matches_finite_differences():
     fd = (float(loss(torch.tensor(0.1 + h, dtype=torch.float64))) -
           float(loss(torch.tensor(0.1 - h, dtype=torch.float64)))) / (2 * h)
     assert abs(float(grad)) > 1.0 and abs(float(grad) - fd) < 1e-5 * abs(fd)
+
+
+def test_float32_converges_to_its_rounding_floor():
+    model, op, data = _problem()
+    y = torch.tensor(data.y.values, dtype=torch.float32)
+    prior = (torch.zeros(2), torch.eye(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = message_passing(model, y, operator=op, prior=prior, gamma=GAMMA, iterations=600)
+    assert res.mean.dtype == torch.float32 and bool(res.converged)
+    rts = daml.filters.kalman_smoother(model, data)["mean"].values
+    assert np.abs(res.mean.numpy() - rts).max() < 1e-5

@@ -265,7 +265,9 @@ def message_passing(
         in the reference).
     tol : float or None
         Convergence threshold on the largest absolute entry of the gradient at the result; a sequence
-        above it is not ``converged`` and a :class:`~daml.errors.ConvergenceWarning` says so. ``None``:
+        above it is not ``converged`` and a :class:`~daml.errors.ConvergenceWarning` says so. The
+        threshold is raised to the rounding floor ``100 eps`` times the initial gradient's largest
+        entry (``eps`` of the dtype: it matters in float32 only). ``None``:
         no check (fixed-``K`` unrolling for training).
     history : bool
         Keep the estimate after every iteration (``Smoothed.history``).
@@ -395,7 +397,9 @@ def message_passing(
                 f"{gmax:.3g}, from {g0:.3g} at the start): gamma={gamma!r} is too large (stable below "
                 "2 / the largest eigenvalue of the negative Hessian, see docs/smoothing.md)")
     gnorm = size(g)
-    converged = None if tol is None else gnorm <= tol
+    # the gradient cannot be computed closer to zero than rounding of messages of the initial size
+    floor = 100.0 * torch.finfo(dtype).eps * g0
+    converged = None if tol is None else gnorm <= max(tol, floor)
     if converged is not None and not bool(converged.all()):
         bad = int((~converged).sum())
         grew = float(gnorm.max()) > g0
