@@ -242,3 +242,13 @@ def test_float32_converges_to_its_rounding_floor():
     assert res.mean.dtype == torch.float32 and bool(res.converged)
     rts = daml.filters.kalman_smoother(model, data)["mean"].values
     assert np.abs(res.mean.numpy() - rts).max() < 1e-5
+
+
+def test_unstable_gamma_on_lorenz63_is_a_divergence_error():
+    model = M.Lorenz63(dt=0.01)
+    op = M.observe_all(3, sd=0.5)
+    data = daml.simulate(model, 50, op, x0=np.array([1.0, 1.0, 1.0]), x0_cov=0.01, seed=0)
+    y = torch.tensor(data.y.values)
+    with pytest.raises(DivergenceError, match="gamma=0.5"):
+        message_passing(model, y, operator=op, prior=(y[1], 3.0 * torch.eye(3, dtype=torch.float64)), gamma=0.5,
+                        iterations=200, order=2, noise_cov=0.0225)

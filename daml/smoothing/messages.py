@@ -389,8 +389,11 @@ def message_passing(
         x = x + gamma * g
         if history:
             kept.append(x)
-        g = gradient(x)
-        gmax = float(size(g).max())
+        try:
+            g = gradient(x)
+            gmax = float(size(g).max())
+        except NonFiniteError:          # the estimate itself overflowed (the Jacobian at it is not finite)
+            gmax = math.inf
         if not math.isfinite(gmax) or gmax > DIVERGENCE_FACTOR * max(g0, 1e-300):
             raise DivergenceError(
                 f"message_passing: the iteration diverged at iteration {it + 1} (largest gradient entry "
