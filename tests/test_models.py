@@ -713,3 +713,66 @@ def test_own_step_without_autograd_is_bit_identical_to_rk4(model, dtype):
         assert got.shape == want.shape and got.dtype == dtype
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# transitions: Gaussian (step + N(0, Q)) or the model's own (sample_step / log_transition)
+
+
+def test_transition_density_and_draws_of_a_gaussian_model_against_scipy():
+    from scipy.stats import multivariate_normal
+
+    from daml.models.base import has_gaussian_transition, transition_log_density, transition_sample
+
+    q = np.array([[0.5, 0.1], [0.1, 0.3]])
+    model = dm.LinearModel([[0.9, 0.2], [-0.1, 0.8]], noise_cov=q)
+    assert has_gaussian_transition(model)
+    x_prev = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    x = torch.tensor([[0.1, 0.4], [1.0, -0.2], [0.0, 0.0]], dtype=torch.float64)
+    pairs = transition_log_density(model, x_prev.unsqueeze(0), x.unsqueeze(1))         # (3, 2): every pair
+    for i in range(3):
+        for j in range(2):
+            ref = multivariate_normal(model.step(x_prev[j]).numpy(), q).logpdf(x[i].numpy())
+            assert float(pairs[i, j]) == pytest.approx(ref, rel=1e-12)
+    # draws: mean step(x), covariance Q (Monte Carlo, 40 000 draws: 5 standard errors per entry)
+    g = torch.Generator().manual_seed(0)
+    draws = transition_sample(model, x_prev[0].expand(40_000, 2), g)
+    d = (draws - model.step(x_prev[0])).numpy()
+    assert np.all(np.abs(d.mean(0)) <= 5 * np.sqrt(q.diagonal() / 40_000))
+    np.testing.assert_allclose(np.cov(d.T), q, atol=5 * np.sqrt(2 * 0.5**2 / 40_000))
+    # a perfect model steps deterministically and has no density
+    perfect = dm.LinearModel([[0.9, 0.2], [-0.1, 0.8]])
+    assert torch.equal(transition_sample(perfect, x_prev, g), perfect.step(x_prev))
+    with pytest.raises(daml.errors.InputError, match="model"):
+        transition_log_density(perfect, x_prev, x_prev)
+
+
+def test_a_model_with_its_own_transition_is_used_and_refused_where_gaussian_noise_is_needed():
+    from daml.models.base import (check_gaussian_transition, has_gaussian_transition, transition_log_density,
+                                  transition_sample)
+
+    class Jumpy:                                  # x' = x + Laplace(0, 1) noise: not Gaussian
+        state_size, dt, noise_cov = 2, 1.0, None
+
+        def step(self, x):
+            return x
+
+        def sample_step(self, x, generator):
+            u = torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5
+            return x - torch.sign(u) * torch.log1p(-2 * u.abs())
+
+        def log_transition(self, x_prev, x):
+            return -(x - x_prev).abs().sum(-1) - x.shape[-1] * math.log(2.0)
+
+    model = Jumpy()
+    assert not has_gaussian_transition(model)
+    with pytest.raises(daml.errors.InputError, match="model: expected a model with additive Gaussian noise .* for kf"):
+        check_gaussian_transition(model, "kf")
+    check_gaussian_transition(dm.Lorenz63(noise_cov=0.1), "kf")                 # Gaussian: accepted
+    x = torch.zeros(20_000, 2, dtype=torch.float64)
+    draws = transition_sample(model, x, torch.Generator().manual_seed(1))
+    assert float(draws.abs().mean()) == pytest.approx(1.0, abs=5 * 1.0 / math.sqrt(40_000))   # E|Laplace(0,1)| = 1
+    assert float(transition_log_density(model, x[:1], torch.ones(1, 2, dtype=torch.float64))) == pytest.approx(
+        -2 - 2 * math.log(2.0), rel=1e-12)
+    prop = dm.propagate(model, x[:3], 2, seed=0)                               # propagate draws the model's steps
+    assert prop.shape == (3, 2) and not torch.equal(prop, x[:3])
