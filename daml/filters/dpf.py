@@ -71,7 +71,6 @@ import math
 import os
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from .. import _device
@@ -80,7 +79,7 @@ from ..errors import DivergenceError, DtypeError, InputError, NonFiniteError, Sh
 from ..models.base import (Model, _check_model, as_real_tensor, has_gaussian_transition, transition_log_density,
                            transition_sample)
 from ..models.observations import Observation
-from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init, gaussian_logpdf_chol,
+from .base import (EnsembleState, Filter, Upcoming, check_members, ensemble_init,
                    gaussian_loglik, register, unchecked)
 from .particle import check_threshold, kish_ess, log_normalise
 
@@ -235,7 +234,8 @@ def dpf(members: int, proposal: Any = None, resampler: str = "stop_gradient", sc
         else:
             model = state.model
             x, log_q = proposal.sample(x_prev, y, mask, g, model=model, operator=operator)
-            inc = (_log_transition(model, x_prev, state.x, x)
+            mean = state.x if has_gaussian_transition(model) else None          # step(x_prev), computed once
+            inc = (transition_log_density(model, x_prev, x, mean)
                    + gaussian_loglik(operator.residual(y.unsqueeze(-2), x), operator.noise_cov, mask) - log_q)
         mass = getattr(state, "log_mass", None)
         if mass is not None:
@@ -252,19 +252,6 @@ def dpf(members: int, proposal: Any = None, resampler: str = "stop_gradient", sc
               "resampler": resampler, "scheme": scheme, "threshold": threshold, "alpha": alpha, "epsilon": epsilon}
     return Filter("dpf", config, init, forecast, analysis, _dpf_members, lookahead=proposal is not None,
                   inference=False)
-
-
-def _log_transition(model: Model, x_prev: torch.Tensor, mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``log f(x | x_prev)`` ``(*batch, N)``: ``N(x; mean, Q)`` with ``mean = step(x_prev)`` already
-    computed for a model with Gaussian noise, the model's own density otherwise."""
-    if not has_gaussian_transition(model):
-        return transition_log_density(model, x_prev, x)
-    q = model.noise_cov.to(x)
-    chol, info = torch.linalg.cholesky_ex(q)
-    if int(info) != 0:
-        raise InputError("model", "a positive-definite noise_cov (a transition density for dpf with a proposal)",
-                         "a singular one")
-    return gaussian_logpdf_chol(x - mean, chol)
 
 
 # -- the differentiable time loop ------------------------------------------------------------------------

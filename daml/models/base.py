@@ -335,10 +335,12 @@ def transition_sample(model: Model, x: torch.Tensor, generator: torch.Generator)
     return f + torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device) @ root.T
 
 
-def transition_log_density(model: Model, x_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def transition_log_density(model: Model, x_prev: torch.Tensor, x: torch.Tensor,
+                           mean: torch.Tensor | None = None) -> torch.Tensor:
     """``log p(x | x_prev)`` of one model step over the last axis, the leading dims of ``x_prev`` and
     ``x`` broadcast against each other: ``model.log_transition`` where the model has it, else the
-    Gaussian ``N(x; step(x_prev), Q)``.
+    Gaussian ``N(x; step(x_prev), Q)``. ``mean``: ``step(x_prev)`` already computed (Gaussian models
+    only; it is not computed again).
 
     Raises
     ------
@@ -353,7 +355,7 @@ def transition_log_density(model: Model, x_prev: torch.Tensor, x: torch.Tensor) 
     if q is None:
         raise InputError("model", "a model with a transition density (noise_cov, or log_transition)",
                          f"{type(model).__name__} without model noise (a perfect model has no density)")
-    f = model.step(x_prev)
+    f = model.step(x_prev) if mean is None else mean
     chol, info = torch.linalg.cholesky_ex(q.to(f))
     if int(info) != 0:
         raise InputError("model", "a positive-definite noise_cov (a transition density)", "a singular one")
