@@ -258,6 +258,13 @@ def fit_state_space(model: Any, proposal: Any, y: Any, *, operator: Observation,
     groups = {"proposal": proposal, "transition": model}
     params = {g: _parameters(groups[g], g) for g in learn}
     filt = dpf(members, proposal=proposal, resampler=resampler, scheme=scheme, threshold=threshold)
+    net = getattr(model, "net", None)
+    if ("transition" in learn and proposal is None and getattr(net, "weights", None) == "learned"
+            and getattr(net, "components", 1) > 1):
+        warnings.warn("fit_state_space: the transition's learned mixture weights get no gradient when it is its own "
+                      "proposal (proposal=None: the component draw is not differentiated); they keep their initial "
+                      "values. Learn them with a proposal, whose weights include the transition density",
+                      UserWarning, stacklevel=2)
 
     first = next(iter(params.values()))[0]
     if isinstance(y, torch.Tensor) and y.is_floating_point():

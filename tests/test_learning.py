@@ -223,3 +223,15 @@ def test_warmup_ramps_the_first_steps():
     with pytest.raises(InputError, match="warmup"):
         fit_state_space(net, None, y, operator=obs, prior=(np.zeros(2), np.eye(2)), learn=("transition",),
                         warmup=-1)
+
+
+def test_parameters_without_a_gradient_are_reported():
+    # learned mixture weights of a transition that is its own proposal (proposal=None) get no gradient: the
+    # component draw is not differentiated; the fit says so instead of leaving them silently untrained
+    obs, y, _ = _affine_fit_problem(5, 2, seed=4)
+    net = MixtureTransition(2, components=2, hidden=(), weights="learned", seed=0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.warns(UserWarning, match="learned mixture weights get no gradient"):
+            fit_state_space(net, None, y, operator=obs, prior=(np.zeros(2), np.eye(2)), members=8,
+                            learn=("transition",), iterations=2, seed=0)
