@@ -252,3 +252,62 @@ def test_unstable_gamma_on_lorenz63_is_a_divergence_error():
     with pytest.raises(DivergenceError, match="gamma=0.5"):
         message_passing(model, y, operator=op, prior=(y[1], 3.0 * torch.eye(3, dtype=torch.float64)), gamma=0.5,
                         iterations=200, order=2, noise_cov=0.0225)
+
+
+def _log_density(model, op, y, x, prior):
+    """log p(x, y) up to a constant, written directly (the oracle for the messages)."""
+    f, q, h, r = model.step_matrix, model.noise_cov, op.matrix, op.noise_cov
+    qi, ri = torch.linalg.inv(q), torch.linalg.inv(r)
+    d = x[..., 1:, :] - x[..., :-1, :] @ f.T
+    e = torch.where(torch.isfinite(y), y - x @ h.T, torch.zeros(()).to(y))    # R is diagonal: drop missing entries
+    out = -0.5 * torch.einsum("...ti,ij,...tj->...", d, qi, d) - 0.5 * torch.einsum("...ti,ij,...tj->...", e, ri, e)
+    if prior is not None:
+        p = x[..., 0, :] - prior[0]
+        out = out - 0.5 * torch.einsum("...i,ij,...j->...", p, torch.linalg.inv(prior[1]), p)
+    return out
+
+
+@pytest.mark.parametrize("prior", [PRIOR, None])
+def test_the_messages_sum_to_the_gradient_of_the_log_density_and_a_flat_prior_gives_its_maximiser(prior):
+    from daml.smoothing.messages import prepare_chain
+
+    model, op, data = _problem(steps=8)
+    y = torch.tensor(data.y.values)
+    chain = prepare_chain(model, y, operator=op, prior=prior)
+    x = torch.randn(y.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_log_density(model, op, y, xg, prior), xg)
+    m1, m2, m3 = chain.messages(x)
+    assert torch.allclose(m1 + m2 + m3, grad, atol=1e-12, rtol=1e-12)
+    if prior is None:
+        assert torch.equal(m1[0], torch.zeros(2, dtype=torch.float64))
+    # the maximiser from the dense Hessian (one Newton step of a quadratic) is message passing's limit
+    flat = lambda v: _log_density(model, op, y, v.reshape(x.shape), prior)
+    hess = torch.autograd.functional.hessian(flat, torch.zeros(x.numel(), dtype=torch.float64))
+    g0 = torch.autograd.functional.jacobian(flat, torch.zeros(x.numel(), dtype=torch.float64))
+    x_map = torch.linalg.solve(-hess, g0).reshape(x.shape)
+    res = message_passing(model, y, operator=op, prior=prior, gamma=GAMMA, iterations=1500)
+    assert bool(res.converged) and (res.mean - x_map).abs().max() < 1e-6
+
+
+def test_factorised_linearisation_is_the_reference_lorenz_matrix():
+    model = M.Lorenz63()
+    x = torch.tensor([[1.0, -2.0, 20.0], [3.0, 4.0, 5.0]], dtype=torch.float64)
+    a = model.factor_matrix(x)
+    assert torch.allclose((a @ x.unsqueeze(-1)).squeeze(-1), model.tendency(x), atol=1e-12)
+    # not the Jacobian: d(dy/dt)/dz = -x, which the factorisation drops
+    assert not torch.allclose(a, torch.func.vmap(torch.func.jacfwd(model.tendency))(x))
+    f2 = taylor_transition(model, x, 2, linearisation="factorised")
+    a_dt = a * model.dt
+    assert torch.allclose(f2, torch.eye(3, dtype=torch.float64) + a_dt + a_dt @ a_dt / 2, atol=1e-14)
+    from daml.smoothing.messages import _taylor_step
+    f_mat, pred = _taylor_step(model, x, 2, "factorised")
+    assert torch.allclose(pred, (f2 @ x.unsqueeze(-1)).squeeze(-1), atol=1e-14)
+    with pytest.raises(InputError, match="linearisation"):
+        taylor_transition(M.Lorenz96(8), torch.zeros(8, dtype=torch.float64), 2, linearisation="factorised")
+    with pytest.raises(InputError, match="linearisation"):
+        taylor_transition(model, x, 2, linearisation="exact")
+    lin, op, data = _problem(steps=4)
+    with pytest.raises(InputError, match="linearisation"):
+        message_passing(lin, torch.tensor(data.y.values), operator=op, prior=PRIOR, gamma=GAMMA,
+                        linearisation="factorised")

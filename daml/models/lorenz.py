@@ -89,6 +89,26 @@ class Lorenz63(ODEModel):
             [self.sigma * (b - a), a * (self.rho - c) - b, a * b - self.beta * c], dim=-1
         )
 
+    def factor_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        r"""A state-dependent matrix ``A(x)`` with ``tendency(x) = A(x) x``: the factorisation
+
+        .. math::
+
+            A(x) = \begin{pmatrix} -\sigma & \sigma & 0 \\ \rho - z & -1 & 0 \\ y & 0 & -\beta \end{pmatrix},
+
+        which the hybrid-inference reference code (Garcia Satorras et al. 2019) uses in place of the
+        Jacobian (it is not the Jacobian: that has ``-x`` and ``x`` in the last column and row). States
+        ``(..., 3)``; returns ``(..., 3, 3)``.
+        """
+        y, z = x[..., 1], x[..., 2]
+        zero = torch.zeros_like(y)
+        rows = [
+            torch.stack([zero - self.sigma, zero + self.sigma, zero], dim=-1),
+            torch.stack([self.rho - z, zero - 1.0, zero], dim=-1),
+            torch.stack([y, zero, zero - self.beta], dim=-1),
+        ]
+        return torch.stack(rows, dim=-2)
+
     @staticmethod
     def default_x0(dtype: Any = None, device: Any = None) -> torch.Tensor:
         """DAPPER's initial state ``(1.509, -1.531, 25.46)``, close to the attractor; shape ``(3,)``."""

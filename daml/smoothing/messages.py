@@ -49,9 +49,10 @@ import torch
 from ..errors import ConvergenceWarning, DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
 from ..models.base import _check_finite_state, as_covariance, check_memory, as_real_tensor, batched_jacobian
 
-__all__ = ["Smoothed", "message_passing", "taylor_transition"]
+__all__ = ["Smoothed", "message_passing", "taylor_transition"]   # Chain, prepare_chain: internal, shared with hybrid.py
 
 DIVERGENCE_FACTOR = 1e8     # a gradient this many times its initial size means the iteration blew up
+CHECK_EVERY = 10            # iterations between divergence checks (each one synchronises a GPU)
 
 
 class Smoothed(NamedTuple):
@@ -90,13 +91,28 @@ def _check_order(order: Any) -> int:
     return order
 
 
-def _tendency_jacobian(model: Any, x: torch.Tensor) -> torch.Tensor:
+LINEARISATIONS = ("jacobian", "factorised")
+
+
+def _check_linearisation(value: Any, model: Any = None) -> str:
+    if not isinstance(value, str) or value not in LINEARISATIONS:
+        raise InputError("linearisation", f"one of {LINEARISATIONS}", repr(value))
+    if value == "factorised" and model is not None and not callable(getattr(model, "factor_matrix", None)):
+        raise InputError("linearisation", "'jacobian' for a model without factor_matrix(x) (a matrix A(x) with "
+                         "tendency(x) = A(x) x, e.g. Lorenz63)", f"'factorised' with {type(model).__name__}")
+    return value
+
+
+def _tendency_jacobian(model: Any, x: torch.Tensor, linearisation: str = "jacobian") -> torch.Tensor:
     tendency = getattr(model, "tendency", None)
     dt = getattr(model, "dt", None)
     if not callable(tendency) or dt is None or getattr(model, "continuous", True) is False:
         raise InputError("model", "a continuous-time model with tendency(x) and dt (an ODEModel)",
                          type(model).__name__)
-    jac = batched_jacobian(tendency, x)
+    if linearisation == "factorised":
+        jac = model.factor_matrix(x)
+    else:
+        jac = batched_jacobian(tendency, x)
     if not bool(torch.isfinite(jac).all()):
         raise NonFiniteError("x", "states where the tendency's Jacobian is finite", "NaN or infinite entries")
     return jac * float(dt)
@@ -112,13 +128,19 @@ def _taylor(a_dt: torch.Tensor, order: int) -> torch.Tensor:
     return out
 
 
-def _taylor_step(model: Any, x: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F(x)`` of :func:`taylor_transition` and the predicted mean
-    ``x + sum_{j=1..J} (A dt)^{j-1} f(x) dt / j!`` (``F x`` for a linear tendency ``f = A x``)."""
-    a_dt = _tendency_jacobian(model, x)
-    drift = model.tendency(x) * float(model.dt)
+def _taylor_step(model: Any, x: torch.Tensor, order: int,
+                 linearisation: str = "jacobian") -> tuple[torch.Tensor, torch.Tensor]:
+    """``F(x)`` of :func:`taylor_transition` and the predicted mean: with the Jacobian, the Taylor step
+    of the flow ``x + sum_{j=1..J} (A dt)^{j-1} f(x) dt / j!`` (``F x`` for a linear tendency
+    ``f = A x``); with ``linearisation="factorised"``, ``F(x) x`` with ``A(x)`` the model's
+    ``factor_matrix`` (the reference code's choice)."""
+    a_dt = _tendency_jacobian(model, x, linearisation)
     n = a_dt.shape[-1]
     eye = torch.eye(n, dtype=a_dt.dtype, device=a_dt.device).expand(a_dt.shape)
+    if linearisation == "factorised":
+        f_mat = _taylor(a_dt, order)
+        return f_mat, _mv(f_mat, x)
+    drift = model.tendency(x) * float(model.dt)
     f_mat, term, pred = eye, eye, x
     vec = drift
     for j in range(1, order + 1):
@@ -130,7 +152,7 @@ def _taylor_step(model: Any, x: torch.Tensor, order: int) -> tuple[torch.Tensor,
     return f_mat, pred
 
 
-def taylor_transition(model: Any, x: Any, order: int) -> torch.Tensor:
+def taylor_transition(model: Any, x: Any, order: int, linearisation: str = "jacobian") -> torch.Tensor:
     r"""The linearised transition :math:`F = \sum_{j=0}^{J} (A(x)\,\Delta t)^j / j!` of a model.
 
     ``A(x)`` is the Jacobian of the model's tendency at ``x`` (forward-mode autodiff) and
@@ -147,6 +169,9 @@ def taylor_transition(model: Any, x: Any, order: int) -> torch.Tensor:
         States at which to linearise.
     order : int
         ``J >= 0``.
+    linearisation : {"jacobian", "factorised"}
+        ``A(x)``: the Jacobian of the tendency (default), or the model's ``factor_matrix(x)``, a matrix
+        with ``f(x) = A(x) x`` (:meth:`daml.models.Lorenz63.factor_matrix`, the reference code's choice).
 
     Returns
     -------
@@ -162,10 +187,11 @@ def taylor_transition(model: Any, x: Any, order: int) -> torch.Tensor:
     order = _check_order(order)
     if getattr(model, "state_size", None) is None:
         raise InputError("model", "a model with state_size, tendency(x) and dt", type(model).__name__)
+    linearisation = _check_linearisation(linearisation, model)
     x = _check_finite_state(x, "x", model)
     if x.numel() == 0:
         return x.new_zeros((*x.shape, x.shape[-1]))
-    return _taylor(_tendency_jacobian(model, x), order)
+    return _taylor(_tendency_jacobian(model, x, linearisation), order)
 
 
 def _covariance(value: Any, n: int, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -215,6 +241,133 @@ def _mv(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (a @ v.unsqueeze(-1)).squeeze(-1)
 
 
+class Chain:
+    """A checked linear(ised)-Gaussian chain and its three messages (built by :func:`prepare_chain`).
+
+    Attributes: ``y`` (observations, NaN kept), ``y0`` (zeros where missing), ``mask`` (observed
+    entries, ``(*batch, T, m)``), ``h`` ``(m, n)``, ``r`` ``(m, m)``, ``q`` ``(n, n)``, ``batch``,
+    ``n_t``, ``n``, ``dtype``, ``device``, ``x0`` (the initial estimate ``(*batch, T, n)``),
+    ``prior`` (``(mean, cov)`` or ``None`` for a flat prior on the first state), ``model``, ``order``
+    and ``linearisation``.
+    """
+
+    def __init__(self, **fields: Any):
+        self.__dict__.update(fields)
+
+    def transitions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F_t`` (``(n, n)`` for a linear model, ``(*batch, T-1, n, n)`` otherwise) and the predicted
+        means ``(*batch, T-1, n)`` of the states ``x[..., 1:, :]`` from ``x[..., :-1, :]``."""
+        prev = x[..., :-1, :]
+        if self.order is None:
+            return self.f, _mv(self.f, prev)
+        return _taylor_step(self.model, prev, self.order, self.linearisation)
+
+    def messages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The messages ``(m1, m2, m3)`` each state of ``x`` ``(*batch, T, n)`` receives: from the past
+        (the prior's term at the first time, zero there for a flat prior), from its observation, and
+        from the future (zero at the last time). Their sum is the gradient of the log density."""
+        m2 = _mv(self.h_m.transpose(-1, -2), _mv(self.r_inv, self.y0 - _mv(self.h_m, x)))
+        if self.prior is None:
+            prior_term = torch.zeros_like(x[..., 0, :])
+        else:
+            prior_term = -_mv(self.p0_inv, x[..., 0, :] - self.prior[0])
+        if self.n_t == 1:
+            return prior_term.unsqueeze(-2), m2, torch.zeros_like(m2)
+        ft, pred = self.transitions(x)
+        resid = _mv(self.q_inv, x[..., 1:, :] - pred)                # Q^-1 (x_t - F_t x_{t-1}), t >= 1
+        m1 = torch.cat([prior_term.unsqueeze(-2), -resid], dim=-2)
+        m3 = torch.cat([_mv(ft.transpose(-1, -2), resid), torch.zeros_like(prior_term).unsqueeze(-2)], dim=-2)
+        return m1, m2, m3
+
+
+def prepare_chain(
+    model: Any,
+    y: Any,
+    *,
+    operator: Any,
+    prior: tuple[Any, Any] | None,
+    order: int | None = None,
+    noise_cov: Any = None,
+    linearisation: str = "jacobian",
+    init: Any = None,
+) -> Chain:
+    """Check the arguments of :func:`message_passing` (same meanings) and build the :class:`Chain`.
+
+    ``prior=None`` puts a flat prior on the first state (no prior message), as the reference code does.
+    """
+    n = getattr(model, "state_size", None)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError("model", "a daml model with state_size", type(model).__name__)
+    mat_h = getattr(operator, "matrix", None)
+    if mat_h is None or getattr(operator, "noise_cov", None) is None or getattr(operator, "state_size", None) != n:
+        raise InputError("operator", f"a linear Observation of states of size {n} (observe_all, observe_indices, ...)",
+                         type(operator).__name__ if mat_h is not None or operator is None else "a nonlinear operator")
+    m = int(mat_h.shape[0])
+    y_t = _as_y(y, m)
+    dtype, device = y_t.dtype, y_t.device
+    h = mat_h.to(dtype=dtype, device=device)
+    r = operator.noise_cov.to(dtype=dtype, device=device)
+
+    q_src = noise_cov if noise_cov is not None else getattr(model, "noise_cov", None)
+    if q_src is None:
+        raise InputError("noise_cov", "a model noise covariance Q (the model has none)", "None")
+    q = _covariance(q_src, n, "noise_cov", dtype, device)
+    batch = tuple(y_t.shape[:-2])
+
+    if prior is None:
+        mean0 = cov0 = p0_inv = None
+    else:
+        if not isinstance(prior, (tuple, list)) or len(prior) != 2:
+            raise InputError("prior", "a pair (mean, cov) or None (a flat prior)", type(prior).__name__)
+        mean0 = as_real_tensor(prior[0], "prior").to(dtype=dtype, device=device)
+        if mean0.ndim == 0 or mean0.shape[-1] != n:
+            raise ShapeError("prior", f"a mean (..., {n})", f"shape {tuple(mean0.shape)}")
+        if not bool(torch.isfinite(mean0).all()):
+            raise NonFiniteError("prior", "a finite mean", "NaN or infinite entries")
+        cov0 = _covariance(prior[1], n, "prior", dtype, device)
+        try:
+            ok = torch.broadcast_shapes(tuple(mean0.shape[:-1]), batch) == batch
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ShapeError("prior", f"a mean whose leading dims broadcast to y's batch {batch}",
+                             f"shape {tuple(mean0.shape)}")
+        p0_inv = _spd_inverse(cov0)
+
+    if not isinstance(linearisation, str) or linearisation not in LINEARISATIONS:
+        raise InputError("linearisation", f"one of {LINEARISATIONS}", repr(linearisation))
+    if order is None:
+        f = getattr(model, "step_matrix", None)
+        if not isinstance(f, torch.Tensor):
+            raise InputError("order", "a Taylor order J >= 0 for a model without step_matrix", "None")
+        if linearisation != "jacobian":
+            raise InputError("linearisation", "'jacobian' for a linear model (order=None)", repr(linearisation))
+        f = f.to(dtype=dtype, device=device)
+    else:
+        order = _check_order(order)
+        _check_linearisation(linearisation, model)
+        f = None
+
+    n_t = y_t.shape[-2]
+    mask = torch.isfinite(y_t)
+    y0 = torch.where(mask, y_t, torch.zeros((), dtype=dtype, device=device))
+    h_m, r_inv = _masked_precision(r, h, mask)
+
+    if init is None:
+        x0 = _mv(torch.linalg.pinv(h).expand(*batch, n_t, n, m), y0)
+    else:
+        x0 = as_real_tensor(init, "init").to(dtype=dtype, device=device)
+        if tuple(x0.shape) != (*batch, n_t, n):
+            raise ShapeError("init", f"states of shape {(*batch, n_t, n)} (y's batch and times, the state size)",
+                             f"shape {tuple(x0.shape)}")
+        if not bool(torch.isfinite(x0).all()):
+            raise NonFiniteError("init", "finite states", "NaN or infinite entries")
+    return Chain(model=model, y=y_t, y0=y0, mask=mask, h=h, r=r, q=q, q_inv=_spd_inverse(q), h_m=h_m, r_inv=r_inv,
+                 batch=batch, n_t=n_t, n=n, m=m, dtype=dtype, device=device, x0=x0,
+                 prior=None if prior is None else (mean0, cov0), p0_inv=p0_inv, f=f, order=order,
+                 linearisation=linearisation)
+
+
 def message_passing(
     model: Any,
     y: Any,
@@ -229,6 +382,7 @@ def message_passing(
     tol: float | None = 1e-6,
     history: bool = False,
     detach_messages: bool = False,
+    linearisation: str = "jacobian",
 ) -> Smoothed:
     r"""The MAP of a linear(ised)-Gaussian chain by ``K`` iterations of message passing (gradient ascent).
 
@@ -248,8 +402,9 @@ def message_passing(
         the end (the padded states are predictions and change nothing before them).
     operator : Observation
         A linear operator (``H``, ``R``).
-    prior : (mean, cov)
-        The Gaussian prior of the first state: mean ``(n,)`` or ``(*batch, n)``, cov ``(n, n)``.
+    prior : (mean, cov) or None
+        The Gaussian prior of the first state: mean ``(n,)`` or ``(*batch, n)``, cov ``(n, n)``;
+        ``None``: a flat prior (no prior message, as the reference code).
     gamma : float
         Step size, ``> 0``; stable below :math:`2/\lambda_{\max}` (module docstring).
     iterations : int
@@ -275,6 +430,10 @@ def message_passing(
         Detach the messages from the autograd graph (as the reference code does), so gradients reach
         the result only through ``init`` (and a learned correction, later). Default ``False``: exact
         gradients of the unrolled iteration with respect to ``y``, the prior, ``Q``, ``R`` and ``init``.
+    linearisation : {"jacobian", "factorised"}
+        With ``order``: linearise with the Jacobian of the tendency and predict with the Taylor step of
+        the flow (default), or with the model's ``factor_matrix`` ``A(x)`` (``f(x) = A(x) x``) and predict
+        ``F(x) x``, as the reference code does for Lorenz-63.
 
     Returns
     -------
@@ -286,7 +445,9 @@ def message_passing(
         Naming the argument.
     DivergenceError
         When the gradient grows by a factor :data:`DIVERGENCE_FACTOR` or becomes non-finite (``gamma``
-        too large); the message names ``gamma`` and the iteration.
+        too large); the message names ``gamma`` and the iteration by which it was seen (the size is
+        checked every :data:`CHECK_EVERY` iterations and at the last, so as not to synchronise a GPU
+        at every step; a non-finite Jacobian is caught at once).
     """
     gamma = check_real(gamma, "gamma", positive=True, expected="a positive step size")
     k_iter = check_int(iterations, "iterations", 1, "an int >= 1 (K)")
@@ -295,88 +456,16 @@ def message_passing(
     for name, flag in (("history", history), ("detach_messages", detach_messages)):
         if not isinstance(flag, bool):
             raise InputError(name, "True or False", repr(flag))
-    n = getattr(model, "state_size", None)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError("model", "a daml model with state_size", type(model).__name__)
-    mat_h = getattr(operator, "matrix", None)
-    if mat_h is None or getattr(operator, "noise_cov", None) is None or getattr(operator, "state_size", None) != n:
-        raise InputError("operator", f"a linear Observation of states of size {n} (observe_all, observe_indices, ...)",
-                         type(operator).__name__ if mat_h is not None or operator is None else "a nonlinear operator")
-    m = int(mat_h.shape[0])
-    y_t = _as_y(y, m)
+    chain = prepare_chain(model, y, operator=operator, prior=prior, order=order, noise_cov=noise_cov,
+                          linearisation=linearisation, init=init)
     if history:
-        check_memory(8 * k_iter * y_t.shape[:-1].numel() * n, "iterations",
-                     f"{k_iter} iterations kept (history=True)")
-    dtype, device = y_t.dtype, y_t.device
-    h = mat_h.to(dtype=dtype, device=device)
-    r = operator.noise_cov.to(dtype=dtype, device=device)
-
-    q_src = noise_cov if noise_cov is not None else getattr(model, "noise_cov", None)
-    if q_src is None:
-        raise InputError("noise_cov", "a model noise covariance Q (the model has none)", "None")
-    q = _covariance(q_src, n, "noise_cov", dtype, device)
-
-    if not isinstance(prior, (tuple, list)) or len(prior) != 2:
-        raise InputError("prior", "a pair (mean, cov)", type(prior).__name__)
-    mean0 = as_real_tensor(prior[0], "prior").to(dtype=dtype, device=device)
-    if mean0.ndim == 0 or mean0.shape[-1] != n:
-        raise ShapeError("prior", f"a mean (..., {n})", f"shape {tuple(mean0.shape)}")
-    if not bool(torch.isfinite(mean0).all()):
-        raise NonFiniteError("prior", "a finite mean", "NaN or infinite entries")
-    cov0 = _covariance(prior[1], n, "prior", dtype, device)
-    batch = tuple(y_t.shape[:-2])
-    try:
-        ok = torch.broadcast_shapes(tuple(mean0.shape[:-1]), batch) == batch
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ShapeError("prior", f"a mean whose leading dims broadcast to y's batch {batch}",
-                         f"shape {tuple(mean0.shape)}")
-
-    linear = order is None
-    if linear:
-        f = getattr(model, "step_matrix", None)
-        if not isinstance(f, torch.Tensor):
-            raise InputError("order", "a Taylor order J >= 0 for a model without step_matrix", "None")
-        f = f.to(dtype=dtype, device=device)
-    else:
-        order = _check_order(order)
-        f = None
-
-    n_t = y_t.shape[-2]
-    mask = torch.isfinite(y_t)
-    y0 = torch.where(mask, y_t, torch.zeros((), dtype=dtype, device=device))
-    h_m, r_inv = _masked_precision(r, h, mask)
-    q_inv = _spd_inverse(q)
-    p0_inv = _spd_inverse(cov0)
-
-    if init is None:
-        x = _mv(torch.linalg.pinv(h).expand(*batch, n_t, n, m), y0)
-    else:
-        x = as_real_tensor(init, "init").to(dtype=dtype, device=device)
-        if tuple(x.shape) != (*batch, n_t, n):
-            raise ShapeError("init", f"states of shape {(*batch, n_t, n)} (y's batch and times, the state size)",
-                             f"shape {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteError("init", "finite states", "NaN or infinite entries")
-
-    def transitions(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prev = xc[..., :-1, :]
-        if linear:
-            return f, _mv(f, prev)
-        return _taylor_step(model, prev, order)
+        check_memory(8 * k_iter * chain.x0.numel(), "iterations", f"{k_iter} iterations kept (history=True)")
+    dtype = chain.dtype
+    x = chain.x0
 
     def gradient(xc: torch.Tensor) -> torch.Tensor:
-        m2 = _mv(h_m.transpose(-1, -2), _mv(r_inv, y0 - _mv(h_m, xc)))
-        prior_term = -_mv(p0_inv, xc[..., 0, :] - mean0)
-        if n_t == 1:
-            g = m2 + prior_term.unsqueeze(-2)
-        else:
-            ft, pred = transitions(xc)
-            resid = _mv(q_inv, xc[..., 1:, :] - pred)                # Q^-1 (x_t - F_t x_{t-1}), t >= 1
-            m1 = torch.cat([prior_term.unsqueeze(-2), -resid], dim=-2)
-            m3 = torch.cat([_mv(ft.transpose(-1, -2), resid), torch.zeros_like(prior_term).unsqueeze(-2)], dim=-2)
-            g = m1 + m2 + m3
+        m1, m2, m3 = chain.messages(xc)
+        g = m1 + m2 + m3
         return g.detach() if detach_messages else g
 
     def size(g: torch.Tensor) -> torch.Tensor:
@@ -391,12 +480,13 @@ def message_passing(
             kept.append(x)
         try:
             g = gradient(x)
-            gmax = float(size(g).max())
+            # reading the size back synchronises a GPU: every CHECK_EVERY iterations and at the end
+            gmax = float(size(g).max()) if (it + 1) % CHECK_EVERY == 0 or it + 1 == k_iter else 0.0
         except NonFiniteError:          # the estimate itself overflowed (the Jacobian at it is not finite)
             gmax = math.inf
         if not math.isfinite(gmax) or gmax > DIVERGENCE_FACTOR * max(g0, 1e-300):
             raise DivergenceError(
-                f"message_passing: the iteration diverged at iteration {it + 1} (largest gradient entry "
+                f"message_passing: the iteration diverged by iteration {it + 1} (largest gradient entry "
                 f"{gmax:.3g}, from {g0:.3g} at the start): gamma={gamma!r} is too large (stable below "
                 "2 / the largest eigenvalue of the negative Hessian, see docs/smoothing.md)")
     gnorm = size(g)
