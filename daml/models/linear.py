@@ -174,22 +174,37 @@ class LinearDrag(LinearModel):
     dt : float
         RK4 step per model step (default 0.1).
     noise_cov : scalar, (3d,) or (3d, 3d), optional
-        Covariance ``Q`` of additive Gaussian model noise per step.
+        Covariance ``Q`` of additive Gaussian model noise per step (in the order of ``layout``).
+    discretisation : {"rk4", "taylor2"}
+        One RK4 step per model step (default), or the second-order Taylor map
+        ``I + A dt + (A dt)^2 / 2`` with which the reference code of Satorras et al. generates its data.
+    layout : {"blocks", "axis"}
+        State order: ``[p_1..p_d, v_1..v_d, a_1..a_d]`` (default) or ``(p, v, a)`` per axis,
+        ``[p_1, v_1, a_1, p_2, ...]`` (the reference code's order).
 
     Attributes
     ----------
     matrix : tensor (3d, 3d)
-        The continuous-time generator ``A``.
+        The continuous-time generator ``A`` (in the order of ``layout``).
     step_matrix : tensor (3d, 3d)
-        The exact RK4 one-step map (see the module docstring).
+        The one-step map: the RK4 propagator (see the module docstring) or ``I + A dt + (A dt)^2 / 2``.
     """
 
     name = "linear_drag"
 
-    def __init__(self, dims: int = 2, drag: float = 0.1, tau: float = 0.05, dt: float = 0.1, noise_cov: Any = None):
+    def __init__(self, dims: int = 2, drag: float = 0.1, tau: float = 0.05, dt: float = 0.1, noise_cov: Any = None,
+                 discretisation: str = "rk4", layout: str = "blocks"):
         d = check_int(dims, "dims", expected="a positive int (spatial dimensions)")
         check_memory(4 * 8 * (3 * d) ** 2, "dims", f"{d} dimensions (a ({3 * d}, {3 * d}) generator)")
+        if not isinstance(discretisation, str) or discretisation not in ("rk4", "taylor2"):
+            raise InputError("discretisation", "'rk4' (one RK4 step) or 'taylor2' (I + A dt + (A dt)^2 / 2)",
+                             repr(discretisation))
+        if not isinstance(layout, str) or layout not in ("blocks", "axis"):
+            raise InputError("layout", "'blocks' ([p, v, a] blocks of d) or 'axis' ((p, v, a) per axis)",
+                             repr(layout))
         self.dims = d
+        self.discretisation = discretisation
+        self.layout = layout
         self.drag = check_real(drag, "drag", expected="a non-negative drag coefficient")
         if self.drag < 0:
             raise InputError("drag", "a non-negative drag coefficient (a negative one feeds energy in)", repr(drag))
@@ -200,20 +215,40 @@ class LinearDrag(LinearModel):
         a[d:2 * d, d:2 * d] = -self.drag * eye
         a[d:2 * d, 2 * d:] = eye
         a[2 * d:, d:2 * d] = -self.tau * eye
+        if layout == "axis":                    # entry 3 i + k of the state is component k of axis i
+            perm = torch.arange(3 * d).view(3, d).T.reshape(-1)
+            a = a[perm][:, perm]
         super().__init__(a, dt=dt, noise_cov=noise_cov, continuous=True)
+        if discretisation == "taylor2":
+            ha = self.dt * a
+            self.step_matrix = torch.eye(3 * d, dtype=torch.float64) + ha + (ha @ ha) / 2.0
 
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
-        """``(v, a - c v, -tau v)`` for states ``(..., 3d)``, elementwise (no matrix product)."""
+        """``(v, a - c v, -tau v)`` for states ``(..., 3d)``, elementwise (no matrix product), in the
+        model's ``layout``."""
         d = self.dims
+        if self.layout == "axis":
+            xa = x.unflatten(-1, (d, 3))
+            v, acc = xa[..., 1], xa[..., 2]
+            return torch.stack([v, acc - self.drag * v, -self.tau * v], dim=-1).flatten(-2)
         v, acc = x[..., d:2 * d], x[..., 2 * d:]
         return torch.cat([v, acc - self.drag * v, -self.tau * v], dim=-1)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """One RK4 step of the elementwise tendency: equal to ``x @ step_matrix.T`` up to rounding, and
-        exactly the same for a batch as row by row (a batched matrix product is not)."""
+        """One RK4 step of the elementwise tendency (``discretisation="rk4"``) or the second-order
+        Taylor step ``x + dt f(x) + dt^2 f(f(x)) / 2`` (``"taylor2"``): equal to ``x @ step_matrix.T``
+        up to rounding, and exactly the same for a batch as row by row (a batched matrix product is not)."""
+        if self.discretisation == "taylor2":
+            f1 = self.tendency(x)
+            return x + self.dt * f1 + (0.5 * self.dt * self.dt) * self.tendency(f1)
         return _rk4(self.tendency, x, self.dt)
 
     def config(self) -> dict:
         """The constructor arguments."""
-        return {"dims": self.dims, "drag": self.drag, "tau": self.tau, "dt": self.dt,
-                "noise_cov": _compact_cov(self.noise_cov)}
+        cfg = {"dims": self.dims, "drag": self.drag, "tau": self.tau, "dt": self.dt,
+               "noise_cov": _compact_cov(self.noise_cov)}
+        if self.discretisation != "rk4":            # the defaults are left out: older configs stay as they were
+            cfg["discretisation"] = self.discretisation
+        if self.layout != "blocks":
+            cfg["layout"] = self.layout
+        return cfg
