@@ -1,5 +1,6 @@
 """daml.smoothing.hybrid: the learned half of hybrid inference (issue 29, item 2)."""
 
+import copy
 import math
 import warnings
 
@@ -9,7 +10,7 @@ import torch
 
 from daml import _device
 from daml import models as M
-from daml.errors import ConvergenceWarning, DivergenceError, InputError, ShapeError
+from daml.errors import ConvergenceWarning, DivergenceError, DtypeError, InputError, ShapeError
 from daml.smoothing import message_passing
 from daml.smoothing.hybrid import HybridResult, HybridSmoother, _hybrid_loss, _mse, _still_improving, fit_hybrid
 
@@ -148,6 +149,16 @@ def test_same_seed_same_result_and_different_seed_different_result():
     assert torch.equal(before, torch.get_rng_state())
 
 
+def test_float32_and_copies():
+    model, op, y = _linear_problem()
+    s = HybridSmoother(model, op, gamma=GAMMA, iterations=3, prior=PRIOR, hidden=8, seed=0, dtype="float32")
+    assert all(p.dtype == torch.float32 for p in s.parameters())
+    res = s(y)                                  # float64 observations are converted
+    assert res.mean.dtype == torch.float32 and torch.isfinite(res.mean).all()
+    twin = copy.deepcopy(s)                     # ensembles copy smoothers: parameters and stream alike
+    assert torch.equal(twin(y).mean, s(y).mean)
+
+
 # -- training ----------------------------------------------------------------------------------------------
 
 def test_training_on_a_misspecified_model_beats_message_passing():
@@ -262,6 +273,8 @@ def test_fit_warns_while_improving_and_reports_divergence():
     (dict(prior=(torch.zeros(3), torch.eye(2))), ShapeError, "prior"),
     (dict(order=-1), InputError, "order"),
     (dict(linearisation="exact"), InputError, "linearisation"),
+    (dict(dtype=torch.float16), DtypeError, "dtype"),
+    (dict(hidden=10 ** 7), InputError, "hidden"),           # parameters that cannot fit: refused, not allocated
 ])
 def test_bad_construction_is_refused_naming_the_argument(kwargs, err, name):
     model, op, _ = _linear_problem()

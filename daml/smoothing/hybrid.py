@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from .. import _device
-from ..errors import ConvergenceWarning, DivergenceError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..errors import (ConvergenceWarning, DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError,
+                      check_int, check_real)
 from ..models.base import as_real_tensor, check_memory
 from .messages import CHECK_EVERY, DIVERGENCE_FACTOR, _as_y, prepare_chain
 
@@ -163,6 +164,11 @@ class HybridSmoother(nn.Module):
             raise InputError("detach_messages", "True or False", repr(detach_messages))
         dev = _device.resolve_device(device)
         dt = _device.resolve_dtype(dtype, dev)
+        if dt not in (torch.float32, torch.float64):
+            raise DtypeError("dtype", "float32 or float64 (or None)", repr(dtype))
+        # the parameters: about 16 hidden^2 entries (three edge MLPs, the node layer, the GRU, the decoder)
+        check_memory(torch.finfo(dt).bits // 8 * (16 * hidden * hidden + 8 * hidden * (n + m + 4)), "hidden",
+                     f"hidden={hidden} (the network's parameters)", dev)
         # plain attributes, not submodules: a model that is a torch module is not trained or moved here
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "operator", operator)
@@ -295,6 +301,12 @@ class HybridSmoother(nn.Module):
                              f"shape {tuple(y_t.shape)}")
         if history:
             check_memory(8 * k_iter * bsz * n_t * n, "iterations", f"{k_iter} iterations kept (history=True)")
+        # the activations: about 24 hidden-wide vectors per state node and iteration, all K of them kept for
+        # the backward pass when autograd records
+        kept_iter = k_iter if torch.is_grad_enabled() else 1
+        check_memory(torch.finfo(self._param_dtype).bits // 8 * 24 * kept_iter * bsz * n_t * self.hidden, "y",
+                     f"shape {tuple(y_t.shape)} with hidden={self.hidden} and {kept_iter} iteration(s) of activations",
+                     self._param_device)
         if self.mode == "hybrid":
             chain = self._chain(y_t, self.prior if prior is None else prior)
             mask, y0, x = chain.mask, chain.y0, chain.x0
