@@ -432,6 +432,10 @@ def test_bad_input_of_the_other_functions_is_named():
         linearised_covariance(model, torch.full((6, 2), math.nan), operator=op, prior=None)
     with pytest.raises(DtypeError, match="^mask:"):
         linearised_covariance(model, x, operator=op, prior=None, mask=torch.ones(6, 2))
+    for bad in ("x", {"a": 1}, [1, [2]], np.array([["a", "b"]])):      # regression: leaked TypeError/RuntimeError
+        with pytest.raises(DtypeError, match="^mask:"):
+            linearised_covariance(model, x, operator=op, prior=None, mask=bad)
+    assert linearised_covariance(model, x, operator=op, prior=None, mask=np.ones((6, 2), dtype=bool)).shape == (6, 2, 2)
     with pytest.raises(ShapeError, match="^mask:"):
         linearised_covariance(model, x, operator=op, prior=None, mask=torch.ones(5, 2, dtype=torch.bool))
     # a flat prior with nothing observed at a single time: the Hessian is singular
@@ -454,6 +458,10 @@ def test_bad_input_of_the_other_functions_is_named():
         lorenz_data(0)
     with pytest.raises(InputError, match="^spacing:"):
         lorenz_data(5, spacing="fine")
+    with pytest.raises(InputError, match="^spacing:"):          # regression: an array leaked numpy's ValueError
+        lorenz_data(5, spacing=np.zeros((3, 0)))
+    with pytest.raises(InputError, match="^tail:"):
+        chunks(np.zeros(5), 2, tail=np.array(["a", "b"]))
     with pytest.raises(InputError, match="^sample_dt:"):
         lorenz_data(5, sample_dt=1e-6)
     with pytest.raises(InputError, match="^rtol:"):

@@ -237,6 +237,8 @@ def lorenz_data(samples: int, *, sample_dt: float = 0.01, noise_sd: float = 0.5,
     if rtol > 1e-3:
         raise InputError("rtol", "a relative tolerance in (0, 1e-3]", repr(rtol))
     seed = _seed(seed)
+    if not isinstance(spacing, str):
+        raise InputError("spacing", "'reference' or 'exact'", repr(spacing))
     if spacing == "reference":
         fine = int(sample_dt / REFERENCE_FINE_DT)
         if fine < 1:
@@ -325,7 +327,7 @@ def chunks(a: Any, length: int = 1000, *, tail: str = "pad") -> Any:
     (3, 1000, 3)
     """
     length = check_int(length, "length", 1, "an int >= 1 (steps per sequence)")
-    if tail not in ("pad", "drop"):
+    if not isinstance(tail, str) or tail not in ("pad", "drop"):
         raise InputError("tail", "'pad' or 'drop'", repr(tail))
     is_torch = isinstance(a, torch.Tensor)
     if not is_torch:

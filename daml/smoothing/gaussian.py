@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError
@@ -119,7 +120,7 @@ def _spd(value: Any, n: int, name: str, batch: tuple, dtype: torch.dtype, device
         except RuntimeError:
             ok = False
         if not ok:
-            raise ShapeError(name, f"a batch of covariances broadcasting to y's batch {batch}",
+            raise ShapeError(name, f"a batch of covariances broadcasting to the batch {batch} of y (or x)",
                              f"shape {tuple(value.shape)}")
         v = value.detach()
         if not bool(torch.isfinite(v).all()):
@@ -403,7 +404,17 @@ def linearised_covariance(
     if mask is None:
         mask_t = torch.ones((*batch, n_t, m), dtype=torch.bool, device=device)
     else:
-        mask_t = torch.as_tensor(mask, device=device) if not isinstance(mask, torch.Tensor) else mask.to(device)
+        if isinstance(mask, torch.Tensor):
+            mask_t = mask.to(device)
+        else:
+            try:
+                arr = np.asarray(mask)
+            except (TypeError, ValueError):
+                arr = None
+            if arr is None or arr.dtype != np.bool_:
+                raise DtypeError("mask", "a bool array of observed entries",
+                                 f"dtype {arr.dtype}" if arr is not None else type(mask).__name__)
+            mask_t = torch.as_tensor(arr, device=device)
         if mask_t.dtype != torch.bool:
             raise DtypeError("mask", "a bool array of observed entries", f"dtype {mask_t.dtype}")
         try:
