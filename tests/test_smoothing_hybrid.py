@@ -233,6 +233,35 @@ def test_loss_weights_are_the_references():
                                                                                                 rel=1e-12)
 
 
+def test_unknown_true_states_are_not_scored():
+    # NaN in x marks an unknown state: left out of the loss (state metric), and out of H x only where H uses it
+    model = M.LinearDrag(dims=1, drag=0.1, tau=0.05, dt=0.5, noise_cov=0.05)
+    op = M.observe_indices(3, [0], sd=0.5)
+    rng = np.random.default_rng(6)
+    y = torch.tensor(rng.normal(size=(2, 7, 1)))
+    x = torch.tensor(rng.normal(size=(2, 7, 3)))
+    s = HybridSmoother(model, op, gamma=0.01, iterations=4, hidden=8, seed=0)
+    s.eval()
+    x_nan = x.clone()
+    x_nan[..., 1:] = math.nan                                  # velocities and accelerations unknown
+    x_nan[1, 5:, 0] = math.nan                                 # and the last positions of one sequence
+    hist = s(y, history=True, seed=2).history
+    known = torch.isfinite(x_nan)
+    mses = torch.stack([((h - x)[known] ** 2).mean() for h in hist])
+    expected = sum(2.0 / 4 * (k + 1) / 4 * mses[k] for k in range(4))
+    for metric in ("state", "observed"):              # H picks the position: the same scored entries here
+        got = _hybrid_loss(s, y, x_nan, weight="linear", metric=metric, seed=2)
+        assert float(got) == pytest.approx(float(expected), rel=1e-12)
+    only_vel = x.clone()
+    only_vel[..., 1] = math.nan                                # unknown velocities change nothing in H x
+    assert float(_hybrid_loss(s, y, only_vel, weight="last", metric="observed", seed=2)) == pytest.approx(
+        float(_hybrid_loss(s, y, x, weight="last", metric="observed", seed=2)), rel=1e-12)
+    no_pos = x.clone()
+    no_pos[..., 0] = math.nan
+    with pytest.raises(InputError, match="x"):                 # nothing left to score
+        fit_hybrid(s, y, no_pos, metric="observed")
+
+
 def test_convergence_rule():
     ok, _ = _still_improving(np.array([1.0, 0.5, 0.4, 0.39, 0.395, 0.392]), 0.01)       # last: within 1 %
     assert ok

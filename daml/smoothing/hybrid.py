@@ -416,25 +416,38 @@ def _iteration_weights(k_iter: int, weight: str, dtype: torch.dtype, device: tor
     return torch.arange(1, k_iter + 1, dtype=dtype, device=device) * (2.0 / (k_iter * k_iter))
 
 
-def _hybrid_loss(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, *, weight: str, metric: str,
-                 seed: _device.Seed) -> torch.Tensor:
-    """The training loss of one batch: ``sum_k w_k MSE(x^(k), x)`` with ``w_k = 2k/K^2`` (``"linear"``,
-    the paper's) or only the last iteration (``"last"``); MSE over all state entries (``"state"``) or of
-    ``H x`` (``"observed"``)."""
-    res = smoother(y, history=weight == "linear", seed=seed)
-    est = res.history if weight == "linear" else res.mean.unsqueeze(0)
-    err = est - x
+def _scored_errors(smoother: HybridSmoother, est: torch.Tensor, x: torch.Tensor,
+                   metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The errors of ``est`` (``(..., T, n)``) against the true states ``x`` in the chosen ``metric``, zero
+    where nothing is scored, and the mask of the scored entries. NaN in ``x`` is an unknown state: not
+    scored, and with ``metric="observed"`` neither is a row of ``H x`` that uses it."""
+    known = torch.isfinite(x)
+    err = est - torch.where(known, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if metric == "observed":
         h = smoother.operator.matrix.to(dtype=err.dtype, device=err.device)
         err = (h @ err.unsqueeze(-1)).squeeze(-1)
-    per_iter = (err * err).flatten(1).mean(dim=1)
+        uses = (h != 0).to(err.dtype)
+        known = (uses @ (~known).to(err.dtype).unsqueeze(-1)).squeeze(-1) == 0
+    return err * known, known
+
+
+def _hybrid_loss(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, *, weight: str, metric: str,
+                 seed: _device.Seed) -> torch.Tensor:
+    """The training loss of one batch: ``sum_k w_k MSE(x^(k), x)`` with ``w_k = 2k/K^2`` (``"linear"``,
+    the paper's) or only the last iteration (``"last"``); the MSE over the scored entries of the state
+    (``"state"``) or of ``H x`` (``"observed"``); a batch with nothing scored gives zero."""
+    res = smoother(y, history=weight == "linear", seed=seed)
+    est = res.history if weight == "linear" else res.mean.unsqueeze(0)
+    err, known = _scored_errors(smoother, est, x, metric)
+    count = max(int(known.sum()), 1)
+    per_iter = (err * err).flatten(1).sum(dim=1) / count
     w = _iteration_weights(smoother.iterations, weight, per_iter.dtype, per_iter.device)
     return (w * per_iter).sum()
 
 
 def _mse(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, metric: str, seed: _device.Seed) -> float:
-    """The mean squared error of the smoother's estimates of ``x`` (no gradient; chunks of sequences). The
-    same SeedSequence gives the same hidden-state draws at every call."""
+    """The mean squared error of the smoother's estimates of ``x`` over the scored entries (no gradient;
+    chunks of sequences). The same SeedSequence gives the same hidden-state draws at every call."""
     total, count = 0.0, 0
     if isinstance(seed, np.random.SeedSequence):     # a fresh copy: spawning advances a sequence
         seed = np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key, pool_size=seed.pool_size)
@@ -442,12 +455,9 @@ def _mse(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, metric: str
     with torch.no_grad():
         for i, s in zip(range(0, y.shape[0], VAL_CHUNK), seeds):
             est = smoother(y[i:i + VAL_CHUNK], seed=s).mean
-            err = est - x[i:i + VAL_CHUNK]
-            if metric == "observed":
-                h = smoother.operator.matrix.to(dtype=err.dtype, device=err.device)
-                err = (h @ err.unsqueeze(-1)).squeeze(-1)
+            err, known = _scored_errors(smoother, est, x[i:i + VAL_CHUNK], metric)
             total += float((err * err).sum())
-            count += err.numel()
+            count += int(known.sum())
     return total / count
 
 
@@ -469,9 +479,18 @@ def _as_states(x: Any, name: str, shape: tuple, dtype: torch.dtype, device: torc
     if tuple(t.shape) != shape:
         raise ShapeError(name, f"true states of shape {shape} (the observations' sequences and times, the state size)",
                          f"shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(name, "finite true states", "NaN or infinite entries")
+    if bool(torch.isinf(t).any()):
+        raise NonFiniteError(name, "finite true states (NaN marks an unknown one, not scored)", "infinite entries")
     return t
+
+
+def _check_scored(smoother: HybridSmoother, x: torch.Tensor, name: str, metric: str) -> None:
+    _, known = _scored_errors(smoother, torch.zeros((), dtype=x.dtype, device=x.device), x, metric)
+    if not bool(known.any()):
+        nothing = metric == "state" or not bool(torch.isfinite(x).any())
+        raise NonFiniteError(name, f"some known true states to score with metric={metric!r}",
+                             "NaN everywhere (every state unknown)" if nothing
+                             else "no row of H x whose states are all known")
 
 
 def _as_sequences(y: Any, name: str, smoother: HybridSmoother) -> torch.Tensor:
@@ -513,7 +532,8 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
     y : array (S, T, m)
         Training observations, NaN where missing (chunks of a long series, or independent sequences).
     x : array (S, T, n)
-        The true states.
+        The true states; NaN marks an unknown one (for example under NaN padding of a shorter sequence),
+        which is not scored (nor, with ``metric="observed"``, is any entry of ``H x`` that uses it).
     y_val, x_val : arrays (S_val, T_val, m) and (S_val, T_val, n), optional
         The validation set (both or neither). Without it nothing is selected (the last state is kept)
         and convergence is judged on the training loss.
@@ -581,6 +601,7 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
     y_t = _as_sequences(y, "y", smoother)
     s_train, n_t = int(y_t.shape[0]), int(y_t.shape[1])
     x_t = _as_states(x, "x", (s_train, n_t, smoother.state_size), dtype, device)
+    _check_scored(smoother, x_t, "x", metric)
     batch_size = check_int(batch_size, "batch_size", 1, f"an int in [1, {s_train}] (sequences per step)")
     if batch_size > s_train:
         raise InputError("batch_size", f"an int in [1, {s_train}] (sequences per step)", repr(batch_size))
@@ -590,6 +611,7 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
     if y_val is not None:
         yv = _as_sequences(y_val, "y_val", smoother)
         xv = _as_states(x_val, "x_val", (*yv.shape[:2], smoother.state_size), dtype, device)
+        _check_scored(smoother, xv, "x_val", metric)
     else:
         yv = xv = None
 
