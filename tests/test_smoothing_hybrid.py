@@ -326,6 +326,9 @@ def test_bad_calls_are_refused_naming_the_argument():
     assert s(torch.zeros(1, 2, dtype=F64)).mean.shape == (1, 2)
     with pytest.raises(InputError, match="history"):
         s(y, history=1)
+    huge = HybridSmoother(model, op, gamma=GAMMA, iterations=10 ** 12, hidden=8, seed=0)
+    with pytest.raises(InputError, match="iterations"):       # activations kept for backward: refused up front
+        huge(y)
     with pytest.raises(InputError, match="operator"):
         HybridSmoother(model, M.observe_all(3, sd=1.0), gamma=GAMMA)
     x = torch.zeros(3, 12, 2, dtype=F64)

@@ -307,10 +307,12 @@ class HybridSmoother(nn.Module):
         # the activations: about 32 hidden-wide vectors per state node and iteration (measured: 1.1 GB for
         # one 1000-step sequence, K = 100, hidden = 48, float64), all K kept for the backward pass when
         # autograd records
-        kept_iter = k_iter if torch.is_grad_enabled() else 1
-        check_memory(torch.finfo(self._param_dtype).bits // 8 * 32 * kept_iter * bsz * n_t * self.hidden, "y",
-                     f"shape {tuple(y_t.shape)} with hidden={self.hidden} and {kept_iter} iteration(s) of activations",
-                     self._param_device)
+        per_iter = torch.finfo(self._param_dtype).bits // 8 * 32 * bsz * n_t * self.hidden
+        check_memory(per_iter, "y", f"shape {tuple(y_t.shape)} with hidden={self.hidden}", self._param_device)
+        if torch.is_grad_enabled():
+            check_memory(per_iter * k_iter, "iterations", f"{k_iter} iterations of activations kept for the "
+                         f"backward pass (y of shape {tuple(y_t.shape)}, hidden={self.hidden}; or call under "
+                         "torch.no_grad())", self._param_device)
         if self.mode == "hybrid":
             chain = self._chain(y_t, self.prior if prior is None else prior)
             mask, y0, x = chain.mask, chain.y0, chain.x0
