@@ -19,7 +19,8 @@ two-layer MLP (leaky ReLU) on ``[h_source, h_target, message]``: *right* (``t-1 
 *left* (``t+1 -> t``, fed ``m3``) and *up* (``y_t -> x_t``, fed ``m2``). A node sums what it receives,
 passes the sum through Linear, BatchNorm and leaky ReLU, and updates its hidden state with a GRU cell;
 the decoder (Linear, BatchNorm, ReLU, Linear) maps the hidden state to :math:`\epsilon`. Its last
-layer starts small (Xavier gain 0.1), so an untrained hybrid is close to plain message passing.
+layer starts small (Xavier gain 0.1), so an untrained hybrid is close to plain message passing. The
+messages enter the edge networks unscaled and detached (as in the reference code).
 
 With ``mode="network"`` the same GNN, without messages, is the network-only baseline of the paper: a
 residual denoiser whose estimate after step ``k`` is :math:`H^+ y + \text{decoder}(h^{(k)})`.
