@@ -337,6 +337,7 @@ ITERATION_COUNTS = {
     ("daml.ensembles.equal_weight", "steps"),
     ("daml.models.propagate", "steps"),
     ("daml.smoothing.message_passing", "iterations"),
+    ("daml.smoothing.fit_hybrid", "epochs"),
 }
 
 
@@ -621,6 +622,88 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.smoothing.taylor_transition", SM.taylor_transition,
           lambda: dict(model=M.Lorenz63(), x=t64(np.ones((2, 3))), order=2),
           {"model": "obj", "x": "array", "order": "int"}, auto=False))
+    add(S("daml.smoothing.extended_kalman_smoother", lambda **kw: tuple(SM.extended_kalman_smoother(**kw)),
+          lambda: dict(model=M.Lorenz63(), y=t64(np.ones((2, 4, 3))), operator=M.observe_all(3, sd=0.5),
+                       prior=(t64(np.ones(3)), t64(3.0 * np.eye(3))), order=2, noise_cov=t64(0.01 * np.eye(3)),
+                       linearisation="factorised", predict="taylor"),
+          {"model": "obj", "y": "array", "operator": "obj", "prior": "obj", "order": "int", "noise_cov": "cov",
+           "linearisation": "choice", "predict": "choice"}, auto=False))
+    add(S("daml.smoothing.linearised_covariance", SM.linearised_covariance,
+          lambda: dict(model=M.Lorenz63(), x=t64(np.ones((5, 3))), operator=M.observe_all(3, sd=0.5), prior=None,
+                       order=2, noise_cov=t64(0.01 * np.eye(3)), linearisation="jacobian", mask=np.ones((5, 3), bool)),
+          {"model": "obj", "x": "array", "operator": "obj", "prior": "obj", "order": "int", "noise_cov": "cov",
+           "linearisation": "choice", "mask": "obj"}, auto=False, skip=[("prior", "None")]))
+
+    def hybrid_smoother(**kw):
+        y = kw.pop("y")
+        sm = SM.HybridSmoother(**kw)
+        return tuple(sm(y, seed=0))[0]
+    add(S("daml.smoothing.HybridSmoother", _target(hybrid_smoother, SM.HybridSmoother),
+          lambda: dict(model=M.LinearDrag(dims=1), operator=M.observe_indices(3, [0], sd=0.5), y=t64(np.ones((2, 5, 1))),
+                       gamma=0.02, iterations=3, noise_cov=t64(0.05 * np.eye(3)), hidden=4, mode="hybrid", seed=0),
+          {"model": "obj", "operator": "obj", "y": "array", "gamma": "real", "iterations": "int", "noise_cov": "cov",
+           "hidden": "int", "mode": "choice", "seed": "seed"}, auto=False))
+
+    def fit_hybrid(**kw):
+        import warnings as _w
+        sm = SM.HybridSmoother(M.LinearDrag(dims=1), M.observe_indices(3, [0], sd=0.5), gamma=0.02, iterations=2,
+                               noise_cov=t64(0.05 * np.eye(3)), hidden=4, seed=0)
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            return SM.fit_hybrid(sm, **kw).val_mse
+    add(S("daml.smoothing.fit_hybrid", _target(fit_hybrid, SM.fit_hybrid),
+          lambda: dict(y=t64(np.ones((2, 5, 1))), x=t64(np.zeros((2, 5, 3))), y_val=t64(np.ones((1, 5, 1))),
+                       x_val=t64(np.zeros((1, 5, 3))), epochs=1, lr=1e-3, batch_size=1, seed=0),
+          {"y": "array", "x": "array", "y_val": "array", "x_val": "array", "epochs": "int", "lr": "real",
+           "batch_size": "int", "weight": "choice", "metric": "choice", "seed": "seed", "tol": "real"},
+          auto=False, skip=[("y_val", "None"), ("x_val", "None")]))
+
+    MEANS_COVS = {"means": ("covs",), "covs": ("means",)}     # a shape mismatch between the two names either
+
+    def _mix():
+        g = np.random.default_rng(0)
+        mu = g.normal(size=(2, 1, 4, 2))
+        a = g.normal(size=(2, 1, 4, 2, 2))
+        return t64(mu), t64(a @ np.swapaxes(a, -1, -2) + 0.5 * np.eye(2))
+    add(S("daml.smoothing.calibration", SM.calibration,
+          lambda: dict(means=_mix()[0], covs=_mix()[1], truth=t64(np.zeros((1, 4, 2))), log_weight=t64(np.zeros(2)),
+                       level=0.9),
+          {"means": "array", "covs": "array", "truth": "array", "log_weight": "logw", "level": "prob"}, auto=False,
+          skip=[("log_weight", "None")], aliases=MEANS_COVS))
+    add(S("daml.smoothing.held_out_weights", lambda **kw: tuple(SM.held_out_weights(**kw)),
+          lambda: dict(means=_mix()[0], covs=_mix()[1], truth=t64(np.zeros((1, 4, 2)))),
+          {"means": "array", "covs": "array", "truth": "array"}, auto=False, aliases=MEANS_COVS))
+    add(S("daml.smoothing.variance_scale", SM.variance_scale,
+          lambda: dict(means=_mix()[0], covs=_mix()[1], truth=t64(np.zeros((1, 4, 2))), log_weight=t64(np.zeros(2))),
+          {"means": "array", "covs": "array", "truth": "array", "log_weight": "logw"}, auto=False,
+          skip=[("log_weight", "None")], aliases=MEANS_COVS))
+    add(S("daml.smoothing.mixture_posterior", SM.mixture_posterior,
+          lambda: dict(means=_mix()[0], covs=_mix()[1], log_weight=t64(np.zeros(2)), samples=3, seed=0),
+          {"means": "array", "covs": "array", "log_weight": "logw", "samples": "int", "seed": "seed"}, auto=False,
+          skip=[("log_weight", "None"), ("samples", "None")], aliases=MEANS_COVS))
+
+    def hybrid_cov(**kw):
+        sm = SM.HybridSmoother(M.LinearDrag(dims=1), M.observe_indices(3, [0], sd=0.5), gamma=0.02, iterations=2,
+                               noise_cov=t64(0.05 * np.eye(3)), hidden=4, seed=0)
+        return SM.hybrid_covariance(sm, **kw)
+    add(S("daml.smoothing.hybrid_covariance", _target(hybrid_cov, SM.hybrid_covariance),
+          lambda: dict(estimate=t64(np.zeros((2, 5, 3))), y=t64(np.ones((2, 5, 1)))),
+          {"estimate": "array", "y": "array"}, auto=False))
+    # chunks cuts any series: NaN and infinite entries pass through (NaN marks missing observations) and a
+    # series shorter than a whole number of chunks is NaN-padded (tail="pad"): not silent non-finite values
+    add(S("daml.smoothing.chunks", SM.chunks, lambda: dict(a=np.zeros((25, 3)), length=10, tail="pad"),
+          {"a": "array", "length": "int", "tail": "choice"}, auto=False,
+          skip=[("a", "nan"), ("a", "inf"), ("a", "extra_dim")]))
+    add(S("daml.smoothing.drag_data", lambda **kw: tuple(SM.drag_data(**kw)), lambda: dict(steps=10, seed=0, burn_in=2),
+          {"steps": "int", "seed": "seed", "burn_in": "int"}, auto=False))
+    add(S("daml.smoothing.drag_models", lambda **kw: tuple(m.config() for m in SM.drag_models(**kw)[::2]),
+          lambda: dict(sigma=0.4, observation_sd=0.5), {"sigma": "real", "observation_sd": "real"}, auto=False))
+    add(S("daml.smoothing.lorenz_data", lambda **kw: tuple(SM.lorenz_data(**kw)),
+          lambda: dict(samples=20, sample_dt=0.01, noise_sd=0.5, seed=0, rtol=1e-8),
+          {"samples": "int", "sample_dt": "real", "noise_sd": "real", "seed": "seed", "rtol": "real",
+           "spacing": "choice"}, auto=False))
+    add(S("daml.smoothing.lorenz_splits", lambda **kw: tuple(SM.lorenz_splits(**kw)), lambda: dict(n=100, test=40),
+          {"n": "int", "test": "int"}, auto=False))
 
     def network_round_trip(network, path):
         out = io.save_network(network, path)
@@ -1495,6 +1578,10 @@ NOT_CALLABLE = {
     "daml.learning.FitReport": "a result NamedTuple (built by fit_state_space)",
     "daml.learning.GROUPS": "a tuple of names (covered through fit_state_space's learn)",
     "daml.smoothing.Smoothed": "a result NamedTuple (built by message_passing)",
+    "daml.smoothing.GaussianSmoothed": "a result NamedTuple (built by extended_kalman_smoother)",
+    "daml.smoothing.HybridResult": "a result NamedTuple (built by HybridSmoother.forward)",
+    "daml.smoothing.HybridFit": "a result NamedTuple (built by fit_hybrid)",
+    "daml.smoothing.HeldOutWeights": "a result NamedTuple (built by held_out_weights)",
     "daml.io.NETWORKS": "a registry dict (covered through save_network / load_network)",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",

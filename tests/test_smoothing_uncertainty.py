@@ -158,3 +158,25 @@ def test_bad_input_is_named():
         mixture_posterior(mu, cov, samples=0)
     with pytest.raises(InputError, match="batch_dims"):
         mixture_posterior(mu, cov, batch_dims=("a", "b"))
+
+
+def test_hybrid_covariance_is_the_chain_covariance_at_the_estimate_and_names_its_arguments():
+    from daml import models as M
+    from daml.smoothing import HybridSmoother, hybrid_covariance, linearised_covariance
+
+    model, op = M.LinearDrag(dims=1), M.observe_indices(3, [0], sd=0.5)
+    q = 0.05 * torch.eye(3, dtype=D)
+    sm = HybridSmoother(model, op, gamma=0.02, iterations=3, noise_cov=q, hidden=4, seed=0)
+    y = torch.ones(2, 6, 1, dtype=D)
+    y[1, 4:] = float("nan")
+    est = sm(y, seed=0).mean.detach()
+    got = hybrid_covariance(sm, est, y)
+    ref = linearised_covariance(model, est, operator=op, prior=None, noise_cov=q, mask=torch.isfinite(y))
+    assert torch.equal(got, ref)
+    assert got[1, 5, 0, 0] > got[0, 5, 0, 0]              # an unobserved end is less certain
+    with pytest.raises(ShapeError, match="estimate"):
+        hybrid_covariance(sm, est[..., :2], y)
+    with pytest.raises(NonFiniteError, match="estimate"):
+        hybrid_covariance(sm, est * float("nan"), y)
+    with pytest.raises(InputError, match="smoother"):
+        hybrid_covariance(object(), est, y)

@@ -174,7 +174,7 @@ def drag_data(steps: int, *, seed: int, burn_in: int = 0) -> DragData:
     seed = _seed(seed)
     total = steps + burn_in
     from ..models.base import check_memory
-    check_memory(8 * 16 * total, "steps", f"{total} steps")
+    check_memory(8 * 16 * total, "burn_in" if burn_in > steps else "steps", f"{total} steps ({burn_in} burn-in)")
     q = np.kron(np.eye(2), np.diag(DRAG_Q_AXIS))
     r = DRAG_R * np.eye(2)
     f = LinearDrag(dims=2, drag=DRAG, tau=TAU, dt=DRAG_DT, discretisation="taylor2",
@@ -348,6 +348,10 @@ def chunks(a: Any, length: int = 1000, *, tail: str = "pad") -> Any:
         return a[:num * length].reshape(num, length, *a.shape[1:])
     if rest:
         pad = length - rest
+        from ..models.base import check_memory
+        itemsize = a.element_size() if is_torch else a.itemsize
+        check_memory(itemsize * (num + 1) * length * max(1, int(np.prod(a.shape[1:]))), "length",
+                     f"sequences of {length} steps (the last one NaN-padded)")
         if is_torch:
             filler = torch.full((pad, *a.shape[1:]), float("nan"), dtype=a.dtype, device=a.device)
             a = torch.cat([a, filler])

@@ -38,8 +38,8 @@ import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import InputError, NonFiniteError, ShapeError, check_int, check_real
-from ..models.base import as_real_tensor
+from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..models.base import as_real_tensor, check_memory
 
 __all__ = ["mixture_posterior", "calibration", "held_out_weights", "HeldOutWeights", "variance_scale",
            "hybrid_covariance"]
@@ -51,6 +51,9 @@ def _components(means: Any, covs: Any, log_weight: Any = None, *, name: str = "m
     weights ``(C,)`` (a single component may be given without the leading ``C``)."""
     mu = as_real_tensor(means, name)
     cov = as_real_tensor(covs, "covs")
+    for arg, t in ((name, mu), ("covs", cov)):
+        if t.dtype in (torch.float16, torch.bfloat16):
+            raise DtypeError(arg, "float32 or float64 values", f"dtype {t.dtype}")
     if not mu.is_floating_point():
         mu = mu.double()
     cov = cov.to(mu)
@@ -327,6 +330,7 @@ def mixture_posterior(means: Any, covs: Any, log_weight: Any = None, *, samples:
         per = 2 * n
     else:
         per = check_int(samples, "samples", 1, "a positive number of draws per component")
+        check_memory(3 * 8 * mu.numel() * per, "samples", f"{per} draws of {mu.shape[0]} components")
         g = _device.generator(seed, device=mu.device)
         chol = torch.linalg.cholesky(cov)
         eps = torch.randn((*mu.shape[:-1], per, n), dtype=mu.dtype, device=mu.device, generator=g)
@@ -363,7 +367,14 @@ def hybrid_covariance(smoother: Any, estimate: Any, y: Any, *, prior: Any = None
             raise InputError("smoother", "a HybridSmoother (with model and operator)", type(smoother).__name__)
     yt = as_real_tensor(y, "y")
     mask = torch.isfinite(yt)
-    est = as_real_tensor(estimate, "estimate").to(yt)
+    n = getattr(smoother.model, "state_size", None)
+    est = as_real_tensor(estimate, "estimate")
+    if tuple(est.shape) != (*yt.shape[:-1], n):
+        raise ShapeError("estimate", f"states of shape {(*yt.shape[:-1], n)} (y's batch and times, the state size)",
+                         f"shape {tuple(est.shape)}")
+    if not bool(torch.isfinite(est).all()):
+        raise NonFiniteError("estimate", "finite states", "NaN or infinite entries")
+    est = est.to(yt) if yt.is_floating_point() else est
     return linearised_covariance(smoother.model, est, operator=smoother.operator,
                                  prior=prior if prior is not None else getattr(smoother, "prior", None),
                                  order=getattr(smoother, "order", None),
