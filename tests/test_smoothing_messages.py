@@ -311,3 +311,16 @@ def test_factorised_linearisation_is_the_reference_lorenz_matrix():
     with pytest.raises(InputError, match="linearisation"):
         message_passing(lin, torch.tensor(data.y.values), operator=op, prior=PRIOR, gamma=GAMMA,
                         linearisation="factorised")
+
+
+def test_float32_observations_with_the_jacobian_stay_in_float32():
+    model = M.Lorenz63(dt=0.01)
+    op = M.observe_all(3, sd=0.5)
+    data = daml.simulate(model, 30, op, x0=np.array([1.0, 1.0, 1.0]), x0_cov=0.01, seed=0)
+    y = torch.tensor(data.y.values[1:], dtype=torch.float32)
+    res = message_passing(model, y, operator=op, prior=None, gamma=0.003, iterations=20, order=2, noise_cov=0.0225,
+                          tol=None)
+    assert res.mean.dtype == torch.float32 and bool(torch.isfinite(res.mean).all())
+    ref = message_passing(model, y.double(), operator=op, prior=None, gamma=0.003, iterations=20, order=2,
+                          noise_cov=0.0225, tol=None)
+    assert (res.mean.double() - ref.mean).abs().max() < 1e-3

@@ -112,7 +112,7 @@ def _tendency_jacobian(model: Any, x: torch.Tensor, linearisation: str = "jacobi
     if linearisation == "factorised":
         jac = model.factor_matrix(x)
     else:
-        jac = batched_jacobian(tendency, x)
+        jac = batched_jacobian(tendency, x).to(x.dtype)     # a model may compute in float64
     if not bool(torch.isfinite(jac).all()):
         raise NonFiniteError("x", "states where the tendency's Jacobian is finite", "NaN or infinite entries")
     return jac * float(dt)
