@@ -691,6 +691,14 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
           {"estimate": "array", "y": "array"}, auto=False))
     # chunks cuts any series: NaN and infinite entries pass through (NaN marks missing observations) and a
     # series shorter than a whole number of chunks is NaN-padded (tail="pad"): not silent non-finite values
+    def hybrid_post(**kw):
+        sms = [SM.HybridSmoother(M.LinearDrag(dims=1), M.observe_indices(3, [0], sd=0.5), gamma=0.02, iterations=2,
+                                 noise_cov=t64(0.05 * np.eye(3)), hidden=4, seed=s) for s in (0, 1)]
+        return SM.hybrid_posterior(sms, **kw)
+    add(S("daml.smoothing.hybrid_posterior", _target(hybrid_post, SM.hybrid_posterior),
+          lambda: dict(y=t64(np.ones((2, 5, 1))), log_weight=t64(np.zeros(2)), scale=1.5, samples=2, seed=0),
+          {"y": "array", "log_weight": "logw", "scale": "real", "samples": "int", "seed": "seed"}, auto=False,
+          skip=[("log_weight", "None"), ("samples", "None")]))
     add(S("daml.smoothing.chunks", SM.chunks, lambda: dict(a=np.zeros((25, 3)), length=10, tail="pad"),
           {"a": "array", "length": "int", "tail": "choice"}, auto=False,
           skip=[("a", "nan"), ("a", "inf"), ("a", "extra_dim")]))

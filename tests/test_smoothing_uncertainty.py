@@ -180,3 +180,30 @@ def test_hybrid_covariance_is_the_chain_covariance_at_the_estimate_and_names_its
         hybrid_covariance(sm, est * float("nan"), y)
     with pytest.raises(InputError, match="smoother"):
         hybrid_covariance(object(), est, y)
+
+
+def test_hybrid_posterior_is_the_mixture_of_the_members_estimates_and_covariances():
+    from daml import models as M
+    from daml.smoothing import HybridSmoother, hybrid_covariance, hybrid_posterior
+
+    model, op = M.LinearDrag(dims=1), M.observe_indices(3, [0], sd=0.5)
+    q = 0.05 * torch.eye(3, dtype=D)
+    members = [HybridSmoother(model, op, gamma=0.02, iterations=4, noise_cov=q, hidden=4, seed=s) for s in (0, 1)]
+    y = torch.linspace(0, 1, 12, dtype=D).reshape(2, 6, 1)
+    lw = torch.tensor([0.0, -1.0], dtype=D)
+    post = hybrid_posterior(members, y, log_weight=lw, scale=2.0, seed=5)
+    assert post.attrs["method"] == "hybrid" and members[0].training          # the train/eval mode is restored
+    from daml._device import seed_sequence
+    s0 = seed_sequence(5).spawn(2)[0]
+    with torch.no_grad():
+        est = [m.eval()(y, seed=s0).mean for m in members]
+    w = torch.softmax(lw, 0)
+    mean = w[0] * est[0] + w[1] * est[1]
+    assert np.allclose(post["mean"].values, mean.movedim(-2, 0).numpy(), atol=1e-12)
+    c0 = 2.0 * hybrid_covariance(members[0], est[0], y)
+    one = hybrid_posterior(members[0].train(), y, scale=2.0, seed=5)
+    assert np.allclose(one["cov"].values, c0.movedim(-3, 0).numpy(), atol=1e-12)
+    with pytest.raises(InputError, match="smoothers"):
+        hybrid_posterior([], y)
+    with pytest.raises(InputError, match="scale"):
+        hybrid_posterior(members, y, scale=0.0)

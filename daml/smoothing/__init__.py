@@ -17,11 +17,12 @@ from .data import chunks, drag_data, drag_models, lorenz_data, lorenz_splits
 from .gaussian import GaussianSmoothed, extended_kalman_smoother, linearised_covariance
 from .hybrid import HybridFit, HybridResult, HybridSmoother, fit_hybrid
 from .messages import Smoothed, message_passing, taylor_transition
-from .uncertainty import HeldOutWeights, calibration, held_out_weights, hybrid_covariance, mixture_posterior, variance_scale
+from .uncertainty import (HeldOutWeights, calibration, held_out_weights, hybrid_covariance, hybrid_posterior,
+                          mixture_posterior, variance_scale)
 
 __all__ = ["Smoothed", "message_passing", "taylor_transition",
            "GaussianSmoothed", "extended_kalman_smoother", "linearised_covariance",
            "HybridSmoother", "HybridResult", "HybridFit", "fit_hybrid",
-           "HeldOutWeights", "calibration", "held_out_weights", "hybrid_covariance", "mixture_posterior",
+           "HeldOutWeights", "calibration", "held_out_weights", "hybrid_covariance", "hybrid_posterior", "mixture_posterior",
            "variance_scale",
            "chunks", "drag_data", "drag_models", "lorenz_data", "lorenz_splits"]

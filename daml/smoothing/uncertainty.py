@@ -42,7 +42,7 @@ from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_i
 from ..models.base import as_real_tensor, check_memory
 
 __all__ = ["mixture_posterior", "calibration", "held_out_weights", "HeldOutWeights", "variance_scale",
-           "hybrid_covariance"]
+           "hybrid_covariance", "hybrid_posterior"]
 
 
 def _components(means: Any, covs: Any, log_weight: Any = None, *, name: str = "means"
@@ -380,3 +380,53 @@ def hybrid_covariance(smoother: Any, estimate: Any, y: Any, *, prior: Any = None
                                  order=getattr(smoother, "order", None),
                                  noise_cov=getattr(smoother, "noise_cov", None),
                                  linearisation=getattr(smoother, "linearisation", "jacobian"), mask=mask)
+
+
+def hybrid_posterior(smoothers: Any, y: Any, *, log_weight: Any = None, scale: float = 1.0, samples: int | None = None,
+                     seed: _device.Seed = None, time: Any = None) -> xr.Dataset:
+    """A daml posterior from one trained hybrid smoother or an ensemble of them, in one call.
+
+    Each smoother is run on ``y`` (evaluation mode, no gradient, the hidden-state draws from ``seed``),
+    its estimate gets the smoother's covariance around it (:func:`hybrid_covariance`) times ``scale``
+    (for example a :func:`variance_scale` fitted on validation sequences), and the components are
+    combined by :func:`mixture_posterior` with ``log_weight`` (for example from
+    :func:`held_out_weights`; default equal).
+
+    Parameters
+    ----------
+    smoothers : HybridSmoother or sequence of HybridSmoother
+    y : array (*batch, T, m)
+        Observations, NaN where missing.
+    log_weight : array (C,), optional
+    scale : float
+        Factor on every covariance (default 1).
+    samples, seed, time
+        As for :func:`mixture_posterior`; ``seed`` also seeds the smoothers' hidden states.
+
+    Returns
+    -------
+    xarray.Dataset
+        Method ``"hybrid"``; dims ``(time, *batch, member, variable)``, with ``mean`` and ``cov``.
+    """
+    from .hybrid import HybridSmoother
+
+    members = [smoothers] if isinstance(smoothers, HybridSmoother) else smoothers
+    if isinstance(members, (str, bytes)) or not isinstance(members, Sequence) or len(members) == 0 or \
+            not all(isinstance(m, HybridSmoother) for m in members):
+        raise InputError("smoothers", "a HybridSmoother or a non-empty sequence of them", type(smoothers).__name__)
+    scale = check_real(scale, "scale", positive=True, expected="a positive factor on the covariances")
+    streams = _device.seed_sequence(seed).spawn(2)
+    means, covs = [], []
+    for m in members:
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                est = m(y, seed=streams[0]).mean
+        finally:
+            m.train(was_training)
+        means.append(est)
+        covs.append(scale * hybrid_covariance(m, est, y))
+    config = {"members": len(members), "scale": scale, "mode": members[0].mode, "iterations": members[0].iterations}
+    return mixture_posterior(torch.stack(means), torch.stack(covs), log_weight, samples=samples, seed=streams[1],
+                             method="hybrid", time=time, config=config)
