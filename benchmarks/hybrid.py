@@ -239,9 +239,10 @@ def lorenz_eks(y: torch.Tensor, sigma: float, dt: float, *, order: int = 2, line
     """The reference's EKS: x0 = y_1, P0 = 3 I, Q = sigma^2 dt I, R = lambda^2 I, the Taylor prediction."""
     model = M.Lorenz63(dt=dt)
     op = M.observe_all(3, sd=LAMBDA)
+    sig = torch.as_tensor(sigma, dtype=DTYPE)           # a scalar, or one sigma per sequence of a batch
+    q = (sig ** 2 * dt)[..., None, None] * torch.eye(3, dtype=DTYPE)
     return extended_kalman_smoother(model, y, operator=op, prior=(y[..., 0, :], 3.0 * torch.eye(3, dtype=DTYPE)),
-                                    order=order, noise_cov=sigma ** 2 * dt * torch.eye(3, dtype=DTYPE),
-                                    linearisation=linearisation)
+                                    order=order, noise_cov=q, linearisation=linearisation)
 
 
 def _lorenz_series(sz: Sizes, n_max: int, dt: float) -> Any:
@@ -255,9 +256,11 @@ def _eks_grid(data: Any, sz: Sizes, dt: float, sigmas: tuple, order: int, linear
     yt, xt = _t(data.y[test]), _t(data.x[test])
     yv, xv = _t(data.y[val]), _t(data.x[val])
     val_mse, test_mse = {}, {}
-    for s in sigmas:
-        val_mse[float(s)] = _mse(lorenz_eks(yv, float(s), dt, order=order, linearisation=linearisation).mean, xv)
-        test_mse[float(s)] = _mse(lorenz_eks(yt, float(s), dt, order=order, linearisation=linearisation).mean, xt)
+    grid = torch.tensor([float(s) for s in sigmas], dtype=DTYPE)
+    for y_, x_, store in ((yv, xv, val_mse), (yt, xt, test_mse)):
+        est = lorenz_eks(y_.expand(len(grid), *y_.shape), grid, dt, order=order, linearisation=linearisation).mean
+        for i, s in enumerate(sigmas):                     # the whole grid in one batched pass
+            store[float(s)] = _mse(est[i], x_)
     best = min(val_mse, key=val_mse.get)
     return {"sigma": best, "test": test_mse[best], "val_grid": val_mse, "test_grid": test_mse,
             "best_test_on_grid": min(test_mse.values()), "grid_edge": best in (float(min(sigmas)), float(max(sigmas)))}
