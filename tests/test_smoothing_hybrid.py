@@ -371,3 +371,35 @@ def test_bad_calls_are_refused_naming_the_argument():
                                    prior=(torch.zeros(3, 2, dtype=F64), torch.eye(2, dtype=F64)))
     with pytest.raises(InputError, match="smoother"):
         fit_hybrid(batched_prior, y, x)
+
+
+def test_a_starting_estimate_is_refined_by_message_passing_or_corrected_by_the_network():
+    model, op, y = _linear_problem()
+    start = torch.linspace(-1, 1, y.numel() // 2 * 2, dtype=F64)[: 3 * 12 * 2].reshape(3, 12, 2)
+    s = HybridSmoother(model, op, gamma=GAMMA, iterations=K, prior=PRIOR, hidden=8, seed=0).eval()
+    _zero_decoder(s)
+    mp = message_passing(model, y, operator=op, prior=PRIOR, gamma=GAMMA, iterations=K, tol=None, init=start)
+    assert float((s(y, init=start).mean - mp.mean).abs().max()) < 1e-12
+    net = HybridSmoother(model, op, gamma=None, iterations=3, hidden=8, mode="network", seed=0).eval()
+    res = net(y, init=start, seed=1)
+    assert torch.allclose(res.mean, start + res.correction, atol=1e-12)     # the network corrects the start
+    with pytest.raises(ShapeError, match="init"):
+        s(y, init=start[:, :5])
+    bad = start.clone()
+    bad[0, 0, 0] = math.nan
+    from daml.errors import NonFiniteError
+    with pytest.raises(NonFiniteError, match="init"):
+        s(y, init=bad)
+    # training with starting estimates: both sets or neither
+    y_tr, x_tr = _rotation_data(4, 10, seed=1)
+    y_va, x_va = _rotation_data(2, 10, seed=2)
+    rw = M.LinearModel(np.eye(2), noise_cov=0.1 * np.eye(2))
+    h = HybridSmoother(rw, op, gamma=0.03, iterations=5, hidden=4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = fit_hybrid(h, y_tr, x_tr, y_val=y_va, x_val=x_va, epochs=1, seed=0, init=y_tr.clone(), init_val=y_va.clone())
+    assert len(fit.val_mse) == 2
+    with pytest.raises(InputError, match="init_val"):
+        fit_hybrid(h, y_tr, x_tr, y_val=y_va, x_val=x_va, epochs=1, seed=0, init=y_tr.clone())
+    with pytest.raises(ShapeError, match="init_val"):
+        fit_hybrid(h, y_tr, x_tr, y_val=y_va, x_val=x_va, epochs=1, seed=0, init=y_tr, init_val=y_tr)

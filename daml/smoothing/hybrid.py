@@ -208,9 +208,9 @@ class HybridSmoother(nn.Module):
         mean = as_real_tensor(prior[0], "prior")
         return tuple(mean.shape[:-1]) if mean.ndim >= 1 else ()
 
-    def _chain(self, y: torch.Tensor, prior: Any):
+    def _chain(self, y: torch.Tensor, prior: Any, init: Any = None):
         return prepare_chain(self.model, y, operator=self.operator, prior=prior, order=self.order,
-                             noise_cov=self.noise_cov, linearisation=self.linearisation)
+                             noise_cov=self.noise_cov, linearisation=self.linearisation, init=init)
 
     @property
     def _param_dtype(self) -> torch.dtype:
@@ -259,7 +259,7 @@ class HybridSmoother(nn.Module):
     # -- the smoother ----------------------------------------------------------------------------------
 
     def forward(self, y: Any, *, prior: tuple[Any, Any] | None = None, history: bool = False,
-                seed: _device.Seed = None) -> HybridResult:
+                seed: _device.Seed = None, init: Any = None) -> HybridResult:
         """Smooth observation sequences.
 
         Parameters
@@ -274,6 +274,9 @@ class HybridSmoother(nn.Module):
         seed : int, SeedSequence, torch.Generator or None
             The stream of the initial hidden states for this call; ``None``: the smoother's own stream
             (seeded at construction, advanced by every call).
+        init : array (*batch, T, n), optional
+            The starting estimate ``x^(0)`` in place of :math:`H^+ y` (for example another smoother's
+            estimate, which the hybrid then refines); in network mode, the estimate the network corrects.
 
         Returns
         -------
@@ -314,8 +317,15 @@ class HybridSmoother(nn.Module):
             check_memory(per_iter * k_iter, "iterations", f"{k_iter} iterations of activations kept for the "
                          f"backward pass (y of shape {tuple(y_t.shape)}, hidden={self.hidden}; or call under "
                          "torch.no_grad())", self._param_device)
+        if init is not None:
+            init = as_real_tensor(init, "init").to(dtype=self._param_dtype, device=self._param_device)
+            if tuple(init.shape) != (*batch, n_t, n):
+                raise ShapeError("init", f"states of shape {(*batch, n_t, n)} (y's batch and times, the state size)",
+                                 f"shape {tuple(init.shape)}")
+            if not bool(torch.isfinite(init).all()):
+                raise NonFiniteError("init", "finite states", "NaN or infinite entries")
         if self.mode == "hybrid":
-            chain = self._chain(y_t, self.prior if prior is None else prior)
+            chain = self._chain(y_t, self.prior if prior is None else prior, init)
             mask, y0, x = chain.mask, chain.y0, chain.x0
         else:
             if prior is not None:
@@ -323,7 +333,7 @@ class HybridSmoother(nn.Module):
             chain = None
             mask = torch.isfinite(y_t)
             y0 = torch.where(mask, y_t, torch.zeros((), dtype=y_t.dtype, device=y_t.device))
-            x = (self._pinv_h @ y0.unsqueeze(-1)).squeeze(-1)
+            x = (self._pinv_h @ y0.unsqueeze(-1)).squeeze(-1) if init is None else init
 
         flat = (bsz, n_t)
         mask_f, y0_f = mask.reshape(*flat, -1), y0.reshape(*flat, -1)
@@ -435,11 +445,11 @@ def _scored_errors(smoother: HybridSmoother, est: torch.Tensor, x: torch.Tensor,
 
 
 def _hybrid_loss(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, *, weight: str, metric: str,
-                 seed: _device.Seed) -> torch.Tensor:
+                 seed: _device.Seed, init: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of one batch: ``sum_k w_k MSE(x^(k), x)`` with ``w_k = 2k/K^2`` (``"linear"``,
     the paper's) or only the last iteration (``"last"``); the MSE over the scored entries of the state
     (``"state"``) or of ``H x`` (``"observed"``); a batch with nothing scored gives zero."""
-    res = smoother(y, history=weight == "linear", seed=seed)
+    res = smoother(y, history=weight == "linear", seed=seed, init=init)
     est = res.history if weight == "linear" else res.mean.unsqueeze(0)
     err, known = _scored_errors(smoother, est, x, metric)
     count = max(int(known.sum()), 1)
@@ -448,7 +458,8 @@ def _hybrid_loss(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, *, 
     return (w * per_iter).sum()
 
 
-def _mse(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, metric: str, seed: _device.Seed) -> float:
+def _mse(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, metric: str, seed: _device.Seed,
+         init: torch.Tensor | None = None) -> float:
     """The mean squared error of the smoother's estimates of ``x`` over the scored entries (no gradient;
     chunks of sequences). The same SeedSequence gives the same hidden-state draws at every call."""
     total, count = 0.0, 0
@@ -457,7 +468,7 @@ def _mse(smoother: HybridSmoother, y: torch.Tensor, x: torch.Tensor, metric: str
     seeds = _device.spawn(seed, math.ceil(y.shape[0] / VAL_CHUNK))
     with torch.no_grad():
         for i, s in zip(range(0, y.shape[0], VAL_CHUNK), seeds):
-            est = smoother(y[i:i + VAL_CHUNK], seed=s).mean
+            est = smoother(y[i:i + VAL_CHUNK], seed=s, init=None if init is None else init[i:i + VAL_CHUNK]).mean
             err, known = _scored_errors(smoother, est, x[i:i + VAL_CHUNK], metric)
             total += float((err * err).sum())
             count += int(known.sum())
@@ -496,6 +507,16 @@ def _check_scored(smoother: HybridSmoother, x: torch.Tensor, name: str, metric: 
                              else "no row of H x whose states are all known")
 
 
+def _start(value: Any, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = as_real_tensor(value, name).to(dtype=dtype, device=device)
+    if tuple(t.shape) != shape:
+        raise ShapeError(name, f"starting estimates of shape {shape} (the sequences, times and state size)",
+                         f"shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(name, "finite starting estimates", "NaN or infinite entries")
+    return t
+
+
 def _as_sequences(y: Any, name: str, smoother: HybridSmoother) -> torch.Tensor:
     try:
         t = _as_y(y, smoother.obs_size)
@@ -511,7 +532,7 @@ def _as_sequences(y: Any, name: str, smoother: HybridSmoother) -> torch.Tensor:
 def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x_val: Any = None, epochs: int = 10,
                lr: float = 1e-3, batch_size: int = 1, weight: str = "linear", metric: str = "state",
                seed: _device.Seed = None, clip: float | None = None, tol: float = 0.01,
-               verbose: bool = False) -> HybridFit:
+               verbose: bool = False, init: Any = None, init_val: Any = None) -> HybridFit:
     r"""Train a :class:`HybridSmoother` on sequences with known states.
 
     Each epoch visits the training sequences once, in an order shuffled from ``seed``, in minibatches of
@@ -564,6 +585,10 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
         untrained state counts as epoch 0): the error was still falling, more epochs would help.
     verbose : bool
         Print one line per epoch.
+    init, init_val : arrays (S, T, n) and (S_val, T_val, n), optional
+        Starting estimates of the training and validation sequences (:meth:`HybridSmoother.forward`'s
+        ``init``; both or neither when there is a validation set), for a hybrid that refines another
+        smoother's estimate.
 
     Returns
     -------
@@ -617,6 +642,17 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
         _check_scored(smoother, xv, "x_val", metric)
     else:
         yv = xv = None
+    init_t = init_v = None
+    if init is not None:
+        init_t = _start(init, "init", (s_train, n_t, smoother.state_size), dtype, device)
+    if init_val is not None:
+        if yv is None:
+            raise InputError("init_val", "None without a validation set (y_val, x_val)", "an array")
+        init_v = _start(init_val, "init_val", (*yv.shape[:2], smoother.state_size), dtype, device)
+    if (init is None) != (init_val is None) and yv is not None:
+        raise InputError("init_val" if init_val is None else "init",
+                         "starting estimates for both the training and the validation sequences, or for neither",
+                         "one of them")
 
     streams = _device.seed_sequence(seed).spawn(3)
     order_rng = np.random.default_rng(streams[0])
@@ -640,7 +676,7 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
     def validate(epoch: int) -> float:
         smoother.eval()
         try:
-            return _mse(smoother, yv, xv, metric, val_seed)
+            return _mse(smoother, yv, xv, metric, val_seed, init_v)
         except (DivergenceError, NonFiniteError) as exc:
             when = "before training" if epoch == 0 else f"after epoch {epoch} of {epochs}"
             if best_state is not None and epoch > 0:
@@ -677,7 +713,8 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
             idx = torch.as_tensor(perm[b * batch_size:(b + 1) * batch_size], device=device)
             buffers_before = [buf.detach().clone() for buf in smoother.buffers()]
             try:
-                loss = _hybrid_loss(smoother, y_t[idx], x_t[idx], weight=weight, metric=metric, seed=train_gen)
+                loss = _hybrid_loss(smoother, y_t[idx], x_t[idx], weight=weight, metric=metric, seed=train_gen,
+                                    init=None if init_t is None else init_t[idx])
             except (DivergenceError, NonFiniteError) as exc:
                 raise diverged("the smoother diverged", epoch, b + 1, n_batches, exc) from exc
             value = float(loss.detach())
