@@ -491,7 +491,9 @@ def _edge(r: dict[str, Any]) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"Command: `{res['command']}` (commit {res['daml_commit']}).", "",
+    runs = sorted({(res[k].get("command", res["command"]), res[k].get("daml_commit", res["daml_commit"]))
+                   for k in SECTIONS if k in res})
+    lines = ["Commands: " + "; ".join(f"`{c}` (commit {h})" for c, h in runs) + ".", "",
              f"{_report.machine_line(res['machine'])}; torch threads {res['threads']}.", ""]
     if "drag" in res:
         d = res["drag"]
@@ -636,7 +638,7 @@ def carry_over(res: dict[str, Any], sections: tuple[str, ...], name: str) -> Non
         return
     for sec in SECTIONS:
         if sec not in sections and isinstance(old.get(sec), dict):
-            res[sec] = {**old[sec], "carried_over_from": old.get("command"), "carried_commit": old.get("daml_commit")}
+            res[sec] = {"command": old.get("command"), "daml_commit": old.get("daml_commit"), **old[sec]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -648,7 +650,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=2029)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--epoch-scale", type=float, default=None, help="multiply the reference's epochs per size")
+    ap.add_argument("--report", action="store_true", help="only rewrite the tables and the figure from results/hybrid.json")
     args = ap.parse_args(argv)
+    if args.report:
+        import json
+
+        res = json.loads((_report.RESULTS / "hybrid.json").read_text())
+        write_report(res)
+        return res
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -676,19 +685,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif sec == "speed":
             res[sec] = speed_section(sz, args.seed + 4000)
         res[sec]["section_seconds"] = time.perf_counter() - s0
+        res[sec]["command"], res[sec]["daml_commit"] = res["command"], res["daml_commit"]
         print(f"section {sec} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     res["total_seconds"] = time.perf_counter() - t0
     name = "hybrid-quick" if args.quick else "hybrid"
     carry_over(res, sections, name)
     _report.write_json(name, res)
+    if not args.quick:
+        write_report(res)
+    else:
+        print(markdown(res))
+    return res
+
+
+def write_report(res: dict[str, Any]) -> None:
+    """The tables in docs/benchmarks.md and docs/hybrid.md and the figure, from a result dict."""
     text = markdown(res)
     print(text)
-    if not args.quick:
-        res["figure"] = figure(res)
-        _report.write_section("hybrid", text)
-        _report.write_section("hybrid_results", text + (f"\n![MSE against n]({Path(res['figure']).relative_to('docs')})\n"
-                                                        if res.get("figure") else ""), path="docs/hybrid.md")
-    return res
+    res["figure"] = figure(res)
+    _report.write_section("hybrid", text)
+    _report.write_section("hybrid_results", text + (f"\n![MSE against n]({Path(res['figure']).relative_to('docs')})\n"
+                                                    if res.get("figure") else ""), path="docs/hybrid.md")
 
 
 if __name__ == "__main__":
