@@ -182,6 +182,18 @@ def _transition_setup(model: Any, order: Any, linearisation: Any, dtype: torch.d
     return order, linearisation, None
 
 
+def _chain_setup(model: Any, mat_h: torch.Tensor, operator: Any, order: Any, linearisation: Any, noise_cov: Any,
+                 n: int, batch: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The checked transition set-up and ``H``, ``R``, ``Q`` in the run's dtype and device."""
+    order, linearisation, f_lin = _transition_setup(model, order, linearisation, dtype, device)
+    h = mat_h.to(dtype=dtype, device=device)
+    r = operator.noise_cov.to(dtype=dtype, device=device)
+    q_src = noise_cov if noise_cov is not None else getattr(model, "noise_cov", None)
+    if q_src is None:
+        raise InputError("noise_cov", "a model noise covariance Q (the model has none)", "None")
+    return order, linearisation, f_lin, h, r, _spd(q_src, n, "noise_cov", batch, dtype, device)
+
+
 def _taylor(model: Any, x: torch.Tensor, order: int, linearisation: str) -> tuple[torch.Tensor, torch.Tensor]:
     if linearisation == "jacobian":
         return _taylor_step(model, x, order)
@@ -253,13 +265,8 @@ def extended_kalman_smoother(
     y_t = _as_y(y, int(mat_h.shape[0]))
     dtype, device = y_t.dtype, y_t.device
     batch = tuple(y_t.shape[:-2])
-    order, linearisation, f_lin = _transition_setup(model, order, linearisation, dtype, device)
-    h = mat_h.to(dtype=dtype, device=device)
-    r = operator.noise_cov.to(dtype=dtype, device=device)
-    q_src = noise_cov if noise_cov is not None else getattr(model, "noise_cov", None)
-    if q_src is None:
-        raise InputError("noise_cov", "a model noise covariance Q (the model has none)", "None")
-    q = _spd(q_src, n, "noise_cov", batch, dtype, device)
+    order, linearisation, f_lin, h, r, q = _chain_setup(model, mat_h, operator, order, linearisation, noise_cov,
+                                                       n, batch, dtype, device)
     mean0, cov0 = _prior(prior, n, batch, dtype, device, allow_none=False)
 
     n_t = y_t.shape[-2]
@@ -393,13 +400,8 @@ def linearised_covariance(
         raise DtypeError("x", "float32 or float64 states", f"dtype {x_t.dtype}")
     dtype, device = x_t.dtype, x_t.device
     batch, n_t = tuple(x_t.shape[:-2]), x_t.shape[-2]
-    order, linearisation, f_lin = _transition_setup(model, order, linearisation, dtype, device)
-    h = mat_h.to(dtype=dtype, device=device)
-    r = operator.noise_cov.to(dtype=dtype, device=device)
-    q_src = noise_cov if noise_cov is not None else getattr(model, "noise_cov", None)
-    if q_src is None:
-        raise InputError("noise_cov", "a model noise covariance Q (the model has none)", "None")
-    q = _spd(q_src, n, "noise_cov", batch, dtype, device)
+    order, linearisation, f_lin, h, r, q = _chain_setup(model, mat_h, operator, order, linearisation, noise_cov,
+                                                       n, batch, dtype, device)
     pri = _prior(prior, n, batch, dtype, device, allow_none=True)
     if mask is None:
         mask_t = torch.ones((*batch, n_t, m), dtype=torch.bool, device=device)

@@ -488,13 +488,18 @@ def _still_improving(series: np.ndarray, tol: float) -> tuple[bool, str]:
                 f"({before:.4g}); allowed {100 * tol:.3g} %")
 
 
-def _as_states(x: Any, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _as_states(x: Any, name: str, shape: tuple, dtype: torch.dtype, device: torch.device, *,
+               what: str = "true states", unknown_nan: bool = True) -> torch.Tensor:
+    """States ``shape`` in the run's dtype and device; NaN marks an unknown true state (``unknown_nan``),
+    anything else non-finite is refused."""
     t = as_real_tensor(x, name).to(dtype=dtype, device=device)
     if tuple(t.shape) != shape:
-        raise ShapeError(name, f"true states of shape {shape} (the observations' sequences and times, the state size)",
+        raise ShapeError(name, f"{what} of shape {shape} (the observations' sequences and times, the state size)",
                          f"shape {tuple(t.shape)}")
-    if bool(torch.isinf(t).any()):
-        raise NonFiniteError(name, "finite true states (NaN marks an unknown one, not scored)", "infinite entries")
+    bad = torch.isinf(t) if unknown_nan else ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise NonFiniteError(name, f"finite {what}" + (" (NaN marks an unknown one, not scored)" if unknown_nan else ""),
+                             "infinite entries" if unknown_nan else "NaN or infinite entries")
     return t
 
 
@@ -505,16 +510,6 @@ def _check_scored(smoother: HybridSmoother, x: torch.Tensor, name: str, metric: 
         raise NonFiniteError(name, f"some known true states to score with metric={metric!r}",
                              "NaN everywhere (every state unknown)" if nothing
                              else "no row of H x whose states are all known")
-
-
-def _start(value: Any, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = as_real_tensor(value, name).to(dtype=dtype, device=device)
-    if tuple(t.shape) != shape:
-        raise ShapeError(name, f"starting estimates of shape {shape} (the sequences, times and state size)",
-                         f"shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(name, "finite starting estimates", "NaN or infinite entries")
-    return t
 
 
 def _as_sequences(y: Any, name: str, smoother: HybridSmoother) -> torch.Tensor:
@@ -644,11 +639,13 @@ def fit_hybrid(smoother: HybridSmoother, y: Any, x: Any, *, y_val: Any = None, x
         yv = xv = None
     init_t = init_v = None
     if init is not None:
-        init_t = _start(init, "init", (s_train, n_t, smoother.state_size), dtype, device)
+        init_t = _as_states(init, "init", (s_train, n_t, smoother.state_size), dtype, device,
+                            what="starting estimates", unknown_nan=False)
     if init_val is not None:
         if yv is None:
             raise InputError("init_val", "None without a validation set (y_val, x_val)", "an array")
-        init_v = _start(init_val, "init_val", (*yv.shape[:2], smoother.state_size), dtype, device)
+        init_v = _as_states(init_val, "init_val", (*yv.shape[:2], smoother.state_size), dtype, device,
+                            what="starting estimates", unknown_nan=False)
     if (init is None) != (init_val is None) and yv is not None:
         raise InputError("init_val" if init_val is None else "init",
                          "starting estimates for both the training and the validation sequences, or for neither",
