@@ -491,8 +491,11 @@ def _edge(r: dict[str, Any]) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    runs = sorted({(res[k].get("command", res["command"]), res[k].get("daml_commit", res["daml_commit"]))
-                   for k in SECTIONS if k in res})
+    runs = {(res[k].get("command", res["command"]), res[k].get("daml_commit", res["daml_commit"]))
+            for k in SECTIONS if k in res}
+    runs |= {(r["command"], r["daml_commit"]) for k in SECTIONS if k in res for r in res[k].get("sizes", [])
+             if isinstance(r, dict) and "command" in r}
+    runs = sorted(runs)
     lines = ["Commands: " + "; ".join(f"`{c}` (commit {h})" for c, h in runs) + ".", "",
              f"{_report.machine_line(res['machine'])}; torch threads {res['threads']}.", ""]
     if "drag" in res:
@@ -625,6 +628,27 @@ def figure(res: dict[str, Any]) -> str | None:
     return str(path.relative_to(_report.ROOT))
 
 
+def add_rows(res: dict[str, Any], sections: tuple[str, ...], name: str) -> None:
+    """``--add-sizes``: the saved rows of each section run here, other than the sizes just run, join the new
+    ones (sorted by n); each row keeps the command and commit that produced it."""
+    import json
+
+    path = _report.RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    for sec in sections:
+        if not isinstance(res.get(sec), dict) or not isinstance(old.get(sec), dict) or "sizes" not in old[sec]:
+            continue
+        new_rows = res[sec]["sizes"]
+        for r in new_rows:
+            r["command"], r["daml_commit"] = res["command"], res["daml_commit"]
+        done = {r["n"] for r in new_rows}
+        kept = [{"command": old[sec].get("command"), "daml_commit": old[sec].get("daml_commit"), **r}
+                for r in old[sec]["sizes"] if r["n"] not in done]
+        res[sec]["sizes"] = sorted(kept + new_rows, key=lambda r: r["n"])
+        res[sec]["command"], res[sec]["daml_commit"] = old[sec].get("command"), old[sec].get("daml_commit")
+        res[sec]["rows_added_by"] = f"{res['command']} (commit {res['daml_commit']})"
+
+
 def carry_over(res: dict[str, Any], sections: tuple[str, ...], name: str) -> None:
     """Keep the sections of the last run that this run did not redo (``--only``), marked as such."""
     import json
@@ -651,6 +675,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--epoch-scale", type=float, default=None, help="multiply the reference's epochs per size")
     ap.add_argument("--report", action="store_true", help="only rewrite the tables and the figure from results/hybrid.json")
+    ap.add_argument("--lorenz-sizes", default=None, help="comma-separated training-set sizes of the lorenz section")
+    ap.add_argument("--add-sizes", action="store_true",
+                    help="merge the rows of this run into the saved sections (by n) instead of replacing them")
     args = ap.parse_args(argv)
     if args.report:
         import json
@@ -665,6 +692,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sz = QUICK if args.quick else SLOW if args.slow else DEFAULT
     if args.epoch_scale is not None:
         sz = replace(sz, epoch_scale=args.epoch_scale)
+    if args.lorenz_sizes is not None:
+        sz = replace(sz, lorenz_sizes=tuple(int(v) for v in args.lorenz_sizes.split(",") if v.strip()))
     torch.set_num_threads(args.threads)
     res: dict[str, Any] = {"command": _report.command_line(), "daml_commit": _report.git_commit(),
                            "machine": _report.machine_info(), "threads": args.threads, "quick": args.quick,
@@ -689,6 +718,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"section {sec} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     res["total_seconds"] = time.perf_counter() - t0
     name = "hybrid-quick" if args.quick else "hybrid"
+    if args.add_sizes:
+        add_rows(res, sections, name)
     carry_over(res, sections, name)
     _report.write_json(name, res)
     if not args.quick:
