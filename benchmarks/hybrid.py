@@ -542,12 +542,12 @@ def markdown(res: dict[str, Any]) -> str:
         r_ = res["refine"]
         lines += [f"#### Learning on top of the tuned smoother (Lorenz-63, dt {r_['dt']})", "",
                   f"The tuned extended Kalman smoother (Jacobian, sigma {r_['eks_sigma']} chosen on validation) has test "
-                  f"MSE {_f(r_['eks_test'])}. The learned part starts from its estimate: the hybrid (message passing at "
+                  f"MSE {_f(r_['eks_test'], 5)}. The learned part starts from its estimate: the hybrid (message passing at "
                   f"that sigma, gamma {r_['gamma']:.2g}, plus the GNN's correction) and the GNN alone correcting it.", "",
                   "| n (train + val) | epochs | EKS | hybrid from the EKS | GNN correcting the EKS | best epoch (hybrid / GNN) |",
                   "|---|---|---|---|---|---|"]
         for r in r_["sizes"]:
-            lines.append(f"| {r['n']} | {r['epochs']} | {_f(r_['eks_test'])} | **{_f(r['hybrid'])}** | **{_f(r['gnn'])}** | "
+            lines.append(f"| {r['n']} | {r['epochs']} | {_f(r_['eks_test'], 5)} | **{_f(r['hybrid'], 5)}** | **{_f(r['gnn'], 5)}** | "
                          f"{r['hybrid_fit']['best_epoch']} / {r['gnn_fit']['best_epoch']} |")
         lines.append("")
     if "uncertainty" in res:
