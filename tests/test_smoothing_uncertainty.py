@@ -207,3 +207,12 @@ def test_hybrid_posterior_is_the_mixture_of_the_members_estimates_and_covariance
         hybrid_posterior([], y)
     with pytest.raises(InputError, match="scale"):
         hybrid_posterior(members, y, scale=0.0)
+
+
+def test_a_variance_scale_at_the_search_bound_warns():
+    from daml.errors import ConvergenceWarning
+
+    mu, cov, lw = _components()
+    with pytest.warns(ConvergenceWarning, match="search bound"):
+        c = variance_scale(mu, 1e-9 * cov, mu[0] + 1.0, lw)       # covariances far too small for the errors
+    assert c == pytest.approx(math.exp(12.0), rel=1e-3)

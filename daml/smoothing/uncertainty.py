@@ -39,6 +39,8 @@ import xarray as xr
 
 from .. import _device
 from ..errors import DtypeError, InputError, NonFiniteError, ShapeError, check_int, check_real
+from ..diagnostics import ess_kernel
+from ..ensembles.predictive import mixture_scores_kernel
 from ..models.base import as_real_tensor, check_memory
 
 __all__ = ["mixture_posterior", "calibration", "held_out_weights", "HeldOutWeights", "variance_scale",
@@ -92,52 +94,6 @@ def _truth(truth: Any, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tens
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError("truth", "finite true states", "NaN or infinite entries")
     return x
-
-
-def _ncdf(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.erfc(-z / math.sqrt(2.0))
-
-
-def _abs_moment(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``E|N(mu, s^2)|``."""
-    z = mu / s
-    return mu * (2 * _ncdf(z) - 1) + 2 * s * torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
-
-
-def _mixture_quantile(loc: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, q: float) -> torch.Tensor:
-    lo = (loc - 10 * scale).min(-1).values
-    hi = (loc + 10 * scale).max(-1).values
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        cdf = (w * _ncdf((mid.unsqueeze(-1) - loc) / scale)).sum(-1)
-        lo = torch.where(cdf < q, mid, lo)
-        hi = torch.where(cdf < q, hi, mid)
-    return 0.5 * (lo + hi)
-
-
-def _scalar_scores(loc: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, y: torch.Tensor, level: float
-                   ) -> dict[str, float]:
-    """Scores of the scalar Gaussian mixtures ``sum_c w_c N(loc[p, c], scale[p, c]^2)`` at ``y[p]``."""
-    mean = (loc * w).sum(-1)
-    var = (w * (scale**2 + loc**2)).sum(-1) - mean**2
-    rmse = float(((mean - y) ** 2).mean().sqrt())
-    logpdf = -0.5 * ((y.unsqueeze(-1) - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)
-    nll = float(-torch.logsumexp(logpdf + torch.log(w), -1).mean())
-    term1 = (w * _abs_moment(y.unsqueeze(-1) - loc, scale)).sum(-1)
-    c = loc.shape[-1]
-    if c == 1:
-        term2 = 2 * scale[..., 0] / math.sqrt(math.pi)        # E|X - X'| of one Gaussian
-    else:
-        pair_s = torch.sqrt(scale.unsqueeze(-1) ** 2 + scale.unsqueeze(-2) ** 2)
-        term2 = (w.unsqueeze(-1) * w.unsqueeze(-2) * _abs_moment(loc.unsqueeze(-1) - loc.unsqueeze(-2), pair_s)
-                 ).sum((-2, -1))
-    crps = float((term1 - 0.5 * term2).mean())
-    lo = _mixture_quantile(loc, scale, w, (1 - level) / 2)
-    hi = _mixture_quantile(loc, scale, w, (1 + level) / 2)
-    cover = float(((y >= lo) & (y <= hi)).to(torch.float64).mean())
-    spread = float(var.clamp_min(0).mean().sqrt())
-    return {"rmse": rmse, "nll": nll, "crps": crps, "coverage": cover, "spread": spread,
-            "spread_skill": spread / rmse if rmse > 0 else math.inf}
 
 
 def _check_level(level: Any) -> float:
@@ -197,7 +153,7 @@ def calibration(means: Any, covs: Any, truth: Any, log_weight: Any = None, *, le
     loc = mu.index_select(-1, idx).movedim(0, -1).reshape(-1, mu.shape[0])      # (points, C)
     scale = sd.index_select(-1, idx).movedim(0, -1).reshape(-1, mu.shape[0])
     y = x.index_select(-1, idx).reshape(-1)
-    out = _scalar_scores(loc, scale, lw.exp(), y, level)
+    out = mixture_scores_kernel(loc, scale, lw.exp(), y, level)
     out["level"] = level
     return out
 
@@ -238,15 +194,10 @@ def held_out_weights(means: Any, covs: Any, truth: Any) -> HeldOutWeights:
     chol, info = torch.linalg.cholesky_ex(cov)
     if int(info.max()) != 0:
         raise InputError("covs", "positive-definite covariances", "a singular or indefinite one")
-    d = (x.unsqueeze(0) - mu).unsqueeze(-1)
-    z = torch.linalg.solve_triangular(chol, d, upper=False).squeeze(-1)
-    n = mu.shape[-1]
-    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    logpdf = -0.5 * (z**2).sum(-1) - 0.5 * logdet - 0.5 * n * math.log(2 * math.pi)
+    logpdf = torch.distributions.MultivariateNormal(mu, scale_tril=chol, validate_args=False).log_prob(x)
     dens = logpdf.reshape(mu.shape[0], -1).sum(-1)
     lw = dens - torch.logsumexp(dens, 0)
-    ess = float(1.0 / (lw.exp() ** 2).sum())
-    return HeldOutWeights(lw, dens, ess)
+    return HeldOutWeights(lw, dens, float(ess_kernel(lw)))
 
 
 def variance_scale(means: Any, covs: Any, truth: Any, log_weight: Any = None) -> float:
@@ -279,6 +230,12 @@ def variance_scale(means: Any, covs: Any, truth: Any, log_weight: Any = None) ->
         return float(-torch.logsumexp(lp + torch.log(w), -1).mean())
 
     res = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-8})
+    if abs(res.x) > 11.9:
+        import warnings
+
+        from ..errors import ConvergenceWarning
+        warnings.warn(f"variance_scale: the scale {math.exp(res.x):.3g} sits at the search bound e^(+-12): the "
+                      "covariances are off by more than the search covers", ConvergenceWarning, stacklevel=2)
     return float(math.exp(res.x))
 
 
