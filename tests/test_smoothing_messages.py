@@ -324,3 +324,20 @@ def test_float32_observations_with_the_jacobian_stay_in_float32():
     ref = message_passing(model, y.double(), operator=op, prior=None, gamma=0.003, iterations=20, order=2,
                           noise_cov=0.0225, tol=None)
     assert (res.mean.double() - ref.mean).abs().max() < 1e-3
+
+
+def test_an_unstable_gamma_that_oscillates_below_the_divergence_factor_warns_even_without_a_tolerance():
+    # Lorenz-63, Q = 0.01 I: gamma = 0.005 is unstable but the estimate stays bounded (MSE about 77 against
+    # the truth, from observations at 0.25); before the check, tol=None returned it without a word
+    model, op = M.Lorenz63(dt=0.01), M.observe_all(3, sd=0.5)
+    data = daml.simulate(model, 300, op, x0=np.array([1.0, 1.0, 1.0]), x0_cov=0.01, seed=0)
+    y, truth = torch.tensor(data.y.values[1:]), torch.tensor(data.truth.values[1:])
+    with pytest.warns(ConvergenceWarning, match="grew"):
+        bad = message_passing(model, y, operator=op, prior=None, gamma=0.005, iterations=100, order=2, noise_cov=0.01,
+                              tol=None)
+    assert float(((bad.mean - truth) ** 2).mean()) > 1.0          # the silent answer was wrong
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)       # a stable gamma stays quiet
+        good = message_passing(model, y, operator=op, prior=None, gamma=0.003, iterations=100, order=2,
+                               noise_cov=0.01, tol=None)
+    assert float(((good.mean - truth) ** 2).mean()) < 0.05

@@ -423,7 +423,9 @@ def message_passing(
         above it is not ``converged`` and a :class:`~daml.errors.ConvergenceWarning` says so. The
         threshold is raised to the rounding floor ``100 eps`` times the initial gradient's largest
         entry (``eps`` of the dtype: it matters in float32 only). ``None``:
-        no check (fixed-``K`` unrolling for training).
+        no tolerance (fixed-``K`` unrolling for training); a gradient that ends larger than it started
+        still gives a :class:`~daml.errors.ConvergenceWarning` (an unstable ``gamma`` oscillating below
+        the divergence factor).
     history : bool
         Keep the estimate after every iteration (``Smoothed.history``).
     detach_messages : bool
@@ -493,6 +495,14 @@ def message_passing(
     # the gradient cannot be computed closer to zero than rounding of messages of the initial size
     floor = 100.0 * torch.finfo(dtype).eps * g0
     converged = None if tol is None else gnorm <= max(tol, floor)
+    if tol is None and float(gnorm.max()) > g0:
+        # no tolerance asked for, but a gradient that ended larger than it started means the iteration did
+        # not ascend at all (an unstable gamma can oscillate at a bounded, wrong value below the divergence
+        # factor): never a silent answer
+        warnings.warn(
+            f"message_passing: the largest gradient entry grew from {g0:.3g} to {float(gnorm.max()):.3g} over "
+            f"{k_iter} iterations: gamma={gamma!r} is too large (unstable), the result is not the MAP",
+            ConvergenceWarning, stacklevel=2)
     if converged is not None and not bool(converged.all()):
         bad = int((~converged).sum())
         grew = float(gnorm.max()) > g0
