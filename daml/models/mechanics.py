@@ -41,10 +41,13 @@ structure that makes this true (HLW ch. VIII), so there is no step-size control 
 
 For a **separable** system the implicit stages of symplectic Euler and leapfrog are explicit, and
 are computed in closed form (no iteration). Otherwise (and always for implicit midpoint) they are
-solved by fixed-point iteration from an explicit predictor (an Euler step), stopping when the
-largest change relative to the size of the iterate, per sample, is below ``tol`` (default ten times
-the machine epsilon of the dtype) or when the change stops decreasing below ``100 eps`` (the
-rounding floor), after at most ``max_iter`` iterations. The iteration contracts when ``h`` times the
+solved by fixed-point iteration from an explicit predictor (an Euler step; for implicit midpoint an
+explicit midpoint step, and Gauss-Seidel sweeps in which the updated positions enter the momentum
+update: the same fixed point, about half the iterations), stopping when the largest change relative
+to the size of the unknown (per sample and component, the inf-norm over the last axis against the
+larger of the starting state's and the predictor's) is below ``tol`` (default ten times the machine
+epsilon of the dtype), or when the change stops decreasing below ``100 eps`` (the rounding floor),
+after at most ``max_iter`` iterations. The iteration contracts when ``h`` times the
 Lipschitz constant of the field is below about 1 (2 for the half steps); an iteration that has not
 converged at ``max_iter`` gives a :class:`~daml.errors.ConvergenceWarning` naming ``dt`` (reduce it),
 and non-finite states a :class:`~daml.errors.DivergenceError`. Inside ``torch.func`` transforms
@@ -206,20 +209,26 @@ class _Solve:
         self.ok, self.finite, self.change = True, True, 0.0
 
 
-def _scale(base: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Per-sample sizes (inf-norm over the last axis) of the state an implicit stage starts from."""
-    return tuple(b.abs().amax(-1) for b in base)
+def _scale(*states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Per-sample sizes of each component of an implicit stage's unknown: the larger inf-norm (over the
+    last axis) of the state the stage starts from and of the predictor, at least the smallest normal."""
+    out = []
+    for parts in zip(*states):
+        size = parts[0].detach().abs().amax(-1)
+        for t in parts[1:]:
+            size = torch.maximum(size, t.detach().abs().amax(-1))
+        out.append(size.clamp_min(torch.finfo(size.dtype).tiny))
+    return tuple(out)
 
 
 def _relative_change(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...],
                      scale: tuple[torch.Tensor, ...]) -> float:
-    """Largest change of the iterate relative to its size (per sample, the inf-norm over the last axis
-    of each component against the larger of the iterate's and the starting state's), maximised over
-    the batch and the components; NaN when non-finite values appear."""
+    """Largest change of the iterate relative to its size (per sample: the inf-norm over the last axis
+    of each component, divided by the component's size from :func:`_scale`), maximised over the batch
+    and the components; NaN or inf when non-finite values appear."""
     worst = None
     for a, b, s in zip(new, old, scale):
-        size = torch.maximum(a.abs().amax(-1), s).clamp_min(torch.finfo(a.dtype).tiny)
-        r = (a - b).abs().amax(-1) / size
+        r = torch.linalg.vector_norm((a - b).detach(), math.inf, dim=-1).div_(s)
         worst = r if worst is None else torch.maximum(worst, r)
     return float(worst.max())
 
@@ -227,12 +236,12 @@ def _relative_change(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...
 def _fixed_point(g, z: tuple[torch.Tensor, ...], base: tuple[torch.Tensor, ...], tol: float, max_iter: int,
                  status: _Solve) -> tuple[torch.Tensor, ...]:
     """Iterate ``z <- g(z)`` from the predictor ``z`` (a tuple of tensors); ``base`` is the state the
-    stage starts from (it sets the size against which changes are measured)."""
+    stage starts from (with the predictor, it sets the size against which changes are measured)."""
     if _transformed():                       # no data-dependent stopping inside vmap / jacfwd
         for _ in range(max_iter):
             z = g(z)
         return z
-    scale = _scale(base)
+    scale = _scale(base, z)
     floor = 100.0 * torch.finfo(z[0].dtype).eps
     prev = math.inf
     for _ in range(max_iter):
@@ -277,9 +286,10 @@ def _raw_step(system: Any, q: torch.Tensor, p: torch.Tensor, h: float, method: s
     if method == "implicit_midpoint":
         half = 0.5 * h
 
-        def g(z):
-            qm, pm = 0.5 * (q + z[0]), 0.5 * (p + z[1])
-            return q + h * dq(qm, pm), p + h * dp(qm, pm)
+        def g(z):                            # Gauss-Seidel sweep: the new q enters the p update
+            pm = 0.5 * (p + z[1])
+            q1 = q + h * dq(0.5 * (q + z[0]), pm)
+            return q1, p + h * dp(0.5 * (q + q1), pm)
 
         # predictor: an explicit midpoint (RK2) step, second-order accurate
         qm, pm = q + half * dq(q, p), p + half * dp(q, p)
