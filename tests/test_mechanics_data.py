@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from daml.errors import InputError, NonFiniteError, SeedError, ShapeError
+from daml.models import mechanics as mech
 from daml.models import mechanics_data as md
-
-mech = pytest.importorskip("daml.models.mechanics")
 
 
 def _field(system, x):
