@@ -172,6 +172,10 @@ def test_named_errors():
         md.greydanus_spring(seed=-1)
     with pytest.raises(InputError, match="samples"):
         md.greydanus_spring(samples=1)
+    with pytest.raises(InputError, match="samples"):      # refused up front, not after hours of solve_ivp
+        md.greydanus_spring(samples=10**12)
+    with pytest.raises(InputError, match="points"):
+        md.energy_mse(md.system_field(mech.MassSpring()), mech.MassSpring(), trials=5, points=10**12)
     with pytest.raises(InputError, match="radius"):
         md.greydanus_pendulum(radius=(2.0, 1.0))
     with pytest.raises(InputError, match="test_split"):

@@ -71,7 +71,8 @@ import numpy as np
 import torch
 
 from .. import _device
-from ..errors import DivergenceError, InputError, NonFiniteError, SeedError, ShapeError, check_int, check_real
+from ..errors import (DivergenceError, InputError, NonFiniteError, SeedError, ShapeError, check_fits, check_int,
+                      check_real)
 
 __all__ = [
     "MechanicsData",
@@ -265,7 +266,11 @@ def _greydanus_1d(kind: str, *, seed: object, samples: object, test_split: objec
     r_lo, r_hi = _check_range(radius, "radius")
     if r_lo <= 0:
         raise InputError("radius", "a pair with 0 < low < high (a zero radius has no direction)", repr(radius))
-    n_t = int(timescale * t_end)
+    check_fits("samples", 64.0 * samples, what=f"samples={samples}")
+    n_pts = timescale * t_end
+    check_fits("timescale" if timescale / 10.0 >= t_end / 3.0 else "t_end", 64.0 * samples * n_pts,
+               what=f"timescale * t_end = {n_pts:g} points per trajectory")
+    n_t = int(n_pts)
     if n_t < 2:
         raise InputError("timescale", "timescale * t_end >= 2 (points per trajectory)", f"{timescale} * {t_end}")
     dt = _device.resolve_dtype(dtype)
@@ -427,6 +432,8 @@ def greydanus_two_body(seed: int = 0, *, trials: int = 1000, timesteps: int = 50
     if r_lo <= 0:
         raise InputError("radius", "a pair with 0 < low < high", repr(radius))
     test_split = _check_fraction(test_split, "test_split")
+    check_fits("trials", 256.0 * trials, what=f"trials={trials}")
+    check_fits("timesteps", 256.0 * trials * timesteps, what=f"timesteps={timesteps}")
     dt = _device.resolve_dtype(dtype)
     t_eval = np.linspace(0.0, t_end, timesteps)
     rs = np.random.RandomState(seed)
@@ -479,6 +486,7 @@ def greydanus_initial_states(trials: int = 15, seed: int = 0, *, dim: int = 1) -
     """
     trials = check_int(trials, "trials", 1)
     seed = _check_seed(seed)
+    check_fits("trials", 64.0 * trials, what=f"trials={trials}")
     rs = np.random.RandomState(seed)
     if dim == 1:
         out = []
@@ -652,6 +660,8 @@ def energy_mse(field_fn: Callable[[torch.Tensor], torch.Tensor], system: Any, *,
     points = (500 if body else 100) if points is None else check_int(points, "points", 2)
     noise_std = (0.0 if body else 0.1) if noise_std is None else _check_nonneg(noise_std, "noise_std")
     rtol = check_real(rtol, "rtol", positive=True)
+    check_fits("trials", 64.0 * trials * two, what=f"trials={trials}")
+    check_fits("points", 64.0 * trials * points * two, what=f"points={points}")
     if not isinstance(compound_stretch, bool):
         raise InputError("compound_stretch", "True or False", repr(compound_stretch))
     if x0 is None:
@@ -792,6 +802,7 @@ def cranmer_double_pendulum(n: int, *, seed: Any = None, omega_max: float = 10.0
     """
     n = check_int(n, "n", 1)
     omega_max = check_real(omega_max, "omega_max", positive=True)
+    check_fits("n", 128.0 * n, what=f"n={n}")
     dt = _device.resolve_dtype(dtype)
     g = _device.generator(seed)
     u = torch.rand(n, 4, generator=g, dtype=torch.float64)
@@ -812,6 +823,7 @@ def cranmer_initial_states(starts: int = 40, seed: Any = 0, *, omega_max: float 
     """
     starts = check_int(starts, "starts", 1)
     omega_max = check_real(omega_max, "omega_max", positive=True)
+    check_fits("starts", 64.0 * starts, what=f"starts={starts}")
     g = _device.generator(seed)
     u = torch.rand(starts, 4, generator=g, dtype=torch.float64)
     return torch.cat([u[:, :2] * (2.0 * math.pi), u[:, 2:] * omega_max], dim=-1).numpy()
@@ -883,6 +895,8 @@ def cranmer_energy_error(field_fn: Callable[[torch.Tensor], torch.Tensor], *, st
     steps_f = t_end / dt
     steps = int(round(steps_f))
     frames = int(round(t_end * fps))
+    check_fits("starts", 64.0 * starts, what=f"starts={starts}")
+    check_fits("fps", 64.0 * starts * t_end * fps, what=f"fps={fps}")
     if steps < 1 or abs(steps - steps_f) > 1e-9 * max(1.0, steps_f) or frames < 1 or steps % frames:
         raise InputError("dt", f"a step dividing t_end / frames = {t_end} / {frames}", dt)
     if x0 is None:
