@@ -14,11 +14,15 @@ assimilation fixes that.
   :func:`loo_variance_scale` and :func:`scale_variance` (a leave-one-out calibration factor for the
   predictive's spread, and its application),
   :func:`uncertainty_sources` (the five sources one at a time).
+* :mod:`~daml.ensembles.dynamics`: :func:`fit_dynamics` trains ensembles of learned dynamics (Hamiltonian,
+  Lagrangian or plain networks of :mod:`daml.models.hamiltonian`) so that they can be weighted, and
+  :class:`EnsembleDynamics` runs the weighted members as one forecast model (a mixture transition).
 * :mod:`~daml.ensembles.baselines`: :func:`deep_ensemble` and :func:`mc_dropout` in the same API.
 """
 
 from .baselines import deep_ensemble, mc_dropout
 from .correction import CorrectionInfo, equal_weight
+from .dynamics import ComponentRegression, EnsembleDynamics, dynamics_data, fit_dynamics
 from .predictive import (SOURCES, VARIANCE_PARTS, VarianceScale, estimate_noise, loo_variance_scale,
                          mixture_quantile, model_error, predict, scale_variance, scores, uncertainty_sources)
 from .training import LIKELIHOODS, Ensemble, fit, flat_params, forward, mlp, prior_sd
@@ -32,4 +36,5 @@ __all__ = [
     "loo_variance_scale", "VarianceScale", "scale_variance",
     "SOURCES", "VARIANCE_PARTS",
     "deep_ensemble", "mc_dropout",
+    "fit_dynamics", "dynamics_data", "ComponentRegression", "EnsembleDynamics",
 ]
