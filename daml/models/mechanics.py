@@ -11,7 +11,10 @@ variables of Hamiltonian mechanics, positions ``q`` and momenta ``p`` (each ``(.
 or, more generally, as any pair of vector fields ``dq(q, p)``, ``dp(q, p)`` (a *partitioned* system,
 the shape of diffrax's ``SemiImplicitEuler``, whose vector field is a 2-tuple of terms). A system here
 is any object with ``dim`` (``d``), ``dq(q, p)``, ``dp(q, p)`` and ``separable`` (``True`` when
-``dq`` depends on ``p`` only and ``dp`` on ``q`` only, as for ``H = T(p) + V(q)``). The state of the
+``dq`` depends on ``p`` only and ``dp`` on ``q`` only, as for ``H = T(p) + V(q)``); optionally also
+``field(q, p) -> (dq, dp)``, both at one point from one evaluation (a learned Hamiltonian gets both
+from one gradient), which the integrators use wherever both are needed at one point (the RK4 stages,
+the implicit-midpoint predictor, :meth:`Mechanical.tendency`). The state of the
 daml model :class:`Mechanical` is ``x = (q, p)`` concatenated on the last axis, ``q`` first.
 
 **Integrators** (one step of length ``h`` from ``(q_0, p_0)``; Hairer, Lubich & Wanner 2006, ch. I,
@@ -109,6 +112,7 @@ from .. import _device
 from ..errors import (
     ConvergenceWarning,
     DamlError,
+    DeviceError,
     DivergenceError,
     DtypeError,
     InputError,
@@ -183,7 +187,7 @@ def _check_qp(q: Any, p: Any, dim: int, *, finite: bool = True, qname: str = "q"
     if q.dtype != p.dtype:
         raise DtypeError(pname, f"the dtype of {qname}, {q.dtype}", f"dtype {p.dtype}")
     if q.device != p.device:
-        raise InputError(pname, f"the device of {qname}, {q.device}", f"device {p.device}")
+        raise DeviceError(pname, f"the device of {qname}, {q.device}", f"device {p.device}")
     if finite and not _transformed():
         for t, name in ((q, qname), (p, pname)):
             if not bool(torch.isfinite(t).all()):
@@ -259,6 +263,16 @@ def _fixed_point(g, z: tuple[torch.Tensor, ...], base: tuple[torch.Tensor, ...],
     return z
 
 
+def _field(system: Any):
+    """``(q, p) -> (dq, dp)``: the system's own ``field`` when it has one (both derivatives from one
+    evaluation, as a learned Hamiltonian gets them from one gradient), else ``dq`` and ``dp``."""
+    own = getattr(system, "field", None)
+    if callable(own):
+        return own
+    dq, dp = system.dq, system.dp
+    return lambda q, p: (dq(q, p), dp(q, p))
+
+
 def _raw_step(system: Any, q: torch.Tensor, p: torch.Tensor, h: float, method: str, tol: float,
               max_iter: int, status: _Solve) -> tuple[torch.Tensor, torch.Tensor]:
     """One step without checks; implicit-stage trouble goes into ``status``."""
@@ -292,17 +306,17 @@ def _raw_step(system: Any, q: torch.Tensor, p: torch.Tensor, h: float, method: s
             return q1, p + h * dp(0.5 * (q + q1), pm)
 
         # predictor: an explicit midpoint (RK2) step, second-order accurate
-        qm, pm = q + half * dq(q, p), p + half * dp(q, p)
-        q1, p1 = _fixed_point(g, (q + h * dq(qm, pm), p + h * dp(qm, pm)), (q, p), tol, max_iter, status)
+        f = _field(system)
+        k1q, k1p = f(q, p)
+        k2q, k2p = f(q + half * k1q, p + half * k1p)
+        q1, p1 = _fixed_point(g, (q + h * k2q, p + h * k2p), (q, p), tol, max_iter, status)
         return q1, p1
     # rk4
-    k1q, k1p = dq(q, p), dp(q, p)
-    q2, p2 = q + 0.5 * h * k1q, p + 0.5 * h * k1p
-    k2q, k2p = dq(q2, p2), dp(q2, p2)
-    q3, p3 = q + 0.5 * h * k2q, p + 0.5 * h * k2p
-    k3q, k3p = dq(q3, p3), dp(q3, p3)
-    q4, p4 = q + h * k3q, p + h * k3p
-    k4q, k4p = dq(q4, p4), dp(q4, p4)
+    f = _field(system)
+    k1q, k1p = f(q, p)
+    k2q, k2p = f(q + 0.5 * h * k1q, p + 0.5 * h * k1p)
+    k3q, k3p = f(q + 0.5 * h * k2q, p + 0.5 * h * k2p)
+    k4q, k4p = f(q + h * k3q, p + h * k3p)
     return (q + (h / 6.0) * (k1q + 2.0 * (k2q + k3q) + k4q),
             p + (h / 6.0) * (k1p + 2.0 * (k2p + k3p) + k4p))
 
@@ -1040,7 +1054,7 @@ class Mechanical:
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
         """The time derivative ``(dq, dp)`` of states ``(..., 2d)``."""
         q, p = self._split(x)
-        return torch.cat([self.system.dq(q, p), self.system.dp(q, p)], -1)
+        return torch.cat(_field(self.system)(q, p), -1)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """The system's Hamiltonian of states ``(..., 2d)``, shape ``(...)``."""
