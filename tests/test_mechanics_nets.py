@@ -189,6 +189,24 @@ def test_networks_are_partitioned_systems_for_the_integrators():
         assert float((h - h[0]).abs().max()) < 1e-3 * float(h.abs().max() + 1)
 
 
+@pytest.mark.parametrize("cls,kw", NETS, ids=lambda c: getattr(c, "__name__", ""))
+def test_networks_as_daml_models_step_and_tangent_linear(cls, kw):
+    """Wrapped by mechanics.Mechanical: filters step it under no_grad, and the EKF's tangent-linear map
+    (models.base.batched_jacobian: vmap of jacfwd) equals autograd's Jacobian, implicit stages included."""
+    from daml.models.base import batched_jacobian
+
+    net = cls(1, seed=0, **{**kw, "init": "orthogonal"})      # Cranmer's init: |accelerations| up to 140, stiff
+    x = _states(4, 1, seed=11)
+    for method in ("rk4", "implicit_midpoint"):
+        model = M.Mechanical(net, 0.01, method=method, max_iter=12)      # 12 iterations: converged at dt=0.01
+        with torch.no_grad():
+            y = model.step(x)
+            jac = batched_jacobian(model.step, x)
+        torch.testing.assert_close(y, model.step(x).detach(), rtol=0, atol=0)
+        ref = torch.stack([torch.autograd.functional.jacobian(model.step, xi) for xi in x])
+        torch.testing.assert_close(jac, ref, rtol=1e-9, atol=1e-11)
+
+
 # -- training -----------------------------------------------------------------------------------------------------
 def _spring_data(seed, n=250, noise=0.1):
     """Greydanus' ideal spring H = q^2 + p^2: states on circles of radius U(0.1, 1), exact derivatives
