@@ -456,13 +456,16 @@ def test_tangent_linear_under_vmap_jacfwd_equals_reverse_mode(method):
         torch.testing.assert_close(jac[i], ref, rtol=1e-10, atol=1e-11)
 
 
-def test_pendulum_twin_with_the_etkf_and_the_ekf():
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_pendulum_twin_with_the_etkf_the_ekf_and_a_particle_filter(dtype):
     model = Mechanical(Pendulum(), dt=0.05, substeps=2, noise_cov=[1e-4, 1e-3])
     obs = observe_all(2, sd=0.3)
-    data = daml.simulate(model, 40, obs, every=2, x0=[1.5, 0.0], x0_cov=0.1, seed=0)
+    data = daml.simulate(model, 40, obs, every=2, x0=[1.5, 0.0], x0_cov=0.1, seed=0, dtype=dtype)
     obs_err = float(np.sqrt(np.nanmean((data["y"].values - data["truth"].values) ** 2)))
-    for filt in (daml.filters.etkf(members=20), daml.filters.extended_kalman_filter()):
-        res = daml.filters.run(filt, model, data, seed=1, progress=False)
+    filts = (daml.filters.etkf(members=20), daml.filters.extended_kalman_filter(), daml.filters.bootstrap(200))
+    for filt in filts:
+        res = daml.filters.run(filt, model, data, seed=1, progress=False, dtype=dtype)
+        daml.posterior.validate(res.analysis)
         err = float(daml.diagnostics.rmse(res.analysis, data["truth"]).mean())
         assert err < 0.8 * obs_err, (filt.name, err, obs_err)
 
