@@ -403,6 +403,11 @@ def test_bad_input_gets_named_errors():
     raises(InputError, "batch_size", fit_derivatives, net, x, x, batch_size=0)
     raises(InputError, "dxdt_val", fit_derivatives, net, x, x, x_val=x)
     raises(InputError, "threads", fit_derivatives, net, x, x, threads=0)
+    raises(InputError, "threads", fit_derivatives, net, x, x, threads=10**12)
+    raises(InputError, "steps", fit_derivatives, net, x, x, steps=10**12)           # histories cannot fit
+    raises(InputError, "substeps", fit_trajectories, net, torch.zeros(4, 3, 2, dtype=F64), 0.1, horizon=2,
+           substeps=10**12)
+    raises(ShapeError, "trajectory", fit_trajectories, net, torch.zeros(0, 3, 2, dtype=F64), 0.1)
     raises(SeedError, "seed", fit_derivatives, net, x, x, seed="a")
     raises(NonFiniteError, "dxdt", fit_derivatives, net, x, x + math.inf)
     traj = torch.zeros(4, 3, 2, dtype=F64)

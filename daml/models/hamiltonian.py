@@ -138,6 +138,7 @@ SOLVERS = ("solve", "pinv")
 LOSSES = ("mse", "l1")
 """Training losses of :func:`fit_derivatives` / :func:`fit_trajectories`."""
 
+_MAX_THREADS = 1 << 15  # torch.set_num_threads takes a C int; more threads than this is a typo
 _SINGULAR = 0.5        # kappa * eps at or above this: numerically singular velocity Hessian
 _ILL = 1e-2            # kappa * eps above this: accelerations may carry more than 1 % relative error
 
@@ -758,6 +759,9 @@ def _common(net, steps, lr, weight_decay, loss, threads, tol):
     loss = _choice(loss, "loss", LOSSES)
     if threads is not None:
         threads = check_int(threads, "threads", expected="None or a positive int (intra-op threads)")
+        if threads > _MAX_THREADS:
+            raise InputError("threads", f"None or a positive int up to {_MAX_THREADS} (intra-op threads)", repr(threads))
+    check_fits("steps", 16.0 * steps, what=f"steps={steps} (the loss histories)")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or math.isnan(tol) or tol < 0:
         raise InputError("tol", "a non-negative relative improvement (inf: never warn)", repr(tol))
     tol = float(tol)
@@ -804,7 +808,8 @@ def _train(net, steps, lr, weight_decay, batch_size, n, seed, threads, tol, who,
                       f"{rel:.3g} over the last quarter > tol={tol}): raise steps", ConvergenceWarning, stacklevel=3)
     config = {**config, "net": type(net).__name__, "net_config": net.config() if hasattr(net, "config") else None,
               "steps": steps, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "tol": tol,
-              "seed": _device.seed_to_attr(seed), "relative_improvement": rel}
+              "seed": _device.seed_to_attr(seed),
+              "relative_improvement": rel if math.isfinite(rel) else None}
     return FitResult(net=net, history=history, val_history=val, converged=bool(converged), seconds=seconds,
                      config=config)
 
@@ -911,8 +916,8 @@ def _as_trajectory(net: nn.Module, value: Any, name: str) -> torch.Tensor:
         t = net._check(value, name, 2 * net.dim)
     if t.ndim == 2:
         t = t.unsqueeze(1)
-    if t.ndim < 3:
-        raise ShapeError(name, f"a trajectory (T, B, {2 * net.dim}) (time first)", f"shape {tuple(t.shape)}")
+    if t.ndim < 3 or t.numel() == 0:
+        raise ShapeError(name, f"a non-empty trajectory (T, B, {2 * net.dim}) (time first)", f"shape {tuple(t.shape)}")
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
@@ -995,6 +1000,11 @@ def fit_trajectories(net: nn.Module, trajectory: Any, dt: float, *, horizon: int
 
     starts, targets = windows(traj)
     n = starts.shape[0]
+    rows = n if batch_size is None else min(n, batch_size)
+    width = sum(int(p.shape[0]) for p in net.parameters() if p.ndim == 2)
+    # the autograd graph of one rollout: every substep keeps a few activations per row and layer
+    check_fits("substeps", 8.0 * 8 * substeps * horizon * rows * max(width, 2 * d),
+               what=f"substeps={substeps} x horizon={horizon} integrator steps on {rows} start states")
 
     def rollout(x0):
         q, p = x0[..., :d], x0[..., d:]
