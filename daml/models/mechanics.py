@@ -20,9 +20,9 @@ daml model :class:`Mechanical` is ``x = (q, p)`` concatenated on the last axis, 
 **Integrators** (one step of length ``h`` from ``(q_0, p_0)``; Hairer, Lubich & Wanner 2006, ch. I,
 II and VI):
 
-* *symplectic Euler* (order 1; HLW Thm VI.3.3), momenta implicit, positions explicit:
+* *symplectic Euler* (order 1; HLW §I.1 and §VI.3), momenta implicit, positions explicit:
   ``p_1 = p_0 + h dp(q_0, p_1)``, ``q_1 = q_0 + h dq(q_0, p_1)``;
-* *Stormer-Verlet / leapfrog* (order 2; HLW eq. VI.3.6, the general non-separable form): a half
+* *Stormer-Verlet / leapfrog* (order 2; HLW §I.3 and §VI.3, the general non-separable form): a half
   step in ``p`` (implicit), a full step in ``q`` (implicit, trapezoidal) and a half step in ``p``
   (explicit),
 
@@ -32,7 +32,7 @@ II and VI):
       q_1 &= q_0 + \tfrac h2\, \bigl(dq(q_0, p_{1/2}) + dq(q_1, p_{1/2})\bigr), \\
       p_1 &= p_{1/2} + \tfrac h2\, dp(q_1, p_{1/2});
 
-* *implicit midpoint* (order 2; HLW §VI.3 and Thm IV.2.1), ``z_1 = z_0 + h f((z_0 + z_1)/2)`` with
+* *implicit midpoint* (order 2; HLW §VI.3 and §IV.2), ``z_1 = z_0 + h f((z_0 + z_1)/2)`` with
   ``z = (q, p)``: symplectic, and it preserves every quadratic invariant exactly (the spring's
   ``H``), up to the solve's tolerance and rounding;
 * *classical Runge-Kutta* (RK4, order 4) for comparison: accurate, but not symplectic.
@@ -76,7 +76,7 @@ and non-finite states a :class:`~daml.errors.DivergenceError`. Inside ``torch.fu
   ``H = |p1|^2 / (2 m1) + |p2|^2 / (2 m2) - G m1 m2 / |x1 - x2|``; separable. Leapfrog conserves its
   total momentum and angular momentum exactly (up to rounding): both are linear or quadratic
   invariants of a symmetric pairwise force, and symplectic partitioned Runge-Kutta methods keep them
-  (HLW Thm IV.2.2).
+  (HLW §IV.2).
 
 Every system also has ``lagrangian(q, v)``, ``acceleration(q, v)`` (analytic), ``velocity(q, p)`` and
 ``momentum(q, v)`` (the Legendre map ``p = dL/dv``), ``default_state()`` and ``config()``.
@@ -191,7 +191,8 @@ def _check_qp(q: Any, p: Any, dim: int, *, finite: bool = True, qname: str = "q"
     if finite and not _transformed():
         for t, name in ((q, qname), (p, pname)):
             if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(name, "finite states", f"{int((~torch.isfinite(t)).sum())} NaN or infinite entries")
+                raise NonFiniteError(name, "finite states",
+                                     f"{int((~torch.isfinite(t)).sum())} NaN or infinite entries")
     return q, p
 
 
@@ -820,7 +821,8 @@ class DoublePendulum(_System):
         p1, p2 = p[..., 0], p[..., 1]
         den = self.m1 + self.m2 * s * s
         v1 = (self.l2 * p1 - self.l1 * c * p2) / (self.l1 ** 2 * self.l2 * den)
-        v2 = ((self.m1 + self.m2) * self.l1 * p2 - self.m2 * self.l2 * c * p1) / (self.m2 * self.l1 * self.l2 ** 2 * den)
+        v2 = (((self.m1 + self.m2) * self.l1 * p2 - self.m2 * self.l2 * c * p1)
+              / (self.m2 * self.l1 * self.l2 ** 2 * den))
         return torch.stack([v1, v2], -1)
 
     def momentum(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -828,7 +830,8 @@ class DoublePendulum(_System):
         c = torch.cos(q[..., 0] - q[..., 1])
         w1, w2 = v[..., 0], v[..., 1]
         k = self.m2 * self.l1 * self.l2
-        return torch.stack([(self.m1 + self.m2) * self.l1 ** 2 * w1 + k * c * w2, k * c * w1 + self.m2 * self.l2 ** 2 * w2], -1)
+        return torch.stack([(self.m1 + self.m2) * self.l1 ** 2 * w1 + k * c * w2,
+                            k * c * w1 + self.m2 * self.l2 ** 2 * w2], -1)
 
     def dq(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """``dH/dp = M(q)^{-1} p``."""
