@@ -167,6 +167,18 @@ def test_cranmer_energy_error_oracle():
     assert r.mean > 1e-3
 
 
+def test_cranmer_energy_error_freezes_diverging_starts():
+    x0 = np.array([[0.1, 0.2, 10.0, 0.0], [0.1, 0.2, 0.01, 0.0]])
+
+    def explode(x):            # omega' = 100 omega^3: blows up at t = 1 / (200 omega0^2), 5e-5 for omega0 = 10
+        return torch.cat([x[..., 2:], 100 * x[..., 2:] ** 3], -1)
+
+    with pytest.warns(RuntimeWarning, match="1 of 2"):
+        r = md.cranmer_energy_error(explode, starts=2, x0=x0, t_end=1.0, dt=0.01)
+    assert r.diverged == 1 and math.isinf(r.per_start[0]) and math.isfinite(r.per_start[1])
+    assert r.mean == r.per_start[1]
+
+
 def test_named_errors():
     with pytest.raises(SeedError, match="seed"):
         md.greydanus_spring(seed=-1)

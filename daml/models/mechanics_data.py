@@ -175,7 +175,7 @@ class EnergyError(NamedTuple):
     Attributes
     ----------
     mean : float
-        Mean over the starts of the normalised final energy error.
+        Mean over the (non-diverged) starts of the normalised final energy error.
     per_start : ndarray ``(starts,)``
         ``|E_model(t_end) - E_true(t_end)| / 29.4`` per start.
     x0 : ndarray ``(starts, 4)``
@@ -184,6 +184,9 @@ class EnergyError(NamedTuple):
         Times at which the trajectories are recorded.
     true_energy, model_energy : ndarray ``(starts, frames)``
         Energy along the true and the model trajectories.
+    diverged : int
+        Model trajectories that turned non-finite or left ``|state| < 1e6`` (frozen there; their
+        ``per_start`` is ``inf`` and ``mean`` leaves them out; ``mean`` is ``inf`` when all diverged).
     """
 
     mean: float
@@ -192,6 +195,7 @@ class EnergyError(NamedTuple):
     t: np.ndarray
     true_energy: np.ndarray
     model_energy: np.ndarray
+    diverged: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -830,18 +834,27 @@ def cranmer_initial_states(starts: int = 40, seed: Any = 0, *, omega_max: float 
 
 
 def _rk4_batched(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, dt: float, steps: int,
-                 every: int) -> torch.Tensor:
-    out = [x0]
-    x = x0
+                 every: int, limit: float = 1e6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-step RK4 of all rows at once; a row whose state turns non-finite or exceeds ``limit`` in
+    magnitude is frozen at its last good state and marked diverged (the others go on)."""
+    x = x0.clone()
+    alive = torch.ones(x.shape[0], dtype=torch.bool)
+    out = [x.clone()]
     for k in range(1, steps + 1):
-        k1 = f(x)
-        k2 = f(x + 0.5 * dt * k1)
-        k3 = f(x + 0.5 * dt * k2)
-        k4 = f(x + dt * k3)
-        x = x + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+        idx = alive.nonzero().squeeze(1)
+        if idx.numel():
+            xa = x[idx]
+            k1 = f(xa)
+            k2 = f(xa + 0.5 * dt * k1)
+            k3 = f(xa + 0.5 * dt * k2)
+            k4 = f(xa + dt * k3)
+            new = xa + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+            ok = torch.isfinite(new).all(-1) & (new.abs().amax(-1) < limit)
+            x[idx[ok]] = new[ok]
+            alive[idx[~ok]] = False
         if k % every == 0:
-            out.append(x)
-    return torch.stack(out, dim=1)
+            out.append(x.clone())
+    return torch.stack(out, dim=1), ~alive
 
 
 def cranmer_energy_error(field_fn: Callable[[torch.Tensor], torch.Tensor], *, starts: int = 40,
@@ -875,6 +888,13 @@ def cranmer_energy_error(field_fn: Callable[[torch.Tensor], torch.Tensor], *, st
     Returns
     -------
     EnergyError
+
+    Warns
+    -----
+    RuntimeWarning
+        When model trajectories diverge (counted in ``diverged``). Errors raised by ``field_fn`` itself
+        (a :class:`~daml.models.hamiltonian.LagrangianNet` refusing a singular Hessian) propagate: switch
+        its ``checks`` off to score a network whose trajectories may blow up.
 
     Examples
     --------
@@ -930,12 +950,16 @@ def cranmer_energy_error(field_fn: Callable[[torch.Tensor], torch.Tensor], *, st
                              tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__)
         return out.detach()
 
-    traj = _rk4_batched(f, xs, dt, steps, steps // frames).to(torch.float64)   # (starts, frames + 1, 4)
-    model_e = double_pendulum_energy(traj).numpy()
+    traj, diverged = _rk4_batched(f, xs, dt, steps, steps // frames)
+    model_e = double_pendulum_energy(traj.to(torch.float64)).numpy()           # (starts, frames + 1)
     te = np.stack(true_e)
     err = np.abs(model_e[:, -1] - te[:, -1]) / DOUBLE_PENDULUM_MAX_POTENTIAL
-    if not np.isfinite(err).all():
-        warnings.warn("cranmer_energy_error: some model trajectories blew up (non-finite energy); their "
-                      "error is reported as inf", RuntimeWarning, stacklevel=2)
-        err = np.where(np.isfinite(err), err, np.inf)
-    return EnergyError(float(err.mean()), err, start, t, te, model_e)
+    bad = diverged.numpy() | ~np.isfinite(err)
+    err = np.where(bad, np.inf, err)
+    n_bad = int(bad.sum())
+    if n_bad:
+        warnings.warn(f"cranmer_energy_error: {n_bad} of {starts} model trajectories diverged (non-finite or "
+                      "|state| > 1e6); their error is inf and the mean is over the others", RuntimeWarning,
+                      stacklevel=2)
+    mean = float(err[~bad].mean()) if n_bad < starts else math.inf
+    return EnergyError(mean, err, start, t, te, model_e, n_bad)
