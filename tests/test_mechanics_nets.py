@@ -390,6 +390,10 @@ def test_bad_input_gets_named_errors():
     raises(DtypeError, "x", net, torch.zeros(3, 2, dtype=torch.int64))
     raises(NonFiniteError, "x", net, torch.tensor([[math.nan, 0.0]], dtype=F64))
     raises(ShapeError, "p", net.dq, torch.zeros(2, 1, dtype=F64), torch.zeros(2, 2, dtype=F64))
+    # the integrators' hot path lets non-finite states through (simulate / filters.run report the step)
+    for n in (net, LagrangianNet(1, hidden=8, layers=1, seed=0)):
+        out = n.dp(torch.tensor([[math.nan], [0.5]], dtype=F64), torch.tensor([[0.1], [0.2]], dtype=F64))
+        assert bool(torch.isnan(out[0]).all()) and bool(torch.isfinite(out[1]).all())
     raises(ShapeError, "p", net.dp, torch.zeros(2, 1, dtype=F64), torch.zeros(3, 1, dtype=F64))
     x = torch.zeros(10, 2, dtype=F64)
     raises(ModuleError, "net", fit_derivatives, torch.nn.Linear(2, 2), x, x)

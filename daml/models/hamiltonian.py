@@ -247,9 +247,9 @@ class _Net(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
     # -- checks -----------------------------------------------------------------------------------------
-    def _check(self, t: Any, name: str, size: int) -> torch.Tensor:
-        """``t`` as a tensor of the network's dtype and device with last axis ``size`` (finite, when no
-        ``torch.func`` transform is active); else a daml error naming ``name``."""
+    def _check(self, t: Any, name: str, size: int, finite: bool = True) -> torch.Tensor:
+        """``t`` as a tensor of the network's dtype and device with last axis ``size`` (finite, when
+        ``finite`` and no ``torch.func`` transform is active); else a daml error naming ``name``."""
         if not isinstance(t, torch.Tensor):
             from .base import as_real_tensor
             t = as_real_tensor(t, name, dtype=self.dtype, device=self.device)
@@ -262,14 +262,14 @@ class _Net(nn.Module):
             raise DeviceError(name, f"a tensor on the network's device {self.device}", str(t.device))
         if t.ndim == 0 or t.shape[-1] != size:
             raise ShapeError(name, f"a last axis of length {size}", f"shape {tuple(t.shape)}")
-        if not _transformed() and not bool(torch.isfinite(t).all()):
+        if finite and not _transformed() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(name, "finite values", f"{int((~torch.isfinite(t)).sum())} NaN or infinite entries")
         return t
 
-    def _pair(self, q: Any, p: Any, names: tuple[str, str] = ("q", "p")) -> torch.Tensor:
+    def _pair(self, q: Any, p: Any, names: tuple[str, str] = ("q", "p"), finite: bool = True) -> torch.Tensor:
         """``concat(q, p)`` over the last axis (leading dims broadcast), checked."""
-        q = self._check(q, names[0], self.dim)
-        p = self._check(p, names[1], self.dim)
+        q = self._check(q, names[0], self.dim, finite)
+        p = self._check(p, names[1], self.dim, finite)
         if q.shape[:-1] != p.shape[:-1]:
             try:
                 q, p = torch.broadcast_tensors(q, p)
@@ -298,12 +298,17 @@ class _Net(nn.Module):
         return self.forward(x)
 
     def dq(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """``dq/dt`` ``(..., d)`` at ``(q, p)`` (each ``(..., d)``)."""
-        return self._field(self._pair(q, p))[..., :self.dim]
+        """``dq/dt`` ``(..., d)`` at ``(q, p)`` (each ``(..., d)``).
+
+        :meth:`dq` and :meth:`dp` are the integrators' hot path: like a true system's, they let
+        non-finite states through (to non-finite derivatives), so that :func:`daml.simulate` and
+        :func:`daml.filters.run` report a divergence at its time step; shapes and dtypes are checked.
+        """
+        return self._field(self._pair(q, p, finite=False))[..., :self.dim]
 
     def dp(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """``dp/dt`` ``(..., d)`` at ``(q, p)`` (each ``(..., d)``)."""
-        return self._field(self._pair(q, p))[..., self.dim:]
+        """``dp/dt`` ``(..., d)`` at ``(q, p)`` (each ``(..., d)``); non-finite states pass (see :meth:`dq`)."""
+        return self._field(self._pair(q, p, finite=False))[..., self.dim:]
 
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
         """Alias of :meth:`forward` (the name of :class:`daml.models.ODEModel`)."""
@@ -554,6 +559,12 @@ def _acceleration(L: Callable, q: torch.Tensor, v: torch.Tensor, solver: str, ch
 def _check_hessian(hess: torch.Tensor, acc: torch.Tensor, q: torch.Tensor, v: torch.Tensor, solver: str) -> None:
     """Refuse (solve) or flag (pinv) singular velocity Hessians; flag ill-conditioned ones."""
     eps = torch.finfo(hess.dtype).eps
+    index = torch.arange(hess.shape[0], device=hess.device)
+    inputs_ok = torch.isfinite(q).all(-1) & torch.isfinite(v).all(-1)
+    if not bool(inputs_ok.all()):              # non-finite states give non-finite accelerations, as they should
+        hess, acc, q, v, index = hess[inputs_ok], acc[inputs_ok], q[inputs_ok], v[inputs_ok], index[inputs_ok]
+        if hess.shape[0] == 0:
+            return
     finite = torch.isfinite(hess).all(-1).all(-1)
     sym = 0.5 * (hess + hess.transpose(-1, -2))
     sym = torch.where(finite[:, None, None], sym, torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device))
@@ -562,9 +573,9 @@ def _check_hessian(hess: torch.Tensor, acc: torch.Tensor, q: torch.Tensor, v: to
     cond = torch.where(finite, cond, torch.full_like(cond, math.inf))
     scaled = torch.nan_to_num(cond * eps, nan=math.inf)
     worst = int(torch.argmax(scaled))
-    where = (f"state index {worst} (q={q[worst].tolist()}, v={v[worst].tolist()}), condition number "
+    where = (f"state index {int(index[worst])} (q={q[worst].tolist()}, v={v[worst].tolist()}), condition number "
              f"{float(cond[worst]):.3g}")
-    if solver == "solve" and (bool((scaled[worst] >= _SINGULAR)) or not bool(torch.isfinite(acc).all())):
+    if solver == "solve" and (bool(scaled[worst] >= _SINGULAR) or not bool(torch.isfinite(acc).all())):
         raise DivergenceError(
             f"lagrangian_acceleration: the velocity Hessian d2L/dv2 is singular at {where}: the "
             "Euler-Lagrange equation does not determine the acceleration there (solver='pinv' returns the "
