@@ -196,7 +196,7 @@ def test_networks_as_daml_models_step_and_tangent_linear(cls, kw):
     from daml.models.base import batched_jacobian
 
     net = cls(1, seed=0, **{**kw, "init": "orthogonal"})      # Cranmer's init: |accelerations| up to 140, stiff
-    x = _states(4, 1, seed=11)
+    x = _states(2, 1, seed=11)
     for method in ("rk4", "implicit_midpoint"):
         model = M.Mechanical(net, 0.01, method=method, max_iter=12)      # 12 iterations: converged at dt=0.01
         with torch.no_grad():
