@@ -36,7 +36,7 @@ axis, and along ``q`` in the direction ``v``) give the velocity Hessian and the 
 :func:`torch.func.vmap`-ed over the batch (no Python loop over states) and followed by one batched
 ``torch.linalg.solve`` (inside ``torch.func`` transforms the explicit inverse of the ``d x d`` Hessian
 instead: in torch 2.13 ``vmap(jacfwd(.))`` through ``torch.linalg.solve`` returns wrong tangents, a
-measured error of order 1 to 100, while the inverse is differentiated correctly). The field is
+measured error of order 1 to several hundred, while the inverse is differentiated correctly). The field is
 ``dq = v``, ``dp = q''`` (``dp`` names the second half of the state, here an acceleration).
 
 *Solve or pseudo-inverse.* Cranmer et al. multiply by the Moore-Penrose pseudo-inverse of the velocity
@@ -550,7 +550,7 @@ def _acceleration(L: Callable, q: torch.Tensor, v: torch.Tensor, solver: str, ch
         acc = (torch.linalg.pinv(hess, rtol=10.0 * d * eps) @ rhs.unsqueeze(-1)).squeeze(-1)
     elif _transformed():
         # torch 2.13: vmap(jacfwd(f)) through torch.linalg.solve (also lu_solve) returns wrong tangents
-        # (measured: errors of order 1 to 100 against autograd, differing from run to run); the explicit
+        # (measured: errors of 1 to 300 against autograd, differing from run to run); the explicit
         # inverse is batched and differentiated correctly, and for d x d Hessians costs the same
         acc = (torch.linalg.inv_ex(hess)[0] @ rhs.unsqueeze(-1)).squeeze(-1)
     else:
@@ -846,7 +846,8 @@ def fit_derivatives(net: nn.Module, x: torch.Tensor, dxdt: torch.Tensor, *, step
     net : HamiltonianNet, LagrangianNet or DerivativeNet
         The network (trained in place, and returned in the result).
     x, dxdt : tensor (N, 2d)
-        States and their time derivatives, in the network's dtype (arrays are converted to it).
+        States and their time derivatives, in the network's dtype (arrays are converted to it). For a
+        :class:`LagrangianNet` the states are ``(q, v)`` and the derivatives ``(v, q'')``.
     steps : int
         Optimiser steps.
     lr, weight_decay : float
