@@ -189,15 +189,12 @@ def test_networks_are_partitioned_systems_for_the_integrators():
         assert float((h - h[0]).abs().max()) < 1e-3 * float(h.abs().max() + 1)
 
 
-@pytest.mark.parametrize("cls,kw", NETS, ids=lambda c: getattr(c, "__name__", ""))
-def test_networks_as_daml_models_step_and_tangent_linear(cls, kw):
-    """Wrapped by mechanics.Mechanical: filters step it under no_grad, and the EKF's tangent-linear map
-    (models.base.batched_jacobian: vmap of jacfwd) equals autograd's Jacobian, implicit stages included."""
+def _model_checks(cls, kw, methods):
     from daml.models.base import batched_jacobian
 
     net = cls(1, seed=0, **{**kw, "init": "orthogonal"})      # Cranmer's init: |accelerations| up to 140, stiff
     x = _states(2, 1, seed=11)
-    for method in ("rk4", "implicit_midpoint"):
+    for method in methods:
         model = M.Mechanical(net, 0.01, method=method, max_iter=12)      # 12 iterations: converged at dt=0.01
         with torch.no_grad():
             y = model.step(x)
@@ -205,6 +202,19 @@ def test_networks_as_daml_models_step_and_tangent_linear(cls, kw):
         torch.testing.assert_close(y, model.step(x).detach(), rtol=0, atol=0)
         ref = torch.stack([torch.autograd.functional.jacobian(model.step, xi) for xi in x])
         torch.testing.assert_close(jac, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cls,kw", NETS, ids=lambda c: getattr(c, "__name__", ""))
+def test_networks_as_daml_models_step_and_tangent_linear(cls, kw):
+    """Wrapped by mechanics.Mechanical: filters step it under no_grad, and the EKF's tangent-linear map
+    (models.base.batched_jacobian: vmap of jacfwd) equals autograd's Jacobian, implicit stages included
+    (for the Lagrangian network those are in the slow test below)."""
+    _model_checks(cls, kw, ("rk4",) if cls is LagrangianNet else ("rk4", "implicit_midpoint"))
+
+
+@pytest.mark.slow
+def test_lagrangian_net_model_tangent_linear_through_implicit_stages():
+    _model_checks(LagrangianNet, {"hidden": 16, "layers": 2}, ("implicit_midpoint", "leapfrog"))
 
 
 # -- training -----------------------------------------------------------------------------------------------------
