@@ -370,6 +370,22 @@ def test_initialisations_follow_the_peers():
                             "seed": 0, "solver": "solve", "periodic": False}
 
 
+def test_defaults_are_the_peers_numbers():
+    """greydanus/hamiltonian-nn experiment-spring/train.py: hidden_dim 200, tanh, Adam lr 1e-3, weight decay
+    1e-4, 2000 full-batch steps, L2 loss; lagrangian_nns DoublePendulum.ipynb: 600 wide, 3 layers, softplus."""
+    import inspect
+
+    fit = inspect.signature(fit_derivatives).parameters
+    assert (fit["steps"].default, fit["lr"].default, fit["weight_decay"].default, fit["batch_size"].default,
+            fit["loss"].default) == (2000, 1e-3, 1e-4, None, "mse")
+    for cls in (HamiltonianNet, DerivativeNet):
+        c = cls(3, seed=0).config()
+        assert (c["hidden"], c["layers"], c["activation"], c["init"]) == (200, 2, "tanh", "orthogonal")
+    c = LagrangianNet(2, seed=0).config()
+    assert (c["hidden"], c["layers"], c["activation"], c["init"]) == (600, 3, "softplus", "cranmer")
+    assert [tuple(l.weight.shape) for l in DerivativeNet(2, seed=0).mlp.linears] == [(200, 4), (200, 200), (4, 200)]
+
+
 def test_periodic_lagrangian_wraps_coordinates():
     net = LagrangianNet(2, hidden=16, layers=1, periodic=True, seed=0)
     q, v = _dp_states(5)

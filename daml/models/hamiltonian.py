@@ -855,7 +855,9 @@ def fit_derivatives(net: nn.Module, x: torch.Tensor, dxdt: torch.Tensor, *, step
     batch_size : int, optional
         Rows per step (``None``: all of them, full batch).
     loss : {"mse", "l1"}
-        Mean squared or mean absolute error over all entries (``"l1"``: Cranmer et al.'s loss).
+        Mean squared or mean absolute error over all entries (``"l1"``: Cranmer et al.'s loss; their
+        notebook sums the absolute errors and divides by 2, a constant factor that Adam's steps do not
+        see, up to its ``eps``).
     x_val, dxdt_val : tensor (M, 2d), optional
         Validation data (both or neither): its loss is recorded after every step.
     threads : int, optional
