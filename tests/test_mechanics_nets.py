@@ -148,7 +148,11 @@ def test_transforms_vmap_functional_call_grad_jacfwd_no_grad(cls, kw):
     torch.testing.assert_close(out, torch.stack([n(x) for n in nets]), rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         out_ng = vmap(lambda p, xx: functional_call(net, p, (xx,)), in_dims=(0, None))(params, x)
+        # the same states expanded over members (stride 0), as daml.ensembles.fit's vmap probe passes them
+        out_ex = vmap(lambda p, xx: functional_call(net, p, (xx,)), randomness="different")(
+            params, x.unsqueeze(0).expand(3, *x.shape))
     torch.testing.assert_close(out_ng, out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out_ex, out.detach(), rtol=1e-12, atol=1e-12)
 
     def loss(p, xx):
         return functional_call(net, p, (xx,)).pow(2).mean()

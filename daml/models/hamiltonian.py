@@ -541,7 +541,9 @@ def _acceleration(L: Callable, q: torch.Tensor, v: torch.Tensor, solver: str, ch
     """:func:`lagrangian_acceleration` without the input checks (the networks' hot path)."""
     shape = q.shape
     d = shape[-1]
-    q2, v2 = q.reshape(-1, d), v.reshape(-1, d)
+    # copies: forward-mode AD cannot attach tangents to expanded (stride-0) inputs, which vmap over
+    # members passes when every member sees the same states (daml.ensembles.fit's probe does)
+    q2, v2 = q.reshape(-1, d).clone(), v.reshape(-1, d).clone()
     if q2.shape[0] == 0:
         return torch.zeros_like(v)
     hess, rhs = vmap(lambda a, b: _hessian_parts(L, a, b))(q2, v2)     # (B, d, d), (B, d)
