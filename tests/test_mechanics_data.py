@@ -125,6 +125,18 @@ def test_energy_mse_of_the_true_field_is_zero_and_of_a_damped_field_matches_the_
     assert math.isclose(r.spread, np.std(means) / math.sqrt(5), rel_tol=1e-4)
 
 
+def test_energy_option_scores_another_energy():
+    pend = mech.Pendulum(mass=2.0, length=0.5, gravity=3.0)
+    x0 = np.array([[0.5, 0.3]])
+    damped = lambda x: md.system_field(pend)(x) - 0.05 * x          # noqa: E731
+    a = md.energy_mse(damped, pend, trials=1, splits=1, x0=x0, points=20)
+    b = md.energy_mse(damped, pend, trials=1, splits=1, x0=x0, points=20, energy=lambda s: (s ** 2).sum(-1))
+    sq = ((a.true_states ** 2).sum(-1) - (a.model_states ** 2).sum(-1)) ** 2
+    assert math.isclose(b.mse, float(sq.mean()), rel_tol=1e-12) and not math.isclose(a.mse, b.mse, rel_tol=1e-3)
+    with pytest.raises(ShapeError, match="energy"):
+        md.energy_mse(damped, pend, trials=1, splits=1, x0=x0, points=20, energy=lambda s: s)
+
+
 def test_compound_stretch_grows_the_horizon():
     spring = mech.MassSpring(mass=0.5, stiffness=2.0)
     r = md.energy_mse(md.system_field(spring), spring, trials=3, splits=3, points=10, t_end=2.0,
