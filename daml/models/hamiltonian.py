@@ -893,7 +893,8 @@ def fit_derivatives(net: nn.Module, x: torch.Tensor, dxdt: torch.Tensor, *, step
 
     Examples
     --------
-    >>> x = torch.randn(50, 2, dtype=torch.float64); dxdt = torch.stack([2 * x[:, 1], -2 * x[:, 0]], -1)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(50, 2, generator=g, dtype=torch.float64); dxdt = torch.stack([2 * x[:, 1], -2 * x[:, 0]], -1)
     >>> res = fit_derivatives(HamiltonianNet(1, hidden=16, seed=0), x, dxdt, steps=200)
     """
     net, steps, lr, weight_decay, loss, threads, tol = _common(net, steps, lr, weight_decay, loss, threads, tol)
@@ -986,7 +987,7 @@ def fit_trajectories(net: nn.Module, trajectory: Any, dt: float, *, horizon: int
 
     Examples
     --------
-    >>> traj = torch.randn(20, 3, 2, dtype=torch.float64)     # (T, B, 2d)
+    >>> traj = torch.randn(20, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # (T, B, 2d)
     >>> res = fit_trajectories(DerivativeNet(1, hidden=8, seed=0), traj, 0.1, horizon=2, method="rk4", steps=5)
     """
     from . import mechanics
