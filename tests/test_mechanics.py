@@ -379,6 +379,13 @@ def test_leading_dims_are_independent_problems(system, method):
             torch.testing.assert_close(p1[i, j], pi, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batches(method):
+    traj = integrate(DoublePendulum(), torch.ones(0, 2, dtype=F64), torch.ones(0, 2, dtype=F64), dt=0.1, steps=2,
+                     method=method)
+    assert traj.q.shape == (3, 0, 2) and traj.p.shape == (3, 0, 2)
+
+
 def test_integrate_records_every_step_and_matches_step():
     pend = Pendulum()
     q0, p0 = _states(pend, 4, 22)
@@ -547,6 +554,13 @@ def test_bad_input_names_the_argument():
         convergence_order(pend, q, p, method="leapfrog", t_end=1.0, dts=[0.1])
     with pytest.raises(InputError, match="^dts:.*divide"):
         convergence_order(pend, q, p, method="leapfrog", t_end=1.0, dts=[0.3, 0.1])
+    with pytest.raises(InputError, match="^dts:.*1e\\+07"):
+        convergence_order(pend, q, p, method="leapfrog", t_end=1.0, dts=[1e-300, 0.1])
+    with pytest.raises(InputError, match="^q0:"):
+        convergence_order(pend, torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), method="rk4", t_end=1.0,
+                          dts=[0.5, 0.25])
+    with pytest.raises(InputError, match="^steps:.*memory"):
+        integrate(pend, q, p, dt=0.1, steps=10**15)
     with pytest.raises(InputError, match="^name:"):
         make_mechanical("pendulumm", dt=0.1)
     with pytest.raises(InputError, match="^pendulum:.*parameters"):

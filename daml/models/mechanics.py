@@ -121,7 +121,7 @@ from ..errors import (
     check_int,
     check_real,
 )
-from .base import _compact_cov, _transformed, as_covariance, as_real_tensor
+from .base import _compact_cov, _transformed, as_covariance, as_real_tensor, check_memory
 
 __all__ = [
     "METHODS",
@@ -235,7 +235,7 @@ def _relative_change(new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...
     for a, b, s in zip(new, old, scale):
         r = torch.linalg.vector_norm((a - b).detach(), math.inf, dim=-1).div_(s)
         worst = r if worst is None else torch.maximum(worst, r)
-    return float(worst.max())
+    return float(worst.max()) if worst.numel() else 0.0
 
 
 def _fixed_point(g, z: tuple[torch.Tensor, ...], base: tuple[torch.Tensor, ...], tol: float, max_iter: int,
@@ -462,6 +462,9 @@ def integrate(system: Any, q0: Any, p0: Any, *, dt: float, steps: int, method: s
     tol = _check_tol(tol)
     max_iter = check_int(max_iter, "max_iter", 1, "an int >= 1 (fixed-point iterations)")
     q, p = _check_qp(q0, p0, dim, qname="q0", pname="p0")
+    records = steps // every + 1
+    check_memory(2.0 * records * max(q.numel(), 1) * q.element_size(), "steps",
+                 f"steps={steps}, every={every}: {records} recorded states of shape {tuple(q.shape)}", q.device)
     tol = _default_tol(q.dtype) if tol is None else tol
     transformed = _transformed()
     qs, ps, status, bad = [q], [p], _Solve(), 0
@@ -508,6 +511,10 @@ def energy(system: Any, q: Any, p: Any) -> torch.Tensor:
     return system.hamiltonian(q, p)
 
 
+_MAX_ORDER_STEPS = 10**7
+"""The most integration steps :func:`convergence_order` takes (a guard against a mistyped tiny ``dt``)."""
+
+
 def convergence_order(system: Any, q0: Any, p0: Any, *, method: str, t_end: float, dts: Sequence[float]) -> float:
     """Measured order of convergence of ``method``: the least-squares slope of ``log error`` against
     ``log dt`` over the steps ``dts``.
@@ -536,10 +543,12 @@ def convergence_order(system: Any, q0: Any, p0: Any, *, method: str, t_end: floa
     Raises
     ------
     InputError
-        Naming ``dts`` for fewer than two distinct positive steps or a step that does not divide
-        ``t_end``, ``t_end`` for a non-positive one, and as :func:`integrate`.
+        Naming ``dts`` for fewer than two distinct positive steps, a step that does not divide
+        ``t_end`` or steps so small that more than ``1e7`` integration steps would be needed;
+        ``t_end`` for a non-positive one; and as :func:`integrate`.
+        Naming ``q0`` when an error is exactly zero (an equilibrium: no slope can be measured).
     DivergenceError
-        When an error is zero or non-finite (no slope can be measured).
+        When an error is non-finite.
 
     Examples
     --------
@@ -564,14 +573,20 @@ def convergence_order(system: Any, q0: Any, p0: Any, *, method: str, t_end: floa
         counts.append(n)
     h_ref = min(values) / 16.0
     n_ref = round(t_end / h_ref)
+    if n_ref + sum(counts) > _MAX_ORDER_STEPS:
+        raise InputError("dts", f"steps needing at most {_MAX_ORDER_STEPS:.0e} integration steps in all (the "
+                         f"reference takes t_end / (min(dts) / 16))", f"{n_ref + sum(counts):.3g} steps for {values}")
     ref = integrate(system, q0, p0, dt=h_ref, steps=n_ref, method="rk4", every=n_ref)
     q_ref, p_ref = ref.q[-1], ref.p[-1]
     errs = []
     for h, n in zip(values, counts):
         traj = integrate(system, q0, p0, dt=h, steps=n, method=method, every=n)
         err = max(float((traj.q[-1] - q_ref).abs().max()), float((traj.p[-1] - p_ref).abs().max()))
-        if not (math.isfinite(err) and err > 0):
+        if not math.isfinite(err):
             raise DivergenceError(f"convergence_order: error {err!r} at dt={h!r}; no slope can be measured")
+        if err == 0:
+            raise InputError("q0", "an initial state with a non-zero discretisation error (not a fixed point)",
+                             f"error 0 at dt={h!r}")
         errs.append(err)
     x = torch.log(torch.tensor(values, dtype=torch.float64))
     y = torch.log(torch.tensor(errs, dtype=torch.float64))
