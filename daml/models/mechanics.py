@@ -438,8 +438,8 @@ def integrate(system: Any, q0: Any, p0: Any, *, dt: float, steps: int, method: s
     Raises
     ------
     InputError, ShapeError, DtypeError, NonFiniteError
-        As :func:`step` (naming ``q0`` / ``p0``), and naming ``steps`` (an int ``>= 0``) or ``every``
-        (an int ``>= 1``).
+        As :func:`step` (naming ``q0`` / ``p0``), and naming ``steps`` (an int ``>= 0``, and a record of
+        ``steps // every + 1`` states that fits in memory) or ``every`` (an int ``>= 1``).
     DivergenceError
         With the first recorded step whose state is non-finite.
 
