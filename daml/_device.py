@@ -79,6 +79,7 @@ __all__ = [
     "ensemble_work",
     "network_work",
     "SMALL_WORK",
+    "SMALL_NETWORK_WORK",
 ]
 
 Seed = Union[int, np.random.SeedSequence, torch.Generator, None]
@@ -430,6 +431,14 @@ SMALL_WORK = 1 << 15
 """Elements per operation below which :func:`auto_threads` runs a block on one thread (torch's own
 ``at::internal::GRAIN_SIZE``: it splits no elementwise operation smaller than this between threads)."""
 
+SMALL_NETWORK_WORK = 1 << 21
+"""The threshold of :func:`auto_threads` for training the small dynamics networks of
+:mod:`daml.models.hamiltonian` (2 097 152 elements per operation): their steps are chains of hundreds of
+small kernels (a double backward through every layer), whose fork-join cost two threads do not repay.
+On the 2-core machine of docs/benchmarks.md ("Physics priors") a Greydanus spring HNN step (750 points,
+width 200: 150 000 elements per operation, above :data:`SMALL_WORK`) took several times longer with
+torch's default of two threads than with one."""
+
 THREADS_ENV = "DAML_THREADS"
 """The environment variable that forces the thread count of daml's loops (a positive integer, or
 ``auto``)."""
@@ -449,11 +458,12 @@ def _forced_threads() -> int | None:
     return value
 
 
-def choose_threads(work: Any, threads: Any = None) -> int | None:
+def choose_threads(work: Any, threads: Any = None, small: int = SMALL_WORK) -> int | None:
     """The intra-op thread count :func:`auto_threads` uses for ``work`` elements per operation.
 
     Returns ``threads`` when given (a positive int), else the count forced by ``DAML_THREADS``, else
-    1 when ``work < SMALL_WORK``, else ``None`` (keep the caller's setting). See the module docstring.
+    1 when ``work < small`` (default :data:`SMALL_WORK`; :data:`SMALL_NETWORK_WORK` for the training of
+    small dynamics networks), else ``None`` (keep the caller's setting). See the module docstring.
 
     Raises
     ------
@@ -470,7 +480,7 @@ def choose_threads(work: Any, threads: Any = None) -> int | None:
     forced = _forced_threads()
     if forced is not None:
         return forced
-    return 1 if work < SMALL_WORK else None
+    return 1 if work < small else None
 
 
 def ensemble_work(shape: Sequence[int]) -> int:
@@ -522,7 +532,7 @@ def threads(n: Any) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def auto_threads(work: Any, threads: Any = None, device: Any = None) -> Iterator[int]:
+def auto_threads(work: Any, threads: Any = None, device: Any = None, small: int = SMALL_WORK) -> Iterator[int]:
     """Run a block on the intra-op thread count chosen for ``work`` elements per operation
     (:func:`choose_threads`: one thread for small problems, the caller's setting for large ones;
     ``threads=k`` or ``DAML_THREADS=k`` force ``k``), and restore the caller's count on exit, also
@@ -530,7 +540,7 @@ def auto_threads(work: Any, threads: Any = None, device: Any = None) -> Iterator
     ``threads`` is given. Yields the count in force inside the block.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    chosen = choose_threads(work, threads)
+    chosen = choose_threads(work, threads, small)
     if dev.type != "cpu" and threads is None:
         chosen = None
     with _threads_block(chosen) as n:

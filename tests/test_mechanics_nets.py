@@ -460,3 +460,29 @@ def test_bad_input_gets_named_errors():
     raises(NonFiniteError, "q", lagrangian_acceleration, lambda a, b: (b * b).sum(-1), q + math.nan, q)
     raises(InputError, "solver", lagrangian_acceleration, lambda a, b: (b * b).sum(-1), q, q, solver="x")
     raises(InputError, "check", lagrangian_acceleration, lambda a, b: (b * b).sum(-1), q, q, check=1)
+
+
+def test_greydanus_sized_training_runs_on_one_thread_by_default(monkeypatch):
+    """The spring HNN of Greydanus (width 200, 750 points: 150 000 elements per operation, above
+    SMALL_WORK) trains on one intra-op thread unless asked otherwise (issue 30: two threads were
+    several times slower on a 2-core machine)."""
+    from daml import _device
+
+    monkeypatch.delenv("DAML_THREADS", raising=False)
+    seen = []
+
+    class Probe(HamiltonianNet):
+        def hamiltonian(self, q, p):
+            seen.append(torch.get_num_threads())
+            return super().hamiltonian(q, p)
+
+    net = Probe(1, seed=0)
+    assert _device.network_work(net, 1, 750) > _device.SMALL_WORK
+    x = torch.randn(750, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with _device.threads(2):
+        fit_derivatives(net, x, x, steps=1, tol=math.inf)
+        assert torch.get_num_threads() == 2                        # the caller's setting is restored
+        assert seen and set(seen) == {1}
+        seen.clear()
+        fit_derivatives(net, x, x, steps=1, tol=math.inf, threads=2)
+        assert set(seen) == {2}

@@ -801,7 +801,9 @@ def _train(net, steps, lr, weight_decay, batch_size, n, seed, threads, tol, who,
     work = _device.network_work(net, 1, batch)
     start = time.perf_counter()
     # small networks train on one intra-op thread (daml._device.auto_threads; DAML_THREADS forces a count)
-    with torch.enable_grad(), _device.auto_threads(work, threads, device=net.device), _unchecked(net):
+    one_thread_below = _device.SMALL_NETWORK_WORK
+    with torch.enable_grad(), _device.auto_threads(work, threads, device=net.device, small=one_thread_below), \
+            _unchecked(net):
         for k in range(steps):
             idx = None if g is None else torch.randperm(n, generator=g)[:batch].to(net.device)
             value = loss_of(idx)
@@ -863,7 +865,8 @@ def fit_derivatives(net: nn.Module, x: torch.Tensor, dxdt: torch.Tensor, *, step
     x_val, dxdt_val : tensor (M, 2d), optional
         Validation data (both or neither): its loss is recorded after every step.
     threads : int, optional
-        Intra-op threads (default: one for small networks, :func:`daml._device.auto_threads`).
+        Intra-op threads (default: one below :data:`daml._device.SMALL_NETWORK_WORK` elements per operation,
+        which includes the peers' configurations; :func:`daml._device.auto_threads`).
     tol : float
         The convergence criterion of :class:`FitResult` (default 1e-2: less than 1 % improvement of the
         mean loss over the last quarter of the steps; ``inf``: never warn).
