@@ -119,12 +119,12 @@ def test_the_implicit_path_equals_the_explicit_formulas_on_separable_systems(met
 
 
 class _WithField:
-    """A pendulum that offers field(q, p) and counts which evaluations the integrators use."""
+    """A pendulum that offers dqdp(q, p) and counts which evaluations the integrators use."""
 
     dim, separable = 1, True
 
     def __init__(self):
-        self.pend, self.calls = Pendulum(), {"dq": 0, "dp": 0, "field": 0}
+        self.pend, self.calls = Pendulum(), {"dq": 0, "dp": 0, "dqdp": 0}
 
     def dq(self, q, p):
         self.calls["dq"] += 1
@@ -134,22 +134,22 @@ class _WithField:
         self.calls["dp"] += 1
         return self.pend.dp(q, p)
 
-    def field(self, q, p):
-        self.calls["field"] += 1
+    def dqdp(self, q, p):
+        self.calls["dqdp"] += 1
         return self.pend.dq(q, p), self.pend.dp(q, p)
 
 
-def test_a_systems_joint_field_serves_rk4_and_the_midpoint_predictor():
+def test_a_systems_joint_dqdp_serves_rk4_and_the_midpoint_predictor():
     q, p = _rand((3, 1), -1, 1, 30), _rand((3, 1), -1, 1, 31)
     sys_ = _WithField()
     assert [torch.equal(a, b) for a, b in zip(step(sys_, q, p, 0.1, "rk4"), step(Pendulum(), q, p, 0.1, "rk4"))] == [
         True, True]
-    assert sys_.calls == {"dq": 0, "dp": 0, "field": 4}
+    assert sys_.calls == {"dq": 0, "dp": 0, "dqdp": 4}
     model = Mechanical(sys_, dt=0.1)
     x = torch.cat([q, p], -1)
-    assert torch.equal(model.tendency(x), Mechanical(Pendulum(), dt=0.1).tendency(x)) and sys_.calls["field"] == 5
+    assert torch.equal(model.tendency(x), Mechanical(Pendulum(), dt=0.1).tendency(x)) and sys_.calls["dqdp"] == 5
     mid = step(sys_, q, p, 0.1, "implicit_midpoint")
-    assert sys_.calls["field"] == 7
+    assert sys_.calls["dqdp"] == 7
     torch.testing.assert_close(mid, step(Pendulum(), q, p, 0.1, "implicit_midpoint"), rtol=0, atol=0)
 
 

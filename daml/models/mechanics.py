@@ -12,7 +12,7 @@ or, more generally, as any pair of vector fields ``dq(q, p)``, ``dp(q, p)`` (a *
 the shape of diffrax's ``SemiImplicitEuler``, whose vector field is a 2-tuple of terms). A system here
 is any object with ``dim`` (``d``), ``dq(q, p)``, ``dp(q, p)`` and ``separable`` (``True`` when
 ``dq`` depends on ``p`` only and ``dp`` on ``q`` only, as for ``H = T(p) + V(q)``); optionally also
-``field(q, p) -> (dq, dp)``, both at one point from one evaluation (a learned Hamiltonian gets both
+``dqdp(q, p) -> (dq, dp)``, both at one point from one evaluation (a learned Hamiltonian gets both
 from one gradient), which the integrators use wherever both are needed at one point (the RK4 stages,
 the implicit-midpoint predictor, :meth:`Mechanical.tendency`). The state of the
 daml model :class:`Mechanical` is ``x = (q, p)`` concatenated on the last axis, ``q`` first.
@@ -265,9 +265,9 @@ def _fixed_point(g, z: tuple[torch.Tensor, ...], base: tuple[torch.Tensor, ...],
 
 
 def _field(system: Any):
-    """``(q, p) -> (dq, dp)``: the system's own ``field`` when it has one (both derivatives from one
+    """``(q, p) -> (dq, dp)``: the system's own ``dqdp`` when it has one (both derivatives from one
     evaluation, as a learned Hamiltonian gets them from one gradient), else ``dq`` and ``dp``."""
-    own = getattr(system, "field", None)
+    own = getattr(system, "dqdp", None)
     if callable(own):
         return own
     dq, dp = system.dq, system.dp
