@@ -846,23 +846,31 @@ def cranmer_initial_states(starts: int = 40, seed: Any = 0, *, omega_max: float 
 
 def _rk4_batched(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, dt: float, steps: int,
                  every: int, limit: float = 1e6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-step RK4 of all rows at once; a row whose state turns non-finite or exceeds ``limit`` in
-    magnitude is frozen at its last good state and marked diverged (the others go on)."""
+    """Fixed-step RK4 of all rows at once; a row whose state (or a stage's argument) turns non-finite or
+    exceeds ``limit`` in magnitude is frozen at its last good state and marked diverged (the others go on;
+    the field is never called on a non-finite state)."""
     x = x0.clone()
     alive = torch.ones(x.shape[0], dtype=torch.bool)
     out = [x.clone()]
+
+    def sane(y: torch.Tensor, base: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        off = ~torch.isfinite(y).all(-1) | (y.abs().amax(-1) >= limit)
+        bad |= off
+        return torch.where(off[:, None], base, y)
+
     for k in range(1, steps + 1):
         idx = alive.nonzero().squeeze(1)
         if idx.numel():
             xa = x[idx]
+            bad = torch.zeros(xa.shape[0], dtype=torch.bool)
             k1 = f(xa)
-            k2 = f(xa + 0.5 * dt * k1)
-            k3 = f(xa + 0.5 * dt * k2)
-            k4 = f(xa + dt * k3)
-            new = xa + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-            ok = torch.isfinite(new).all(-1) & (new.abs().amax(-1) < limit)
+            k2 = f(sane(xa + 0.5 * dt * k1, xa, bad))
+            k3 = f(sane(xa + 0.5 * dt * k2, xa, bad))
+            k4 = f(sane(xa + dt * k3, xa, bad))
+            new = sane(xa + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4), xa, bad)
+            ok = ~bad
             x[idx[ok]] = new[ok]
-            alive[idx[~ok]] = False
+            alive[idx[bad]] = False
         if k % every == 0:
             out.append(x.clone())
     return torch.stack(out, dim=1), ~alive
