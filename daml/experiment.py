@@ -38,6 +38,8 @@ An experiment file has four tables and a list of methods::
     members = 24
     inflation = 1.02
     note = "..."          # optional: why this row is there (for example to show a failure)
+    model = {name = "lorenz96", n = 40, forcing = 7.5, dt = 0.05}   # optional: a forecast model of
+                          # its own (a mis-specified or learned one); the truth keeps [model]
 
 Scores (DAPPER's conventions, :mod:`daml.diagnostics`): ``rmse.a`` is the time average, over analysis
 times after ``burn_in``, of the spatial RMS error of the weighted mean; ``rmv.a`` the same for the
@@ -175,9 +177,10 @@ _SECTIONS = {
     "methods": None,
 }
 
-RESERVED_METHOD_KEYS = ("name", "note")
+RESERVED_METHOD_KEYS = ("name", "note", "model")
 """Keys of a ``[[methods]]`` table that are not the method's parameters: ``name`` picks the method,
-``note`` (a string) explains why the row is there (for example to show a failure)."""
+``note`` (a string) explains why the row is there (for example to show a failure), ``model`` (a table
+like ``[model]``) gives the method a forecast model of its own (see :func:`method_model`)."""
 
 MEMBERS_BUDGET = 16 * 2**20
 """``keep = "auto"`` records a method's members when their values (``experiments x recorded analyses
@@ -400,7 +403,53 @@ def check_experiment(exp: Experiment) -> None:
             make_filter(method["name"], **_params(method))
         except InputError as exc:
             raise _under(f"methods[{i}]", exc) from None
+        method_model(exp, i, model)
     _check_memory(exp, n, m, every)
+
+
+def method_model(exp: Experiment, index: int, model: Any) -> Any:
+    """The forecast model of method ``index``: ``model`` (the truth's, built from ``[model]``) unless the
+    method's table has a ``model`` table of its own (same keys as ``[model]``), for example a learned
+    network run against the true dynamics::
+
+        [model]
+        name = "pendulum"
+        dt = 0.1
+
+        [[methods]]
+        name = "etkf"
+        members = 20
+        model = {name = "hamiltonian_net", file = "pendulum_hnn.pt", dt = 0.1}
+
+    The method's model must have the truth's state size and time step (the filter cycles on the
+    truth's observation times).
+
+    Raises
+    ------
+    InputError
+        Naming ``methods[i].model`` (not a table, no or an unknown ``name``, another state size or time
+        step) or ``methods[i].model.<key>`` for a parameter the model refuses.
+    """
+    spec = exp.methods[index].get("model")
+    if spec is None:
+        return model
+    key = f"methods[{index}].model"
+    if not isinstance(spec, dict):
+        raise InputError(f"config key '{key}'", "a table like [model] (name and parameters)",
+                         f"{type(spec).__name__} {spec!r}"[:80])
+    if spec.get("name") not in MODELS:
+        raise InputError(f"config key '{key}.name'", f"one of {sorted(MODELS)}", repr(spec.get("name"))[:80])
+    try:
+        own = make_model(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    except InputError as exc:
+        raise _under(key, exc) from None
+    if int(own.state_size) != int(model.state_size):
+        raise InputError(f"config key '{key}'", f"a model with the truth's state size {model.state_size}",
+                         f"state size {own.state_size}")
+    dt, own_dt = float(getattr(model, "dt", 1.0)), float(getattr(own, "dt", 1.0))
+    if not math.isclose(dt, own_dt, rel_tol=1e-12):
+        raise InputError(f"config key '{key}.dt'", f"the truth's time step {dt:g}", f"{own_dt:g}")
+    return own
 
 
 def _check_prior(exp: Experiment, model: Any, op: Any, every: int) -> None:
@@ -603,7 +652,13 @@ def _label(m: dict) -> str:
 
 def _labels(methods: list[dict]) -> list[str]:
     """Short distinct labels (:func:`daml.report.labels` when present; else the full configuration)."""
-    return list(report.labels([{k: v for k, v in m.items() if k != "note"} for m in methods]))
+    def entry(m: dict) -> dict:             # a method's own forecast model shows as its name
+        e = {k: v for k, v in m.items() if k != "note"}
+        if isinstance(e.get("model"), dict):
+            e["model"] = str(e["model"].get("name"))
+        return e
+
+    return list(report.labels([entry(m) for m in methods]))
 
 
 def _tag(exp: Experiment, index: int) -> str:
@@ -726,7 +781,7 @@ def _run_method(exp: Experiment, index: int, m: dict, seed: Any, model: Any, op:
                 index=index, keep=plan["keep"])
     try:
         filt = make_filter(m["name"], **params)
-        res = run(filt, model, data, operator=op, seed=seed, progress=show, **kw)
+        res = run(filt, method_model(exp, index, model), data, operator=op, seed=seed, progress=show, **kw)
     except DivergenceError as err:
         partial = getattr(err, "partial", None)
         if partial is not None:

@@ -618,11 +618,14 @@ def to_arviz(ds: xr.Dataset, resample: bool = True, seed: _device.Seed = None, m
     return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": sample_stats})
 
 
-# -- learned networks (mixture transitions and proposals) ---------------------------------------------------
+# -- learned networks (mixture transitions and proposals, dynamics networks) ---------------------------------------------------
 
 NETWORKS = {
     "MixtureTransition": ("daml.models.mixture", "MixtureTransition"),
     "MixtureProposal": ("daml.filters.proposals", "MixtureProposal"),
+    "HamiltonianNet": ("daml.models.hamiltonian", "HamiltonianNet"),
+    "LagrangianNet": ("daml.models.hamiltonian", "LagrangianNet"),
+    "DerivativeNet": ("daml.models.hamiltonian", "DerivativeNet"),
 }
 """The learned networks :func:`save_network` writes and :func:`load_network` reads, by class name. Only
 these classes are rebuilt from a file (nothing else is imported or unpickled)."""
@@ -636,8 +639,9 @@ def _network_class(name: str) -> Any:
 
 
 def save_network(network: Any, path: str | os.PathLike) -> Path:
-    """Write a learned network (one of :data:`NETWORKS`: a trained :class:`~daml.models.MixtureTransition`
-    or :class:`~daml.filters.MixtureProposal`) to ``path``, atomically.
+    """Write a learned network (one of :data:`NETWORKS`: a trained :class:`~daml.models.MixtureTransition`,
+    :class:`~daml.filters.MixtureProposal`, :class:`~daml.models.HamiltonianNet`,
+    :class:`~daml.models.LagrangianNet` or :class:`~daml.models.DerivativeNet`) to ``path``, atomically.
 
     The file (``torch.save``) holds the class name, the constructor arguments (``config()``), the
     trained parameters (``state_dict()``, moved to the CPU) and the daml version: everything

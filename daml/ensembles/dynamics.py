@@ -176,6 +176,10 @@ class _StackedField:
     def dp(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return self.field(torch.cat([q, p], -1))[..., self.dim:]
 
+    def dqdp(self, q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.field(torch.cat([q, p], -1))
+        return f[..., :self.dim], f[..., self.dim:]
+
 
 class EnsembleDynamics:
     """The mixture transition of a weighted ensemble of dynamics networks (module docstring): a daml model.

@@ -14,7 +14,17 @@ class                         name (``MODELS``)        what
 :class:`Identity`             ``identity``             random walk ``x_{k+1} = x_k + noise``
 :class:`MixtureTransition`    ``mixture_transition``   learned Gaussian-mixture transition (``file=``: trained)
 :class:`LinearModel`                                   any linear map or linear ODE
+:class:`Mechanical`           ``mechanical``           a partitioned (q, p) system stepped by a fixed-step
+                                                       (symplectic) integrator: a true system of
+                                                       :data:`~daml.models.mechanics.SYSTEMS` (``system =
+                                                       "pendulum"``) or a learned network (``file=``)
 ============================= ======================== ==========================================================
+
+Physics priors (:mod:`daml.models.mechanics`, :mod:`daml.models.hamiltonian`,
+:mod:`daml.models.mechanics_data`; docs/physics.md): symplectic Euler, Stormer-Verlet and implicit-midpoint
+integrators of partitioned systems, the true mass-spring, pendulum, double pendulum and two-body systems,
+Hamiltonian, Lagrangian and plain networks of the time derivative with their training, and the published
+data protocols of Greydanus et al. (2019) and Cranmer et al. (2020).
 
 :func:`make_model` builds one by name (``make_model("lorenz96", n=40)``), which is how experiment
 configuration files name their model; ``make_model(m.name, **m.config())`` rebuilds a model.
@@ -30,7 +40,10 @@ from ..errors import DamlError, InputError
 from .base import Model, ODEModel, model_config, periodic_covariance, propagate, rk4_step, tangent_linear
 from .kuramoto import Kuramoto
 from .linear import Identity, LinearDrag, LinearModel
+from .hamiltonian import (DerivativeNet, FitResult, HamiltonianNet, LagrangianNet, fit_derivatives, fit_trajectories,
+                          lagrangian_acceleration)
 from .lorenz import Lorenz63, Lorenz96
+from .mechanics import DoublePendulum, MassSpring, Mechanical, Pendulum, Trajectory, TwoBody, integrate, make_mechanical
 from .mixture import GaussianMixtureNet, MixtureParams, MixtureTransition
 from .observations import (
     Observation,
@@ -68,6 +81,21 @@ __all__ = [
     "MixtureTransition",
     "MODELS",
     "make_model",
+    "Mechanical",
+    "make_mechanical",
+    "integrate",
+    "Trajectory",
+    "MassSpring",
+    "Pendulum",
+    "DoublePendulum",
+    "TwoBody",
+    "HamiltonianNet",
+    "LagrangianNet",
+    "DerivativeNet",
+    "lagrangian_acceleration",
+    "fit_derivatives",
+    "fit_trajectories",
+    "FitResult",
 ]
 
 MODELS: dict[str, type] = {
@@ -77,6 +105,7 @@ MODELS: dict[str, type] = {
     "linear_drag": LinearDrag,
     "identity": Identity,
     "mixture_transition": MixtureTransition,
+    "mechanical": Mechanical,
 }
 """The models that configuration files can name, by their ``name``."""
 

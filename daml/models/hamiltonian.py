@@ -314,6 +314,12 @@ class _Net(nn.Module):
         """``dp/dt`` ``(..., d)`` at ``(q, p)`` (each ``(..., d)``); non-finite states pass (see :meth:`dq`)."""
         return self._field(self._pair(q, p, finite=False))[..., self.dim:]
 
+    def dqdp(self, q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dq/dt, dp/dt)`` from one evaluation of the field (the integrators use it where a step needs
+        both at one point: RK4 and the implicit midpoint); non-finite states pass (see :meth:`dq`)."""
+        f = self._field(self._pair(q, p, finite=False))
+        return f[..., :self.dim], f[..., self.dim:]
+
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
         """Alias of :meth:`forward` (the name of :class:`daml.models.ODEModel`)."""
         return self.forward(x)

@@ -1098,11 +1098,52 @@ class Mechanical:
                **(own() if callable(own) else {}),
                "dt": self.dt, "substeps": self.substeps, "method": self.method,
                "noise_cov": _compact_cov(self.noise_cov)}
+        if getattr(self, "file", None) is not None:              # a network read by from_file
+            cfg["file"] = self.file
         if self.tol is not None:
             cfg["tol"] = self.tol
         if self.max_iter != 50:
             cfg["max_iter"] = self.max_iter
         return cfg
+
+    @classmethod
+    def from_file(cls, file: Any, dt: float, *, substeps: int = 1, method: str = "leapfrog", noise_cov: Any = None,
+                  tol: float | None = None, max_iter: int = 50, dtype: Any = None, device: Any = None,
+                  **expected: Any) -> "Mechanical":
+        """A model of a learned network saved by :func:`daml.io.save_network` (a
+        :class:`~daml.models.HamiltonianNet`, :class:`~daml.models.LagrangianNet` or
+        :class:`~daml.models.DerivativeNet`): ``make_model("mechanical", file="hnn.pt", dt=0.1)`` in
+        Python, or ``name = "mechanical"``, ``file = "hnn.pt"``, ``dt = 0.1`` in an experiment file (a path
+        relative to the working directory), for example as one method's forecast model against a true
+        system.
+
+        ``expected`` may repeat the network's configuration (``system`` = its name, ``dim``, ``hidden``,
+        ``layers``, ...: what :meth:`config` records), each checked against the file's; ``seed`` is
+        ignored (the weights come from the file).
+
+        Raises
+        ------
+        InputError
+            Naming ``file`` for a missing file or one that holds no such network, and the key of an
+            expected value that differs from the file's.
+        """
+        from ..io import load_network
+
+        net = load_network(file, dtype=dtype, device=device)
+        if not callable(getattr(net, "dq", None)) or not callable(getattr(net, "dp", None)):
+            raise InputError("file", "a saved dynamics network (HamiltonianNet, LagrangianNet or DerivativeNet)",
+                             f"{file} holds a {type(net).__name__}")
+        have = {"system": getattr(net, "name", type(net).__name__), **net.config()}
+        for key, value in expected.items():
+            if key == "seed":
+                continue
+            if key not in have:
+                raise InputError(key, f"one of the network's settings {sorted(have)}", repr(key))
+            if value != have[key]:
+                raise InputError(key, f"{have[key]!r} (the value in {file})", repr(value))
+        model = cls(net, dt, substeps=substeps, method=method, noise_cov=noise_cov, tol=tol, max_iter=max_iter)
+        model.file = str(file)
+        return model
 
     def __repr__(self) -> str:
         return f"Mechanical({self.system!r}, dt={self.dt!r}, substeps={self.substeps}, method={self.method!r})"
