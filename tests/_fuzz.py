@@ -43,7 +43,8 @@ import xarray as xr
 
 MODULES = ["daml", "daml.posterior", "daml.diagnostics", "daml.resampling", "daml.io", "daml.models",
            "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.learning", "daml.smoothing", "daml.causal", "daml.twin",
-           "daml.experiment", "daml.report", "daml.errors"]
+           "daml.experiment", "daml.report", "daml.errors", "daml.models.mechanics", "daml.models.hamiltonian",
+           "daml.models.mechanics_data"]
 
 FAILURES = ("other", "nonfinite", "hang", "baseline")
 HUGE = 10 ** 12          # a size that cannot fit in memory on any machine
@@ -338,6 +339,13 @@ ITERATION_COUNTS = {
     ("daml.models.propagate", "steps"),
     ("daml.smoothing.message_passing", "iterations"),
     ("daml.smoothing.fit_hybrid", "epochs"),
+    ("daml.models.mechanics.step", "max_iter"),
+    ("daml.models.mechanics.integrate", "max_iter"),
+    ("daml.models.mechanics.Mechanical", "max_iter"),
+    ("daml.models.mechanics.make_mechanical", "max_iter"),
+    ("daml.ensembles.fit_dynamics", "epochs"),
+    ("daml.models.mechanics.Mechanical", "substeps"),
+    ("daml.ensembles.EnsembleDynamics", "substeps"),
 }
 
 
@@ -712,6 +720,170 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
            "spacing": "choice"}, auto=False))
     add(S("daml.smoothing.lorenz_splits", lambda **kw: tuple(SM.lorenz_splits(**kw)), lambda: dict(n=100, test=40),
           {"n": "int", "test": "int"}, auto=False))
+
+    # ---- physics priors (issue 30): daml.models.mechanics / hamiltonian / mechanics_data --------------
+    import daml.models.hamiltonian as HN
+    import daml.models.mechanics as MC
+    import daml.models.mechanics_data as MD
+
+    def qp(n=3, d=1, v=0.3):
+        return t64(np.full((n, d), v)), t64(np.full((n, d), -0.2))
+    QP = {"q": ("p",), "p": ("q",), "q0": ("p0",), "p0": ("q0",)}
+    add(S("daml.models.mechanics.step", lambda **kw: MC.step(**kw),
+          lambda: dict(system=MC.Pendulum(), q=qp()[0], p=qp()[1], dt=0.01, method="leapfrog", tol=None, max_iter=20),
+          {"system": "obj", "q": "array", "p": "array", "dt": "real", "method": "choice", "tol": "real",
+           "max_iter": "int"}, auto=False, skip=[("tol", "None")], aliases=QP))
+    add(S("daml.models.mechanics.integrate", lambda **kw: tuple(MC.integrate(**kw)),
+          lambda: dict(system=MC.DoublePendulum(), q0=qp(2, 2)[0], p0=qp(2, 2)[1], dt=0.01, steps=4,
+                       method="implicit_midpoint", every=2, tol=None, max_iter=20),
+          {"system": "obj", "q0": "array", "p0": "array", "dt": "real", "steps": "int", "method": "choice",
+           "every": "int", "tol": "real", "max_iter": "int"}, auto=False, skip=[("tol", "None")], aliases=QP))
+    add(S("daml.models.mechanics.energy", MC.energy,
+          lambda: dict(system=MC.TwoBody(), q=t64(np.array([[1.0, 0.0, -1.0, 0.0]])), p=t64(np.array([[0.0, 0.5, 0.0, -0.5]]))),
+          {"system": "obj", "q": "array", "p": "array"}, auto=False, aliases=QP))
+    add(S("daml.models.mechanics.convergence_order", MC.convergence_order,
+          lambda: dict(system=MC.Pendulum(), q0=t64(np.array([1.0])), p0=t64(np.array([0.0])), method="leapfrog",
+                       t_end=0.5, dts=[0.1, 0.05]),
+          {"system": "obj", "q0": "array", "p0": "array", "method": "choice", "t_end": "real", "dts": "obj"},
+          auto=False, aliases=QP))
+    for cls, kw in ((MC.MassSpring, dict(mass=0.5, stiffness=2.0)), (MC.Pendulum, dict(mass=2.0, length=0.5, gravity=3.0)),
+                    (MC.DoublePendulum, dict(m1=1.0, m2=1.0, l1=1.0, l2=1.0, gravity=9.8)),
+                    (MC.TwoBody, dict(m1=1.0, m2=1.0, gravity=1.0))):
+        add(S(f"daml.models.mechanics.{cls.__name__}",
+              _target(lambda _c=cls, **k: _c(**k).hamiltonian(*(t64(np.full(_c(**k).dim, 0.3)),) * 2), cls),
+              lambda _k=kw: dict(_k), {k: "real" for k in kw}, auto=False))
+
+    def mechanical(**kw):
+        x = kw.pop("x")
+        return MC.Mechanical(**kw).step(x)
+    add(S("daml.models.mechanics.Mechanical", _target(mechanical, MC.Mechanical),
+          lambda: dict(system=MC.Pendulum(), dt=0.05, substeps=2, method="rk4", noise_cov=0.01, tol=None, max_iter=20,
+                       x=t64(np.full((3, 2), 0.3))),
+          {"system": "obj", "dt": "real", "substeps": "int", "method": "choice", "noise_cov": "cov", "tol": "real",
+           "max_iter": "int", "x": "array"}, auto=False,
+          skip=[("tol", "None"), ("noise_cov", "None"), ("x", "nan"), ("x", "inf")]))
+    add(S("daml.models.mechanics.make_mechanical", lambda **kw: MC.make_mechanical(**kw).config(),
+          lambda: dict(name="double_pendulum", dt=0.05, substeps=1, method="leapfrog", noise_cov=None, tol=None,
+                       max_iter=20),
+          {"name": "choice", "dt": "real", "substeps": "int", "method": "choice", "noise_cov": "cov", "tol": "real",
+           "max_iter": "int"}, auto=False, skip=[("tol", "None"), ("noise_cov", "None")]))
+
+    X4 = lambda: t64(np.full((4, 2), 0.3))                   # noqa: E731
+    for cls, dim, x in ((HN.HamiltonianNet, 1, X4), (HN.DerivativeNet, 1, X4),
+                        (HN.LagrangianNet, 2, lambda: t64(np.full((4, 4), 0.3)))):
+        def net_call(_c=cls, **kw):
+            xx = kw.pop("x")
+            return _c(**kw)(xx)
+        add(S(f"daml.models.hamiltonian.{cls.__name__}", _target(net_call, cls),
+              lambda _d=dim, _x=x: dict(dim=_d, hidden=8, layers=2, activation="softplus", seed=0, x=_x()),
+              {"dim": "int", "hidden": "int", "layers": "int", "activation": "choice", "seed": "seed", "x": "array"},
+              auto=False, aliases={"dim": ("x",)},
+              # one hidden softplus unit: L's velocity Hessian has rank one, a singular Euler-Lagrange
+              # system that the solve refuses with DivergenceError (tested in test_mechanics_nets)
+              skip=[("hidden", "one")] if cls is HN.LagrangianNet else []))
+    add(S("daml.models.hamiltonian.lagrangian_acceleration", HN.lagrangian_acceleration,
+          lambda: dict(L=MC.DoublePendulum().lagrangian, q=t64(np.full((4, 2), 0.3)), v=t64(np.full((4, 2), 0.1))),
+          {"L": "obj", "q": "array", "v": "array"}, auto=False, aliases={"q": ("v",), "v": ("q",)}))
+
+    def fit_deriv(**kw):
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            return HN.fit_derivatives(HN.HamiltonianNet(1, hidden=8, seed=0), **kw).history
+    X20 = lambda: t64(np.random.default_rng(0).normal(size=(20, 2)))   # noqa: E731
+    add(S("daml.models.hamiltonian.fit_derivatives", _target(fit_deriv, HN.fit_derivatives),
+          lambda: dict(x=X20(), dxdt=X20(), steps=3, lr=1e-3, weight_decay=1e-4, batch_size=8, loss="mse", seed=0,
+                       tol=1e-2),
+          {"x": "array", "dxdt": "array", "steps": "int", "lr": "real", "weight_decay": "real", "batch_size": "int",
+           "loss": "choice", "seed": "seed", "tol": "real"}, auto=False, aliases={"x": ("dxdt",), "dxdt": ("x",)}))
+
+    def fit_traj(**kw):
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            return HN.fit_trajectories(HN.HamiltonianNet(1, hidden=8, seed=0), **kw).history
+    add(S("daml.models.hamiltonian.fit_trajectories", _target(fit_traj, HN.fit_trajectories),
+          lambda: dict(trajectory=t64(np.stack([np.cos(0.1 * np.arange(6)), -np.sin(0.1 * np.arange(6))], -1)[:, None]
+                                      .repeat(3, 1)),
+                       dt=0.1, horizon=2, method="rk4", steps=2, lr=1e-3, seed=0),
+          {"trajectory": "array", "dt": "real", "horizon": "int", "method": "choice", "steps": "int", "lr": "real",
+           "seed": "seed"}, auto=False))
+
+    add(S("daml.models.mechanics_data.greydanus_spring", lambda **kw: tuple(MD.greydanus_spring(**kw))[:6],
+          lambda: dict(seed=0, samples=4, test_split=0.5, noise_std=0.1, t_end=1.0, timescale=5.0),
+          {"seed": "seed", "samples": "int", "test_split": "prob", "noise_std": "real", "t_end": "real",
+           "timescale": "real"}, auto=False))
+    add(S("daml.models.mechanics_data.greydanus_pendulum", lambda **kw: tuple(MD.greydanus_pendulum(**kw))[:6],
+          lambda: dict(seed=0, samples=4, test_split=0.5, noise_std=0.1, t_end=1.0, timescale=5.0),
+          {"seed": "seed", "samples": "int", "test_split": "prob", "noise_std": "real", "t_end": "real",
+           "timescale": "real"}, auto=False))
+    add(S("daml.models.mechanics_data.greydanus_two_body", lambda **kw: tuple(MD.greydanus_two_body(**kw))[:6],
+          lambda: dict(seed=0, trials=5, timesteps=4, t_end=1.0, orbit_noise=0.05, test_split=0.2),
+          {"seed": "seed", "trials": "int", "timesteps": "int", "t_end": "real", "orbit_noise": "real",
+           "test_split": "prob"}, auto=False))
+    add(S("daml.models.mechanics_data.greydanus_initial_states", MD.greydanus_initial_states,
+          lambda: dict(trials=5, seed=0, dim=1), {"trials": "int", "seed": "seed", "dim": "int"}, auto=False))
+    add(S("daml.models.mechanics_data.bootstrap_spread", MD.bootstrap_spread,
+          lambda: dict(values=np.arange(10.0), splits=5), {"values": "array", "splits": "int"}, auto=False))
+    add(S("daml.models.mechanics_data.system_field", lambda **kw: MD.system_field(**kw)(t64(np.full((2, 2), 0.3))),
+          lambda: dict(system=MC.Pendulum()), {"system": "obj"}, auto=False))
+    add(S("daml.models.mechanics_data.energy_mse", lambda **kw: tuple(MD.energy_mse(**kw))[:2],
+          lambda: dict(field_fn=MD.system_field(MC.MassSpring(0.5, 2.0)), system=MC.MassSpring(0.5, 2.0), trials=5,
+                       splits=5, t_end=1.0, points=5, noise_std=0.1, rtol=1e-8, seed=0),
+          {"field_fn": "obj", "system": "obj", "trials": "int", "splits": "int", "t_end": "real", "points": "int",
+           "noise_std": "real", "rtol": "real", "seed": "seed"}, auto=False,
+          skip=[("t_end", "None"), ("points", "None"), ("noise_std", "None")]))
+    add(S("daml.models.mechanics_data.cranmer_double_pendulum", lambda **kw: MD.cranmer_double_pendulum(**kw),
+          lambda: dict(n=5, seed=0, omega_max=10.0), {"n": "int", "seed": "seed", "omega_max": "real"}, auto=False))
+    add(S("daml.models.mechanics_data.cranmer_initial_states", MD.cranmer_initial_states,
+          lambda: dict(starts=4, seed=0, omega_max=0.1), {"starts": "int", "seed": "seed", "omega_max": "real"},
+          auto=False))
+    add(S("daml.models.mechanics_data.double_pendulum_acceleration", MD.double_pendulum_acceleration,
+          lambda: dict(x=t64(np.full((3, 4), 0.3))), {"x": "array"}, auto=False))
+    add(S("daml.models.mechanics_data.double_pendulum_energy", MD.double_pendulum_energy,
+          lambda: dict(x=t64(np.full((3, 4), 0.3))), {"x": "array"}, auto=False))
+    add(S("daml.models.mechanics_data.cranmer_energy_error", lambda **kw: tuple(MD.cranmer_energy_error(**kw))[:2],
+          lambda: dict(field_fn=lambda x: torch.cat([x[..., 2:], MD.double_pendulum_acceleration(x)], -1), starts=3,
+                       t_end=0.5, fps=4, seed=0, dt=0.01),
+          {"field_fn": "obj", "starts": "int", "t_end": "real", "fps": "int", "seed": "seed", "dt": "real"},
+          auto=False, aliases={"fps": ("dt",)}))
+
+    # ---- daml.ensembles.dynamics ---------------------------------------------------------------------
+    def _dyn_data():
+        x = t64(np.random.default_rng(1).uniform(-1, 1, size=(12, 2)))
+        return x, torch.stack([2 * x[:, 1], -3 * torch.sin(x[:, 0])], -1)
+
+    def _dyn_ens():
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            x, dx = _dyn_data()
+            return E.fit_dynamics(HN.HamiltonianNet(1, hidden=4, seed=0), x, dx, members=2, noise_sd=0.1, seed=0,
+                                  epochs=1, polish=False)
+
+    def fit_dyn(**kw):
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            return E.fit_dynamics(**kw).params["net.mlp.linears.0.weight"]
+    add(S("daml.ensembles.fit_dynamics", _target(fit_dyn, E.fit_dynamics),
+          lambda: dict(net=HN.HamiltonianNet(1, hidden=4, seed=0), x=_dyn_data()[0], dxdt=_dyn_data()[1], members=2,
+                       noise_sd=0.1, seed=0, epochs=1, polish=False),
+          {"net": "obj", "x": "array", "dxdt": "array", "members": "int", "noise_sd": "real", "seed": "seed",
+           "epochs": "int"}, auto=False, aliases={"x": ("dxdt",), "dxdt": ("x",)}))
+    add(S("daml.ensembles.dynamics_data", E.dynamics_data,
+          lambda: dict(x=_dyn_data()[0], dxdt=_dyn_data()[1], size=2), {"x": "array", "dxdt": "array", "size": "int"},
+          auto=False, aliases={"x": ("dxdt",), "dxdt": ("x",), "size": ("x",)}))
+    add(S("daml.ensembles.ComponentRegression", lambda **kw: E.ComponentRegression(**kw)(t64(np.full((3, 4), 0.2))),
+          lambda: dict(net=HN.DerivativeNet(1, hidden=4, seed=0)), {"net": "obj"}, auto=False))
+
+    def ens_dyn(**kw):
+        x = kw.pop("x")
+        return E.EnsembleDynamics(_dyn_ens(), **kw).sample_step(x, torch.Generator().manual_seed(0))
+    add(S("daml.ensembles.EnsembleDynamics", _target(ens_dyn, E.EnsembleDynamics),
+          lambda: dict(dt=0.1, substeps=1, method="rk4", noise_cov=0.01, x=t64(np.full((3, 2), 0.3))),
+          {"dt": "real", "substeps": "int", "method": "choice", "noise_cov": "cov", "x": "array"}, auto=False,
+          skip=[("noise_cov", "None"), ("x", "nan"), ("x", "inf")]))
 
     def network_round_trip(network, path):
         out = io.save_network(network, path)
@@ -1591,6 +1763,19 @@ NOT_CALLABLE = {
     "daml.smoothing.HybridFit": "a result NamedTuple (built by fit_hybrid)",
     "daml.smoothing.HeldOutWeights": "a result NamedTuple (built by held_out_weights)",
     "daml.io.NETWORKS": "a registry dict (covered through save_network / load_network)",
+    "daml.models.mechanics.METHODS": "a tuple of names (covered through step's method)",
+    "daml.models.mechanics.SYSTEMS": "a registry dict (covered through make_mechanical)",
+    "daml.models.mechanics.Trajectory": "a result NamedTuple (built by integrate)",
+    "daml.models.hamiltonian.FitResult": "a result NamedTuple (built by fit_derivatives / fit_trajectories)",
+    "daml.models.hamiltonian.IllConditionedWarning": "a warning class",
+    "daml.models.hamiltonian.ACTIVATIONS": "a registry dict (covered through the networks' activation)",
+    "daml.models.hamiltonian.INITS": "a tuple of names (covered through the networks' init)",
+    "daml.models.hamiltonian.SOLVERS": "a tuple of names (covered through LagrangianNet's solver)",
+    "daml.models.hamiltonian.LOSSES": "a tuple of names (covered through fit_derivatives' loss)",
+    "daml.models.mechanics_data.MechanicsData": "a result NamedTuple (built by the greydanus_* data sets)",
+    "daml.models.mechanics_data.EnergyMSE": "a result NamedTuple (built by energy_mse)",
+    "daml.models.mechanics_data.EnergyError": "a result NamedTuple (built by cranmer_energy_error)",
+    "daml.models.mechanics_data.DOUBLE_PENDULUM_MAX_POTENTIAL": "a constant",
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",
     "daml.experiment.DEFAULT_CONFIG": "a TOML string",

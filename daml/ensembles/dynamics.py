@@ -229,6 +229,24 @@ class EnsembleDynamics:
         buffers = {k[len("net."):]: v for k, v in ens.buffers.items() if k.startswith("net.")}
         self._system = _StackedField(net, params, buffers)
 
+    def _state(self, x: Any, name: str = "x") -> torch.Tensor:
+        """``x`` as a real floating tensor with the state size as its last axis (the hot path of the
+        filters passes such tensors through untouched)."""
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.ndim >= 1 \
+                and x.shape[-1] == self.state_size:
+            return x
+        from ..errors import DtypeError
+        from ..models.base import check_state
+
+        t = check_state(self, x, name)
+        if t.is_complex() or t.dtype not in (torch.float32, torch.float64):
+            if t.is_floating_point() and not t.is_complex():
+                raise DtypeError(name, "float32 or float64 states", f"dtype {t.dtype}")
+            if t.is_complex():
+                raise DtypeError(name, "real states", f"dtype {t.dtype}")
+            t = t.to(self.ens.log_weight.dtype)
+        return t
+
     # -- the members ------------------------------------------------------------------------------
     def weights(self, like: torch.Tensor) -> torch.Tensor:
         """The normalised member weights ``(M,)`` on ``like``'s device and dtype."""
@@ -238,6 +256,7 @@ class EnsembleDynamics:
         """Every member's step from every state: ``(M, ..., s)`` for ``x`` of shape ``(..., s)``."""
         from ..models.mechanics import step as mech_step
 
+        x = self._state(x)
         d = self.state_size // 2
         xs = x.unsqueeze(0).expand(self.members, *x.shape)
         q, p = xs[..., :d], xs[..., d:]
@@ -249,6 +268,7 @@ class EnsembleDynamics:
     # -- the model protocol -----------------------------------------------------------------------
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """The transition's mean ``Σ_i w_i Φ_i(x)``."""
+        x = self._state(x)
         out = self.member_steps(x)
         w = self.weights(out).reshape(-1, *([1] * x.ndim))
         return (w * out).sum(0)
@@ -256,6 +276,7 @@ class EnsembleDynamics:
     def sample_step(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One draw of the mixture transition per state: member ``i`` with probability ``w_i``, then
         ``N(0, Q)`` noise when ``noise_cov`` was given."""
+        x = self._state(x)
         out = self.member_steps(x)                                   # (M, ..., s)
         batch = x.shape[:-1]
         count = int(math.prod(batch)) if batch else 1
