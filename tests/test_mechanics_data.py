@@ -226,3 +226,11 @@ def test_named_errors():
         md.cranmer_energy_error(lambda x: x, starts=2, t_end=1.0, dt=0.3)
     with pytest.raises(ShapeError, match="x"):
         md.double_pendulum_energy(torch.zeros(3))
+    # found by the fuzz specs: non-finite states and non-numeric scores get named errors
+    with pytest.raises(NonFiniteError, match="x"):
+        md.double_pendulum_acceleration(torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    with pytest.raises(NonFiniteError, match="x"):
+        md.double_pendulum_energy(torch.tensor([0.0, 0.0, float("inf"), 0.0]))
+    with pytest.raises(InputError, match="values"):
+        md.bootstrap_spread(["a"] * 5, 5)
+    assert md.bootstrap_spread(torch.ones(5, dtype=torch.bfloat16), 5) == 0.0   # any real dtype is converted

@@ -519,7 +519,7 @@ def bootstrap_spread(values: Any, splits: int = 5) -> float:
     0.707107
     """
     splits = check_int(splits, "splits", 1)
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = _device.to_numpy(_device.as_tensor(values, "values", dtype=torch.float64)).reshape(-1)
     if v.size == 0 or v.size % splits:
         raise ShapeError("values", f"a length that is a positive multiple of splits={splits}", f"length {v.size}")
     if not np.isfinite(v).all():
@@ -730,6 +730,15 @@ def energy_mse(field_fn: Callable[[torch.Tensor], torch.Tensor], system: Any, *,
 # Cranmer: double pendulum
 
 
+def _check_dbl_state(x: Any) -> torch.Tensor:
+    x = _device.as_tensor(x, "x")
+    if x.ndim < 1 or x.shape[-1] != 4:
+        raise ShapeError("x", "shape (..., 4): (theta1, theta2, omega1, omega2)", tuple(x.shape))
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("x", "finite states", f"{int((~torch.isfinite(x)).sum())} NaN or infinite entries")
+    return x
+
+
 def double_pendulum_acceleration(x: torch.Tensor) -> torch.Tensor:
     """Analytic angular accelerations of Cranmer's double pendulum (``m = l = 1``, ``g = 9.8``).
 
@@ -750,9 +759,7 @@ def double_pendulum_acceleration(x: torch.Tensor) -> torch.Tensor:
     >>> bool(double_pendulum_acceleration(x)[0] < 0)   # gravity pulls the first arm back
     True
     """
-    x = _device.as_tensor(x, "x")
-    if x.ndim < 1 or x.shape[-1] != 4:
-        raise ShapeError("x", "shape (..., 4): (theta1, theta2, omega1, omega2)", tuple(x.shape))
+    x = _check_dbl_state(x)
     t1, t2, w1, w2 = x.unbind(-1)
     g = _G_DBL
     a1 = 0.5 * torch.cos(t1 - t2)            # (l2 / l1) (m2 / (m1 + m2)) cos
@@ -774,9 +781,7 @@ def double_pendulum_energy(x: Any) -> torch.Tensor:
     >>> round(float(double_pendulum_energy(torch.zeros(4, dtype=torch.float64))), 6)
     -29.4
     """
-    x = _device.as_tensor(x, "x")
-    if x.ndim < 1 or x.shape[-1] != 4:
-        raise ShapeError("x", "shape (..., 4): (theta1, theta2, omega1, omega2)", tuple(x.shape))
+    x = _check_dbl_state(x)
     t1, t2, w1, w2 = x.unbind(-1)
     kin = 0.5 * w1 ** 2 + 0.5 * (w1 ** 2 + w2 ** 2 + 2.0 * w1 * w2 * torch.cos(t1 - t2))
     pot = -2.0 * _G_DBL * torch.cos(t1) - _G_DBL * torch.cos(t2)
