@@ -486,3 +486,19 @@ def test_greydanus_sized_training_runs_on_one_thread_by_default(monkeypatch):
         seen.clear()
         fit_derivatives(net, x, x, steps=1, tol=math.inf, threads=2)
         assert set(seen) == {2}
+
+
+def test_hamiltonian_field_under_inference_mode_is_the_field():
+    """daml.filters.run steps models under torch.inference_mode, where autograd records nothing: the HNN's
+    field was silently zero there (a frozen forecast model, the filter lost the truth). Regression test."""
+    net = HamiltonianNet(1, hidden=8, seed=0)
+    x = torch.tensor([[1.5, 0.5], [0.2, -0.3]], dtype=torch.float64)
+    with torch.no_grad():
+        want = net(x)
+    assert bool((want.abs() > 1e-6).all())
+    with torch.inference_mode():
+        got = net(x)
+        step = M.Mechanical(net, 0.1, substeps=2).step(x)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.allclose(step, M.Mechanical(net, 0.1, substeps=2).step(x), atol=1e-15, rtol=0)
