@@ -79,6 +79,26 @@ __all__ = [
 ]
 
 
+def check_network_input(t: Any, name: str, size: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` as a real floating tensor of a network's ``dtype`` and ``device`` whose last axis has
+    ``size`` entries (any when ``None``); else a daml error naming ``name``. Internal helper of the
+    learned networks (:mod:`daml.models.mixture`, :mod:`daml.models.hamiltonian`)."""
+    from ..errors import DeviceError
+
+    if not isinstance(t, torch.Tensor):
+        t = as_real_tensor(t, name, dtype=dtype, device=device)
+    if t.is_complex() or not t.is_floating_point():
+        raise DtypeError(name, f"a real floating tensor of dtype {dtype}", f"dtype {t.dtype}")
+    if t.dtype != dtype:
+        raise DtypeError(name, f"the network's dtype {dtype}", f"dtype {t.dtype}",
+                         hint="convert the input, or the network with .to(dtype)")
+    if t.device != device:
+        raise DeviceError(name, f"a tensor on the network's device {device}", str(t.device))
+    if size is not None and (t.ndim == 0 or t.shape[-1] != size):
+        raise ShapeError(name, f"a last axis of length {size}", f"shape {tuple(t.shape)}")
+    return t
+
+
 @runtime_checkable
 class Model(Protocol):
     """The four attributes daml needs of a model (see the module docstring)."""

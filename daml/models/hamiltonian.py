@@ -107,6 +107,7 @@ from torch.func import grad, jvp, vmap
 from .. import _device
 from ..errors import (ConvergenceWarning, DamlError, DeviceError, DivergenceError, DtypeError, InputError,
                       ModuleError, NonFiniteError, ShapeError, check_fits, check_int, check_real)
+from .base import check_network_input
 
 __all__ = [
     "HamiltonianNet",
@@ -254,18 +255,7 @@ class _Net(nn.Module):
     def _check(self, t: Any, name: str, size: int, finite: bool = True) -> torch.Tensor:
         """``t`` as a tensor of the network's dtype and device with last axis ``size`` (finite, when
         ``finite`` and no ``torch.func`` transform is active); else a daml error naming ``name``."""
-        if not isinstance(t, torch.Tensor):
-            from .base import as_real_tensor
-            t = as_real_tensor(t, name, dtype=self.dtype, device=self.device)
-        if t.is_complex() or not t.is_floating_point():
-            raise DtypeError(name, f"a real floating tensor of dtype {self.dtype}", f"dtype {t.dtype}")
-        if t.dtype != self.dtype:
-            raise DtypeError(name, f"the network's dtype {self.dtype}", f"dtype {t.dtype}",
-                             hint="convert the input, or the network with .to(dtype)")
-        if t.device != self.device:
-            raise DeviceError(name, f"a tensor on the network's device {self.device}", str(t.device))
-        if t.ndim == 0 or t.shape[-1] != size:
-            raise ShapeError(name, f"a last axis of length {size}", f"shape {tuple(t.shape)}")
+        t = check_network_input(t, name, size, self.dtype, self.device)
         if finite and not _transformed() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(name, "finite values", f"{int((~torch.isfinite(t)).sum())} NaN or infinite entries")
         return t

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from .. import _device
-from ..errors import DeviceError, DtypeError, InputError, NonFiniteError, ShapeError, check_fits, check_int, check_real
+from ..errors import InputError, NonFiniteError, ShapeError, check_fits, check_int, check_real
+from .base import check_network_input
 
 __all__ = ["GaussianMixtureNet", "MixtureParams", "MixtureTransition", "COVARIANCES", "WEIGHTS", "ACTIVATIONS"]
 
@@ -246,19 +247,7 @@ class GaussianMixtureNet(nn.Module):
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _check_input(self, t: Any, name: str, size: int | None) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
-            from .base import as_real_tensor
-            t = as_real_tensor(t, name, dtype=self.dtype, device=self.device)
-        if t.is_complex() or not t.is_floating_point():
-            raise DtypeError(name, f"a real floating tensor of dtype {self.dtype}", f"dtype {t.dtype}")
-        if t.dtype != self.dtype:
-            raise DtypeError(name, f"the network's dtype {self.dtype}", f"dtype {t.dtype}",
-                             hint="convert the input, or the network with .to(dtype)")
-        if t.device != self.device:
-            raise DeviceError(name, f"a tensor on the network's device {self.device}", str(t.device))
-        if size is not None and (t.ndim == 0 or t.shape[-1] != size):
-            raise ShapeError(name, f"a last axis of length {size}", f"shape {tuple(t.shape)}")
-        return t
+        return check_network_input(t, name, size, self.dtype, self.device)
 
     def _parts(self, inp: Any, base: Any = None, *, inp_name: str = "inp", base_name: str = "base") -> _Parts:
         """The mixture at ``inp`` with means offset by ``base``, checked for finite outputs."""
