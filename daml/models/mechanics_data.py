@@ -739,10 +739,18 @@ def _check_dbl_state(x: Any) -> torch.Tensor:
     return x
 
 
+def _dbl_system() -> Any:
+    """Cranmer's double pendulum as a daml system (``m = l = 1``, ``g = 9.8``)."""
+    from .mechanics import DoublePendulum
+
+    return DoublePendulum(m1=1.0, m2=1.0, l1=1.0, l2=1.0, gravity=_G_DBL)
+
+
 def double_pendulum_acceleration(x: torch.Tensor) -> torch.Tensor:
     """Analytic angular accelerations of Cranmer's double pendulum (``m = l = 1``, ``g = 9.8``).
 
-    The closed form of ``experiment_dblpend/physics.py`` (``analytical_fn``), restated.
+    The closed form of ``experiment_dblpend/physics.py`` (``analytical_fn``): that of
+    :meth:`daml.models.mechanics.DoublePendulum.acceleration` with the peer's parameters.
 
     Parameters
     ----------
@@ -760,21 +768,15 @@ def double_pendulum_acceleration(x: torch.Tensor) -> torch.Tensor:
     True
     """
     x = _check_dbl_state(x)
-    t1, t2, w1, w2 = x.unbind(-1)
-    g = _G_DBL
-    a1 = 0.5 * torch.cos(t1 - t2)            # (l2 / l1) (m2 / (m1 + m2)) cos
-    a2 = torch.cos(t1 - t2)                  # (l1 / l2) cos
-    f1 = -0.5 * w2 ** 2 * torch.sin(t1 - t2) - g * torch.sin(t1)
-    f2 = w1 ** 2 * torch.sin(t1 - t2) - g * torch.sin(t2)
-    den = 1.0 - a1 * a2
-    return torch.stack([(f1 - a1 * f2) / den, (f2 - a2 * f1) / den], dim=-1)
+    return _dbl_system().acceleration(x[..., :2], x[..., 2:])
 
 
 def double_pendulum_energy(x: Any) -> torch.Tensor:
     """Total energy ``T + V`` of Cranmer's double pendulum in ``(theta, omega)`` coordinates.
 
     ``T = w1^2 / 2 + (w1^2 + w2^2 + 2 w1 w2 cos(t1 - t2)) / 2``, ``V = -2 g cos t1 - g cos t2``
-    (``m = l = 1``, ``g = 9.8``; ``experiment_dblpend/physics.py``).
+    (``m = l = 1``, ``g = 9.8``; ``experiment_dblpend/physics.py``): the Hamiltonian of
+    :class:`daml.models.mechanics.DoublePendulum` at the momenta ``p = M(q) omega``.
 
     Examples
     --------
@@ -782,10 +784,9 @@ def double_pendulum_energy(x: Any) -> torch.Tensor:
     -29.4
     """
     x = _check_dbl_state(x)
-    t1, t2, w1, w2 = x.unbind(-1)
-    kin = 0.5 * w1 ** 2 + 0.5 * (w1 ** 2 + w2 ** 2 + 2.0 * w1 * w2 * torch.cos(t1 - t2))
-    pot = -2.0 * _G_DBL * torch.cos(t1) - _G_DBL * torch.cos(t2)
-    return kin + pot
+    q, v = x[..., :2], x[..., 2:]
+    system = _dbl_system()
+    return system.hamiltonian(q, system.momentum(q, v))
 
 
 def cranmer_double_pendulum(n: int, *, seed: Any = None, omega_max: float = 10.0,
