@@ -95,3 +95,21 @@ model = {{name = "mechanical", file = "{path}", dt = 0.1, substeps = 2}}
     assert scores[1].status == "done" and scores[1].rmse_a == scores[1].rmse_a   # finite
     with pytest.raises(InputError, match="dim"):
         make_model("mechanical", file=str(path), dt=0.1, dim=2)           # a check against the file
+
+
+def test_the_pendulum_example_runs_its_learned_networks(monkeypatch):
+    """examples/pendulum_learned.toml (issue 30): the truth is the pendulum, two of the three rows per
+    filter run networks read from the shipped files; a short version of it runs and scores every row."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)                      # the network files are relative to the working directory
+    text = (root / "examples" / "pendulum_learned.toml").read_text()
+    short = text.replace("steps = 300", "steps = 60").replace("experiments = 4", "experiments = 1") \
+        .replace("members = 300", "members = 40")
+    exp = load_config(short)
+    assert [m.get("model", {}).get("file") for m in exp.methods] == [
+        None, "examples/pendulum_hnn.pt", "examples/pendulum_mlp.pt"] * 2
+    _, scores = run_experiment(exp, only=["etkf"])
+    assert all(s.status == "done" and s.rmse_a < 1.0 for s in scores)
+    assert '"file": "examples/pendulum_hnn.pt"' in scores[1].posterior.attrs["config"]

@@ -432,7 +432,8 @@ def test_bad_input_names_the_argument(build, match):
 def test_make_model_builds_by_name():
     m = make_model("lorenz96", n=10, forcing=6.0)
     assert isinstance(m, Lorenz96) and m.state_size == 10 and m.forcing == 6.0
-    assert set(dm.MODELS) == {"lorenz63", "lorenz96", "kuramoto", "linear_drag", "identity", "mixture_transition"}
+    assert set(dm.MODELS) == {"lorenz63", "lorenz96", "kuramoto", "linear_drag", "identity", "mixture_transition",
+                              "mechanical"}
     for name, cls in dm.MODELS.items():
         assert cls.name == name
 
