@@ -12,11 +12,13 @@ trajectories, 1125 noisy (state, derivative) pairs):
 * ``true``: the true Hamiltonian;
 * ``hnn``: one Hamiltonian network (200 x 2, tanh, 2000 full-batch Adam steps: Greydanus' budget);
 * ``mlp``: one plain network of the same size and budget (Greydanus' baseline);
-* ``hnn-ensemble``: ``members`` small Hamiltonian networks (32 x 2) trained by
-  :func:`daml.ensembles.fit_dynamics` (anchored, perturbed targets), weighted by
-  :func:`daml.ensembles.weigh` and run as :class:`daml.ensembles.EnsembleDynamics` (a mixture transition:
-  the forecast carries the networks' own spread);
-* ``hnn-ensemble-1/M``: the same members with equal weights (the usual deep ensemble).
+* ``hnn-ensemble``: ``members`` small Hamiltonian networks (16 x 2) trained to their minima by
+  :func:`daml.ensembles.fit_dynamics` (anchored, perturbed targets, Levenberg-Marquardt polish), weighted
+  by :func:`daml.ensembles.weigh` and run as :class:`daml.ensembles.EnsembleDynamics` (a mixture
+  transition: the forecast carries the networks' own spread);
+* ``hnn-ensemble-1/M``: the same members with equal weights (the usual deep ensemble);
+* ``hnn-ensemble-EW``: the weighted members made equal-weight by resample-move
+  (:func:`daml.ensembles.equal_weight`, 100 MALA steps): the data-assimilation fix of the degeneracy.
 
 Every learned model is integrated like the truth (Stormer-Verlet, implicit for the networks' non-separable
 fields, with 2 substeps: the truth takes 10). Filters: the ETKF (20 members) and the bootstrap particle filter (300 particles,
@@ -28,7 +30,8 @@ energy error of the analysis mean.
 
 Run::
 
-    OMP_NUM_THREADS=1 python benchmarks/physics_twin.py            # full (a few minutes)
+    OMP_NUM_THREADS=1 python benchmarks/physics_twin.py            # full (about 20 minutes)
+    OMP_NUM_THREADS=1 python benchmarks/physics_twin.py --write-networks   # also the example's networks
     OMP_NUM_THREADS=1 python benchmarks/physics_twin.py --quick    # a smoke run
     python benchmarks/physics_twin.py --report                     # re-render the table from the JSON
 
@@ -53,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daml import diagnostics, filters, simulate  # noqa: E402
-from daml.ensembles import EnsembleDynamics, dynamics_data, fit_dynamics, weigh  # noqa: E402
+from daml.ensembles import EnsembleDynamics, dynamics_data, equal_weight, fit_dynamics, weigh  # noqa: E402
 from daml.errors import ConvergenceWarning  # noqa: E402
 from daml.models import observe_indices  # noqa: E402
 from daml.models.hamiltonian import DerivativeNet, HamiltonianNet, fit_derivatives  # noqa: E402
@@ -64,6 +67,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "physics_twin.json"
 SYSTEM = Pendulum(mass=2.0, length=0.5, gravity=3.0)
 DT, SUBSTEPS, LEARNED_SUBSTEPS, EVERY, OBS_SD = 0.1, 10, 2, 5, 0.1
 X0, X0_COV = [1.5, 0.5], 0.01
+ENS_HIDDEN = 16
 
 
 def commit() -> str:
@@ -74,7 +78,7 @@ def commit() -> str:
         return "unknown"
 
 
-def train_models(quick: bool, members: int, seed: int = 0) -> tuple[dict, dict]:
+def train_models(quick: bool, members: int, seed: int = 0, write_networks: bool = False) -> tuple[dict, dict]:
     """The learned forecast models and what their training measured."""
     data = greydanus_pendulum(seed=0)
     info: dict = {"data": data.config}
@@ -89,6 +93,10 @@ def train_models(quick: bool, members: int, seed: int = 0) -> tuple[dict, dict]:
         info[name] = {"seconds": time.perf_counter() - t0, "train_loss": float(res.history[-1]),
                       "test_loss": float(res.val_history[-1]), "converged": bool(res.converged), "steps": steps}
         out[name] = Mechanical(net, DT, substeps=LEARNED_SUBSTEPS, method="leapfrog")
+        if write_networks:                  # the networks of examples/pendulum_learned.toml
+            from daml.io import save_network
+
+            save_network(net, ROOT / "examples" / f"pendulum_{name}.pt")
     # the label noise of one component, from the single HNN's held-out residuals (includes its model error)
     with torch.no_grad():
         resid = out["hnn"].system(data.test_x) - data.test_dxdt
@@ -96,20 +104,28 @@ def train_models(quick: bool, members: int, seed: int = 0) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        ens = fit_dynamics(HamiltonianNet(1, hidden=32, seed=seed), data.x, data.dxdt, members=members,
-                           noise_sd=noise_sd, seed=seed + 1, epochs=20 if quick else 150, lr=1e-2, batch_size=64,
-                           polish=False)
+        ens = fit_dynamics(HamiltonianNet(1, hidden=ENS_HIDDEN, seed=seed), data.x, data.dxdt, members=members,
+                           noise_sd=noise_sd, seed=seed + 1, epochs=20 if quick else 300, lr=1e-2, batch_size=64,
+                           polish=not quick)
     fit_s = time.perf_counter() - t0
     z, y = dynamics_data(data.x, data.dxdt, 2)
     t0 = time.perf_counter()
     weighted, mw = weigh(ens, z, y)
-    info["ensemble"] = {"members": members, "hidden": 32, "noise_sd": noise_sd, "fit_seconds": fit_s,
-                        "weigh_seconds": time.perf_counter() - t0, "ess": float(mw.ess),
+    weigh_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    corrected, cinfo = equal_weight(weighted, z, y, steps=20 if quick else 100, seed=seed + 2)
+    info["ensemble"] = {"members": members, "hidden": ENS_HIDDEN, "noise_sd": noise_sd, "fit_seconds": fit_s,
+                        "weigh_seconds": weigh_s, "ess": float(mw.ess),
                         "weights": [float(w) for w in weighted.log_weight.exp()],
                         "converged": [bool(c) for c in ens.convergence["converged"]],
+                        "scaled_grad_norm": [float(c) for c in ens.convergence["scaled_grad_norm"]],
+                        "equal_weight_seconds": time.perf_counter() - t0,
+                        "equal_weight": {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, str) else str(v))
+                                         for k, v in cinfo._asdict().items() if getattr(v, "ndim", 0) == 0},
                         "warnings": [str(w.message)[:200] for w in caught]}
     out["hnn-ensemble"] = EnsembleDynamics(weighted, DT, substeps=LEARNED_SUBSTEPS, method="leapfrog")
     out["hnn-ensemble-1/M"] = EnsembleDynamics(ens, DT, substeps=LEARNED_SUBSTEPS, method="leapfrog")
+    out["hnn-ensemble-EW"] = EnsembleDynamics(corrected, DT, substeps=LEARNED_SUBSTEPS, method="leapfrog")
     return out, info
 
 
@@ -143,7 +159,7 @@ def scores(post, truth: torch.Tensor, burn: int) -> dict:
             "energy_err": med(energy_err), "rmse_a_each": [float(v) for v in rmse]}
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, write_networks: bool = False) -> dict:
     torch.set_num_threads(1)
     experiments = 2 if quick else 4
     steps = 100 if quick else 300
@@ -152,7 +168,7 @@ def run(quick: bool) -> dict:
     op = observe_indices(2, [0], sd=OBS_SD)
     data = simulate(truth_model, steps, op, every=EVERY, x0=X0, x0_cov=X0_COV, experiments=experiments, seed=2026)
     t0 = time.perf_counter()
-    models, info = train_models(quick, members)
+    models, info = train_models(quick, members, write_networks=write_networks)
     info["train_seconds"] = time.perf_counter() - t0
     models = {"true": truth_model, **models}
     methods = {"etkf N=20": filters.etkf(members=20),
@@ -191,8 +207,10 @@ def table(res: dict) -> str:
                      f"{r['coverage90']:.2f} | {r['energy_err']:.4f} | {r['seconds']:.1f} |")
     e = res["training"]["ensemble"]
     lines.append("")
-    lines.append(f"Ensemble: {e['members']} Hamiltonian networks (32 x 2), label noise sd {e['noise_sd']:.3f}, "
-                 f"trained in {e['fit_seconds']:.0f} s; importance weights ESS {e['ess']:.2f} of {e['members']}.")
+    lines.append(f"Ensemble: {e['members']} Hamiltonian networks ({e['hidden']} x 2), label noise sd "
+                 f"{e['noise_sd']:.3f}, trained in {e['fit_seconds']:.0f} s ({sum(e['converged'])} of {e['members']} "
+                 f"converged); importance weights ESS {e['ess']:.2f} of {e['members']}; resample-move "
+                 f"{e['equal_weight_seconds']:.0f} s.")
     lines.append(f"Truths: {res['experiments']}, {res['steps']} steps of dt {res['dt']}, q observed every "
                  f"{res['every']} steps (sd {res['obs_sd']}); medians over truths; commit {res['commit']}; "
                  f"`{res['command']}`.")
@@ -203,11 +221,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report", action="store_true", help="re-render the table from the JSON")
+    ap.add_argument("--write-networks", action="store_true",
+                    help="save the trained HNN and MLP as examples/pendulum_{hnn,mlp}.pt")
     args = ap.parse_args(argv)
     if args.report:
         print(table(json.loads(RESULTS.read_text())))
         return 0
-    res = run(args.quick)
+    res = run(args.quick, args.write_networks and not args.quick)
     if not args.quick:
         from daml.io import write_json
 
