@@ -35,14 +35,14 @@ Run::
     OMP_NUM_THREADS=1 python benchmarks/physics_twin.py --quick    # a smoke run
     python benchmarks/physics_twin.py --report                     # re-render the table from the JSON
 
-Writes ``benchmarks/results/physics_twin.json`` and prints a markdown table.
+Writes ``benchmarks/results/physics_twin.json`` and the table into docs/physics.md and docs/benchmarks.md
+(between the ``physics_twin`` markers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -55,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daml import diagnostics, filters, simulate  # noqa: E402
+from daml import filters, simulate  # noqa: E402
 from daml.ensembles import EnsembleDynamics, dynamics_data, equal_weight, fit_dynamics, weigh  # noqa: E402
 from daml.errors import ConvergenceWarning  # noqa: E402
 from daml.models import observe_indices  # noqa: E402
@@ -217,6 +217,21 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def write_docs(res: dict) -> None:
+    """Put the table between the ``physics_twin`` markers of docs/physics.md and docs/benchmarks.md."""
+    block = table(res)
+    for page in (ROOT / "docs" / "physics.md", ROOT / "docs" / "benchmarks.md"):
+        text = page.read_text()
+        begin, end = "<!-- begin:physics_twin -->", "<!-- end:physics_twin -->"
+        if begin not in text:
+            text += ("\n### Pendulum twin with learned forecast models (issue 30, point 3)\n\n"
+                     "Details and discussion: [physics.md](physics.md#the-pendulum-twin-benchmarksphysics_twinpy).\n\n"
+                     f"{begin}\n{end}\n")
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        page.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -225,7 +240,9 @@ def main(argv=None) -> int:
                     help="save the trained HNN and MLP as examples/pendulum_{hnn,mlp}.pt")
     args = ap.parse_args(argv)
     if args.report:
-        print(table(json.loads(RESULTS.read_text())))
+        res = json.loads(RESULTS.read_text())
+        write_docs(res)
+        print(table(res))
         return 0
     res = run(args.quick, args.write_networks and not args.quick)
     if not args.quick:
@@ -233,6 +250,7 @@ def main(argv=None) -> int:
 
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         write_json(res, RESULTS)
+        write_docs(res)
     print(table(res))
     return 0
 
