@@ -169,3 +169,21 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+changes" if dirty else "")
+
+
+def carry_over(res: dict[str, Any], sections: tuple[str, ...], all_sections: tuple[str, ...], name: str,
+               stamp: bool = False) -> None:
+    """Keep the sections of ``results/<name>.json`` that this run did not redo (``--only``): each of
+    ``all_sections`` not in ``sections`` is copied into ``res`` from the saved file, with the saved run's
+    ``command`` and ``daml_commit`` added when ``stamp`` (for sections that do not record their own)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    for sec in all_sections:
+        if sec not in sections and isinstance(old.get(sec), dict):
+            res[sec] = ({"command": old.get("command"), "daml_commit": old.get("daml_commit"), **old[sec]}
+                        if stamp else old[sec])

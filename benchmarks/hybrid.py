@@ -650,19 +650,8 @@ def add_rows(res: dict[str, Any], sections: tuple[str, ...], name: str) -> None:
 
 
 def carry_over(res: dict[str, Any], sections: tuple[str, ...], name: str) -> None:
-    """Keep the sections of the last run that this run did not redo (``--only``), marked as such."""
-    import json
-
-    path = _report.RESULTS / f"{name}.json"
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for sec in SECTIONS:
-        if sec not in sections and isinstance(old.get(sec), dict):
-            res[sec] = {"command": old.get("command"), "daml_commit": old.get("daml_commit"), **old[sec]}
+    """Keep the sections of the last run that this run did not redo (``--only``)."""
+    _report.carry_over(res, sections, SECTIONS, name, stamp=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

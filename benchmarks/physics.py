@@ -457,17 +457,8 @@ def figures(res: dict[str, Any]) -> list[str]:
 
 
 def carry_over(res: dict[str, Any], sections: tuple[str, ...], name: str) -> None:
-    """Keep the saved sections this run did not redo (each keeps its own command and commit)."""
-    path = _report.RESULTS / f"{name}.json"
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for sec in SECTIONS:
-        if sec not in sections and isinstance(old.get(sec), dict):
-            res[sec] = old[sec]
+    """Keep the sections of the last run that this run did not redo (``--only``)."""
+    _report.carry_over(res, sections, SECTIONS, name, stamp=False)
 
 
 def write_report(res: dict[str, Any]) -> None:

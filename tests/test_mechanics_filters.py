@@ -7,6 +7,9 @@ gives a valid posterior whose analysis is finite, or refuses the model with a da
 (the Kalman filter needs a linear model).
 """
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -17,25 +20,15 @@ from daml.errors import InputError
 from daml.models import HamiltonianNet, Mechanical, Pendulum, observe_indices
 from daml.posterior import validate
 
-PARAMS = {
-    "kf": {},
-    "ekf": {},
-    "enkf": {"members": 12},
-    "etkf": {"members": 12},
-    "letkf": {"members": 12, "radius": 1.0},
-    "climatology": {"mean": np.array([1.0, 0.0]), "cov": np.eye(2), "members": 12},
-    "bootstrap": {"members": 30, "jitter": 0.5},
-    "optimal": {"members": 30},
-    "auxiliary": {"members": 30},
-    "iapf": {"members": 30},
-    "dpf": {"members": 30},
-    "ewpf": {"members": 12},
-    "iewpf": {"members": 12, "keep": 0.8},
-    "etpf": {"members": 12, "rejuvenation": 0.1},
-    "letpf": {"members": 12, "radius": 1.0, "second_order": True},
-    "diffusion": {"members": 12, "bandwidth": 0.3, "steps": 10},
-    "ensf": {"members": 12, "steps": 100},       # fewer steps are refused as unstable at sd 0.1
-}
+sys.path.insert(0, os.path.dirname(__file__))
+from test_filters_contract import PARAMS as CONTRACT  # noqa: E402
+
+PARAMS = {**CONTRACT,                              # the contract's settings, sized for a 2-variable state
+          "letkf": {"members": 12, "radius": 1.0},
+          "climatology": {"mean": np.array([1.0, 0.0]), "cov": np.eye(2), "members": 12},
+          "letpf": {"members": 12, "radius": 1.0, "second_order": True},
+          "diffusion": {"members": 12, "bandwidth": 0.3, "steps": 10},
+          "ensf": {"members": 12, "steps": 100}}     # fewer steps are refused as unstable at sd 0.1
 
 
 def test_every_registered_filter_is_listed():
