@@ -261,6 +261,8 @@ MATRIX_MODELS = {                                   # tiny states, a little mode
     # a learned Gaussian-mixture transition (issue 28), its initial spread the noise's standard deviation
     "mixture_transition": lambda noise: models.MixtureTransition(3, components=2, hidden=(8,), seed=0,
                                                                  init_scale=math.sqrt(noise or 1e-4)),
+    # a true pendulum stepped by Stormer-Verlet (issue 30; tests/test_mechanics_filters.py: a learned one)
+    "mechanical": lambda noise: models.Mechanical(models.Pendulum(), 0.05, substeps=2, noise_cov=noise),
 }
 MATRIX_PARAMS = {
     "kf": {}, "ekf": {}, "enkf": {"members": 6}, "etkf": {"members": 6}, "letkf": {"members": 6, "radius": 2.0},
