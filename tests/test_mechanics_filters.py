@@ -47,8 +47,11 @@ def problem():
     return {"true": truth, "learned": learned}, op, data
 
 
+FAST = {"kf", "ekf", "etkf", "bootstrap", "ensf"}     # the default suite; the rest run with the slow marker
+
+
 @pytest.mark.parametrize("which", ["learned"])
-@pytest.mark.parametrize("name", sorted(PARAMS))
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(PARAMS)])
 def test_filter_runs_the_mechanical_model(name, which, problem):
     models, op, data = problem
     model = models[which]
