@@ -240,3 +240,13 @@ def test_named_errors():
     with pytest.raises(InputError, match="values"):
         md.bootstrap_spread(["a"] * 5, 5)
     assert md.bootstrap_spread(torch.ones(5, dtype=torch.bfloat16), 5) == 0.0   # any real dtype is converted
+
+
+def test_the_two_body_solver_field_is_the_two_body_system():
+    """solve_ivp's scalar right-hand side is numpy for speed; it must be TwoBody's field (the labels are)."""
+    rng = np.random.default_rng(0)
+    states = rng.uniform(-1.5, 1.5, size=(50, 8))
+    states[:, 2:4] += 3.0                                       # keep the bodies apart
+    want = md.system_field(mech.TwoBody(m1=1.0, m2=1.0, gravity=1.0))(torch.as_tensor(states)).numpy()
+    got = np.stack([md._two_body_field(s) for s in states])
+    assert np.allclose(got, want, rtol=1e-13, atol=1e-13)

@@ -27,7 +27,8 @@ their training data and how they scored a learned vector field, so that daml's n
 The random draws use ``numpy.random.RandomState(seed)`` in the peers' order (per trajectory: the
 initial direction, the radius, then the ``q`` noise and the ``p`` noise; per orbit: the position, then
 the speed factor), which is the stream of their ``np.random.seed(seed)`` + ``np.random.rand`` /
-``randn`` calls, so the data sets equal theirs up to floating-point rounding of the right-hand side.
+``randn`` calls (a local generator here: daml seeds nothing globally), so the data sets equal theirs up
+to floating-point rounding of the right-hand side.
 
 :func:`energy_mse` is the evaluation of the ``analyze-spring`` / ``analyze-pend`` notebooks: 15
 initial states ``x0 = u + 0.2 sign(u)`` with ``u ~ U(-0.8, 0.8)^2`` (so ``|x0_i| in [0.2, 1.0]``); the
@@ -114,8 +115,8 @@ class MechanicsData(NamedTuple):
     trajectories : Tensor ``(S, T, 2d)``
         The noise-free trajectories, in the order their points appear in ``x`` then ``test_x`` (for the
         two-body set: ``test_x`` first, as the peer splits it).
-    system : object or None
-        The true daml system (:mod:`daml.models.mechanics`), ``None`` where that module is not importable.
+    system : object
+        The true daml system (:mod:`daml.models.mechanics`).
     config : dict
         The protocol's settings (seed, sizes, noise, source file).
     """
@@ -235,26 +236,12 @@ def _check_range(value: object, name: str, *, positive: bool = True) -> tuple[fl
     return lo, hi
 
 
-def _mechanics():
-    try:
-        from . import mechanics
-    except ImportError:  # pragma: no cover - only while the systems module is absent
-        return None
-    return mechanics
+def _greydanus_system(kind: str) -> Any:
+    """Greydanus' task Hamiltonian as a daml system: spring ``H = q^2 + p^2``, pendulum
+    ``H = 3 (1 - cos q) + p^2``."""
+    from .mechanics import MassSpring, Pendulum
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Greydanus: spring and pendulum
-
-
-def _spring_field(y: np.ndarray) -> np.ndarray:
-    # H = q^2 + p^2: dq/dt = dH/dp = 2 p, dp/dt = -dH/dq = -2 q
-    return np.array([2.0 * y[1], -2.0 * y[0]])
-
-
-def _pendulum_field(y: np.ndarray) -> np.ndarray:
-    # H = 3 (1 - cos q) + p^2: dq/dt = 2 p, dp/dt = -3 sin q
-    return np.array([2.0 * y[1], -3.0 * math.sin(y[0])])
+    return MassSpring(mass=0.5, stiffness=2.0) if kind == "spring" else Pendulum(mass=2.0, length=0.5, gravity=3.0)
 
 
 def _greydanus_1d(kind: str, *, seed: object, samples: object, test_split: object, noise_std: object,
@@ -278,7 +265,8 @@ def _greydanus_1d(kind: str, *, seed: object, samples: object, test_split: objec
     if n_t < 2:
         raise InputError("timescale", "timescale * t_end >= 2 (points per trajectory)", f"{timescale} * {t_end}")
     dt = _device.resolve_dtype(dtype)
-    field = _spring_field if kind == "spring" else _pendulum_field
+    system = _greydanus_system(kind)
+    field = _numpy_field(system_field(system), 2, torch.float64, "system")     # the system's own field
     t_eval = np.linspace(0.0, t_end, n_t)
     rs = np.random.RandomState(seed)
     xs, dxs, clean = [], [], []
@@ -286,22 +274,17 @@ def _greydanus_1d(kind: str, *, seed: object, samples: object, test_split: objec
         y0 = rs.rand(2) * 2.0 - 1.0
         r = rs.rand() * (r_hi - r_lo) + r_lo
         y0 = y0 / np.sqrt((y0 ** 2).sum()) * r
-        sol = solve_ivp(lambda _t, y: field(y), (0.0, t_end), y0, t_eval=t_eval, rtol=1e-10)
+        sol = solve_ivp(field, (0.0, t_end), y0, t_eval=t_eval, rtol=1e-10)
         if sol.status != 0 or sol.y.shape[1] != n_t:  # pragma: no cover - smooth 1-d fields do not fail
             raise DivergenceError(f"solve_ivp failed on a {kind} trajectory: {sol.message}")
         states = sol.y.T.copy()                                        # (T, 2), noise free
-        deriv = np.stack([field(s) for s in states])                   # labels at the clean states
+        deriv = _labels(system, states)                                # labels at the clean states
         noisy = states.copy()
         noisy[:, 0] += rs.randn(n_t) * noise_std
         noisy[:, 1] += rs.randn(n_t) * noise_std
         xs.append(noisy), dxs.append(deriv), clean.append(states)
     x, dx = np.concatenate(xs), np.concatenate(dxs)
     split = int(len(x) * test_split)
-    mech = _mechanics()
-    system = None
-    if mech is not None:
-        system = (mech.MassSpring(mass=0.5, stiffness=2.0) if kind == "spring"
-                  else mech.Pendulum(mass=2.0, length=0.5, gravity=3.0))
     source = "experiment-spring/data.py" if kind == "spring" else "experiment-pend/data.py"
 
     def tt(a: np.ndarray) -> torch.Tensor:
@@ -385,12 +368,19 @@ _PEER_TO_DAML = np.array([0, 2, 1, 3, 4, 6, 5, 7])
 
 
 def _two_body_field(y: np.ndarray) -> np.ndarray:
-    # daml order, unit masses, G = 1
+    """``TwoBody(1, 1, 1)``'s field of one state in numpy, for ``solve_ivp``'s scalar right-hand side only:
+    the torch system costs about ten times more per call, and the peer's 1000 orbits make a million calls.
+    The labels come from the torch system; a test checks that the two agree."""
     q1, q2, v1, v2 = y[0:2], y[2:4], y[4:6], y[6:8]
     d = q2 - q1
-    r3 = float(np.sqrt(d @ d)) ** 3
-    a1 = d / r3
+    a1 = d / float(np.sqrt(d @ d)) ** 3
     return np.concatenate([v1, v2, a1, -a1])
+
+
+def _labels(system: Any, states: np.ndarray) -> np.ndarray:
+    """The system's time derivative at every state ``(T, 2d)``, one batched torch call."""
+    with torch.no_grad():
+        return system_field(system)(torch.as_tensor(states, dtype=torch.float64)).numpy()
 
 
 def _two_body_start(rs: np.random.RandomState, orbit_noise: float, r_lo: float, r_hi: float) -> np.ndarray:
@@ -440,6 +430,9 @@ def greydanus_two_body(seed: int = 0, *, trials: int = 1000, timesteps: int = 50
     check_fits("timesteps", 256.0 * trials * timesteps, what=f"timesteps={timesteps}")
     dt = _device.resolve_dtype(dtype)
     t_eval = np.linspace(0.0, t_end, timesteps)
+    from .mechanics import TwoBody
+
+    system = TwoBody(m1=1.0, m2=1.0, gravity=1.0)
     rs = np.random.RandomState(seed)
     orbits, derivs = [], []
     for _ in range(trials):
@@ -449,11 +442,9 @@ def greydanus_two_body(seed: int = 0, *, trials: int = 1000, timesteps: int = 50
             raise DivergenceError(f"solve_ivp failed on a two-body orbit: {sol.message}")
         states = sol.y.T.copy()
         orbits.append(states)
-        derivs.append(np.stack([_two_body_field(s) for s in states]))
+        derivs.append(_labels(system, states))
     x, dx = np.concatenate(orbits), np.concatenate(derivs)
     split = int(len(x) * test_split)
-    mech = _mechanics()
-    system = mech.TwoBody(m1=1.0, m2=1.0, gravity=1.0) if mech is not None else None
 
     def tt(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dt)
