@@ -468,11 +468,12 @@ def choose_threads(work: Any, threads: Any = None, small: int = SMALL_WORK) -> i
     Raises
     ------
     InputError
-        Naming ``work`` (not a non-negative number), ``threads`` (not a positive int) or
-        ``DAML_THREADS`` (neither a positive integer nor ``auto``).
+        Naming ``work`` (not a non-negative number), ``threads`` (not a positive int), ``small`` (not a
+        positive int) or ``DAML_THREADS`` (neither a positive integer nor ``auto``).
     """
     if threads is not None:
         return check_int(threads, "threads", 1)
+    small = check_int(small, "small", 1, "a positive threshold (elements per operation)")
     if isinstance(work, (bool, np.bool_)) or not isinstance(work, (int, float, np.integer, np.floating)):
         raise InputError("work", "a non-negative number of elements per operation", repr(work))
     if not work >= 0:                              # NaN and negative numbers

@@ -163,3 +163,21 @@ def test_work_measures_of_filters_and_training():
     assert _device.network_work(net, 5, 32) == 5 * max(n_params, 32 * 20)
     big = torch.nn.Linear(300, 200)
     assert _device.network_work(big, 2, 8) == 2 * (300 * 200 + 200)
+
+
+def test_network_training_threshold_is_its_own_and_named(monkeypatch):
+    """choose_threads(work, small=...): one thread below ``small``; SMALL_NETWORK_WORK (the dynamics networks'
+    training) is above SMALL_WORK, so Greydanus' spring HNN (150 000 elements) gets one thread there only."""
+    import pytest
+    from daml import _device
+    from daml.errors import InputError
+
+    monkeypatch.delenv("DAML_THREADS", raising=False)
+    work = 150_000
+    assert _device.SMALL_WORK < work < _device.SMALL_NETWORK_WORK
+    assert _device.choose_threads(work) is None
+    assert _device.choose_threads(work, small=_device.SMALL_NETWORK_WORK) == 1
+    assert _device.choose_threads(_device.SMALL_NETWORK_WORK, small=_device.SMALL_NETWORK_WORK) is None
+    assert _device.choose_threads(work, threads=2, small=_device.SMALL_NETWORK_WORK) == 2
+    with pytest.raises(InputError, match="small"):
+        _device.choose_threads(work, small=0)
