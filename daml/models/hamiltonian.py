@@ -97,6 +97,7 @@ import contextlib
 import math
 import numbers
 import time
+import abc
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -200,7 +201,7 @@ class _MLP(nn.Module):
         return out(z)
 
 
-class _Net(nn.Module):
+class _Net(nn.Module, metaclass=abc.ABCMeta):
     """Shared construction, checks and configuration of the three networks."""
 
     name = "network"
@@ -272,8 +273,9 @@ class _Net(nn.Module):
                                  f"shape {tuple(p.shape)}") from None
         return torch.cat([q, p], dim=-1)
 
-    def _field(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _field(self, x: torch.Tensor) -> torch.Tensor:
+        """The time derivative of checked states ``x`` ``(..., 2d)``: each network's own."""
 
     # -- the system -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
