@@ -303,6 +303,19 @@ def test_unconverged_training_warns():
     assert res.converged is True                              # a flat loss has stopped improving
 
 
+def test_a_loss_that_rises_at_the_end_is_not_converged():
+    """A loss that rose over the last quarter (an unstable step size) was counted as converged: the
+    criterion only asked whether it had stopped falling. Regression test."""
+    from daml.models.hamiltonian import _convergence
+
+    ok, rel = _convergence(torch.linspace(1.0, 2.0, 40, dtype=torch.float64), 0.01)
+    assert not ok and rel < -0.01
+    ok, rel = _convergence(torch.linspace(2.0, 1.0, 40, dtype=torch.float64), 0.01)
+    assert not ok and rel > 0.01
+    ok, _ = _convergence(torch.full((40,), 1.0, dtype=torch.float64), 0.01)
+    assert ok
+
+
 def test_divergent_training_names_the_step():
     system, x, dxdt = _spring_data(1, n=50)
     with pytest.raises(DivergenceError, match="time step"):

@@ -695,9 +695,9 @@ class FitResult(NamedTuple):
     val_history : tensor (steps,) or None
         Validation loss after each step (``None`` without validation data).
     converged : bool
-        ``False`` when the loss was still falling at the end (the mean over the last quarter of the steps
-        more than ``tol`` below the mean over the quarter before it, relatively), or too few steps (< 2)
-        to judge.
+        ``False`` when the loss had not settled at the end: the mean over the last quarter of the steps
+        more than ``tol`` below the mean over the quarter before it, relatively (still falling), or more
+        than ``tol`` above it (rising: an unstable step size), or too few steps (< 2) to judge.
     seconds : float
         Wall-clock training time.
     config : dict
@@ -742,7 +742,8 @@ def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 def _convergence(history: torch.Tensor, tol: float) -> tuple[bool, float]:
-    """Whether the loss has stopped falling: mean of the last quarter vs the quarter before (relative)."""
+    """Whether the loss has settled: mean of the last quarter vs the quarter before (relative change at most
+    ``tol`` either way; a loss that rose at the end, an unstable step size, is not settled either)."""
     n = history.shape[0]
     w = max(1, n // 4)
     if n < 2 * w or n < 2:
@@ -750,7 +751,7 @@ def _convergence(history: torch.Tensor, tol: float) -> tuple[bool, float]:
     last = float(history[-w:].mean())
     prev = float(history[-2 * w:-w].mean())
     rel = (prev - last) / max(abs(prev), 1e-300)
-    return rel <= tol, rel
+    return abs(rel) <= tol, rel           # still falling (rel > tol) or rising (rel < -tol): not settled
 
 
 @contextlib.contextmanager
@@ -822,9 +823,13 @@ def _train(net, steps, lr, weight_decay, batch_size, n, seed, threads, tol, who,
     if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
         raise DivergenceError(f"{who}: training produced non-finite parameters (lower lr)", step=steps - 1)
     converged, rel = _convergence(history, tol)
-    if not converged:
+    if not converged and not rel < 0:
         warnings.warn(f"{who}: the training loss was still falling after steps={steps} (relative improvement "
                       f"{rel:.3g} over the last quarter > tol={tol}): raise steps", ConvergenceWarning, stacklevel=3)
+    elif not converged:
+        warnings.warn(f"{who}: the training loss rose over the last quarter of steps={steps} (relative change "
+                      f"{rel:.3g}, beyond tol={tol}): the optimisation is unstable or overshooting; lower lr",
+                      ConvergenceWarning, stacklevel=3)
     config = {**config, "net": type(net).__name__, "net_config": net.config() if hasattr(net, "config") else None,
               "steps": steps, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "tol": tol,
               "seed": _device.seed_to_attr(seed),
@@ -892,7 +897,7 @@ def fit_derivatives(net: nn.Module, x: torch.Tensor, dxdt: torch.Tensor, *, step
     Warns
     -----
     ConvergenceWarning
-        The loss was still falling at the end (``converged=False``).
+        The loss was still falling, or rising, at the end (``converged=False``).
 
     Examples
     --------
