@@ -119,7 +119,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import experiment
 
     t0 = time.perf_counter()
-    exp = experiment.load_config(args.config)       # every check before anything is computed or written
+    configs = list(args.config) or [None]
+    exps = [experiment.load_config(c) for c in configs]   # every check before anything is computed or written
     threads = None if args.threads == "auto" else args.threads
     if threads is None:
         _device.choose_threads(0)                   # a bad DAML_THREADS: one line now, not after minutes
@@ -130,19 +131,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(20, "the output folder (--out) is not a folder", str(out))
-    print(f"daml {__version__}: {exp.name} ({'default experiment' if args.config is None else args.config}), "
-          f"torch {torch.__version__}, {how}", flush=True)
+    what = ", ".join(f"{e.name} ({'default experiment' if c is None else c})" for e, c in zip(exps, configs))
+    print(f"daml {__version__}: {what}, torch {torch.__version__}, {how}", flush=True)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     log = None if show else (lambda line: print(f"daml run: {line}", file=sys.stderr, flush=True))
+    client = None
+    if args.scheduler is not None:
+        from . import distributed
+
+        client = distributed.connect(args.scheduler)
+        print(f"daml run: {distributed.workers(client)} Dask worker(s) at {client.scheduler.address}", flush=True)
     # --threads N: N everywhere, also inside filters.run's own choice (DAML_THREADS), for this run only
     saved = os.environ.get("DAML_THREADS")
     if threads is not None:
         os.environ["DAML_THREADS"] = str(threads)
     try:
-        data, scores = experiment.run_experiment(exp, progress=show, only=args.only, out=out, log=log,
-                                                 threads=threads)
+        results = experiment.run_experiments(exps, progress=show, only=args.only, out=out, log=log,
+                                             threads=threads, client=client)
     except KeyboardInterrupt:
-        kept = sorted(p.name for p in out.glob(f"{exp.name}_*.nc")) if out.is_dir() else []
+        kept = sorted(p.name for e in exps for p in out.glob(f"{e.name}_*.nc")) if out.is_dir() else []
         print(f"daml run: interrupted; {len(kept)} finished file(s) kept in {out}"
               + (f" ({', '.join(kept)})" if kept else ""), file=sys.stderr, flush=True)
         return 130
@@ -151,8 +158,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             os.environ.pop("DAML_THREADS", None)
         else:
             os.environ["DAML_THREADS"] = saved
-    print(experiment.format_table(exp, scores))
-    written = experiment.write_outputs(exp, data, scores, out)
+        if client is not None:
+            client.close()
+    written = []
+    for exp, (data, scores) in zip(exps, results):
+        print(experiment.format_table(exp, scores))
+        written += experiment.write_outputs(exp, data, scores, out)
     total = sum(p.stat().st_size for p in written if p.is_file())
     print(f"wrote {', '.join(str(p) for p in written)} ({total / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -287,13 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
                + "\n\nThe TOML schema ([experiment], [model], [observations], [prior], [output], [[methods]]),"
                  "\nthe output files and the exit statuses (0 done, 2 a bad file, key or argument, 130"
                  "\ninterrupted): docs/cli.md, or python -c 'import daml.experiment as e; help(e)'.")
-    run.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded one)")
+    run.add_argument("config", nargs="*", default=[],
+                     help="experiment TOML file(s) (default: the embedded one); several make a sweep, their "
+                          "experiment names must differ")
     run.add_argument("--out", default="daml-output", help="output folder (default: %(default)s)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars (default: on a terminal only)")
     run.add_argument("--only", nargs="+", default=None, metavar="METHOD",
                      help="run only the methods of these names, each with the random stream of its place in "
                           "the list (the same scores as in the full run)")
+    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="run the methods as tasks on Dask distributed (the 'distributed' extra): 'local:N' starts "
+                          "N local worker processes, anything else is a scheduler address (tcp://host:8786); "
+                          "the results are bit for bit those of one process (docs/distributed.md)")
     run.add_argument("--threads", type=_threads_arg, default="auto",
                      help="torch intra-op threads: a positive int, or 'auto' (default): one thread for a method "
                           "whose ensemble is small (several threads only add synchronisation there, which stalls "

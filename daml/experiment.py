@@ -672,7 +672,7 @@ def _tag(exp: Experiment, index: int) -> str:
 def run_experiment(exp: Experiment, progress: bool | None = None,
                    only: Sequence[str] | None = None, *, out: str | Path | None = None,
                    log: Callable[[str], None] | None = None,
-                   threads: int | None = None) -> tuple[xr.Dataset, list[Score]]:
+                   threads: int | None = None, client: Any = None) -> tuple[xr.Dataset, list[Score]]:
     """Run every method of ``exp`` on the same twin data; return the data and the scores.
 
     Parameters
@@ -698,69 +698,161 @@ def run_experiment(exp: Experiment, progress: bool | None = None,
         (:func:`daml._device.auto_threads`: one thread for small ensembles, where more threads only
         add synchronisation, the caller's setting for large ones; ``DAML_THREADS`` forces a count);
         the caller's setting is restored afterwards.
+    client : dask.distributed.Client, optional
+        Run the methods as tasks on this client's workers (:mod:`daml.distributed`, the ``distributed``
+        extra): each method is one task, run with the thread count it would get here, and the
+        Datasets, scores and files are bit for bit those of the run in this process (only the
+        timings differ). Files are written here, by the caller, as the results arrive.
     """
-    _check_fields(exp)
-    names = [m["name"] for m in exp.methods]
+    return run_experiments([exp], progress, only, out=out, log=log, threads=threads, client=client)[0]
+
+
+def run_experiments(experiments: Sequence[Experiment], progress: bool | None = None,
+                    only: Sequence[str] | None = None, *, out: str | Path | None = None,
+                    log: Callable[[str], None] | None = None, threads: int | None = None,
+                    client: Any = None) -> list[tuple[xr.Dataset, list[Score]]]:
+    """Run several experiments (a sweep): :func:`run_experiment` for each, returning one
+    ``(data, scores)`` per experiment in order.
+
+    In this process the methods run one after the other. With a ``client`` every method of every
+    experiment is one task on its workers, all submitted at once, so the methods of different
+    experiments run side by side; the results are bit for bit those of the run in this process.
+    The experiments must have distinct names (their files share ``out``); ``only`` applies to each
+    experiment and must name methods that each of them has.
+    """
+    if isinstance(experiments, Experiment) or not isinstance(experiments, (list, tuple)) or not experiments:
+        raise InputError("experiments", "a non-empty list of Experiment (load_config)",
+                         type(experiments).__name__)
+    for exp in experiments:
+        _check_fields(exp)
+    seen: dict[str, int] = {}
+    for i, exp in enumerate(experiments):
+        if exp.name in seen:
+            raise InputError(f"experiments[{i}].name", "names distinct among the experiments of a sweep (their "
+                             "files share the output folder)", repr(exp.name),
+                             hint=f"experiments[{seen[exp.name]}] has the same name")
+        seen[exp.name] = i
     if only is not None:
         only = [only] if isinstance(only, str) else list(only)
-        unknown = [o for o in only if o not in names]
-        if unknown or not only:
-            raise InputError("only", f"names of methods in the experiment ({', '.join(dict.fromkeys(names))})",
-                             repr(unknown or only))
+        for exp in experiments:
+            names = [m["name"] for m in exp.methods]
+            unknown = [o for o in only if o not in names]
+            if unknown or not only:
+                raise InputError("only", f"names of methods in the experiment ({', '.join(dict.fromkeys(names))})",
+                                 repr(unknown or only))
     if log is not None and not callable(log):
         raise InputError("log", "None or a callable taking one line (str)", type(log).__name__)
     if progress is not None and not isinstance(progress, (bool, np.bool_)):
         raise InputError("progress", "None, True or False", repr(progress))
     if threads is not None:
         threads = check_int(threads, "threads", 1)
-    check_experiment(exp)                           # also for an Experiment built in Python
-    plan = output_plan(exp)
-    cfg = output_settings(exp)
+    plans = []
+    for exp in experiments:
+        check_experiment(exp)                       # also for an Experiment built in Python
+        plans.append(output_plan(exp))
+    if client is not None:
+        from . import distributed                   # the only module that imports dask
+
+        distributed.check_client(client)
     folder = None
     if out is not None:
         if not isinstance(out, (str, Path)):
             raise InputError("out", "None or an output folder (str or Path)", type(out).__name__)
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-    model, op, data = build_data(exp)
-    labels = _labels(exp.methods)
-    chosen = [i for i, m in enumerate(exp.methods) if only is None or m["name"] in only]
-    scores: list[Score] = []
-    clim = None
-    seeds = _device.spawn(exp.seed, len(exp.methods))       # one independent stream per method
+    runs, jobs = [], []
+    for e, (exp, plan) in enumerate(zip(experiments, plans)):
+        model, op, data = build_data(exp)
+        seeds = _device.spawn(exp.seed, len(exp.methods))       # one independent stream per method
+        clim = None
+        chosen = [i for i, m in enumerate(exp.methods) if only is None or m["name"] in only]
+        if any(exp.methods[i]["name"] == "climatology" for i in chosen):
+            clim = climatology_from_truth(data["truth"].values)
+        runs.append({"exp": exp, "plan": plan, "model": model, "op": op, "data": data, "clim": clim,
+                     "cfg": output_settings(exp), "labels": _labels(exp.methods), "scores": []})
+        for index in chosen:
+            with _threads_for(exp, plan[index], model.state_size, threads) as count:
+                pass                                # the count this method runs with, here or on a worker
+            jobs.append(_Job(e, index, seeds[index], count))
     show = bool(progress) if progress is not None else sys.stderr.isatty()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(chosen), desc=exp.name, unit="method", disable=not show, leave=True)
+    what = experiments[0].name if len(experiments) == 1 else f"{len(experiments)} experiments"
+    bar = tqdm(total=len(jobs), desc=what, unit="method", disable=not show, leave=True)
+
+    def name(job: _Job) -> str:
+        r = runs[job.run]
+        prefix = "" if len(experiments) == 1 else f"{r['exp'].name}: "
+        return prefix + r["labels"][job.index]
+
+    def started(k: int, job: _Job) -> None:
+        bar.set_description(f"{what}: method {k + 1}/{len(jobs)} {name(job)}")
+        if log is not None:
+            log(f"[{k + 1}/{len(jobs)}] {name(job)}: started")
+
+    if client is None:
+        results = _in_process(runs, jobs, show, started)
+    else:
+        results = distributed.run_methods(client, runs, jobs, started)
+    done = 0
     try:
-        for k, index in enumerate(chosen):
-            m = exp.methods[index]
-            bar.set_description(f"{exp.name}: method {k + 1}/{len(chosen)} {labels[index]}")
-            if log is not None:
-                log(f"[{k + 1}/{len(chosen)}] {labels[index]}: started")
-            if m["name"] == "climatology":
-                clim = clim or climatology_from_truth(data["truth"].values)
-            t0 = time.perf_counter()
-            with _threads_for(exp, plan[index], model.state_size, threads):
-                score = _run_method(exp, index, m, seeds[index], model, op, data, clim, plan[index], show)
-            score.label, score.seconds = labels[index], time.perf_counter() - t0
+        for k, score in results:
+            job = jobs[k]
+            r = runs[job.run]
+            exp = r["exp"]
+            score.label = r["labels"][job.index]
             if folder is not None:
-                _write_method(exp, score, folder, cfg)
-            scores.append(score)
+                _write_method(exp, score, folder, r["cfg"])
+            r["scores"].append(score)
             if folder is not None:
-                write_scores(exp, scores, folder / f"{exp.name}_scores.json")
+                write_scores(exp, r["scores"], folder / f"{exp.name}_scores.json")
+            done += 1
             bar.update(1)
             if log is not None:
-                what = (f"diverged at {score.diverged}" if score.diverged else f"rmse.a {score.rmse_a:.3f}")
-                log(f"[{k + 1}/{len(chosen)}] {labels[index]}: {what}, {score.seconds:.1f} s")
+                what_ = (f"diverged at {score.diverged}" if score.diverged else f"rmse.a {score.rmse_a:.3f}")
+                log(f"[{done}/{len(jobs)}] {name(job)}: {what_}, {score.seconds:.1f} s")
     finally:
         bar.close()
-    _flag(scores)
-    if folder is not None:
-        write_scores(exp, scores, folder / f"{exp.name}_scores.json")
-    return data, scores
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()                                 # cancels what is still queued on the workers
+    out_runs = []
+    for r in runs:
+        scores = sorted(r["scores"], key=lambda s: s.index)     # in the experiment's order, as in one process
+        _flag(scores)
+        if folder is not None:
+            write_scores(r["exp"], scores, folder / f"{r['exp'].name}_scores.json")
+        out_runs.append((r["data"], scores))
+    return out_runs
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One method of one experiment of a run: where it is, its random stream and its thread count."""
+
+    run: int
+    index: int
+    seed: Any
+    threads: int
+
+
+def method_task(run: dict, job: _Job, show: bool = False) -> Score:
+    """Run one job (a method of an experiment, as set up by :func:`run_experiments`) on the thread count
+    it was given; the same call in this process or as a task on a Dask worker."""
+    exp, plan = run["exp"], run["plan"]
+    m = exp.methods[job.index]
+    t0 = time.perf_counter()
+    with _device.threads(job.threads):
+        score = _run_method(exp, job.index, m, job.seed, run["model"], run["op"], run["data"], run["clim"],
+                            plan[job.index], show)
+    score.seconds = time.perf_counter() - t0
+    return score
+
+
+def _in_process(runs: list[dict], jobs: list[_Job], show: bool, started: Callable[[int, _Job], None]):
+    for k, job in enumerate(jobs):
+        started(k, job)
+        yield k, method_task(runs[job.run], job, show)
 
 
 def _threads_for(exp: Experiment, plan: dict, n: int, threads: int | None):
