@@ -127,6 +127,10 @@ def workers(client: Any) -> int:
     return n
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _token() -> str:
     return uuid.uuid4().hex[:10]
 
@@ -163,11 +167,12 @@ def run_methods(client: Any, runs: Sequence[dict], jobs: Sequence[Any],
     _, distributed = _dask()
     check_client(client)
     env_threads = os.environ.get("DAML_THREADS")
-    shared = []
-    for r in runs:
-        payload = {k: r[k] for k in ("exp", "plan", "model", "op", "data", "clim")}
-        shared.append(client.scatter([payload], hash=False)[0])
     token = _token()
+    shared = []
+    for e, r in enumerate(runs):
+        # a task, not scattered data: if the worker holding it is lost, the scheduler makes it again
+        payload = {k: r[k] for k in ("exp", "plan", "model", "op", "data", "clim")}
+        shared.append(client.submit(_identity, payload, pure=False, key=f"daml-inputs-{e}-{token}"))
     futures, position = [], {}
     for k, job in enumerate(jobs):
         if started is not None:
@@ -189,3 +194,219 @@ def run_methods(client: Any, runs: Sequence[dict], jobs: Sequence[Any],
         if leftover:
             client.cancel(leftover)
         client.cancel(shared)
+
+
+# --------------------------------------------------------------------------- member blocks
+
+def _block_on_worker(module: Any, x: Any, y: Any, first: int, count: int, members: int, threads: int | None,
+                     kwargs: dict) -> Any:
+    from .ensembles import training
+
+    with _TASK_LOCK, _device.threads(threads):
+        return training.fit_block(module, x, y, first=first, count=count, members=members, **kwargs)
+
+
+def member_blocks(members: int, block: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of consecutive blocks of at most ``block`` members covering ``0 .. members-1``."""
+    members = check_int(members, "members")
+    block = check_int(block, "block")
+    return [(s, min(block, members - s)) for s in range(0, members, block)]
+
+
+def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: int | None = None,
+        **kwargs: Any) -> Any:
+    """:func:`daml.ensembles.fit` with blocks of members trained on ``client``'s workers.
+
+    Each block is one task that trains its members in one vmapped pass
+    (:func:`daml.ensembles.fit_block`), with the intra-op thread count the whole fit would use here;
+    the blocks are gathered (:func:`daml.ensembles.gather`) into one ensemble that is bit for bit the
+    ensemble ``daml.ensembles.fit(module, x, y, members=members, **kwargs)`` trains in one process
+    (parameters, prior draws, training history, convergence diagnostics), so its weights
+    (:func:`~daml.ensembles.weigh`) and predictive distributions follow unchanged.
+
+    Parameters
+    ----------
+    module, x, y, **kwargs
+        As for :func:`daml.ensembles.fit` (``seed=`` included: the blocks draw member ``i``'s streams
+        from the same seed as one process does).
+    client : dask.distributed.Client
+    members : int
+        Ensemble size.
+    block : int, optional
+        Members per task. Default: the members shared evenly over the workers (one block each). A
+        block should train for a second or more (``docs/distributed.md``): much smaller blocks spend
+        their time in Dask's overhead and in sending the data, and lose the vmapped batch.
+
+    Returns
+    -------
+    Ensemble
+    """
+    from .ensembles import training
+
+    check_client(client)
+    members = check_int(members, "members")
+    if block is None:
+        block = max(1, math.ceil(members / workers(client)))
+    blocks = member_blocks(members, block)
+    threads = training.fit_threads(module, x, members=members, **{k: v for k, v in kwargs.items()
+                                                                   if k in ("batch_size", "vectorize", "device")})
+    data = client.submit(_identity, (module, x, y), pure=False, key=f"daml-fit-inputs-{_token()}")
+    futures = [client.submit(_fit_block_task, data, first, count, members, threads, kwargs, pure=False,
+                             key=f"daml-fit-{first}-{count}-{_token()}") for first, count in blocks]
+    try:
+        parts = client.gather(futures)
+    finally:
+        client.cancel(futures + [data])
+    return training.gather(parts)
+
+
+def _fit_block_task(data: tuple, first: int, count: int, members: int, threads: int | None, kwargs: dict) -> Any:
+    module, x, y = data
+    return _block_on_worker(module, x, y, first, count, members, threads, kwargs)
+
+
+# --------------------------------------------------------------------------- blocked local analyses
+
+def _grid_inputs(forecast: Any, y: Any, variance: Any, dim: str | None) -> tuple[str, np.ndarray, np.ndarray,
+                                                                                  np.ndarray]:
+    """The checked inputs of :func:`local_analysis` as arrays: grid dim, x (N, n), y (n,), precision (n,)."""
+    from .posterior import MEMBER
+
+    if not isinstance(forecast, xr.DataArray):
+        raise InputError("forecast", "an xarray.DataArray with dims ('member', <grid>)", type(forecast).__name__)
+    if MEMBER not in forecast.dims or forecast.ndim != 2:
+        raise ShapeError("forecast", "a DataArray with two dims: 'member' and the grid", f"dims {forecast.dims}")
+    grid = next(d for d in forecast.dims if d != MEMBER)
+    if dim is not None and dim != grid:
+        raise InputError("dim", f"the grid dim of forecast ({grid!r})", repr(dim))
+    chunks = forecast.chunksizes.get(MEMBER) if forecast.chunks is not None else None
+    if chunks is not None and len(chunks) > 1:
+        raise InputError("forecast", "'member' in one chunk (a local analysis needs every member of a grid point; "
+                         "member is never chunked)", f"{len(chunks)} chunks along member")
+    x = np.asarray(forecast.transpose(MEMBER, grid).values)
+    if x.dtype.kind != "f":
+        raise InputError("forecast", "floating-point values", str(x.dtype))
+    if not np.isfinite(x).all():
+        raise InputError("forecast", "finite values", "NaN or infinite entries")
+    n = x.shape[1]
+    if not isinstance(y, xr.DataArray) or y.dims != (grid,) or y.sizes[grid] != n:
+        raise ShapeError("y", f"a DataArray over ({grid!r},) of size {n} (NaN where not observed)",
+                         f"{type(y).__name__} with dims {getattr(y, 'dims', None)}")
+    yv = np.asarray(y.values, dtype=x.dtype)
+    if np.isinf(yv).any():
+        raise InputError("y", "finite observations (NaN where not observed)", "infinite entries")
+    observed = np.isfinite(yv)
+    if not observed.any():
+        raise InputError("y", "at least one observation", "NaN everywhere")
+    if isinstance(variance, xr.DataArray):
+        if variance.dims != (grid,) or variance.sizes[grid] != n:
+            raise ShapeError("variance", f"a number or a DataArray over ({grid!r},) of size {n}",
+                             f"dims {variance.dims}")
+        r = np.asarray(variance.values, dtype=x.dtype)
+    else:
+        r = np.full(n, check_real(variance, "variance", positive=True), dtype=x.dtype)
+    bad = observed & ~(np.isfinite(r) & (r > 0))
+    if bad.any():
+        raise InputError("variance", "positive finite observation-error variances where y is observed",
+                         f"{int(bad.sum())} entries that are not")
+    precision = np.where(observed, 1.0 / np.where(observed, r, 1.0), 0.0).astype(x.dtype)
+    return grid, x, np.where(observed, yv, 0.0).astype(x.dtype), precision
+
+
+def _window_kernel(method: str, radius: float, h: int, options: dict):
+    from .filters import local
+
+    window = local.letkf_window if method == "letkf" else local.letpf_window
+
+    def kernel(block: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(block[:-2]))
+        y = torch.from_numpy(np.ascontiguousarray(block[-2]))
+        p = torch.from_numpy(np.ascontiguousarray(block[-1]))
+        with _TASK_LOCK, torch.inference_mode():
+            return window(x, y, p, radius, h, **options).numpy()
+
+    return kernel
+
+
+def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, method: str = "letkf",
+                   client: Any = None, block: int | None = None, dim: str | None = None,
+                   **options: Any) -> xr.Dataset:
+    """The local analysis (LETKF or LETPF) of a one-dimensional periodic grid, in blocks of grid points.
+
+    The grid is cut into blocks of ``block`` consecutive points; each block is one task that receives
+    its points and a halo of :func:`daml.filters.local.halo` ``(radius)`` neighbours on either side
+    (periodically: ``dask.array.map_overlap``), all members of each, and returns the analysis of its own
+    points. ``member`` is never chunked. Each local analysis only sees observations within the
+    Gaspari-Cohn support, so the blocks are independent and the result is the analysis of the whole
+    grid in one process (:func:`daml.filters.local.letkf_local`), equal to the dense
+    :func:`daml.filters.letkf` analysis of small grids.
+
+    Parameters
+    ----------
+    forecast : xarray.DataArray, dims ("member", grid)
+        The forecast ensemble (a Lorenz-96 state of 10^5 variables, say). Equal weights.
+    y : xarray.DataArray, dims (grid,)
+        Observations of grid points, NaN where a point is not observed.
+    variance : float or xarray.DataArray over grid
+        Observation-error variances (a diagonal R).
+    radius : float
+        Localisation radius in grid points, as :func:`daml.filters.letkf`'s.
+    method : {"letkf", "letpf"}
+        The local ensemble transform Kalman filter or the local ensemble transform particle filter
+        (no rejuvenation; ``options`` such as ``epsilon``, ``solver`` go to
+        :func:`daml.filters.local.letpf_window`).
+    client : dask.distributed.Client, optional
+        Run the blocks on its workers. Without one the whole grid is analysed in this process.
+    block : int, optional
+        Grid points per task (at least the halo). Default: two blocks per worker. Blocks under about
+        100 ms of work lose more to Dask's overhead and the halo than they gain (docs/distributed.md).
+    dim : str, optional
+        The grid dim, checked against ``forecast``'s.
+
+    Returns
+    -------
+    xarray.Dataset
+        A posterior (:func:`daml.posterior.validate`): the analysis ensemble (named as ``forecast``, or
+        ``"x"``) over ``forecast``'s dims and coordinates, equal ``log_weight``, attrs ``method``,
+        ``radius``, ``halo`` and ``blocks``.
+    """
+    from .filters import local
+    from .posterior import MEMBER, from_members
+
+    if method not in LOCAL_METHODS:
+        raise InputError("method", f"one of {LOCAL_METHODS}", repr(method))
+    radius = check_real(radius, "radius", positive=True, expected="a positive localisation radius in grid points")
+    grid, x, yv, prec = _grid_inputs(forecast, y, variance, dim)
+    h = local.halo(radius)
+    n_mem, n = x.shape
+    if client is None:
+        with torch.inference_mode():
+            fn = local.letkf_local if method == "letkf" else local.letpf_local
+            xa = fn(torch.from_numpy(x), torch.from_numpy(yv), torch.from_numpy(prec), radius, **options).numpy()
+        blocks = 1
+    else:
+        dask, _ = _dask()
+        check_client(client)
+        if block is None:
+            block = max(h, math.ceil(n / (2 * workers(client))))
+        block = check_int(block, "block")
+        if block < h or n < 2 * h + 1:
+            raise InputError("block", f"at least the halo of {h} grid points (radius {radius:g}) on a grid of at "
+                             f"least {2 * h + 1} points", f"block={block} on {n} points")
+        sizes = tuple(min(block, n - s) for s in range(0, n, block))
+        if sizes[-1] < h:                                       # a last block thinner than the halo: merge it
+            sizes = sizes[:-2] + (sizes[-2] + sizes[-1],)
+        stacked = np.concatenate([x, yv[None], prec[None]], axis=0)
+        arr = dask.array.from_array(stacked, chunks=((n_mem + 2,), sizes))
+        out = dask.array.map_overlap(_window_kernel(method, radius, h, options), arr, depth={0: 0, 1: h},
+                                     boundary={0: "none", 1: "periodic"}, trim=False, chunks=((n_mem,), sizes),
+                                     dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))
+        xa = client.compute(out).result()
+        blocks = len(sizes)
+    name = forecast.name if isinstance(forecast.name, str) and forecast.name else "x"
+    order = forecast.dims
+    values = xa if order[0] == MEMBER else xa.T
+    coords = dict(forecast.coords)
+    return from_members(values, name=name, dims=order, coords=coords, method=f"local_{method}",
+                        config={"radius": radius, "halo": h, "blocks": blocks, **options},
+                        attrs={"radius": radius, "halo": h, "blocks": blocks})

@@ -1,0 +1,175 @@
+"""daml.distributed on a LocalCluster of two worker processes (issue 31): each distributed result is
+compared with the same computation in this process, bit for bit.
+
+One cluster serves the whole module (starting it and importing daml on the workers takes about ten
+seconds); the test that kills a worker runs last.
+"""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from daml import experiment
+from daml.errors import InputError
+
+distributed_mod = pytest.importorskip("distributed")
+from daml import distributed  # noqa: E402
+
+SWEEP = """
+[experiment]
+name = "{name}"
+steps = {steps}
+burn_in = 2.0
+experiments = 2
+seed = {seed}
+
+[model]
+name = "lorenz96"
+n = 40
+
+[observations]
+kind = "every"
+k = 2
+sd = 1.0
+every = 2
+
+[prior]
+cov = 0.1
+
+[[methods]]
+name = "etkf"
+members = 20
+inflation = 1.02
+
+[[methods]]
+name = "letkf"
+members = 10
+radius = 4.0
+inflation = 1.02
+
+[[methods]]
+name = "bootstrap"
+members = 200
+
+[[methods]]
+name = "climatology"
+"""
+
+
+def _exp(name="a", seed=1, steps=80):
+    return experiment.load_config(SWEEP.format(name=name, seed=seed, steps=steps))
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = distributed.connect("local:2")
+    try:
+        c.wait_for_workers(2)
+        yield c
+    finally:
+        c.close()
+
+
+def _assert_same_run(one, other):
+    (d1, s1), (d2, s2) = one, other
+    assert d1.identical(d2)
+    assert [s.index for s in s1] == [s.index for s in s2]
+    for a, b in zip(s1, s2):
+        assert (a.label, a.status, a.keep) == (b.label, b.status, b.keep)
+        for key in ("rmse_a", "rmv_a", "crps", "rank_pvalue"):
+            assert getattr(a, key) == getattr(b, key) or (np.isnan(getattr(a, key)) and np.isnan(getattr(b, key)))
+        assert a.rmse_a_each == b.rmse_a_each
+        if a.posterior is not None:
+            pa, pb = a.posterior, b.posterior
+            for v in pa.data_vars:
+                assert np.array_equal(pa[v].values, pb[v].values, equal_nan=True), (a.label, v)
+
+
+def _from_files(scores):
+    """The scores with each posterior read back from the file the run wrote."""
+    assert all(s.posterior is None and s.path is not None for s in scores)        # written as they arrived
+    return [dataclasses.replace(s, posterior=xr.load_dataset(s.path)) for s in scores]
+
+
+def test_a_sweep_on_two_workers_is_bit_for_bit_the_sweep_in_one_process(client, tmp_path):
+    exps = [_exp("a", 1), _exp("b", 2)]
+    here = experiment.run_experiments(exps, progress=False)
+    lines = []
+    there = experiment.run_experiments(exps, progress=False, client=client, out=tmp_path, log=lines.append)
+    for one, (data, scores) in zip(here, there):
+        _assert_same_run(one, (data, _from_files(scores)))
+    assert sum(line.endswith("started") for line in lines) == 8 and sum(line.endswith(" s") for line in lines) == 8
+    assert sorted(p.name for p in tmp_path.glob("*_scores.json")) == ["a_scores.json", "b_scores.json"]
+
+
+def test_one_experiment_with_client_keeps_posteriors_in_memory(client):
+    exp = _exp("c", 5)
+    here = experiment.run_experiment(exp, progress=False, only=["letkf", "climatology"])
+    there = experiment.run_experiment(exp, progress=False, only=["letkf", "climatology"], client=client)
+    _assert_same_run(here, there)
+
+
+def test_daml_run_with_a_scheduler_address_writes_the_files_of_one_process(client, tmp_path):
+    from daml import cli
+
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(SWEEP.format(name="a", seed=1, steps=60))
+    b.write_text(SWEEP.format(name="b", seed=2, steps=60))
+    assert cli.main(["run", str(a), str(b), "--out", str(tmp_path / "one"), "--only", "etkf", "letkf"]) == 0
+    assert cli.main(["run", str(a), str(b), "--out", str(tmp_path / "two"), "--only", "etkf", "letkf",
+                     "--scheduler", client.scheduler.address]) == 0
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.nc"))
+    assert files == ["a_etkf.nc", "a_letkf.nc", "b_etkf.nc", "b_letkf.nc"]
+    assert files == sorted(p.name for p in (tmp_path / "two").glob("*.nc"))
+    for f in files:
+        one, two = xr.load_dataset(tmp_path / "one" / f), xr.load_dataset(tmp_path / "two" / f)
+        for v in one.variables:
+            assert np.array_equal(one[v].values, two[v].values, equal_nan=True), (f, v)
+
+
+def test_bad_clients_schedulers_and_sweeps_are_refused_by_name():
+    with pytest.raises(InputError, match="client"):
+        experiment.run_experiment(_exp(), client="tcp://127.0.0.1:1")
+    with pytest.raises(InputError, match="scheduler"):
+        distributed.connect("local:0")
+    with pytest.raises(InputError, match="scheduler"):
+        distributed.connect("")
+    with pytest.raises(InputError, match=r"experiments\[1\]\.name"):
+        experiment.run_experiments([_exp("a"), _exp("a")])
+    with pytest.raises(InputError, match="experiments"):
+        experiment.run_experiments(_exp("a"))
+
+
+def test_a_worker_killed_during_a_sweep_is_replaced_and_the_result_is_unchanged(client):
+    """The worker running a method is killed (SIGKILL) while the method runs: the scheduler runs the
+    task again on the other worker from the same inputs, and the scores are those of one process."""
+    exp = _exp("k", 7, steps=600)
+    here = experiment.run_experiment(exp, progress=False, only=["etkf", "letkf"])
+    pids = client.run(os.getpid)                        # {worker address: its process}
+    killed: dict = {}
+
+    def kill_the_busy_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            busy = [w for w, keys in client.processing().items() if any("daml-method" in str(k) for k in keys)]
+            if busy:
+                time.sleep(0.3)                          # inside the task: the workers have imported daml
+                os.kill(pids[busy[0]], signal.SIGKILL)
+                killed["worker"] = busy[0]
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=kill_the_busy_worker)
+    thread.start()
+    there = experiment.run_experiment(exp, progress=False, only=["etkf", "letkf"], client=client)
+    thread.join()
+    assert killed, "no worker was busy with a daml task"
+    client.wait_for_workers(2, timeout=60)
+    assert killed["worker"] in pids and killed["worker"] not in client.scheduler_info()["workers"]
+    _assert_same_run(here, there)
