@@ -26,6 +26,7 @@ a property of the process: start workers with one Dask thread each (``--nthreads
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -78,8 +79,9 @@ def connect(scheduler: str, **kwargs: Any) -> Any:
     ----------
     scheduler : str
         ``"local:N"``: a new ``LocalCluster`` of ``N`` worker processes with one thread each (closed
-        with the client); anything else is the address of a running scheduler
-        (``tcp://host:8786``, a scheduler file's address; dask-jobqueue and dask-mpi print or write it).
+        with the client); a path ending in ``.json``: a scheduler file (``dask-mpi --scheduler-file``,
+        ``dask scheduler --scheduler-file``); anything else is the address of a running scheduler
+        (``tcp://host:8786``, as dask-jobqueue's ``cluster.scheduler_address`` gives it).
     **kwargs
         Passed on to ``LocalCluster`` (``local:N``) or to ``Client`` (an address).
 
@@ -113,6 +115,10 @@ def connect(scheduler: str, **kwargs: Any) -> Any:
 
         client.close = close
         return client
+    if text.endswith(".json"):
+        if not os.path.isfile(text):
+            raise FileNotFoundError(2, "no such scheduler file (--scheduler)", text)
+        return distributed.Client(scheduler_file=text, set_as_default=False, **kwargs)
     return distributed.Client(text, set_as_default=False, **kwargs)
 
 
@@ -313,19 +319,16 @@ def _grid_inputs(forecast: Any, y: Any, variance: Any, dim: str | None) -> tuple
     return grid, x, np.where(observed, yv, 0.0).astype(x.dtype), precision
 
 
-def _window_kernel(method: str, radius: float, h: int, options: dict):
+def _window_kernel(block: np.ndarray, method: str, radius: float, h: int, options: dict) -> np.ndarray:
+    """One grid block with its halo (rows: the members, then y, then the precision) -> its analysis."""
     from .filters import local
 
     window = local.letkf_window if method == "letkf" else local.letpf_window
-
-    def kernel(block: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(block[:-2]))
-        y = torch.from_numpy(np.ascontiguousarray(block[-2]))
-        p = torch.from_numpy(np.ascontiguousarray(block[-1]))
-        with _TASK_LOCK, torch.inference_mode():
-            return window(x, y, p, radius, h, **options).numpy()
-
-    return kernel
+    x = torch.from_numpy(np.ascontiguousarray(block[:-2]))
+    y = torch.from_numpy(np.ascontiguousarray(block[-2]))
+    p = torch.from_numpy(np.ascontiguousarray(block[-1]))
+    with _TASK_LOCK, torch.inference_mode():
+        return window(x, y, p, radius, h, **options).numpy()
 
 
 def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, method: str = "letkf",
@@ -398,7 +401,8 @@ def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, metho
             sizes = sizes[:-2] + (sizes[-2] + sizes[-1],)
         stacked = np.concatenate([x, yv[None], prec[None]], axis=0)
         arr = dask.array.from_array(stacked, chunks=((n_mem + 2,), sizes))
-        out = dask.array.map_overlap(_window_kernel(method, radius, h, options), arr, depth={0: 0, 1: h},
+        kernel = functools.partial(_window_kernel, method=method, radius=radius, h=h, options=options)
+        out = dask.array.map_overlap(kernel, arr, depth={0: 0, 1: h},
                                      boundary={0: "none", 1: "periodic"}, trim=False, chunks=((n_mem,), sizes),
                                      dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))
         xa = client.compute(out).result()
