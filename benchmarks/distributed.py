@@ -180,9 +180,9 @@ def local_analyses(clients: dict[int, Any], repeats: int, n: int, members: int, 
     import xarray as xr
 
     from daml.filters import local
-    from daml.models import lorenz96
+    from daml.models import make_model
 
-    model = lorenz96(n=n)
+    model = make_model("lorenz96", n=n)
     g = torch.Generator().manual_seed(1)
     truth = 8.0 + torch.randn(n, generator=g, dtype=torch.float64)
     with torch.no_grad():
