@@ -216,6 +216,10 @@ def member_blocks(members: int, block: int) -> list[tuple[int, int]]:
     """``(first, count)`` of consecutive blocks of at most ``block`` members covering ``0 .. members-1``."""
     members = check_int(members, "members")
     block = check_int(block, "block")
+    count = -(-members // block)
+    if count > 1_000_000:
+        raise InputError("block", f"a block size giving at most a million tasks for members={members}",
+                         f"block={block} ({count} tasks)", hint="each task costs the scheduler about a millisecond")
     return [(s, min(block, members - s)) for s in range(0, members, block)]
 
 

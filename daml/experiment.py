@@ -78,7 +78,7 @@ from .models.observations import TRANSFORMS
 from .posterior import MEMBER
 from .twin import simulate
 
-__all__ = ["DEFAULT_CONFIG", "Experiment", "load_config", "run_experiment", "Score"]
+__all__ = ["DEFAULT_CONFIG", "Experiment", "load_config", "run_experiment", "run_experiments", "Score"]
 
 DEFAULT_CONFIG = """
 # Lorenz-96, the Sakov & Oke (2008) twin experiment as in DAPPER's mods/Lorenz96/sakov2008.py:

@@ -44,7 +44,7 @@ import xarray as xr
 MODULES = ["daml", "daml.posterior", "daml.diagnostics", "daml.resampling", "daml.io", "daml.models",
            "daml.filters", "daml.transport", "daml.diffusion", "daml.ensembles", "daml.learning", "daml.smoothing", "daml.causal", "daml.twin",
            "daml.experiment", "daml.report", "daml.errors", "daml.models.mechanics", "daml.models.hamiltonian",
-           "daml.models.mechanics_data"]
+           "daml.models.mechanics_data", "daml.filters.local", "daml.distributed"]
 
 FAILURES = ("other", "nonfinite", "hang", "baseline")
 HUGE = 10 ** 12          # a size that cannot fit in memory on any machine
@@ -1191,6 +1191,23 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
           lambda: dict(filt=F.etkf(4), factor=1.05), {"filt": "obj", "factor": "real"}))
     add(S("daml.filters.gaspari_cohn", F.gaspari_cohn, lambda: dict(distance=t64([0.0, 0.5, 1.5, 3.0]), support=2.0),
           {"distance": "array", "support": "real"}))
+    from daml.filters import local as LOC
+
+    def ring(n=24, members=6):
+        g = np.random.default_rng(3)
+        return dict(x=t64(8.0 + g.standard_normal((members, n))), y=t64(8.0 + g.standard_normal(n)),
+                    precision=t64(np.where(np.arange(n) % 2 == 0, 1.0, 0.0)))
+
+    local_args = {"x": "members", "y": "array", "precision": "array", "radius": "real"}
+    add(S("daml.filters.local.halo", LOC.halo, lambda: dict(radius=4.0), {"radius": "real"}, auto=False))
+    add(S("daml.filters.local.letkf_local", LOC.letkf_local, lambda: dict(**ring(), radius=2.0),
+          {**local_args, "block": "int"}, auto=False, skip=[("block", "None")]))
+    add(S("daml.filters.local.letkf_window", LOC.letkf_window, lambda: dict(**ring(), radius=2.0, halo=7),
+          {**local_args, "halo": "int"}, auto=False))
+    add(S("daml.filters.local.letpf_local", LOC.letpf_local, lambda: dict(**ring(), radius=2.0),
+          {**local_args, "epsilon": "real", "solver": "choice"}, auto=False))
+    add(S("daml.filters.local.letpf_window", LOC.letpf_window, lambda: dict(**ring(), radius=2.0, halo=7),
+          {**local_args, "halo": "int", "epsilon": "real"}, auto=False))
     add(S("daml.filters.gaussian_loglik", F.gaussian_loglik,
           lambda: dict(innovation=t64(members(4, 2)), noise_cov=t64(spd(2)), mask=torch.ones(2, dtype=torch.bool)),
           {"innovation": "array", "noise_cov": "cov", "mask": "array"}))
@@ -1566,6 +1583,22 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
     add(S("daml.experiment.Score", lambda: ex.run_experiment(ex.load_config(small_toml), progress=False)[1],
           lambda: {}, {}, auto=False))
 
+    add(S("daml.experiment.run_experiments", lambda experiments: ex.run_experiments(experiments, progress=False)[0][0],
+          lambda: dict(experiments=[ex.load_config(small_toml)]), {"experiments": "obj"}, auto=False))
+
+    # ---- daml.distributed (what runs without a cluster; the rest: tests/test_distributed.py) ---------------
+    import daml.distributed as DI
+
+    def grid_da():
+        r = ring(30, 6)
+        return dict(forecast=xr.DataArray(r["x"].numpy(), dims=("member", "variable"), name="x"),
+                    y=xr.DataArray(r["y"].numpy(), dims=("variable",)))
+
+    add(S("daml.distributed.local_analysis", DI.local_analysis, lambda: dict(**grid_da(), variance=0.5, radius=2.0),
+          {"forecast": "obj", "y": "obj", "variance": "real", "radius": "real", "method": "choice"}, auto=False))
+    add(S("daml.distributed.member_blocks", DI.member_blocks, lambda: dict(members=10, block=3),
+          {"members": "int", "block": "int"}, auto=False))
+
     # ---- daml.report -----------------------------------------------------------------------------------------
     import daml.report as rp
 
@@ -1617,7 +1650,8 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
 HEAVY = {"daml.posterior.PosteriorAccessor.to_arviz", "daml.io.to_arviz", "daml.models.tangent_linear",
          "daml.filters.ekf", "daml.filters.extended_kalman_filter", "daml.diagnostics.energy_score",
          "daml.causal.MLPRegressor", "daml.causal.MLPRegressor.fit", "daml.causal.plr", "daml.causal.summary",
-         "daml.causal.cross_fit", "daml.experiment.run_experiment", "daml.experiment.Experiment",
+         "daml.causal.cross_fit", "daml.experiment.run_experiment", "daml.experiment.run_experiments",
+         "daml.experiment.Experiment",
          "daml.experiment.Score", "daml.filters.etpf", "daml.filters.letpf", "daml.filters.diffusion",
          "daml.filters.ensf", "daml.diffusion.diffusion", "daml.diffusion.ensf", "daml.diffusion.analysis",
          "daml.causal.default_learner", "daml.causal.default_boosting", "daml.causal.default_final"}
@@ -1779,6 +1813,9 @@ NOT_CALLABLE = {
     "daml.filters.REGISTRY": "a registry dict (every entry is run as daml.filters.<entry name>)",
     "daml.diffusion.SCHEDULES": "a registry dict (covered through make_schedule and the classes)",
     "daml.experiment.DEFAULT_CONFIG": "a TOML string",
+    **{f"daml.distributed.{n}": "needs a running Dask cluster (bad input tested in tests/test_distributed.py)"
+       for n in ("connect", "check_client", "workers", "fit", "run_methods")},
+    "daml.distributed.LOCAL_METHODS": "a tuple of names (covered through local_analysis's method)",
     "daml.errors.DamlError": "an exception base class with no arguments of its own",
     "daml.errors.ConvergenceWarning": "a warning class",
     "daml.errors.DroppedRowsWarning": "a warning class",
