@@ -29,6 +29,25 @@ called through :func:`torch.func.functional_call` inside :func:`torch.func.vmap`
 few batched kernels instead of M small ones. Adam acts elementwise, so the stacked optimisation is the
 same arithmetic as M separate ones; ``vectorize=False`` runs exactly that loop (the reference for the
 equivalence test and for the speed benchmark).
+
+Member blocks (issue 31). :func:`fit_block` trains members ``first .. first+count-1`` of an ``M``-member
+fit, for example on the workers of a Dask cluster, and :func:`gather` concatenates the blocks into the
+ensemble of ``fit(..., members=M)``, bit for bit on the same CPU build. Three things made a member's
+numbers depend on the other members of its pass, and are handled here: a dense prior precision was
+applied by one matrix product over the member axis (MKL rounds a row with the number of rows; it is now
+one matrix-vector product per member, ``torch.bmm``); torch computes a pass of a single member with
+other kernels than a pass of several; and MKL's kernels round a member differently at another memory
+alignment (member ``i`` of a stacked tensor starts ``i * K`` elements in). A block therefore trains
+behind ``first % 8`` (float64; 64 bytes) copies of its first member, plus one beside a lone member,
+whose numbers are dropped: blocks that start at multiples of 8 members and hold two or more cost nothing
+extra. Every member keeps its own Adam step size, stopping rule and Levenberg-Marquardt damping, the
+minibatch orders come from the members' own streams, and the data chunks of the polish are sized by
+``M``. Dropout layers draw a vmapped pass's masks from one stream, so a partial block of a dropout
+module needs ``vectorize=False`` (member ``i`` then has the stream ``rng_seed + i``). The intra-op
+thread count can change the numbers (the polish of a 4-64-1 network differed between one and two
+threads; blocks and fit on the same count agreed bitwise on both): give every block the count of the
+whole fit (:func:`fit_threads`, ``threads=``). Different CPUs (instruction sets, MKL builds) round
+differently: blocks equal the fit when they run on the same kind of machine.
 """
 
 from __future__ import annotations
@@ -44,8 +63,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import _device
-from ..errors import (ConvergenceWarning, DtypeError, InputError, ModuleError, NonFiniteError, ShapeError, check_fits,
-                      check_int, check_real)
+from ..errors import (ConvergenceWarning, DtypeError, InputError, ModuleError, NonFiniteError, SeedError, ShapeError,
+                      check_fits, check_int, check_real)
 
 LIKELIHOODS = ("gaussian", "heteroscedastic")
 
@@ -405,6 +424,16 @@ def member_output(module: nn.Module, params: dict, buffers: dict, x: torch.Tenso
     return out.reshape(out.shape[:-1]) if out.ndim == x.ndim else out, None
 
 
+def _dense_anchor(params: dict, w0: dict, prec: torch.Tensor) -> torch.Tensor:
+    """``½ (w_i - w0_i)ᵀ P (w_i - w0_i)`` per member ``(M,)`` for stacked ``(M, *shape)`` parameters and a
+    dense precision ``P`` ``(P, P)``: one matrix-vector product per member (``torch.bmm`` over the
+    expanded matrix), so that a member's value does not depend on how many members are stacked."""
+    members = next(iter(params.values())).shape[0]
+    d = torch.cat([(params[k] - w0[k]).reshape(members, -1) for k in params], 1)
+    pd = torch.bmm(prec.expand(members, *prec.shape), d.unsqueeze(-1)).squeeze(-1)
+    return 0.5 * (d * pd).sum(1)
+
+
 def _member_loss(module, likelihood, noise_var, n_total, anchor, params, buffers, w0, prec, xb, yb):
     mean, var = member_output(module, params, buffers, xb, likelihood)
     if likelihood == "heteroscedastic":
@@ -447,6 +476,7 @@ _POLISH_AFTER = 3      # step halvings after which a member of a deterministic G
 _POLISH_ITERATIONS = 2000
 _POLISH_PATIENCE = 500
 _POLISH_MAX_PARAMS = 4000
+_ALIGN_BYTES = 64      # a block of a fit pads its start so that its members keep their alignment to this many bytes
 
 
 def _has_dropout(module: nn.Module) -> bool:
@@ -546,9 +576,304 @@ def fit(
         With equal log-weights (:func:`~daml.ensembles.weigh` gives the importance weights) and the
         per-member ``convergence`` diagnostics. A :class:`~daml.errors.ConvergenceWarning` names the
         members that reached the cap ``epochs`` before ``tol``.
+
+    See Also
+    --------
+    fit_block, gather : the same ensemble trained in blocks of members (for example on Dask workers).
+    """
+    ens = _fit(module, x, y, block=None, threads=None, members=members, noise_sd=noise_sd, likelihood=likelihood,
+               anchor=anchor, perturb_targets=perturb_targets, common_prior_draw=common_prior_draw,
+               prior_scale=prior_scale, bias_scale=bias_scale, prior=prior, epochs=epochs, tol=tol, polish=polish,
+               batch_size=batch_size, lr=lr, normalise=normalise, vectorize=vectorize, seed=seed, device=device,
+               dtype=dtype, progress=progress)
+    warn_unconverged(ens, "fit", stacklevel=2)
+    return ens
+
+
+def fit_block(module: nn.Module, x: Any, y: Any, *, first: int, count: int, members: int, threads: int | None = None,
+              **fit_kwargs: Any) -> Ensemble:
+    """Train members ``first .. first+count-1`` of the ``members``-member :func:`fit`, in one pass.
+
+    The blocks of one fit, trained anywhere (for example on the workers of a Dask cluster) and given
+    to :func:`gather`, make the ensemble of ``fit(module, x, y, members=members, **fit_kwargs)`` bit
+    for bit: member ``i`` reads only the ``i``-th stream spawned from ``seed`` (its prior draw, target
+    perturbation and minibatch order), and the training of a member (Adam with its own step size and
+    stopping rule, then the Levenberg-Marquardt polish) involves no other member's numbers.
+
+    Parameters
+    ----------
+    module, x, y
+        As for :func:`fit`.
+    first : int
+        Index of the block's first member, ``0 <= first < members``.
+    count : int
+        Number of members in the block, ``1 <= count <= members - first``.
+    members : int
+        Size ``M`` of the whole ensemble (not of the block).
+    threads : int, optional
+        Intra-op threads for the training. Default: the count :func:`fit` picks for the whole ensemble in
+        this process (:func:`fit_threads`). The count can change the numbers (the polish of a 4-64-1
+        network came out different on one and on two threads, each bitwise reproducible), so a
+        distributed fit computes ``fit_threads(...)`` once where the reference runs and passes it to every
+        block.
+    **fit_kwargs
+        The other keyword arguments of :func:`fit`, the same for every block. ``seed`` must be an int or
+        a :class:`numpy.random.SeedSequence` (not ``None`` or a ``torch.Generator``, which would give every
+        block streams of its own); a SeedSequence is copied, never advanced, so the blocks equal
+        ``fit(seed=s)`` for a ``s`` that has not spawned before.
+
+    Returns
+    -------
+    Ensemble
+        The block's ``count`` members, with log-weights ``-log count`` and its convergence diagnostics
+        (unconverged members are not warned about here but by :func:`gather`). ``config`` is
+        :func:`fit`'s (with ``members=M``) plus ``config["block"]``: ``first``, ``count`` and digests of the
+        seed, data and architecture that :func:`gather` compares.
+
+    Raises
+    ------
+    InputError
+        Naming ``first``, ``count`` or ``members`` out of range, ``seed`` (``None`` or a generator), or
+        ``module`` for a dropout module with ``vectorize=True`` and a block smaller than the ensemble
+        (``vmap`` draws the dropout masks of a pass from one stream; ``vectorize=False`` gives every member
+        a stream of its own, and its blocks gather into ``fit(..., vectorize=False)``).
+
+    Examples
+    --------
+    >>> kw = dict(members=5, noise_sd=0.1, seed=0, epochs=50)
+    >>> blocks = [fit_block(mlp(2, 8), x, y, first=0, count=2, **kw),
+    ...           fit_block(mlp(2, 8), x, y, first=2, count=3, **kw)]
+    >>> ens = gather(blocks)                                    # == fit(mlp(2, 8), x, y, **kw)
+    """
+    members = check_int(members, "members")
+    first = check_int(first, "first", 0, expected=f"a member index in 0 .. members - 1 = {members - 1}")
+    if first >= members:
+        raise InputError("first", f"a member index in 0 .. members - 1 = {members - 1}", first)
+    count = check_int(count, "count", 1, expected=f"a number of members in 1 .. members - first = {members - first}")
+    if first + count > members:
+        raise InputError("count", f"a number of members in 1 .. members - first = {members - first} (the block "
+                         f"starts at member {first} of {members})", count)
+    if threads is not None:
+        threads = check_int(threads, "threads", 1)
+    unknown = sorted(set(fit_kwargs) - set(_FIT_DEFAULTS))
+    if unknown:
+        raise InputError("fit_kwargs", f"keyword arguments of fit ({', '.join(sorted(_FIT_DEFAULTS))})",
+                         ", ".join(unknown))
+    kw = {**_FIT_DEFAULTS, **fit_kwargs}
+    kw["seed"] = _block_seed(kw["seed"])
+    return _fit(module, x, y, block=(first, count), threads=threads, members=members, **kw)
+
+
+def _block_seed(seed: Any) -> Any:
+    """The seed of a block: an int as it is, a SeedSequence copied (spawning advances it); ``None`` and
+    generators refused (every block would read streams of its own)."""
+    expected = ("an int or a numpy SeedSequence, the same for every block (None draws fresh entropy and a "
+                "torch.Generator is advanced by each call, so the blocks would not share the fit's streams)")
+    if seed is None:
+        raise SeedError("seed", expected, "None")
+    if isinstance(seed, torch.Generator):
+        raise SeedError("seed", expected, "a torch.Generator")
+    if isinstance(seed, np.random.SeedSequence):
+        return np.random.SeedSequence(entropy=seed.entropy, spawn_key=seed.spawn_key, pool_size=seed.pool_size,
+                                      n_children_spawned=seed.n_children_spawned)
+    _device.seed_sequence(seed)              # the same checks (and errors) as fit's
+    return seed
+
+
+def gather(blocks: Sequence[Ensemble]) -> Ensemble:
+    """One ensemble from the blocks of :func:`fit_block`: the ensemble of the whole :func:`fit`.
+
+    The blocks may come in any order (they are sorted by their first member); together they must cover
+    members ``0 .. M-1`` once each, and all come from the same fit: the same arguments, seed, data and
+    architecture (``config`` and the digests in ``config["block"]``) and the same normalisation and
+    prior tensors. Parameters, buffers, prior draws and convergence diagnostics are concatenated along
+    the member axis in member order; the loss histories are padded with ``nan`` to the longest (a
+    member's history is ``nan`` after it stopped); the log-weights are ``-log M`` and ``config`` is
+    :func:`fit`'s. Like :func:`fit`, warns (:class:`~daml.errors.ConvergenceWarning`) once about members
+    that did not converge.
+
+    Parameters
+    ----------
+    blocks : sequence of Ensemble
+        The blocks of one fit, from :func:`fit_block`.
+
+    Returns
+    -------
+    Ensemble
+        Equal (``torch.equal`` on every tensor) to the ensemble of ``fit(..., members=M)`` with the same
+        arguments on the same device and dtype.
+
+    Raises
+    ------
+    InputError
+        Naming ``blocks``: not a non-empty sequence of blocks of :func:`fit_block`, blocks of different
+        fits, or blocks that leave a gap or overlap.
+
+    Examples
+    --------
+    >>> ens = gather([b0, b1])               # b0: members 0..1, b1: members 2..4 of a 5-member fit
+    >>> ens = gather([b1, b0])               # the same ensemble
+    >>> ens = gather([fit_block(net, x, y, first=0, count=5, members=5, noise_sd=0.1, seed=0)])
+    """
+    expected = "a non-empty sequence of ensembles from fit_block (one fit's blocks, covering its members once each)"
+    if isinstance(blocks, (Ensemble, str, bytes)) or not isinstance(blocks, Sequence):
+        raise InputError("blocks", expected, type(blocks).__name__)
+    blocks = list(blocks)
+    if not blocks:
+        raise InputError("blocks", expected, "an empty sequence")
+    for j, b in enumerate(blocks):
+        if not isinstance(b, Ensemble):
+            raise InputError("blocks", expected, f"blocks[{j}] of type {type(b).__name__}")
+        record = b.config.get("block") if isinstance(b.config, dict) else None
+        if not isinstance(record, dict) or b.convergence is None:
+            raise InputError("blocks", expected, f"blocks[{j}] without a block record (an ensemble of fit, "
+                             "deep_ensemble or mc_dropout rather than of fit_block)")
+        if b.members != record["count"] or any(v.shape[0] != record["count"] for v in b.params.values()):
+            raise InputError("blocks", expected, f"blocks[{j}] with {b.members} members but a record of "
+                             f"{record['count']}")
+
+    def base(b):
+        return {k: v for k, v in b.config.items() if k != "block"}
+
+    def origin(b):
+        return {k: v for k, v in b.config["block"].items() if k not in ("first", "count")}
+
+    same = "blocks of one fit (the same arguments, seed, data and architecture)"
+    ref = blocks[0]
+    for j, b in enumerate(blocks[1:], 1):
+        a0, a1 = {**base(ref), **origin(ref)}, {**base(b), **origin(b)}
+        differ = sorted(k for k in set(a0) | set(a1) if a0.get(k, None) != a1.get(k, None))
+        if not differ:
+            differ = [name for name in ("x_mean", "x_sd", "y_mean", "y_sd")
+                      if not _same_tensor(getattr(ref, name), getattr(b, name))]
+            if ref.noise_sd != b.noise_sd and not (math.isnan(ref.noise_sd) and math.isnan(b.noise_sd)):
+                differ.append("noise_sd")
+            if ref.likelihood != b.likelihood:
+                differ.append("likelihood")
+            for name in ("prior_sd", "params", "buffers"):
+                d0, d1 = getattr(ref, name), getattr(b, name)
+                if list(d0) != list(d1) or any(d0[k].shape[1 if name != "prior_sd" else 0:]
+                                               != d1[k].shape[1 if name != "prior_sd" else 0:] for k in d0):
+                    differ.append(name)
+            if not differ and not all(_same_tensor(ref.prior_sd[k], b.prior_sd[k]) for k in ref.prior_sd):
+                differ.append("prior_sd")
+            if (ref.prior is None) != (b.prior is None) or (ref.prior is not None and not (
+                    _same_tensor(ref.prior.mean, b.prior.mean) and _same_tensor(ref.prior.cov, b.prior.cov))):
+                differ.append("prior")
+        if differ:
+            raise InputError("blocks", same, f"blocks[0] and blocks[{j}] that differ in {', '.join(differ)}")
+    order = sorted(range(len(blocks)), key=lambda j: (blocks[j].config["block"]["first"], j))
+    members = int(ref.config["members"])
+    covered, previous = 0, None
+    for j in order:
+        first, count = blocks[j].config["block"]["first"], blocks[j].config["block"]["count"]
+        if first > covered:
+            raise InputError("blocks", f"blocks that cover members 0 .. {members - 1} once each",
+                             f"a gap: members {covered} .. {first - 1} are in no block")
+        if first < covered:
+            raise InputError("blocks", f"blocks that cover members 0 .. {members - 1} once each",
+                             f"an overlap: members {first} .. {min(covered, first + count) - 1} are in "
+                             f"blocks[{previous}] and blocks[{j}]")
+        covered, previous = first + count, j
+    if covered != members:
+        raise InputError("blocks", f"blocks that cover members 0 .. {members - 1} once each",
+                         f"a gap: members {covered} .. {members - 1} are in no block")
+    parts = [blocks[j] for j in order]
+
+    def cat(name):
+        dicts = [getattr(b, name) for b in parts]
+        return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+
+    width = max(b.history.shape[1] for b in parts)
+    history = torch.full((members, width), math.nan, dtype=ref.history.dtype, device=ref.history.device)
+    row = 0
+    for b in parts:
+        history[row:row + b.members, :b.history.shape[1]] = b.history
+        row += b.members
+    conv = {k: torch.cat([b.convergence[k] for b in parts]) for k in ref.convergence}
+    ens = Ensemble(module=ref.module, params=cat("params"), buffers=cat("buffers"), prior_sd=dict(ref.prior_sd),
+                   prior_draw=cat("prior_draw"),
+                   log_weight=torch.full((members,), -math.log(members), dtype=ref.log_weight.dtype,
+                                         device=ref.log_weight.device),
+                   noise_sd=ref.noise_sd, likelihood=ref.likelihood, x_mean=ref.x_mean, x_sd=ref.x_sd,
+                   y_mean=ref.y_mean, y_sd=ref.y_sd, history=history, config=base(ref), convergence=conv,
+                   prior=ref.prior)
+    warn_unconverged(ens, "gather", stacklevel=2)
+    return ens
+
+
+def fit_threads(module: nn.Module, x: Any, members: int, batch_size: int = 32, vectorize: bool = True) -> int:
+    """The intra-op thread count :func:`fit` trains ``members`` members of ``module`` on here (CPU).
+
+    One thread for small networks (:func:`daml._device.auto_threads`), else the process's setting
+    (``torch.get_num_threads()``); ``DAML_THREADS`` forces a count. A distributed fit can compute it
+    once on the client and pass it to every :func:`fit_block` as ``threads=``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    x : array-like, shape (n, d) or (n,)
+        The training inputs (only their number of rows counts).
+    members : int
+        The size of the whole ensemble.
+    batch_size : int
+    vectorize : bool
+        As for :func:`fit` (``False``: the work of one member).
+
+    Examples
+    --------
+    >>> fit_threads(mlp(2, 8), x, members=5)                  # 1: a small network
+    >>> fit_threads(mlp(20, 512), x, members=200)             # torch.get_num_threads()
     """
     module = _check_module(module)
     members = check_int(members, "members")
+    batch_size = check_int(batch_size, "batch_size")
+    if not isinstance(vectorize, (bool, np.bool_)):
+        raise InputError("vectorize", "True or False", repr(vectorize))
+    rows = x.shape[0] if isinstance(x, (torch.Tensor, np.ndarray)) else as_numeric(x, "x").shape[0]
+    work = _device.network_work(module, members if vectorize else 1, min(int(batch_size), int(rows)))
+    chosen = _device.choose_threads(work)
+    return int(chosen) if chosen is not None else torch.get_num_threads()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal`` that also holds for tensors on different devices or of different dtypes (False)."""
+    return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+
+
+def _digest(*items: Any) -> str:
+    """A short hex digest of tensors (dtype, shape and bytes) and strings: how :func:`gather` tells the
+    data and architectures of blocks apart without keeping them."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            t = item.detach().to("cpu").contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(str(item).encode())
+    return h.hexdigest()
+
+
+_FIT_DEFAULTS = dict(noise_sd=None, likelihood="gaussian", anchor=True, perturb_targets=True, common_prior_draw=False,
+                     prior_scale=1.0, bias_scale=1.0, prior=None, epochs=DEFAULT_EPOCHS, tol=DEFAULT_TOL, polish=None,
+                     batch_size=32, lr=1e-2, normalise=True, vectorize=True, seed=None, device=None, dtype=None,
+                     progress=None)
+"""fit's keyword arguments other than ``members`` and their defaults (a test checks them against fit's
+signature)."""
+
+
+def _fit(module, x, y, *, block, threads, members, noise_sd, likelihood, anchor, perturb_targets, common_prior_draw,
+         prior_scale, bias_scale, prior, epochs, tol, polish, batch_size, lr, normalise, vectorize, seed, device, dtype,
+         progress) -> Ensemble:
+    """The one implementation of :func:`fit` (``block=None``: all ``members``) and :func:`fit_block`
+    (``block=(first, count)``: members ``first .. first+count-1`` of the ``members``-member fit)."""
+    module = _check_module(module)
+    members = check_int(members, "members")
+    first, count = (0, members) if block is None else block
+    stop = first + count
     if not isinstance(likelihood, str) or likelihood not in LIKELIHOODS:
         raise InputError("likelihood", f"one of {LIKELIHOODS}", repr(likelihood))
     for name, flag in (("anchor", anchor), ("perturb_targets", perturb_targets),
@@ -593,15 +918,28 @@ def fit(
     elif polish and not can_polish:
         raise InputError("polish", "False or None for this ensemble (the polish needs the Gaussian likelihood and "
                          "a module without dropout or buffers)", polish)
+    if stochastic and vectorize and count < members:
+        raise ModuleError("module", "a module without dropout layers for a block of a vectorised fit (vmap draws "
+                          "the dropout masks of all the members in the pass from one stream, so a member's masks "
+                          "depend on which other members share its pass)", f"{type(module).__name__} with dropout",
+                          hint="pass vectorize=False: every member then has a dropout stream of its own and the "
+                          "blocks gather into fit(..., vectorize=False)")
     # memory per member, refused before any stream is spawned: parameters, prior draw, Adam moments and
     # gradients (about 8 copies of P), perturbed targets and minibatch order (3 n), a random generator
     # (about 5 kB), and the P x P Gauss-Newton matrices of the polish (3 P²)
     item = torch.empty((), dtype=dt).element_size()
     per_member = item * (8.0 * n_params + 3.0 * n + (3.0 * n_params**2 if polish else 0.0)) + 5000.0
-    check_fits("members", members * per_member, what=f"members={members} ({n_params} parameters each)", device=dev)
+    if block is None:
+        check_fits("members", members * per_member, what=f"members={members} ({n_params} parameters each)", device=dev)
+    else:
+        check_fits("count", count * per_member, what=f"count={count} members ({n_params} parameters each)", device=dev)
     root = _device.seed_sequence(seed)
-    children = root.spawn(members)
-    gens = [_device.generator(child, dev) for child in children]
+    root_attr = (f"entropy={root.entropy}, spawn_key={tuple(root.spawn_key)}, "
+                 f"children_spawned_before={root.n_children_spawned}")
+    children = root.spawn(members)          # all M (then sliced), so that what the root spawns next is the same
+    # the members whose streams this block reads: its own, and member 0's when every member starts at its draw
+    drawn = ([0] if common_prior_draw and first > 0 else []) + list(range(first, stop))
+    gens = {i: _device.generator(children[i], dev) for i in drawn}
     rng_seed = int(root.generate_state(1, dtype=np.uint32)[0])   # the stream of dropout layers
     pri = None
     if prior is not None:
@@ -617,21 +955,26 @@ def fit(
         sd = prior_sd(template, prior_scale, bias_scale, dt, dev)
         prec = {k: 1.0 / s**2 for k, s in sd.items()}
     draws, targets = [], []
-    for child, g in zip(children, gens):
+    first_draw = None
+    for i in drawn:
+        g = gens[i]
         if pri is None:
             w0 = _draw_prior(sd, g)
         else:
-            w0 = _unflatten_shapes(_draw_flat_prior(pri, g, child.spawn(1)[0]), shapes)
-        if common_prior_draw and draws:
-            w0 = draws[0]
+            w0 = _unflatten_shapes(_draw_flat_prior(pri, g, children[i].spawn(1)[0]), shapes)
+        if common_prior_draw:               # member 0's draw (always the first drawn) for every member
+            first_draw = w0 if first_draw is None else first_draw
+            w0 = first_draw
+        if i < first:                       # member 0 of an earlier block: only its prior draw was needed
+            continue
         draws.append(w0)
         eps = torch.randn(n, generator=g, dtype=dt, device=dev) * noise if perturb_targets else None
         targets.append(yn + eps if eps is not None else yn)
     w0_stack = {k: torch.stack([d[k] for d in draws]) for k in sd}
     y_stack = torch.stack(targets)                                  # (M, n)
-    buffers = {k: b.unsqueeze(0).expand(members, *b.shape).clone() for k, b in template.named_buffers()}
+    buffers = {k: b.unsqueeze(0).expand(count, *b.shape).clone() for k, b in template.named_buffers()}
     _probe_vmap(template, {k: v.clone() for k, v in w0_stack.items()}, {k: v.clone() for k, v in buffers.items()},
-                xn, members)
+                xn, count)
 
     config = dict(members=members, noise_sd=None if likelihood != "gaussian" else float(noise * y_sd),
                   likelihood=likelihood, anchor=bool(anchor), perturb_targets=bool(perturb_targets),
@@ -642,41 +985,76 @@ def fit(
     loss_args = (template, likelihood, noise**2 if likelihood == "gaussian" else 1.0, float(n), bool(anchor))
     scale = math.sqrt(n) * (noise if likelihood == "gaussian" else 1.0)
     config["polish"] = bool(polish)
+    if block is not None:       # what gather needs to tell blocks of one fit from blocks of different fits
+        config["block"] = dict(first=first, count=count, root=root_attr, data=_digest(xt, yt),
+                               module=_digest(repr(template)))
     train_kw = dict(batch_size=batch_size, lr=lr, epochs=epochs, tol=tol, grad_scale=scale, stochastic=stochastic,
                     polish=bool(polish), dev=dev, progress=progress)
     # small networks train on one intra-op thread (_device.auto_threads; DAML_THREADS forces a count):
     # with two threads on a busy 2-core machine they ran up to 10 times slower
     work = _device.network_work(module, members if vectorize else 1, min(int(batch_size), int(n)))
-    with torch.enable_grad(), _device.auto_threads(work, device=dev):   # autograd, also under torch.no_grad()
-        params, history, conv, buffers = _train_members(vectorize, members, loss_args, w0_stack, buffers, prec, xn,
-                                                        y_stack, gens, rng_seed, dt, dev, train_kw)
+    # (from the ensemble size M, also for a block, so that a block runs on the count the whole fit would use)
+    with torch.enable_grad(), _device.auto_threads(work, threads, device=dev):   # autograd, also under no_grad()
+        params, history, conv, buffers = _train_members(vectorize, members, first, count, loss_args, w0_stack,
+                                                        buffers, prec, xn, y_stack,
+                                                        [gens[i] for i in range(first, stop)], rng_seed, dt, dev,
+                                                        train_kw)
     if not all(torch.isfinite(v).all() for v in params.values()):
         raise NonFiniteError("lr", "a learning rate at which training stays finite", lr,
                              hint="training produced NaN or infinite parameters; lower lr")
     ens = Ensemble(module=template, params=params, buffers=buffers, prior_sd=sd, prior_draw=w0_stack,
-                   log_weight=torch.full((members,), -math.log(members), dtype=dt, device=dev),
+                   log_weight=torch.full((count,), -math.log(count), dtype=dt, device=dev),
                    noise_sd=noise, likelihood=likelihood, x_mean=x_mean, x_sd=x_sd, y_mean=y_mean, y_sd=y_sd,
                    history=history, config=config, convergence=conv, prior=pri)
-    warn_unconverged(ens, "fit", stacklevel=2)
     return ens
 
 
-def _train_members(vectorize, members, loss_args, w0_stack, buffers, prec, xn, y_stack, gens, rng_seed, dt, dev,
-                   train_kw):
-    """All members in one vmapped pass (``vectorize``) or one after the other (the reference loop)."""
-    if vectorize:
+def _train_members(vectorize, members, first, count, loss_args, w0_stack, buffers, prec, xn, y_stack, gens, rng_seed,
+                   dt, dev, train_kw):
+    """Members ``first .. first+count-1`` of ``members`` (their stacked draws, targets and generators) in
+    one vmapped pass (``vectorize``) or one after the other (the reference loop, where member ``i`` has
+    the dropout stream ``rng_seed + i``)."""
+    align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dt).element_size())     # members per 64 bytes
+    if vectorize and (first % align or count == 1) and members > 1:
+        # a block whose members would sit at other memory alignments than in the whole fit, or alone in its
+        # pass, trains behind `lead` copies of its first member (and beside one, when alone): MKL's kernels
+        # round a member differently at another alignment (member i of a stacked tensor starts i * K
+        # elements in: the same modulo 64 bytes as in the whole fit when lead = first % align), and torch
+        # computes a pass of one member with other kernels than a pass of several.
+        # The copies (draws, targets and a clone of the generator) only pad; their numbers are dropped.
+        lead = first % align
+        trail = 1 if count == 1 and lead == 0 else 0
+        idx = [0] * lead + list(range(count)) + [0] * trail
+        pick = torch.tensor(idx, device=y_stack.device)
+        clones = []
+        for _ in range(lead + trail):
+            g = torch.Generator(device=gens[0].device)
+            g.set_state(gens[0].get_state())
+            clones.append(g)
+        params, history, conv, buffers = _train(loss_args, {k: v[pick] for k, v in w0_stack.items()},
+                                                {k: v[pick] for k, v in buffers.items()}, prec, xn, y_stack[pick],
+                                                clones[:lead] + list(gens) + clones[lead:], rng_seed=rng_seed,
+                                                desc=f"members {first}..{first + count - 1}", size_members=members,
+                                                **train_kw)
+        keep = slice(lead, lead + count)
+        params = {k: v[keep].clone() for k, v in params.items()}
+        buffers = {k: v[keep].clone() for k, v in buffers.items()}
+        conv = {k: v[keep].clone() for k, v in conv.items()}
+        history = history[keep, :int(conv["epochs"].max())].clone()   # the copies may have run longer
+    elif vectorize:
         params, history, conv, buffers = _train(loss_args, w0_stack, buffers, prec, xn, y_stack, gens,
-                                                rng_seed=rng_seed, desc="ensemble", **train_kw)
+                                                rng_seed=rng_seed, desc="ensemble", size_members=members, **train_kw)
     else:
         outs = []
-        for i in range(members):
-            outs.append(_train(loss_args, {k: v[i:i + 1] for k, v in w0_stack.items()},
-                               {k: v[i:i + 1] for k, v in buffers.items()}, prec, xn, y_stack[i:i + 1], [gens[i]],
-                               rng_seed=rng_seed + i, desc=f"member {i}", **train_kw))
+        for j in range(count):
+            outs.append(_train(loss_args, {k: v[j:j + 1] for k, v in w0_stack.items()},
+                               {k: v[j:j + 1] for k, v in buffers.items()}, prec, xn, y_stack[j:j + 1], [gens[j]],
+                               rng_seed=rng_seed + first + j, desc=f"member {first + j}", size_members=1,
+                               **train_kw))
         params = {k: torch.cat([o[0][k] for o in outs]) for k in w0_stack}
         buffers = {k: torch.cat([o[3][k] for o in outs]) for k in buffers}
         width = max(o[1].shape[1] for o in outs)
-        history = torch.full((members, width), math.nan, dtype=dt, device=dev)
+        history = torch.full((count, width), math.nan, dtype=dt, device=dev)
         for i, o in enumerate(outs):
             history[i, :o[1].shape[1]] = o[1][0]
         conv = {k: torch.cat([o[2][k] for o in outs]) for k in outs[0][2]}
@@ -715,7 +1093,7 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, epochs, tol, grad_scale, stochastic,
-           polish, rng_seed, dev, progress, desc):
+           polish, rng_seed, dev, progress, desc, size_members=None):
     """Adam on ``M`` stacked members (one vmapped loss), each to its own convergence.
 
     Adam is written out with a step size per member, so that a member's arithmetic does not depend on the
@@ -723,6 +1101,8 @@ def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, ep
     gradient are evaluated per member: a member whose scaled gradient norm is below ``tol`` stops (its
     parameters are frozen); one whose objective has not improved for ``_PATIENCE`` epochs has its step
     halved. Returns the parameters, the loss history ``(M, epochs run)`` and the diagnostics.
+    ``size_members`` (default ``M``) is the ensemble size that sizes the data chunks of the polish: the
+    size of the whole fit when these members are a block of it, so that a block sums in the same chunks.
     """
     from tqdm.auto import tqdm
 
@@ -734,10 +1114,22 @@ def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, ep
     b1, b2, eps = 0.9, 0.999, 1e-8
     step_size = torch.full((members,), lr, dtype=dt, device=dev)
 
-    def loss_one(p, b, w0_i, xb, yb):
-        return _member_loss(*loss_args, p, b, w0_i, prec, xb, yb)
+    # a dense prior precision enters outside vmap, one matrix-vector product per member (torch.bmm):
+    # under vmap it became one matrix product over the member axis, whose rows MKL rounds differently
+    # with the number of rows, so that a member depended on how many others shared its pass
+    dense = bool(loss_args[4]) and not isinstance(prec, dict)
+    member_args = (*loss_args[:4], bool(loss_args[4]) and not dense)
+    n_total = loss_args[3]
 
-    batched = vmap(loss_one, randomness="different")
+    def loss_one(p, b, w0_i, xb, yb):
+        return _member_loss(*member_args, p, b, w0_i, prec, xb, yb)
+
+    vmapped = vmap(loss_one, randomness="different")
+
+    def batched(p, b, w0_, xb, yb):
+        out = vmapped(p, b, w0_, xb, yb)
+        return out + _dense_anchor(p, w0_, prec) / n_total if dense else out
+
     x_all = x.unsqueeze(0).expand(members, *x.shape)
 
     def check(p):
@@ -805,7 +1197,8 @@ def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, ep
     lm_steps = torch.zeros(members, dtype=torch.long, device=dev)
     if polish and not bool(converged.all()):
         p_new, gn_lm, rel_lm, lm_steps, conv_lm = _polish(loss_args, params, buffers, w0, prec, x, y_stack, ~converged,
-                                                          tol=tol, grad_scale=grad_scale, iterations=_POLISH_ITERATIONS)
+                                                          tol=tol, grad_scale=grad_scale, iterations=_POLISH_ITERATIONS,
+                                                          size_members=size_members)
         todo = ~converged
         params = {k: torch.where(bcast(todo, v), p_new[k], v) for k, v in params.items()}
         gn = torch.where(todo, gn_lm, gn)
@@ -816,7 +1209,7 @@ def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, ep
     return {k: v.detach() for k, v in params.items()}, hist, conv, buffers
 
 
-def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad_scale, iterations):
+def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad_scale, iterations, size_members=None):
     """Levenberg-Marquardt on the exact RML cost of every member in ``todo`` (Gaussian likelihood).
 
     In flat parameters ``θ`` the total cost of member ``i`` is ``½‖ỹ_i - f(θ)‖²/σ² + ½ (θ - θ0_i)ᵀ P
@@ -824,7 +1217,9 @@ def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad
     ``GᵀG/σ² + P``. A step ``(H + λ diag H)⁻¹ g`` is kept when it lowers the cost (then ``λ /= 3``, else
     ``λ *= 5``); a member stops once its scaled gradient norm is below ``tol``. For a model linear in
     its parameters the first step lands on the minimum. Returns the parameters, the per-datum gradient
-    norms, the last relative improvements, the iterations used and the converged flags.
+    norms, the last relative improvements, the iterations used and the converged flags. The data are
+    summed in chunks sized by ``size_members`` (default: the members here), so that a block of a fit
+    given the fit's size adds its sums in the same order as the whole fit.
     """
     module, _, noise_var, n_total, anchor = loss_args
     shapes = {k: v.shape[1:] for k, v in params.items()}
@@ -843,6 +1238,7 @@ def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad
         return out
 
     theta, theta0 = flat(params), flat(w0)
+    dense = anchor and not isinstance(prec, dict)
     p_mat = torch.diag(torch.cat([prec[k].reshape(-1) for k in shapes])) if isinstance(prec, dict) else prec
     if not anchor:
         p_mat = torch.zeros_like(p_mat)
@@ -856,11 +1252,13 @@ def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad
 
     jac = vmap(vmap(grad(f1), in_dims=(None, None, 0)), in_dims=(0, 0, None))
     fwd = vmap(f, in_dims=(0, 0, None))
-    step = max(1, int(2e7 // max(1, members * theta.shape[1])))
+    step = max(1, int(2e7 // max(1, (size_members or members) * theta.shape[1])))
 
     def prior_part(th):
         d = th - theta0
-        pd = d @ p_mat
+        # one matrix-vector product per member (a product over the member axis rounds a member's row
+        # differently with the number of members; the diagonal prior's sums are exact either way)
+        pd = torch.bmm(p_mat.expand(members, *p_mat.shape), d.unsqueeze(-1)).squeeze(-1) if dense else d @ p_mat
         return 0.5 * (pd * d).sum(1), pd
 
     def cost(th):
