@@ -86,12 +86,13 @@ def test_gathered_blocks_equal_fit(case):
         assert torch.equal(blocks[1].prior_draw["0.weight"][0], whole.prior_draw["0.weight"][0])
 
 
-def test_blocks_at_every_offset_and_alone():
+@pytest.mark.parametrize("prior", ["diagonal", "full covariance"])
+def test_blocks_at_every_offset_and_alone(prior):
     # 97 parameters (odd) and the polish: without the padding of fit_block a member's numbers depended on
     # its memory alignment (MKL's triangular solves) and on being alone in its pass; blocks start at
     # offsets that are and are not multiples of 8, and one holds a single member
     x, y = data(n=48, d=4)
-    kw = dict(KW, epochs=8)
+    kw = dict(KW, epochs=8, prior=None if prior == "diagonal" else _mvn(97))
     spans = [(0, 3), (3, 1), (4, 5), (9, 1)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -231,3 +232,14 @@ def test_fit_threads_and_fit_defaults():
     defaults = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "members"}
     assert defaults == T._FIT_DEFAULTS
     assert math.isclose(T._FIT_DEFAULTS["tol"], T.DEFAULT_TOL)
+
+
+def test_blocks_survive_pickling(small_blocks):
+    # the blocks travel from workers to the client pickled (Dask); the unpickled blocks gather to fit's
+    import pickle
+
+    blocks, _, whole = small_blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gathered = T.gather([pickle.loads(pickle.dumps(b)) for b in blocks])
+    assert_same(gathered, whole)

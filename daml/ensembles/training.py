@@ -35,7 +35,7 @@ fit, for example on the workers of a Dask cluster, and :func:`gather` concatenat
 ensemble of ``fit(..., members=M)``, bit for bit on the same CPU build. Three things made a member's
 numbers depend on the other members of its pass, and are handled here: a dense prior precision was
 applied by one matrix product over the member axis (MKL rounds a row with the number of rows; it is now
-one matrix-vector product per member, ``torch.bmm``); torch computes a pass of a single member with
+products over fixed groups of 8 members, aligned as below); torch computes a pass of a single member with
 other kernels than a pass of several; and MKL's kernels round a member differently at another memory
 alignment (member ``i`` of a stacked tensor starts ``i * K`` elements in). A block therefore trains
 behind ``first % 8`` (float64; 64 bytes) copies of its first member, plus one beside a lone member,
@@ -424,14 +424,34 @@ def member_output(module: nn.Module, params: dict, buffers: dict, x: torch.Tenso
     return out.reshape(out.shape[:-1]) if out.ndim == x.ndim else out, None
 
 
+def _members_per_alignment(dtype: torch.dtype) -> int:
+    """Members per :data:`_ALIGN_BYTES` of one element: the period, in members, of the memory alignment
+    of the members of a stacked tensor (8 for float64, 16 for float32)."""
+    return max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+
+
+def _rows_times(d: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """``d @ mat`` for ``d`` ``(M, P)``, computed in groups of a fixed number of rows (the last group
+    padded with zeros), one matrix product per group (``torch.bmm``): MKL rounds a row of one product
+    over all ``M`` rows differently with ``M``, and the groups start at the same members in a block as
+    in the whole fit (a block is padded to that alignment), so a member's row does not depend on the
+    others."""
+    group = _members_per_alignment(d.dtype)
+    m, p = d.shape
+    pad = (-m) % group
+    if pad:
+        d = torch.cat([d, d.new_zeros(pad, p)])
+    out = torch.bmm(d.reshape(-1, group, p), mat.expand(d.shape[0] // group, *mat.shape))
+    return out.reshape(-1, mat.shape[1])[:m]
+
+
 def _dense_anchor(params: dict, w0: dict, prec: torch.Tensor) -> torch.Tensor:
     """``½ (w_i - w0_i)ᵀ P (w_i - w0_i)`` per member ``(M,)`` for stacked ``(M, *shape)`` parameters and a
-    dense precision ``P`` ``(P, P)``: one matrix-vector product per member (``torch.bmm`` over the
-    expanded matrix), so that a member's value does not depend on how many members are stacked."""
+    dense (symmetric) precision ``P`` ``(P, P)``, in products whose rounding does not depend on how
+    many members are stacked (:func:`_rows_times`)."""
     members = next(iter(params.values())).shape[0]
     d = torch.cat([(params[k] - w0[k]).reshape(members, -1) for k in params], 1)
-    pd = torch.bmm(prec.expand(members, *prec.shape), d.unsqueeze(-1)).squeeze(-1)
-    return 0.5 * (d * pd).sum(1)
+    return 0.5 * (d * _rows_times(d, prec)).sum(1)
 
 
 def _member_loss(module, likelihood, noise_var, n_total, anchor, params, buffers, w0, prec, xb, yb):
@@ -1014,7 +1034,7 @@ def _train_members(vectorize, members, first, count, loss_args, w0_stack, buffer
     """Members ``first .. first+count-1`` of ``members`` (their stacked draws, targets and generators) in
     one vmapped pass (``vectorize``) or one after the other (the reference loop, where member ``i`` has
     the dropout stream ``rng_seed + i``)."""
-    align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dt).element_size())     # members per 64 bytes
+    align = _members_per_alignment(dt)
     if vectorize and (first % align or count == 1) and members > 1:
         # a block whose members would sit at other memory alignments than in the whole fit, or alone in its
         # pass, trains behind `lead` copies of its first member (and beside one, when alone): MKL's kernels
@@ -1114,7 +1134,7 @@ def _train(loss_args, w0, buffers, prec, x, y_stack, gens, *, batch_size, lr, ep
     b1, b2, eps = 0.9, 0.999, 1e-8
     step_size = torch.full((members,), lr, dtype=dt, device=dev)
 
-    # a dense prior precision enters outside vmap, one matrix-vector product per member (torch.bmm):
+    # a dense prior precision enters outside vmap, in products over fixed groups of members (_rows_times):
     # under vmap it became one matrix product over the member axis, whose rows MKL rounds differently
     # with the number of rows, so that a member depended on how many others shared its pass
     dense = bool(loss_args[4]) and not isinstance(prec, dict)
@@ -1256,9 +1276,9 @@ def _polish(loss_args, params, buffers, w0, prec, x, y_stack, todo, *, tol, grad
 
     def prior_part(th):
         d = th - theta0
-        # one matrix-vector product per member (a product over the member axis rounds a member's row
-        # differently with the number of members; the diagonal prior's sums are exact either way)
-        pd = torch.bmm(p_mat.expand(members, *p_mat.shape), d.unsqueeze(-1)).squeeze(-1) if dense else d @ p_mat
+        # in fixed groups of members (a product over the member axis rounds a member's row differently
+        # with the number of members; the diagonal prior's sums are exact either way)
+        pd = _rows_times(d, p_mat) if dense else d @ p_mat
         return 0.5 * (pd * d).sum(1), pd
 
     def cost(th):
