@@ -243,3 +243,16 @@ def test_blocks_survive_pickling(small_blocks):
         warnings.simplefilter("ignore", ConvergenceWarning)
         gathered = T.gather([pickle.loads(pickle.dumps(b)) for b in blocks])
     assert_same(gathered, whole)
+
+
+def test_large_network_on_one_thread():
+    # 67 329 parameters (above torch's reduction grain and MKL's small-matrix paths); on one intra-op
+    # thread the blocks equal the fit (on 4 threads they did not: see the module docstring)
+    x, y = data(n=32, d=4)
+    kw = dict(KW, epochs=2, batch_size=32)
+    net = E.mlp(4, [256, 256])
+    with warnings.catch_warnings(), T._device.threads(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        whole = E.fit(net, x, y, members=4, **kw)
+        gathered = T.gather(blocks_of(net, x, y, [(0, 1), (1, 3)], 4, threads=1, **kw))
+    assert_same(whole, gathered)

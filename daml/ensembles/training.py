@@ -43,11 +43,15 @@ whose numbers are dropped: blocks that start at multiples of 8 members and hold 
 extra. Every member keeps its own Adam step size, stopping rule and Levenberg-Marquardt damping, the
 minibatch orders come from the members' own streams, and the data chunks of the polish are sized by
 ``M``. Dropout layers draw a vmapped pass's masks from one stream, so a partial block of a dropout
-module needs ``vectorize=False`` (member ``i`` then has the stream ``rng_seed + i``). The intra-op
-thread count can change the numbers (the polish of a 4-64-1 network differed between one and two
-threads; blocks and fit on the same count agreed bitwise on both): give every block the count of the
-whole fit (:func:`fit_threads`, ``threads=``). Different CPUs (instruction sets, MKL builds) round
-differently: blocks equal the fit when they run on the same kind of machine.
+module needs ``vectorize=False`` (member ``i`` then has the stream ``rng_seed + i``). Intra-op threads:
+on one thread blocks equal the fit for every network tried (up to 67 000 parameters); on several, MKL
+and torch split a product or a sum by its shape, so a block of a large network (67 000 parameters, 4
+threads) came out different from the fit even at aligned offsets, while small networks (385
+parameters, 2 threads) still agreed. The thread count also changes the fit itself (the polish of that
+small network differed between one and two threads). For bitwise blocks, run them and the reference
+fit on one thread (``threads=1``; :func:`fit` already picks one thread for small networks,
+:func:`fit_threads`). Different CPUs (instruction sets, MKL builds) round differently: blocks equal
+the fit when they run on the same kind of machine.
 """
 
 from __future__ import annotations
@@ -632,10 +636,11 @@ def fit_block(module: nn.Module, x: Any, y: Any, *, first: int, count: int, memb
         Size ``M`` of the whole ensemble (not of the block).
     threads : int, optional
         Intra-op threads for the training. Default: the count :func:`fit` picks for the whole ensemble in
-        this process (:func:`fit_threads`). The count can change the numbers (the polish of a 4-64-1
-        network came out different on one and on two threads, each bitwise reproducible), so a
-        distributed fit computes ``fit_threads(...)`` once where the reference runs and passes it to every
-        block.
+        this process (:func:`fit_threads`: one thread for small networks, else the process's setting).
+        The blocks equal the fit bit for bit on one thread; on several, a large network's blocks can
+        round differently from the fit (products and sums are split by their shapes; see the module
+        docstring), so pass ``threads=1`` (and run a reference fit on one thread) where bitwise
+        agreement matters.
     **fit_kwargs
         The other keyword arguments of :func:`fit`, the same for every block. ``seed`` must be an int or
         a :class:`numpy.random.SeedSequence` (not ``None`` or a ``torch.Generator``, which would give every
