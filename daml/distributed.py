@@ -204,14 +204,6 @@ def run_methods(client: Any, runs: Sequence[dict], jobs: Sequence[Any],
 
 # --------------------------------------------------------------------------- member blocks
 
-def _block_on_worker(module: Any, x: Any, y: Any, first: int, count: int, members: int, threads: int | None,
-                     kwargs: dict) -> Any:
-    from .ensembles import training
-
-    with _TASK_LOCK, _device.threads(threads):
-        return training.fit_block(module, x, y, first=first, count=count, members=members, **kwargs)
-
-
 def member_blocks(members: int, block: int) -> list[tuple[int, int]]:
     """``(first, count)`` of consecutive blocks of at most ``block`` members covering ``0 .. members-1``."""
     members = check_int(members, "members")
@@ -224,7 +216,7 @@ def member_blocks(members: int, block: int) -> list[tuple[int, int]]:
 
 
 def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: int | None = None,
-        **kwargs: Any) -> Any:
+        threads: int | None = None, **kwargs: Any) -> Any:
     """:func:`daml.ensembles.fit` with blocks of members trained on ``client``'s workers.
 
     Each block is one task that trains its members in one vmapped pass
@@ -238,14 +230,22 @@ def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: in
     ----------
     module, x, y, **kwargs
         As for :func:`daml.ensembles.fit` (``seed=`` included: the blocks draw member ``i``'s streams
-        from the same seed as one process does).
+        from the same seed as one process does; ``seed=None`` draws one fresh seed for all blocks).
     client : dask.distributed.Client
     members : int
         Ensemble size.
     block : int, optional
         Members per task. Default: the members shared evenly over the workers (one block each). A
         block should train for a second or more (``docs/distributed.md``): much smaller blocks spend
-        their time in Dask's overhead and in sending the data, and lose the vmapped batch.
+        their time in Dask's overhead and in sending the data, and lose the vmapped batch. Blocks that
+        start at multiples of 8 cost nothing extra; another start trains up to 7 throw-away copies
+        beside the block (:func:`daml.ensembles.fit_block`: it keeps the memory alignment of one process).
+    threads : int, optional
+        Intra-op threads of every block. Default: the count ``ensembles.fit`` uses here for the whole
+        ensemble (:func:`daml.ensembles.fit_threads`: one thread for small networks). The blocks equal
+        the one-process fit bit for bit on one thread; a large network trained on several threads can
+        round differently in blocks (products are split by their shapes), so pass ``threads=1`` and
+        compare with a one-thread fit where bitwise agreement matters.
 
     Returns
     -------
@@ -258,8 +258,11 @@ def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: in
     if block is None:
         block = max(1, math.ceil(members / workers(client)))
     blocks = member_blocks(members, block)
-    threads = training.fit_threads(module, x, members=members, **{k: v for k, v in kwargs.items()
-                                                                   if k in ("batch_size", "vectorize", "device")})
+    if kwargs.get("seed") is None:                  # one fresh stream for all blocks, not one per block
+        kwargs["seed"] = np.random.SeedSequence()
+    if threads is None:
+        threads = training.fit_threads(module, x, members=members, **{k: v for k, v in kwargs.items()
+                                                                       if k in ("batch_size", "vectorize")})
     data = client.submit(_identity, (module, x, y), pure=False, key=f"daml-fit-inputs-{_token()}")
     futures = [client.submit(_fit_block_task, data, first, count, members, threads, kwargs, pure=False,
                              key=f"daml-fit-{first}-{count}-{_token()}") for first, count in blocks]
@@ -271,8 +274,12 @@ def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: in
 
 
 def _fit_block_task(data: tuple, first: int, count: int, members: int, threads: int | None, kwargs: dict) -> Any:
+    from .ensembles import training
+
     module, x, y = data
-    return _block_on_worker(module, x, y, first, count, members, threads, kwargs)
+    with _TASK_LOCK:
+        return training.fit_block(module, x, y, first=first, count=count, members=members, threads=threads,
+                                  **kwargs)
 
 
 # --------------------------------------------------------------------------- blocked local analyses

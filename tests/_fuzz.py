@@ -1398,6 +1398,22 @@ def build_specs() -> list[Spec]:  # noqa: C901 - a flat list, one entry per publ
           {"module": "obj", "x": "members", "y": "members", "members": "int", "noise_sd": "real",
            "epochs": "int", "batch_size": "int", "lr": "real"},
           skip=[("noise_sd", "None")], heavy=True, auto_skip=("progress",)))
+    add(S("daml.ensembles.fit_block", lambda **kw: E.flat_params(E.fit_block(**kw)),
+          lambda: dict(**fit_base(), first=1, count=1),
+          {"module": "obj", "x": "members", "y": "members", "members": "int", "first": "int", "count": "int",
+           "threads": "int", "seed": "seed"}, auto=False, heavy=True))
+
+    def two_blocks():
+        base = fit_base()
+        return dict(blocks=[E.fit_block(**base, first=0, count=1), E.fit_block(**base, first=1, count=1)])
+
+    add(S("daml.ensembles.gather", lambda **kw: E.flat_params(E.gather(**kw)), two_blocks,
+          {"blocks": {**OBJ, "empty": lambda v: [], "one": lambda v: v[:1], "twice": lambda v: [v[0], v[0]]}},
+          auto=False, heavy=True))
+    add(S("daml.ensembles.fit_threads", E.fit_threads,
+          lambda: dict(module=E.mlp(2, 4), x=regression()[0], members=3),
+          {"module": "obj", "x": "members", "members": "int", "batch_size": "int", "vectorize": "bool"},
+          auto=False, heavy=True))
     add(S("daml.ensembles.Ensemble", lambda: small_ensemble(), lambda: {}, {}, auto=False))
     add(S("daml.ensembles.mlp", lambda **kw: E.mlp(**kw)(torch.ones(3, kw.get("inputs", 2))),
           lambda: dict(inputs=2, hidden=4), {"inputs": "int", "hidden": "int", "outputs": "int",

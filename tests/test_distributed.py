@@ -134,6 +134,41 @@ def test_daml_run_with_a_scheduler_address_writes_the_files_of_one_process(clien
             assert np.array_equal(one[v].values, two[v].values, equal_nan=True), (f, v)
 
 
+def _regression(n=60, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64) * 4 - 2
+    y = torch.sin(x[:, 0]) * x[:, 1] + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    return x, y
+
+
+@pytest.mark.parametrize("block", [None, 3])
+def test_member_blocks_on_two_workers_are_bit_for_bit_the_fit_in_one_process(client, block):
+    import torch
+
+    from daml import ensembles
+
+    x, y = _regression()
+    net = ensembles.mlp(2, 8, activation="tanh")
+    kw = dict(members=7, noise_sd=0.1, epochs=60, seed=11, progress=False)
+    here = ensembles.fit(net, x, y, **kw)
+    there = distributed.fit(net, x, y, client=client, block=block, **kw)
+    for name in ("params", "prior_draw", "buffers", "prior_sd"):
+        a, b = getattr(here, name), getattr(there, name)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    assert torch.equal(here.log_weight, there.log_weight)
+    assert torch.equal(torch.nan_to_num(here.history, nan=-1.0), torch.nan_to_num(there.history, nan=-1.0))
+    assert all(torch.equal(here.convergence[k], there.convergence[k]) for k in here.convergence)
+    assert here.config == there.config
+    # the weights and the predictive follow unchanged
+    (e1, _), (e2, _) = ensembles.weigh(here, x, y), ensembles.weigh(there, x, y)
+    assert torch.equal(e1.log_weight, e2.log_weight)
+    p1, p2 = ensembles.predict(e1, x[:5], seed=0), ensembles.predict(e2, x[:5], seed=0)
+    for v in p1.variables:
+        assert np.array_equal(p1[v].values, p2[v].values), v
+
+
 def _grid(n=600, members=12, seed=0, every=1):
     import torch
 

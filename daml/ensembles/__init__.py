@@ -25,11 +25,11 @@ from .correction import CorrectionInfo, equal_weight
 from .dynamics import ComponentRegression, EnsembleDynamics, dynamics_data, fit_dynamics
 from .predictive import (SOURCES, VARIANCE_PARTS, VarianceScale, estimate_noise, loo_variance_scale,
                          mixture_quantile, model_error, predict, scale_variance, scores, uncertainty_sources)
-from .training import LIKELIHOODS, Ensemble, fit, flat_params, forward, mlp, prior_sd
+from .training import LIKELIHOODS, Ensemble, fit, fit_block, fit_threads, flat_params, forward, gather, mlp, prior_sd
 from .weights import ESTIMATORS, Fisher, GaussNewton, MemberWeights, fisher, gauss_newton, log_likelihood, log_prior, weigh
 
 __all__ = [
-    "Ensemble", "fit", "mlp", "forward", "prior_sd", "flat_params", "LIKELIHOODS",
+    "Ensemble", "fit", "fit_block", "gather", "fit_threads", "mlp", "forward", "prior_sd", "flat_params", "LIKELIHOODS",
     "weigh", "MemberWeights", "GaussNewton", "gauss_newton", "Fisher", "fisher", "log_likelihood", "log_prior", "ESTIMATORS",
     "equal_weight", "CorrectionInfo",
     "predict", "scores", "mixture_quantile", "model_error", "estimate_noise", "uncertainty_sources",

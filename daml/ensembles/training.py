@@ -680,6 +680,8 @@ def fit_block(module: nn.Module, x: Any, y: Any, *, first: int, count: int, memb
                          f"starts at member {first} of {members})", count)
     if threads is not None:
         threads = check_int(threads, "threads", 1)
+        if threads > 4096:
+            raise InputError("threads", "an intra-op thread count of at most 4096", threads)
     unknown = sorted(set(fit_kwargs) - set(_FIT_DEFAULTS))
     if unknown:
         raise InputError("fit_kwargs", f"keyword arguments of fit ({', '.join(sorted(_FIT_DEFAULTS))})",
@@ -855,7 +857,10 @@ def fit_threads(module: nn.Module, x: Any, members: int, batch_size: int = 32, v
     batch_size = check_int(batch_size, "batch_size")
     if not isinstance(vectorize, (bool, np.bool_)):
         raise InputError("vectorize", "True or False", repr(vectorize))
-    rows = x.shape[0] if isinstance(x, (torch.Tensor, np.ndarray)) else as_numeric(x, "x").shape[0]
+    xt = x if isinstance(x, torch.Tensor) else as_numeric(x, "x")
+    if xt.ndim not in (1, 2) or xt.shape[0] == 0:
+        raise ShapeError("x", "training inputs of shape (n, d) or (n,) with n >= 1", f"shape {tuple(xt.shape)}")
+    rows = xt.shape[0]
     work = _device.network_work(module, members if vectorize else 1, min(int(batch_size), int(rows)))
     chosen = _device.choose_threads(work)
     return int(chosen) if chosen is not None else torch.get_num_threads()
@@ -961,7 +966,8 @@ def _fit(module, x, y, *, block, threads, members, noise_sd, likelihood, anchor,
     root = _device.seed_sequence(seed)
     root_attr = (f"entropy={root.entropy}, spawn_key={tuple(root.spawn_key)}, "
                  f"children_spawned_before={root.n_children_spawned}")
-    children = root.spawn(members)          # all M (then sliced), so that what the root spawns next is the same
+    # all M (then sliced), so that what the root spawns next is the same; spawn() refuses M streams that cannot fit
+    children = _device.spawn(root, members, name="members")
     # the members whose streams this block reads: its own, and member 0's when every member starts at its draw
     drawn = ([0] if common_prior_draw and first > 0 else []) + list(range(first, stop))
     gens = {i: _device.generator(children[i], dev) for i in drawn}
