@@ -48,6 +48,12 @@ LOCAL_METHODS = ("letkf", "letpf")
 _TASK_LOCK = threading.Lock()       # one daml task at a time per worker process (torch threads are global)
 
 
+# TRIM: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (to return freed memory to the
+# system sooner). torch allocates and frees many buffers per step, and with that setting the training of a
+# small ensemble ran 2.1 times slower here (the same process: 10.8 s, with the variable 21.9 s);
+# connect("local:N") starts its workers without it, and docs/distributed.md says how to do so elsewhere.
+
+
 def _dask():
     """Import dask.distributed, or say which extra to install."""
     try:
@@ -101,8 +107,12 @@ def connect(scheduler: str, **kwargs: Any) -> Any:
         if not count.isdigit() or int(count) < 1:
             raise InputError("scheduler", "'local:N' with N a positive number of worker processes", repr(scheduler))
         opts = {"n_workers": int(count), "threads_per_worker": 1, "processes": True,
-                "dashboard_address": None, **kwargs}
-        cluster = distributed.LocalCluster(**opts)
+                "dashboard_address": ":0", **kwargs}
+        dask, _ = _dask()
+        environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+                   if k != "MALLOC_TRIM_THRESHOLD_"}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            cluster = distributed.LocalCluster(**opts)          # see TRIM below
         client = distributed.Client(cluster, set_as_default=False)
         client._daml_cluster = cluster                         # noqa: SLF001 - closed with the client
         _close = client.close
