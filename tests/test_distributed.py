@@ -153,7 +153,7 @@ def test_member_blocks_on_two_workers_are_bit_for_bit_the_fit_in_one_process(cli
     net = ensembles.mlp(2, 8, activation="tanh")
     kw = dict(members=7, noise_sd=0.1, epochs=60, seed=11, progress=False)
     here = ensembles.fit(net, x, y, **kw)
-    there = distributed.fit(net, x, y, client=client, block=block, **kw)
+    there = ensembles.fit(net, x, y, client=client, block=block, **kw)      # daml.distributed.fit
     for name in ("params", "prior_draw", "buffers", "prior_sd"):
         a, b = getattr(here, name), getattr(there, name)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
@@ -240,6 +240,13 @@ def test_local_analysis_refuses_a_chunked_member_and_bad_inputs(client):
 
 
 def test_bad_clients_schedulers_and_sweeps_are_refused_by_name():
+    from daml import ensembles
+
+    x, y = _regression()
+    with pytest.raises(InputError, match="client"):
+        ensembles.fit(ensembles.mlp(2, 4), x, y, members=2, noise_sd=0.1, client=object())
+    with pytest.raises(InputError, match="block"):
+        ensembles.fit(ensembles.mlp(2, 4), x, y, members=2, noise_sd=0.1, block=1)
     with pytest.raises(InputError, match="client"):
         experiment.run_experiment(_exp(), client="tcp://127.0.0.1:1")
     with pytest.raises(InputError, match="scheduler"):

@@ -532,6 +532,8 @@ def fit(
     device: Any = None,
     dtype: Any = None,
     progress: bool | None = None,
+    client: Any = None,
+    block: int | None = None,
 ) -> Ensemble:
     """Train ``members`` copies of ``module`` from prior draws, all at once, each to its minimum.
 
@@ -593,6 +595,11 @@ def fit(
         Resolved by :mod:`daml._device` (float64 on the CPU by default).
     progress : bool, optional
         Show a progress bar over epochs (default: only on a terminal).
+    client : dask.distributed.Client, optional
+        Train blocks of members on its workers and gather them (:func:`daml.distributed.fit`, the
+        ``distributed`` extra): the same ensemble bit for bit (one thread; see :func:`fit_block`).
+    block : int, optional
+        Members per Dask task (with ``client``; default one block per worker).
 
     Returns
     -------
@@ -605,6 +612,17 @@ def fit(
     --------
     fit_block, gather : the same ensemble trained in blocks of members (for example on Dask workers).
     """
+    if client is not None:                              # member blocks on Dask workers (daml.distributed)
+        from .. import distributed
+
+        return distributed.fit(module, x, y, client=client, block=block, members=members, noise_sd=noise_sd,
+                               likelihood=likelihood, anchor=anchor, perturb_targets=perturb_targets,
+                               common_prior_draw=common_prior_draw, prior_scale=prior_scale,
+                               bias_scale=bias_scale, prior=prior, epochs=epochs, tol=tol, polish=polish,
+                               batch_size=batch_size, lr=lr, normalise=normalise, vectorize=vectorize, seed=seed,
+                               device=device, dtype=dtype, progress=False if progress is None else progress)
+    if block is not None:
+        raise InputError("block", "None without a client (blocks of members are Dask tasks)", repr(block))
     ens = _fit(module, x, y, block=None, threads=None, members=members, noise_sd=noise_sd, likelihood=likelihood,
                anchor=anchor, perturb_targets=perturb_targets, common_prior_draw=common_prior_draw,
                prior_scale=prior_scale, bias_scale=bias_scale, prior=prior, epochs=epochs, tol=tol, polish=polish,
