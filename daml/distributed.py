@@ -40,7 +40,7 @@ import xarray as xr
 from . import _device
 from .errors import InputError, ShapeError, check_int, check_real
 
-__all__ = ["connect", "check_client", "workers", "fit", "local_analysis", "run_methods", "LOCAL_METHODS"]
+__all__ = ["connect", "check_client", "workers", "fit", "local_analysis", "member_blocks", "LOCAL_METHODS"]
 
 LOCAL_METHODS = ("letkf", "letpf")
 """The local analyses :func:`local_analysis` runs in blocks."""
@@ -271,6 +271,10 @@ def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: in
     blocks = member_blocks(members, block)
     if kwargs.get("seed") is None:                  # one fresh stream for all blocks, not one per block
         kwargs["seed"] = np.random.SeedSequence()
+    if threads is not None:                         # checked here, before any task is sent
+        threads = check_int(threads, "threads", 1)
+        if threads > 4096:
+            raise InputError("threads", "an intra-op thread count of at most 4096", threads)
     if threads is None:
         threads = training.fit_threads(module, x, members=members, **{k: v for k, v in kwargs.items()
                                                                        if k in ("batch_size", "vectorize")})
