@@ -26,10 +26,12 @@ a property of the process: start workers with one Dask thread each (``--nthreads
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import threading
+import warnings
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,7 +40,7 @@ import torch
 import xarray as xr
 
 from . import _device
-from .errors import InputError, ShapeError, check_int, check_real
+from .errors import ConvergenceWarning, InputError, ShapeError, check_int, check_real
 
 __all__ = ["connect", "check_client", "workers", "fit", "local_analysis", "member_blocks", "LOCAL_METHODS"]
 
@@ -154,8 +156,9 @@ def _token() -> str:
 
 # --------------------------------------------------------------------------- sweeps
 
-def _method_on_worker(run: dict, job: Any, env_threads: str | None) -> Any:
-    """A method of an experiment, as a task: the client's DAML_THREADS, one daml task at a time."""
+def _method_on_worker(run: dict, job: Any, env_threads: str | None) -> tuple[Any, list]:
+    """A method of an experiment, as a task: the client's DAML_THREADS, one daml task at a time; returns
+    the Score and the warnings it issued (category, message), which the client issues again."""
     from . import experiment
 
     with _TASK_LOCK:
@@ -165,7 +168,9 @@ def _method_on_worker(run: dict, job: Any, env_threads: str | None) -> Any:
                 os.environ.pop("DAML_THREADS", None)
             else:
                 os.environ["DAML_THREADS"] = env_threads
-            return experiment.method_task(run, job, False)
+            with _recording() as caught:
+                score = experiment.method_task(run, job, False)
+            return score, caught
         finally:
             if saved is None:
                 os.environ.pop("DAML_THREADS", None)
@@ -202,7 +207,8 @@ def run_methods(client: Any, runs: Sequence[dict], jobs: Sequence[Any],
     finished: set = set()
     try:
         for fut in distributed.as_completed(futures, loop=client.loop):
-            score = fut.result()                        # a task's own error is raised here, unchanged
+            score, caught = fut.result()                # a task's own error is raised here, unchanged
+            _replay(caught)                             # its warnings, as one process would have issued them
             finished.add(fut.key)
             fut.release()                               # its posterior now lives here only
             yield position[fut.key], score
@@ -285,16 +291,19 @@ def fit(module: Any, x: Any, y: Any, *, client: Any, members: int = 5, block: in
         parts = client.gather(futures)
     finally:
         client.cancel(futures + [data])
-    return training.gather(parts)
+    for _, caught in parts:
+        _replay(caught)                                 # what the blocks warned about on their workers
+    return training.gather([ens for ens, _ in parts])
 
 
 def _fit_block_task(data: tuple, first: int, count: int, members: int, threads: int | None, kwargs: dict) -> Any:
     from .ensembles import training
 
     module, x, y = data
-    with _TASK_LOCK:
-        return training.fit_block(module, x, y, first=first, count=count, members=members, threads=threads,
-                                  **kwargs)
+    with _TASK_LOCK, _recording() as caught:
+        ens = training.fit_block(module, x, y, first=first, count=count, members=members, threads=threads,
+                                 **kwargs)
+    return ens, caught
 
 
 # --------------------------------------------------------------------------- blocked local analyses
@@ -346,15 +355,37 @@ def _grid_inputs(forecast: Any, y: Any, variance: Any, dim: str | None) -> tuple
 
 
 def _window_kernel(block: np.ndarray, method: str, radius: float, h: int, options: dict) -> np.ndarray:
-    """One grid block with its halo (rows: the members, then y, then the precision) -> its analysis."""
+    """One grid block with its halo (rows: the members, then y, then the precision) -> its analysis, with
+    one more row that says what the block warned about (a warning on a worker would otherwise be lost):
+    0 nothing, 1 a ConvergenceWarning (unconverged transport problems), 2 another warning."""
     from .filters import local
 
     window = local.letkf_window if method == "letkf" else local.letpf_window
     x = torch.from_numpy(np.ascontiguousarray(block[:-2]))
     y = torch.from_numpy(np.ascontiguousarray(block[-2]))
     p = torch.from_numpy(np.ascontiguousarray(block[-1]))
-    with _TASK_LOCK, torch.inference_mode():
-        return window(x, y, p, radius, h, **options).numpy()
+    with _TASK_LOCK, torch.inference_mode(), _recording() as caught:
+        xa = window(x, y, p, radius, h, **options).numpy()
+    code = 0.0
+    if caught:
+        code = 1.0 if any(issubclass(category, ConvergenceWarning) for category, _ in caught) else 2.0
+    return np.concatenate([xa, np.full((1, xa.shape[1]), code, dtype=xa.dtype)], axis=0)
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[list]:
+    """Record the warnings of a block (on a worker, where they would be lost) as ``(category, message)``."""
+    out: list = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield out
+    out.extend((w.category, str(w.message)) for w in caught)
+
+
+def _replay(caught: Sequence[tuple[type, str]]) -> None:
+    """Issue, in the caller's process, the warnings a task recorded on its worker."""
+    for category, message in caught:
+        warnings.warn(message, category, stacklevel=3)
 
 
 def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, method: str = "letkf",
@@ -397,7 +428,9 @@ def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, metho
     xarray.Dataset
         A posterior (:func:`daml.posterior.validate`): the analysis ensemble (named as ``forecast``, or
         ``"x"``) over ``forecast``'s dims and coordinates, equal ``log_weight``, attrs ``method``,
-        ``radius``, ``halo`` and ``blocks``.
+        ``radius``, ``halo``, ``blocks`` and ``warned_blocks`` (blocks that warned, for example about
+        unconverged transport problems: the warning is issued here too, also when it was raised on a
+        worker).
     """
     from .filters import local
     from .posterior import MEMBER, from_members
@@ -411,8 +444,10 @@ def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, metho
     if client is None:
         with torch.inference_mode():
             fn = local.letkf_local if method == "letkf" else local.letpf_local
-            xa = fn(torch.from_numpy(x), torch.from_numpy(yv), torch.from_numpy(prec), radius, **options).numpy()
-        blocks = 1
+            with _recording() as caught:
+                xa = fn(torch.from_numpy(x), torch.from_numpy(yv), torch.from_numpy(prec), radius, **options).numpy()
+        blocks, warned = 1, int(bool(caught))
+        _replay(caught)
     else:
         dask, _ = _dask()
         check_client(client)
@@ -429,14 +464,23 @@ def local_analysis(forecast: Any, y: Any, variance: Any, radius: float, *, metho
         arr = dask.array.from_array(stacked, chunks=((n_mem + 2,), sizes))
         kernel = functools.partial(_window_kernel, method=method, radius=radius, h=h, options=options)
         out = dask.array.map_overlap(kernel, arr, depth={0: 0, 1: h},
-                                     boundary={0: "none", 1: "periodic"}, trim=False, chunks=((n_mem,), sizes),
+                                     boundary={0: "none", 1: "periodic"}, trim=False, chunks=((n_mem + 1,), sizes),
                                      dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))
-        xa = client.compute(out).result()
+        both = client.compute(out).result()
+        xa, codes = both[:-1], both[-1][np.cumsum((0,) + sizes[:-1])]       # one code per block
         blocks = len(sizes)
+        warned = int((codes > 0).sum())
+        if (codes == 1).any():
+            warnings.warn(f"local_analysis: {int((codes == 1).sum())} of {blocks} blocks had local transport "
+                          "problems that did not converge (raise max_iter or epsilon; see the workers' logs)",
+                          ConvergenceWarning, stacklevel=2)
+        if (codes == 2).any():
+            warnings.warn(f"local_analysis: {int((codes == 2).sum())} of {blocks} blocks warned on their workers "
+                          "(run without client= to see the warnings)", UserWarning, stacklevel=2)
     name = forecast.name if isinstance(forecast.name, str) and forecast.name else "x"
     order = forecast.dims
     values = xa if order[0] == MEMBER else xa.T
     coords = dict(forecast.coords)
     return from_members(values, name=name, dims=order, coords=coords, method=f"local_{method}",
                         config={"radius": radius, "halo": h, "blocks": blocks, **options},
-                        attrs={"radius": radius, "halo": h, "blocks": blocks})
+                        attrs={"radius": radius, "halo": h, "blocks": blocks, "warned_blocks": warned})

@@ -225,6 +225,28 @@ def test_a_blocked_letpf_on_two_workers_equals_the_analysis_in_one_process(clien
     np.testing.assert_allclose(here["x"].values, there["x"].values, rtol=0, atol=1e-9)
 
 
+def test_warnings_raised_on_the_workers_reach_the_caller(client):
+    """An unconverged transport problem warns on the worker that solves it; the caller must hear it too
+    (a sweep's method, a block of a local analysis), or a plausible wrong answer would pass silently."""
+    from daml.errors import ConvergenceWarning
+
+    exp = experiment.load_config(SWEEP.format(name="w", seed=3, steps=60).replace(
+        '[[methods]]\nname = "etkf"',
+        '[[methods]]\nname = "letpf"\nmembers = 10\nradius = 4.0\nmax_iter = 2\n\n[[methods]]\nname = "etkf"'))
+    with pytest.warns(ConvergenceWarning, match="letpf: 2377 transport problems"):
+        experiment.run_experiment(exp, progress=False, only=["letpf"])
+    with pytest.warns(ConvergenceWarning, match="letpf: 2377 transport problems"):
+        experiment.run_experiment(exp, progress=False, only=["letpf"], client=client)
+    fx, y, _ = _grid(n=120, members=8, seed=4)
+    with pytest.warns(ConvergenceWarning, match="did not"):
+        here = distributed.local_analysis(fx, y, 1.0, 2.0, method="letpf", max_iter=2)
+    with pytest.warns(ConvergenceWarning, match="blocks had local transport problems"):
+        there = distributed.local_analysis(fx, y, 1.0, 2.0, method="letpf", max_iter=2, client=client, block=40)
+    assert here.attrs["warned_blocks"] == 1 and there.attrs["warned_blocks"] == there.attrs["blocks"] == 3
+    quiet = distributed.local_analysis(fx, y, 1.0, 2.0, client=client, block=40)       # the LETKF: nothing to say
+    assert quiet.attrs["warned_blocks"] == 0
+
+
 def test_local_analysis_refuses_a_chunked_member_and_bad_inputs(client):
     fx, y, _ = _grid(n=100, members=6)
     with pytest.raises(InputError, match="member"):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time as _time
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,7 +47,7 @@ import torch
 import xarray as xr
 
 from .. import _device
-from ..errors import DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError
+from ..errors import ConvergenceWarning, DivergenceError, DtypeError, InputError, NonFiniteError, ShapeError
 from ..models.base import Model, as_covariance, as_real_tensor, check_memory, model_config
 from ..models.observations import Observation, observe_linear
 from ..posterior import _method_attrs, from_members, normalise_log_weight
@@ -342,11 +343,25 @@ def run(
     seconds = _time.perf_counter() - t0
     if not rec_a:
         raise InputError("data", "at least one observation time after the initial time", "none")
+    _warn_unconverged(filt.name, infos)
     post_a = _build(rec_a, infos, times, data, y_da, batch_dims, filt, model, op, seed, seconds=seconds,
                     keep=keep, thin=thin, cycles=n_done)
     post_f = _build(rec_f, [], times, data, y_da, batch_dims, filt, model, op, seed, stage="forecast",
                     keep=keep, thin=thin) if forecast else None
     return RunResult(post_a, post_f, seconds)
+
+
+def _warn_unconverged(name: str, infos: list[dict]) -> None:
+    """A :class:`~daml.errors.ConvergenceWarning` when a filter's analyses report transport problems that
+    missed their tolerance (the ``unconverged`` info of the ETPF and the LETPF): the posterior records
+    them, but an analysis built on unconverged plans can look plausible and be wrong."""
+    counts = [float(i["unconverged"].sum()) for i in infos if "unconverged" in i]
+    total = sum(counts)
+    if total > 0:
+        hit = sum(c > 0 for c in counts)
+        warnings.warn(f"{name}: {int(total)} transport problems did not reach their tolerance, in {hit} of "
+                      f"{len(counts)} recorded analyses (see the posterior's 'unconverged' and 'transport_error'; "
+                      "raise max_iter or epsilon)", ConvergenceWarning, stacklevel=3)
 
 
 def record_bytes(keep: str, records: int, members_shape: tuple, itemsize: int, n_quantiles: int = 3,
