@@ -52,8 +52,8 @@ _TASK_LOCK = threading.Lock()       # one daml task at a time per worker process
 
 # TRIM: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (to return freed memory to the
 # system sooner), which also freezes glibc's mmap threshold at 128 kB. torch allocates and frees many
-# such buffers per step, and the training of a small ensemble ran 2.1 times slower with it here (the same
-# process: 10.8 s, with the variable 21.9 s); connect("local:N") starts its workers without it, and
+# such buffers per step, and the training of a small ensemble ran 2.2 times slower with it here (10.9 s
+# against 23.5 s, benchmarks/malloc_trim.py); connect("local:N") starts its workers without it, and
 # docs/distributed.md says what to do elsewhere (MALLOC_MMAP_THRESHOLD_ in the workers' environment).
 
 
